@@ -1,0 +1,131 @@
+"""Backend ``torch``: the reference. Eager PyTorch over the quantized base (dequantized on the
+fly inside each frozen layer), LoRA tensors the only parameters; CPU, or CUDA when present.
+
+Every other backend is tested against this one.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pocketpeft.lora import inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict
+from pocketpeft.manifest import Bundle
+from pocketpeft.model import CausalLM, build_quantized
+
+from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
+
+WEIGHTS = "torch/model.safetensors"
+
+
+def probe() -> Probe:
+    """Always available on CPU; CUDA devices are listed when torch sees them."""
+    devices = ["cpu"]
+    caps = {"cpu": Capabilities(train=True, infer=True, tier="cpu", kv_cache=True, notes="eager fp32")}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            dev = f"cuda:{i}"
+            devices.insert(i, dev)
+            caps[dev] = Capabilities(train=True, infer=True, tier="gpu", kv_cache=True,
+                                     notes=torch.cuda.get_device_name(i))
+    return Probe("torch", True, tuple(devices), "", caps)
+
+
+class TorchBackend:
+    """Reference backend; see the module docstring."""
+
+    name = "torch"
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self.model: CausalLM | None = None
+        self.cfg = TrainConfig()
+        self.step = 0
+        self._opt: torch.optim.Optimizer | None = None
+
+    def capabilities(self) -> Capabilities:
+        return probe().capabilities[self.device]
+
+    def load(self, bundle: Bundle) -> None:
+        from safetensors.torch import load_file
+
+        m = bundle.manifest
+        state = load_file(str(bundle.path_of(WEIGHTS)))
+        model = build_quantized(m.arch, m.quant, state)
+        inject_lora(model, m.lora, seed=None)
+        load_lora_state_dict(model, bundle.initial_adapter().tensors)
+        self.model = model.to(self.device)
+        self.configure(self.cfg)
+
+    def configure(self, cfg: TrainConfig) -> None:
+        self.cfg, self.step = cfg, 0
+        self._opt = torch.optim.AdamW(lora_parameters(self._m), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                      weight_decay=cfg.weight_decay)
+
+    @property
+    def _m(self) -> CausalLM:
+        if self.model is None:
+            raise RuntimeError("backend not loaded: call load(bundle) first")
+        return self.model
+
+    def _tensors(self, input_ids: np.ndarray, labels: np.ndarray | None = None):
+        ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64), device=self.device)
+        lab = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64), device=self.device)
+        return ids, lab
+
+    def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
+        model, opt, cfg = self._m, self._opt, self.cfg
+        ids, lab = self._tensors(input_ids, labels)
+        n_tok = int((lab != -100).sum())
+        lr = cfg.lr_at(self.step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        model.train()
+        total = 0.0
+        for ids_c, lab_c in zip(ids.chunk(cfg.grad_accum), lab.chunk(cfg.grad_accum)):
+            logits = model(ids_c)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), lab_c.reshape(-1),
+                                   ignore_index=-100, reduction="sum") / max(n_tok, 1)
+            loss.backward()
+            total += float(loss.detach())
+        model.eval()
+        params = lora_parameters(model)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+        if not (np.isfinite(total) and np.isfinite(grad_norm)):
+            opt.zero_grad(set_to_none=True)  # skip: weights and optimizer state stay as they were
+            return StepResult(total, True, grad_norm, lr, n_tok)
+        opt.step()
+        self.step += 1
+        return StepResult(total, False, grad_norm, lr, n_tok)
+
+    @torch.no_grad()
+    def eval_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> EvalSums:
+        ids, lab = self._tensors(input_ids, labels)
+        logits = self._m(ids).float()
+        valid = lab != -100
+        lg, tg = logits[valid], lab[valid]
+        loss = F.cross_entropy(lg, tg, reduction="sum")
+        top = lg.topk(3, dim=-1).indices
+        return EvalSums(float(loss), int(tg.numel()), int((top[:, 0] == tg).sum()),
+                        int((top == tg[:, None]).any(-1).sum()))
+
+    @torch.no_grad()
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        ids, _ = self._tensors(input_ids)
+        return self._m(ids).float().cpu().numpy()
+
+    def get_adapter(self) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in lora_state_dict(self._m).items()}
+
+    def set_adapter(self, tensors: Mapping[str, np.ndarray]) -> None:
+        load_lora_state_dict(self._m, {k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()})
+        self.configure(self.cfg)
+
+
+def create(device: str = "cpu") -> TorchBackend:
+    """A new, unloaded torch backend on ``device``."""
+    return TorchBackend(device)

@@ -1,0 +1,119 @@
+"""The backend Protocol and the small value types it speaks in.
+
+A backend runs one bundle on one device. Everything crosses the boundary as numpy arrays and
+PEFT-named tensors, so no backend depends on another's internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol
+
+import numpy as np
+
+from pocketpeft.manifest import Bundle
+
+TIERS = ("gpu", "npu", "cpu")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do on a device. ``tier`` orders auto-selection (gpu → npu → cpu)."""
+
+    train: bool
+    infer: bool
+    tier: str
+    kv_cache: bool = False
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Result of asking a backend whether it can run here, on which devices, and why not."""
+
+    name: str
+    available: bool
+    devices: tuple[str, ...] = ()
+    reason: str = ""
+    capabilities: Mapping[str, Capabilities] = field(default_factory=dict)   # device -> caps
+
+
+@dataclass
+class TrainConfig:
+    """Optimizer and schedule, identical across backends for parity.
+
+    AdamW over the LoRA tensors, global-norm gradient clipping, linear warmup then cosine decay
+    to ``min_lr_ratio * lr`` at ``total_steps``; ``grad_accum`` micro-batches per step.
+    """
+
+    lr: float = 2e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 2
+    total_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_accum: int = 1
+    seed: int = 0
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimizer step ``step`` (0-based)."""
+        import math
+
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / (self.warmup_steps + 1)
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step: the loss before the update, whether it was skipped (non-finite loss
+    or gradient: the weights stay as they were), the gradient norm and the learning rate."""
+
+    loss: float
+    skipped: bool
+    grad_norm: float
+    lr: float
+    tokens: int
+
+
+@dataclass(frozen=True)
+class EvalSums:
+    """Sums over the scored (non-ignored) tokens of a batch."""
+
+    loss_sum: float
+    tokens: int
+    top1: int
+    top3: int
+
+
+class Backend(Protocol):
+    """Runs a bundle on one device. Backends share no implementation; see runtime/backends/."""
+
+    name: str
+    device: str
+
+    def capabilities(self) -> Capabilities: ...
+
+    def load(self, bundle: Bundle) -> None:
+        """Load the bundle's base and its initial adapter; raise typed errors for bad files."""
+
+    def configure(self, cfg: TrainConfig) -> None:
+        """(Re)create the optimizer and schedule; optimizer state starts from zero."""
+
+    def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
+        """One optimizer step on [B, T] int64 inputs and aligned labels (-100 ignored)."""
+
+    def eval_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> EvalSums: ...
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """float32 logits [B, T, vocab] with the current adapter applied."""
+
+    def get_adapter(self) -> dict[str, np.ndarray]:
+        """Current LoRA tensors under PEFT key names."""
+
+    def set_adapter(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Replace the LoRA tensors (shapes checked); optimizer state is reset."""

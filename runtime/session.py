@@ -1,0 +1,210 @@
+"""A Session: one bundle running on one backend, with the user-facing verbs
+(train, eval, logits, save_adapter, load_adapter)."""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from pocketpeft.adapter import Adapter, check_adapter_shapes, load_adapter, save_adapter
+from pocketpeft.data import pack_rows, validate_texts
+from pocketpeft.errors import AdapterShapeError, ConfigError, InputTextError, SequenceTooLongError
+from pocketpeft.manifest import Bundle
+
+from .protocol import Backend, TrainConfig
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass
+class TrainReport:
+    """What an update did: per-step losses, skipped steps (non-finite loss/gradient), speed, memory."""
+
+    backend: str
+    device: str
+    steps: int
+    skipped_steps: list[int]
+    losses: list[float]
+    seconds: float
+    tokens: int
+    tokens_per_s: float
+    peak_rss_mb: float
+    stopped_by: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EvalReport:
+    """Next-token metrics over scored tokens: mean loss, perplexity, top-1/top-3 accuracy."""
+
+    loss: float
+    perplexity: float
+    top1: float
+    top3: float
+    tokens: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(d.pop("extra"))
+        return d
+
+
+class Session:
+    """A bundle loaded on a backend. Create with :func:`pocketpeft.runtime.open`."""
+
+    def __init__(self, bundle: Bundle, backend: Backend, train_config: TrainConfig | None = None) -> None:
+        self.bundle = bundle
+        self.backend = backend
+        self.manifest = bundle.manifest
+        self.tokenizer = bundle.tokenizer()
+        self.train_config = train_config or TrainConfig()
+
+    def __repr__(self) -> str:
+        return f"Session({self.bundle!r}, backend={self.backend.name}:{self.backend.device})"
+
+    # ------------------------------------------------------------------ training
+    def train(self, texts: "str | Iterable[str]", steps: int | None = None, seconds: float | None = None,
+              batch_size: int | None = None, progress: bool = False, seed: int | None = None) -> TrainReport:
+        """Update the adapter on ``texts`` for ``steps`` optimizer steps or until ``seconds`` pass
+        (whichever comes first; 20 steps when neither is given).
+
+        Rows are the bundle's sequence length; batches cycle through shuffled rows. A step whose
+        loss or gradient is NaN/inf is skipped (weights unchanged) and listed in the report.
+        Raises :class:`InputTextError` for empty/non-UTF-8 text, :class:`ConfigError` for bad limits.
+        """
+        texts = validate_texts(texts)
+        if steps is not None and (not isinstance(steps, int) or steps <= 0):
+            raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+        if seconds is not None and not (seconds > 0 and math.isfinite(seconds)):
+            raise ConfigError(f"seconds must be a positive number, got {seconds!r}")
+        if steps is None and seconds is None:
+            steps = 20
+        bs = batch_size or self.manifest.batch_size
+        inputs, labels = pack_rows(self.tokenizer, texts, self.manifest.seq_len)
+        cfg = TrainConfig(**{**asdict(self.train_config), "total_steps": steps or 1000,
+                             "seed": self.train_config.seed if seed is None else seed})
+        self.backend.configure(cfg)
+        rng = np.random.default_rng(cfg.seed)
+        order = rng.permutation(len(inputs))
+        pos = 0
+        losses, skipped, tokens = [], [], 0
+        bar = _bar(steps, "train", progress)
+        t0 = time.perf_counter()
+        step_times: list[float] = []
+        stopped_by = "steps"
+        i = 0
+        while steps is None or i < steps:
+            elapsed = time.perf_counter() - t0
+            if seconds is not None and step_times and elapsed + float(np.median(step_times)) > seconds:
+                stopped_by = "seconds"
+                break
+            idx = [order[(pos + j) % len(order)] for j in range(min(bs, len(order)))]
+            pos += len(idx)
+            if pos >= len(order):
+                order, pos = rng.permutation(len(inputs)), 0
+            ts = time.perf_counter()
+            r = self.backend.train_step(inputs[idx], labels[idx])
+            step_times.append(time.perf_counter() - ts)
+            losses.append(r.loss)
+            tokens += r.tokens
+            if r.skipped:
+                skipped.append(i)
+            i += 1
+            if bar is not None:
+                bar.update()
+                bar.set_postfix(loss=f"{r.loss:.3f}", skipped=len(skipped))
+        if bar is not None:
+            bar.close()
+        secs = time.perf_counter() - t0
+        return TrainReport(self.backend.name, self.backend.device, i, skipped, losses, secs, tokens,
+                           tokens / secs if secs > 0 else 0.0, peak_rss_mb(), stopped_by)
+
+    # ------------------------------------------------------------------ evaluation
+    def eval(self, texts: "str | Iterable[str]", batch_size: int | None = None, progress: bool = False) -> EvalReport:
+        """Loss, perplexity and top-1/top-3 next-token accuracy of the current adapter on ``texts``."""
+        texts = validate_texts(texts)
+        inputs, labels = pack_rows(self.tokenizer, texts, self.manifest.seq_len)
+        bs = batch_size or self.manifest.batch_size
+        loss = tok = top1 = top3 = 0
+        bar = _bar(math.ceil(len(inputs) / bs), "eval", progress)
+        for s in range(0, len(inputs), bs):
+            e = self.backend.eval_batch(inputs[s:s + bs], labels[s:s + bs])
+            loss, tok, top1, top3 = loss + e.loss_sum, tok + e.tokens, top1 + e.top1, top3 + e.top3
+            if bar is not None:
+                bar.update()
+        if bar is not None:
+            bar.close()
+        mean = loss / max(tok, 1)
+        return EvalReport(mean, float(math.exp(min(mean, 50))), top1 / max(tok, 1), top3 / max(tok, 1), tok)
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """float32 logits [T, vocab] for one sequence of token ids, adapter applied.
+
+        Raises :class:`InputTextError` for an empty sequence or ids outside the vocabulary and
+        :class:`SequenceTooLongError` beyond the model's context.
+        """
+        ids = np.asarray(list(token_ids), dtype=np.int64)
+        if ids.ndim != 1 or ids.size == 0:
+            raise InputTextError("token_ids must be a non-empty 1-D sequence of ints")
+        vocab = self.manifest.arch.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise InputTextError(f"token id {int(ids.max() if ids.max() >= vocab else ids.min())} outside the vocabulary [0, {vocab})")
+        ctx = self.manifest.arch.max_position_embeddings
+        if ids.size > ctx:
+            raise SequenceTooLongError(f"{ids.size} tokens exceed the model's context of {ctx}")
+        return self.backend.logits(ids[None])[0]
+
+    # ------------------------------------------------------------------ adapters
+    def save_adapter(self, path: "str | os.PathLike") -> Path:
+        """Write the current adapter in PEFT format (atomic: an existing adapter is replaced only
+        once the new one is complete)."""
+        tensors = {k: _torch_tensor(v) for k, v in self.backend.get_adapter().items()}
+        adapter = Adapter(self.manifest.lora, tensors, self.manifest.base_sha256,
+                          {"pocketpeft.backend": self.backend.name})
+        return save_adapter(adapter, path, base_name=f"pocketpeft:{self.manifest.base_source}")
+
+    def load_adapter(self, path: "str | os.PathLike") -> None:
+        """Load a PEFT adapter (ours or peft's) for this bundle's base.
+
+        Raises :class:`BaseModelMismatchError` (another base), :class:`AdapterShapeError`
+        (other layers, rank or scaling), or the file errors of :func:`load_adapter`.
+        The current adapter is kept if anything fails.
+        """
+        ad = load_adapter(path, expect_base_sha256=self.manifest.base_sha256)
+        mine = self.manifest.lora
+        if not math.isclose(ad.config.scaling, mine.scaling):
+            raise AdapterShapeError(f"adapter {path} has LoRA scaling {ad.config.scaling:g} "
+                                    f"(r={ad.config.r}, alpha={ad.config.lora_alpha}), this bundle uses {mine.scaling:g}")
+        check_adapter_shapes(ad, self.manifest.trainable, str(path))
+        self.backend.set_adapter({k: v.numpy() for k, v in ad.tensors.items()})
+
+    def reset_adapter(self) -> None:
+        """Go back to the bundle's initial adapter."""
+        self.backend.set_adapter({k: v.numpy() for k, v in self.bundle.initial_adapter().tensors.items()})
+
+
+def _torch_tensor(a: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _bar(total: int | None, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False)

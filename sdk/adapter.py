@@ -1,0 +1,118 @@
+"""Adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Key names are exactly those ``peft`` writes for ``transformers.LlamaForCausalLM``, so our
+adapters load with ``peft.PeftModel.from_pretrained`` and peft's load into pocketpeft. The base
+model's hash travels in the safetensors header metadata (peft ignores it) so an adapter for
+another base is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .config import LoraConfig
+from .errors import BaseModelMismatchError, CorruptFileError, ModelFileNotFoundError
+from .fsutil import atomic_dir
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter in memory: its config, PEFT-named float32 tensors and metadata."""
+
+    config: LoraConfig
+    tensors: dict[str, torch.Tensor]
+    base_sha256: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def peft_config_dict(cfg: LoraConfig, base_name: str | None = None) -> dict:
+    """The ``adapter_config.json`` content peft expects for this LoRA config."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+        "revision": None, "inference_mode": True, "r": cfg.r, "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout, "target_modules": sorted(cfg.target_modules),
+        "fan_in_fan_out": False, "bias": cfg.bias, "use_rslora": cfg.use_rslora,
+        "modules_to_save": None, "init_lora_weights": cfg.init_lora_weights,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        "use_dora": False,
+    }
+
+
+def save_adapter(adapter: Adapter, path: str | os.PathLike, base_name: str | None = None) -> Path:
+    """Write ``adapter`` to the directory ``path`` atomically (staged, fsynced, renamed).
+
+    Returns the path. Raises :class:`StoreError` if the location isn't writable; an existing
+    adapter at ``path`` is only replaced once the new one is complete.
+    """
+    from safetensors.torch import save_file
+
+    meta = {"format": "pt", **{k: str(v) for k, v in adapter.metadata.items()}}
+    if adapter.base_sha256:
+        meta["pocketpeft.base_sha256"] = adapter.base_sha256
+    path = Path(path)
+    with atomic_dir(path) as stage:
+        (stage / CONFIG_NAME).write_text(json.dumps(peft_config_dict(adapter.config, base_name), indent=2) + "\n")
+        tensors = {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in adapter.tensors.items()}
+        save_file(tensors, str(stage / WEIGHTS_NAME), metadata=meta)
+    return path
+
+
+def load_adapter(path: str | os.PathLike, expect_base_sha256: str | None = None) -> Adapter:
+    """Read a PEFT adapter directory (ours or peft's).
+
+    Raises :class:`ModelFileNotFoundError` if a file is missing, :class:`CorruptFileError` if
+    one can't be parsed, :class:`BaseModelMismatchError` if the adapter records a different base
+    hash than ``expect_base_sha256``.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise ModelFileNotFoundError(f"adapter file {p} not found (a PEFT adapter directory holds "
+                                         f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        cfg_dict = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{cfg_path} is not valid JSON: {e}") from e
+    if not isinstance(cfg_dict, dict) or cfg_dict.get("peft_type", "LORA") != "LORA":
+        raise CorruptFileError(f"{cfg_path} is not a LoRA adapter config (peft_type={cfg_dict.get('peft_type')!r})"
+                               if isinstance(cfg_dict, dict) else f"{cfg_path} is not a JSON object")
+    cfg = LoraConfig.from_dict(cfg_dict)
+    try:
+        with safe_open(str(w_path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k).to(torch.float32) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError / OSError variants
+        raise CorruptFileError(f"{w_path} is not a readable safetensors file: {e}") from e
+    base = meta.pop("pocketpeft.base_sha256", None)
+    if expect_base_sha256 and base and base != expect_base_sha256:
+        raise BaseModelMismatchError(
+            f"adapter {path} was trained on base {base[:12]}…, but this bundle's base is {expect_base_sha256[:12]}…")
+    return Adapter(cfg, tensors, base, meta)
+
+
+def check_adapter_shapes(adapter: Adapter, expected: Mapping[str, list[int]], where: str) -> None:
+    """Raise :class:`AdapterShapeError` unless ``adapter`` has exactly the expected PEFT keys and shapes."""
+    from .errors import AdapterShapeError
+
+    given = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): list(v.shape)
+             for k, v in adapter.tensors.items()}
+    missing = sorted(set(expected) - set(given))
+    extra = sorted(set(given) - set(expected))
+    if missing or extra:
+        raise AdapterShapeError(f"adapter {where} doesn't fit this bundle's LoRA layers: {len(missing)} missing "
+                                f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})")
+    for k, shape in expected.items():
+        if given[k] != list(shape):
+            raise AdapterShapeError(f"adapter {where}: {k} has shape {given[k]}, this bundle expects {list(shape)}")

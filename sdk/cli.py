@@ -1,0 +1,191 @@
+"""The ``pocketpeft`` command line. Every command takes ``--json`` and then prints exactly one
+JSON object on stdout (errors too: ``{"error": ..., "type": ...}``); progress goes to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import PocketPeftError
+
+
+def _emit(args: argparse.Namespace, obj: dict[str, Any], text: Callable[[dict[str, Any]], str]) -> None:
+    if args.json:
+        print(json.dumps(obj, default=str))
+    else:
+        print(text(obj))
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.json and not args.quiet and sys.stderr.isatty() or getattr(args, "progress", False)
+
+
+def cache_dir() -> Path:
+    """Where cached bundles live: ``$POCKETPEFT_CACHE`` or ``~/.cache/pocketpeft``."""
+    return Path(os.environ.get("POCKETPEFT_CACHE", Path.home() / ".cache" / "pocketpeft"))
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_export(args: argparse.Namespace) -> None:
+    from .config import LoraConfig
+    from .export import export
+
+    lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=args.target_modules)
+    b = export(args.base, args.out, quant=args.quant, lora=lora, targets=args.targets, seq_len=args.seq_len,
+               batch_size=args.batch, seed=args.seed, progress=_progress(args))
+    m = b.manifest
+    obj = {"bundle": str(b.root), "base": m.base_source, "base_sha256": m.base_sha256, "quant": m.quant.value,
+           "targets": b.targets, "trainable_tensors": len(m.trainable),
+           "trainable_params": sum(int(__import__("math").prod(s)) for s in m.trainable.values()),
+           "bytes": sum(f["bytes"] for f in m.files.values()),
+           "export_seconds": {t: i.get("export_seconds") for t, i in m.targets.items()}}
+    _emit(args, obj, lambda o: (f"exported {o['base']} ({o['quant']}) to {o['bundle']}: targets {', '.join(o['targets'])}, "
+                                f"{o['trainable_params']:,} trainable LoRA parameters, {o['bytes'] / 2**20:.1f} MiB"))
+
+
+def _open(args: argparse.Namespace, need_train: bool):
+    from . import runtime
+
+    return runtime.open(args.bundle, backend=args.backend, adapter=getattr(args, "adapter", None), need_train=need_train)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .data import read_text_file
+
+    texts = read_text_file(args.text)
+    sess = _open(args, need_train=True)
+    rep = sess.train(texts, steps=args.steps, seconds=args.seconds, progress=_progress(args))
+    out = args.adapter_out
+    if out:
+        sess.save_adapter(out)
+    obj = {**rep.to_dict(), "adapter_out": out, "first_loss": rep.losses[0] if rep.losses else None,
+           "last_loss": rep.losses[-1] if rep.losses else None}
+    _emit(args, obj, lambda o: (
+        f"trained on {o['backend']}:{o['device']}: {o['steps']} steps in {o['seconds']:.1f}s "
+        f"({o['tokens_per_s']:.0f} tokens/s, peak RSS {o['peak_rss_mb']:.0f} MiB), loss {o['first_loss']:.3f} → "
+        f"{o['last_loss']:.3f}" + (f", {len(o['skipped_steps'])} non-finite steps skipped" if o['skipped_steps'] else "")
+        + (f"; adapter saved to {o['adapter_out']}" if o["adapter_out"] else "; adapter NOT saved (use --adapter-out)")))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .data import read_text_file
+
+    texts = read_text_file(args.text)
+    sess = _open(args, need_train=False)
+    rep = sess.eval(texts, progress=_progress(args))
+    obj = {"backend": sess.backend.name, "adapter": args.adapter, **rep.to_dict()}
+    _emit(args, obj, lambda o: (f"loss {o['loss']:.4f}  perplexity {o['perplexity']:.2f}  next-token top-1 "
+                                f"{100 * o['top1']:.1f}%  top-3 {100 * o['top3']:.1f}%  over {o['tokens']} tokens"))
+
+
+def cmd_backends(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from .registry import BACKENDS
+    from .runtime.selection import explain
+
+    rows = explain(need_train=not args.infer_only)
+    obj = {"order": "gpu → npu → cpu, registry order within a tier", "need_train": not args.infer_only,
+           "backends": [asdict(r) | {"extra": BACKENDS[r.backend].extra} for r in rows]}
+
+    def text(o):
+        lines = [f"{'backend':<12} {'device':<8} {'tier':<4} {'train':<5} {'infer':<5} {'picked':<6} why"]
+        for r in o["backends"]:
+            lines.append(f"{r['backend']:<12} {r['device']:<8} {r['tier']:<4} {str(r['train']).lower():<5} "
+                         f"{str(r['infer']).lower():<5} {'*' if r['picked'] else '':<6} {r['reason']}")
+        return "\n".join(lines)
+
+    _emit(args, obj, text)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    obj = run_demo(sender=args.sender, seconds=args.seconds, quant=args.quant, out_dir=args.out,
+                   cache=cache_dir(), progress=_progress(args), log=None if args.json else print)
+    if args.json:
+        print(json.dumps(obj, default=str))
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="pocketpeft", description="On-device LoRA personalization of small LMs.")
+    p.add_argument("--version", action="version", version=f"pocketpeft {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")
+        return sp
+
+    e = common(sub.add_parser("export", help="quantize a base model and write a bundle"))
+    e.add_argument("base", help="'smollm2' (embedded default), an HF model folder, or a .gguf file")
+    e.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
+    e.add_argument("--quant", default="q4_0", choices=["q4_0", "q8_0", "nf4", "f16", "f32"])
+    e.add_argument("--targets", default="torch", help="comma-separated export targets (default: torch)")
+    e.add_argument("--r", type=int, default=8)
+    e.add_argument("--alpha", type=float, default=16)
+    e.add_argument("--dropout", type=float, default=0.0)
+    e.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj")
+    e.add_argument("--seq-len", type=int, default=64)
+    e.add_argument("--batch", type=int, default=8)
+    e.add_argument("--seed", type=int, default=0, help="seed of the initial LoRA weights")
+    e.set_defaults(fn=cmd_export)
+
+    t = common(sub.add_parser("train", help="update the LoRA adapter on text (one message per line)"))
+    t.add_argument("bundle")
+    t.add_argument("--text", required=True, help="UTF-8 text file, one message per line; '-' for stdin")
+    t.add_argument("--backend", default="auto", help="auto, NAME or NAME:DEVICE (see `pocketpeft backends`)")
+    t.add_argument("--adapter", help="start from this PEFT adapter directory")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int)
+    g.add_argument("--seconds", type=float)
+    t.add_argument("--adapter-out", help="write the updated adapter here (PEFT format)")
+    t.set_defaults(fn=cmd_train)
+
+    v = common(sub.add_parser("eval", help="loss, perplexity and next-token accuracy on text"))
+    v.add_argument("bundle")
+    v.add_argument("--text", required=True)
+    v.add_argument("--adapter")
+    v.add_argument("--backend", default="auto")
+    v.set_defaults(fn=cmd_eval)
+
+    b = common(sub.add_parser("backends", help="what this machine can run, and what auto picks"))
+    b.add_argument("--infer-only", action="store_true", help="select for inference rather than training")
+    b.set_defaults(fn=cmd_backends)
+
+    d = common(sub.add_parser("demo", help="the main job: personalize SmolLM2 on one chitchat sender"))
+    d.add_argument("--sender", help="chitchat sender id (default: the most prolific)")
+    d.add_argument("--seconds", type=float, default=60.0, help="update time budget")
+    d.add_argument("--quant", default="q4_0", choices=["q4_0", "q8_0", "nf4", "f16", "f32"])
+    d.add_argument("--out", default="pocketpeft-demo", help="where the report and adapter go")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pocketpeft`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except PocketPeftError as e:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(e), "type": type(e).__name__}))
+        else:
+            print(f"pocketpeft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

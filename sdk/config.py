@@ -1,0 +1,209 @@
+"""Configuration dataclasses: the LoRA config (mirrors ``peft.LoraConfig``) and the
+architecture config of a Llama-family base model.
+
+Both are validated at construction and round-trip through plain dicts (JSON).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+#: Linear layers of a Llama block that LoRA can target, in HF names.
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class QuantFormat(str, Enum):
+    """Storage format of the frozen linear weights."""
+
+    F32 = "f32"
+    F16 = "f16"
+    Q8_0 = "q8_0"
+    Q4_0 = "q4_0"
+    NF4 = "nf4"
+
+    @classmethod
+    def parse(cls, value: "str | QuantFormat") -> "QuantFormat":
+        """Return the format named by ``value``; raise :class:`ConfigError` listing the choices."""
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            choices = ", ".join(f.value for f in cls)
+            raise ConfigError(f"unknown quant format {value!r}; expected one of: {choices}") from None
+
+
+@dataclass
+class LoraConfig:
+    """LoRA hyperparameters, field for field the subset of ``peft.LoraConfig`` we support.
+
+    Accepts a real ``peft.LoraConfig`` through :meth:`from_peft` (or :func:`as_lora_config`).
+    """
+
+    r: int = field(default=8, metadata={"help": "rank of the update matrices"})
+    lora_alpha: float = field(default=16, metadata={"help": "scale numerator: scaling = alpha / r"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input while training"})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": f"linear layers to adapt, among {', '.join(LINEAR_MODULES)}"},
+    )
+    bias: str = field(default="none", metadata={"help": "only 'none' is supported"})
+    init_lora_weights: bool | str = field(
+        default=True,
+        metadata={"help": "True: kaiming-uniform A, zero B (peft's default); 'gaussian'; False: random B too (tests)"},
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "scaling = alpha / sqrt(r)"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        self.target_modules = list(self.target_modules)
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ConfigError(f"LoraConfig.lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if not (0.0 <= float(self.lora_dropout) < 1.0):
+            raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not self.target_modules:
+            raise ConfigError("LoraConfig.target_modules is empty; name at least one of " + ", ".join(LINEAR_MODULES))
+        unknown = [m for m in self.target_modules if m not in LINEAR_MODULES]
+        if unknown:
+            raise ConfigError(
+                f"LoraConfig.target_modules has unknown module(s) {unknown}; expected names among {', '.join(LINEAR_MODULES)}"
+            )
+        if self.bias != "none":
+            raise ConfigError(f"LoraConfig.bias={self.bias!r} is not supported; only 'none'")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ConfigError(
+                f"LoraConfig.init_lora_weights={self.init_lora_weights!r}; expected True, False or 'gaussian'"
+            )
+
+    @property
+    def scaling(self) -> float:
+        """The factor applied to ``B @ A``: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (the fields above)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LoraConfig":
+        """Build from a dict such as a PEFT ``adapter_config.json``; unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        tm = kw.get("target_modules")
+        if isinstance(tm, (set, tuple)):
+            kw["target_modules"] = sorted(tm)
+        return cls(**kw)
+
+    @classmethod
+    def from_peft(cls, cfg: Any) -> "LoraConfig":
+        """Convert a ``peft.LoraConfig``; raise :class:`ConfigError` for options we don't support."""
+        unsupported = []
+        for attr, ok in (("fan_in_fan_out", False), ("use_dora", False), ("modules_to_save", None),
+                         ("layers_to_transform", None), ("rank_pattern", {}), ("alpha_pattern", {})):
+            val = getattr(cfg, attr, ok)
+            if val not in (ok, None, {}, False):
+                unsupported.append(f"{attr}={val!r}")
+        if unsupported:
+            raise ConfigError("peft.LoraConfig uses options pocketpeft does not support: " + ", ".join(unsupported))
+        tm = cfg.target_modules
+        if isinstance(tm, str):
+            raise ConfigError(f"peft.LoraConfig.target_modules={tm!r} is a regex; give a list of module names")
+        return cls(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                   target_modules=sorted(tm), bias=cfg.bias,
+                   init_lora_weights=cfg.init_lora_weights, use_rslora=cfg.use_rslora)
+
+    def to_peft(self) -> Any:
+        """Return the equivalent ``peft.LoraConfig`` (needs ``peft``)."""
+        from ._deps import require
+
+        peft = require("peft", extra="peft")
+        return peft.LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                               target_modules=list(self.target_modules), bias=self.bias,
+                               init_lora_weights=self.init_lora_weights, use_rslora=self.use_rslora,
+                               task_type="CAUSAL_LM")
+
+
+def as_lora_config(cfg: "LoraConfig | Mapping[str, Any] | Any | None") -> LoraConfig:
+    """Normalize ``None`` (defaults), a dict, our LoraConfig or a ``peft.LoraConfig``."""
+    if cfg is None:
+        return LoraConfig()
+    if isinstance(cfg, LoraConfig):
+        return cfg
+    if isinstance(cfg, Mapping):
+        return LoraConfig.from_dict(cfg)
+    if type(cfg).__name__ == "LoraConfig" and hasattr(cfg, "target_modules"):
+        return LoraConfig.from_peft(cfg)
+    raise ConfigError(f"expected a LoraConfig, a peft.LoraConfig or a dict, got {type(cfg).__name__}")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a Llama-family decoder, in Hugging Face ``LlamaConfig`` terms."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    head_dim: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    model_type: str = "llama"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {v!r}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Build from our dict or an HF ``config.json`` dict (unknown keys ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = kw["eos_token_id"][0] if kw["eos_token_id"] else None
+        if "rope_theta" not in kw:
+            rp = d.get("rope_parameters") or {}
+            if isinstance(rp, Mapping) and "rope_theta" in rp:
+                kw["rope_theta"] = rp["rope_theta"]
+        return cls(**kw)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """Keyword arguments for ``transformers.LlamaConfig`` describing the same model."""
+        d = self.to_dict()
+        d.pop("model_type")
+        d.update(attention_bias=False, mlp_bias=False, hidden_act="silu")
+        return d

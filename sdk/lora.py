@@ -1,0 +1,136 @@
+"""LoRA injection over (quantized) frozen linear layers, with PEFT's module and tensor names.
+
+After :func:`inject_lora`, ``model.layers.0.self_attn.q_proj`` is a :class:`LoraLinear` holding
+``base_layer`` (the frozen layer), ``lora_A`` and ``lora_B`` — the structure ``peft`` builds,
+so the adapter keys map one to one onto PEFT's ``adapter_model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterShapeError
+
+PEFT_PREFIX = "base_model.model."
+
+
+class LoraLinear(nn.Module):
+    """``base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`` with a frozen base."""
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, cfg: LoraConfig) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.scaling = cfg.r, cfg.scaling
+        self.lora_dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(in_features, cfg.r, bias=False)
+        self.lora_B = nn.Linear(cfg.r, out_features, bias=False)
+        self.reset_lora(cfg.init_lora_weights)
+
+    @torch.no_grad()
+    def reset_lora(self, init: bool | str = True) -> None:
+        """Initialize as peft does: kaiming-uniform A (or gaussian 1/r) and zero B; ``False``
+        keeps nn.Linear's random init for both (a non-identity adapter, for tests)."""
+        if init is False:
+            return
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = F.linear(F.linear(self.lora_dropout(x), self.lora_A.weight), self.lora_B.weight)
+        return self.base_layer(x) + delta * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}"
+
+
+def inject_lora(model: nn.Module, cfg: LoraConfig, seed: int | None = 0) -> nn.Module:
+    """Wrap every linear whose last name part is in ``cfg.target_modules`` in a :class:`LoraLinear`.
+
+    Freezes everything else. ``seed`` makes the initialization reproducible (``None``: global RNG).
+    Returns ``model`` (modified in place).
+    """
+    model.requires_grad_(False)
+    gen_state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        targets = [(name, mod) for name, mod in model.named_modules()
+                   if name.rsplit(".", 1)[-1] in cfg.target_modules and not isinstance(mod, LoraLinear)]
+        for name, mod in targets:
+            parent_name, child = name.rsplit(".", 1)
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, LoraLinear(mod, mod.in_features, mod.out_features, cfg))
+    finally:
+        if seed is not None:
+            torch.random.set_rng_state(gen_state)
+    return model
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+    """(name, module) for every LoRA layer, in model order."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLinear):
+            yield name, mod
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA tensors under PEFT's saved key names, e.g.
+    ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` (detached, on CPU, float32)."""
+    out = {}
+    for name, mod in lora_modules(model):
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = mod.lora_A.weight.detach().float().cpu().contiguous()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = mod.lora_B.weight.detach().float().cpu().contiguous()
+    return out
+
+
+def lora_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """PEFT key -> shape for every LoRA tensor of ``model``."""
+    return {k: list(v.shape) for k, v in lora_state_dict(model).items()}
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy PEFT-named LoRA tensors into ``model``.
+
+    Raises :class:`AdapterShapeError` naming the first missing, unexpected or misshapen key;
+    nothing is copied unless every key matches.
+    """
+    expected = {}
+    for name, mod in lora_modules(model):
+        expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = mod.lora_A.weight
+        expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = mod.lora_B.weight
+    # peft writes keys without the adapter name; accept ".default." too (state dicts of a live PeftModel)
+    given = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+             for k, v in tensors.items()}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing or unexpected:
+        raise AdapterShapeError(
+            f"adapter tensors don't match the model's LoRA layers: {len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    for k, p in expected.items():
+        if tuple(given[k].shape) != tuple(p.shape):
+            raise AdapterShapeError(f"adapter tensor {k} has shape {tuple(given[k].shape)}, "
+                                    f"the model expects {tuple(p.shape)}")
+        if not torch.isfinite(torch.as_tensor(given[k])).all():
+            raise AdapterShapeError(f"adapter tensor {k} holds NaN or inf values")
+    for k, p in expected.items():
+        p.copy_(torch.as_tensor(given[k]).to(p.dtype))
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable LoRA parameters, in a stable order (A then B per layer)."""
+    params = []
+    for _, mod in lora_modules(model):
+        params += [mod.lora_A.weight, mod.lora_B.weight]
+    return params

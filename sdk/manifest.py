@@ -1,0 +1,152 @@
+"""The bundle contract: ``manifest.json`` and the :class:`Bundle` that reads and verifies it.
+
+A bundle directory holds the manifest, ``tokenizer.json``, the initial adapter (``adapter/``,
+PEFT format: every backend starts from the same LoRA tensors) and one folder per target. The
+manifest records the base model's hash, architecture, quant format, LoRA config, trainable
+tensor names and shapes, and every file with its sha256, so a bundle can be checked before use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import LoraConfig, ModelConfig, QuantFormat
+from .errors import CorruptFileError, ModelFileNotFoundError, UnsupportedModelError
+from .fsutil import sha256_file
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "pocketpeft-bundle"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Manifest:
+    """Everything a runtime needs to know about a bundle before loading any weights."""
+
+    base_source: str
+    base_sha256: str
+    arch: ModelConfig
+    quant: QuantFormat
+    lora: LoraConfig
+    trainable: dict[str, list[int]]
+    seq_len: int
+    batch_size: int
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)      # relpath -> {sha256, bytes, target}
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)    # target -> {files:[...], toolchain:{...}}
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "format_version": self.format_version, "created": self.created,
+            "versions": self.versions,
+            "base": {"source": self.base_source, "sha256": self.base_sha256},
+            "arch": self.arch.to_dict(), "quant": self.quant.value, "lora": self.lora.to_dict(),
+            "trainable": self.trainable, "seq_len": self.seq_len, "batch_size": self.batch_size,
+            "targets": self.targets, "files": self.files,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = MANIFEST_NAME) -> "Manifest":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise CorruptFileError(f"{where} is not a pocketpeft bundle manifest (format={d.get('format') if isinstance(d, dict) else None!r})")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise UnsupportedModelError(f"{where} has bundle format version {d.get('format_version')!r}; "
+                                        f"this pocketpeft reads version {FORMAT_VERSION}")
+        try:
+            return cls(base_source=d["base"]["source"], base_sha256=d["base"]["sha256"],
+                       arch=ModelConfig.from_dict(d["arch"]), quant=QuantFormat.parse(d["quant"]),
+                       lora=LoraConfig.from_dict(d["lora"]), trainable=dict(d["trainable"]),
+                       seq_len=int(d["seq_len"]), batch_size=int(d["batch_size"]),
+                       files=dict(d.get("files", {})), targets=dict(d.get("targets", {})),
+                       versions=dict(d.get("versions", {})), created=d.get("created", ""),
+                       format_version=d["format_version"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptFileError(f"{where} is missing or has a malformed field: {e}") from e
+
+
+class Bundle:
+    """An exported bundle on disk. ``Bundle(path)`` reads the manifest; :meth:`verify` checks
+    files against their recorded hashes; :meth:`path_of` resolves a file of a target.
+
+    Raises :class:`ModelFileNotFoundError` (no such bundle / missing file) and
+    :class:`CorruptFileError` (unreadable manifest, hash mismatch).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.root = Path(path)
+        mpath = self.root / MANIFEST_NAME
+        if not self.root.is_dir():
+            raise ModelFileNotFoundError(f"bundle directory {self.root} not found (create one with `pocketpeft export`)")
+        if not mpath.is_file():
+            raise ModelFileNotFoundError(f"{mpath} not found: {self.root} is not a pocketpeft bundle")
+        try:
+            raw = json.loads(mpath.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptFileError(f"{mpath} is not valid JSON: {e}") from e
+        self.manifest = Manifest.from_dict(raw, str(mpath))
+        self._verified: set[str] = set()
+
+    @property
+    def targets(self) -> list[str]:
+        return sorted(self.manifest.targets)
+
+    def files_of(self, target: str) -> list[str]:
+        """Relative paths of the files that belong to ``target`` (plus shared files)."""
+        return [p for p, info in self.manifest.files.items() if info.get("target") in (target, "shared")]
+
+    def verify(self, target: str | None = None) -> None:
+        """Check existence, size and sha256 of the files of ``target`` (all files if ``None``).
+
+        Each file is checked once per Bundle object.
+        """
+        if target is not None and target not in self.manifest.targets:
+            raise ModelFileNotFoundError(f"bundle {self.root} has no '{target}' target; it has: "
+                                         f"{', '.join(self.targets) or 'none'} (re-export with --targets {target})")
+        for rel in self.files_of(target) if target else list(self.manifest.files):
+            self._check(rel)
+
+    def _check(self, rel: str) -> None:
+        if rel in self._verified:
+            return
+        info = self.manifest.files[rel]
+        p = self.root / rel
+        if not p.is_file():
+            raise ModelFileNotFoundError(f"bundle file {p} named in the manifest is missing")
+        size = p.stat().st_size
+        if "bytes" in info and size != info["bytes"]:
+            raise CorruptFileError(f"bundle file {p} is {size} bytes, the manifest says {info['bytes']} "
+                                   "(truncated or replaced)")
+        if sha256_file(p) != info["sha256"]:
+            raise CorruptFileError(f"bundle file {p} does not match its sha256 in the manifest (corrupt or replaced)")
+        self._verified.add(rel)
+
+    def path_of(self, rel: str) -> Path:
+        """Absolute path of a bundle file, verified against the manifest."""
+        if rel not in self.manifest.files:
+            raise ModelFileNotFoundError(f"bundle {self.root} has no file {rel}")
+        self._check(rel)
+        return self.root / rel
+
+    def tokenizer(self):
+        """The bundle's :class:`~pocketpeft.tokenizer.Tokenizer`."""
+        from .tokenizer import Tokenizer
+
+        return Tokenizer.from_file(self.path_of("tokenizer.json"))
+
+    def initial_adapter(self):
+        """The adapter every backend starts from (``adapter/`` in PEFT format)."""
+        from .adapter import load_adapter
+
+        self.path_of("adapter/adapter_model.safetensors")
+        self.path_of("adapter/adapter_config.json")
+        return load_adapter(self.root / "adapter", expect_base_sha256=self.manifest.base_sha256)
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"Bundle({str(self.root)!r}, base={m.base_source}, quant={m.quant.value}, targets={self.targets})"

@@ -1,0 +1,268 @@
+"""An export-friendly Llama-family decoder in plain torch, with Hugging Face weight names.
+
+RMSNorm, RoPE (HF's rotate-half convention), SwiGLU, grouped-query attention, tied or untied
+embeddings. No data-dependent control flow in ``forward``, so the same module traces with
+``torch.export`` for every target. The frozen linear layers are :class:`QuantLinear` (any
+:class:`QuantFormat`); LoRA is injected on top by :mod:`pocketpeft.lora`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LINEAR_MODULES, ModelConfig, QuantFormat
+from .errors import SequenceTooLongError, UnsupportedModelError
+from .quant import QuantLinear
+
+#: A factory for the frozen linear layers: (in_features, out_features, hf_name) -> module.
+LinearFactory = Callable[[int, int, str], nn.Module]
+
+#: A per-layer key/value cache: one (k, v) pair per layer, each [batch, kv_heads, seen, head_dim].
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 like transformers' LlamaRMSNorm."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [T, head_dim] for integer ``positions`` [T] (HF's cat(freqs, freqs) layout)."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, H, T, D] by the tables [T, D]."""
+    return x * cos.to(x.dtype) + _rotate_half(x) * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with q/k/v/o projections named as in HF."""
+
+    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, prefix: str) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h = cfg.hidden_size
+        self.q_proj = make_linear(h, self.n_heads * self.head_dim, f"{prefix}.q_proj")
+        self.k_proj = make_linear(h, self.n_kv * self.head_dim, f"{prefix}.k_proj")
+        self.v_proj = make_linear(h, self.n_kv * self.head_dim, f"{prefix}.v_proj")
+        self.o_proj = make_linear(self.n_heads * self.head_dim, h, f"{prefix}.o_proj")
+
+    def forward(self, x, cos, sin, mask=None, past=None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)
+            v = torch.cat((past[1], v), dim=2)
+        present = (k, v)
+        rep = self.n_heads // self.n_kv
+        if rep > 1:  # expand + reshape rather than repeat_interleave: plain view ops for every exporter
+            s = k.shape[2]
+            k = k[:, :, None].expand(b, self.n_kv, rep, s, self.head_dim).reshape(b, self.n_heads, s, self.head_dim)
+            v = v[:, :, None].expand(b, self.n_kv, rep, s, self.head_dim).reshape(b, self.n_heads, s, self.head_dim)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        return self.o_proj(out), present
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, prefix: str) -> None:
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = make_linear(h, i, f"{prefix}.gate_proj")
+        self.up_proj = make_linear(h, i, f"{prefix}.up_proj")
+        self.down_proj = make_linear(i, h, f"{prefix}.down_proj")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, idx: int) -> None:
+        super().__init__()
+        prefix = f"model.layers.{idx}"
+        self.self_attn = Attention(cfg, make_linear, f"{prefix}.self_attn")
+        self.mlp = MLP(cfg, make_linear, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, past=None):
+        a, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), present
+
+
+class Decoder(nn.Module):
+    """The ``model.`` part of HF's LlamaForCausalLM: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, make_linear, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Llama-family causal LM. ``forward(input_ids) -> logits``; state-dict keys match HF's
+    ``LlamaForCausalLM`` (frozen linears carry their quantized buffer names instead of ``weight``).
+
+    Every base parameter is frozen; only injected LoRA tensors are trainable.
+    """
+
+    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        make_linear = make_linear or (lambda i, o, name: QuantLinear(i, o, QuantFormat.F32))
+        self.model = Decoder(cfg, make_linear)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head.weight.requires_grad_(False)
+
+    def output_weight(self) -> torch.Tensor:
+        """The [vocab, hidden] output projection (the embedding matrix when tied)."""
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def hidden_states(self, input_ids: torch.Tensor, start_pos: int = 0, past: KVCache | None = None):
+        """Final-norm hidden states [B, T, H] and the updated KV cache.
+
+        ``start_pos`` is the position of the first token; ``past`` the cache of the tokens before it.
+        """
+        t = input_ids.shape[-1]
+        if start_pos + t > self.config.max_position_embeddings:
+            raise SequenceTooLongError(
+                f"sequence of {start_pos + t} tokens exceeds the model's context of "
+                f"{self.config.max_position_embeddings}")
+        positions = torch.arange(start_pos, start_pos + t, device=input_ids.device)
+        cos, sin = rope_tables(self.config, positions)
+        mask = None
+        if past is not None and start_pos > 0:
+            keys = torch.arange(start_pos + t, device=input_ids.device)
+            mask = keys[None, :] <= positions[:, None]  # [T, S] boolean, True = attend
+        x = self.model.embed_tokens(input_ids)
+        present: KVCache = []
+        for i, layer in enumerate(self.model.layers):
+            x, kv = layer(x, cos, sin, mask, None if past is None else past[i])
+            present.append(kv)
+        return self.model.norm(x), present
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, vocab] for ``input_ids`` [B, T] (int64), positions starting at 0."""
+        h, _ = self.hidden_states(input_ids)
+        return F.linear(h, self.output_weight())
+
+    def forward_cached(self, input_ids: torch.Tensor, start_pos: int, past: KVCache | None):
+        """Incremental decoding: logits for the new tokens and the extended cache."""
+        h, present = self.hidden_states(input_ids, start_pos, past)
+        return F.linear(h, self.output_weight()), present
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; ``labels`` [B, T] are already aligned targets, -100 ignored."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+
+
+def linear_names(cfg: ModelConfig) -> list[str]:
+    """HF names of every frozen linear layer, e.g. ``model.layers.0.self_attn.q_proj``."""
+    names = []
+    for i in range(cfg.num_hidden_layers):
+        for m in LINEAR_MODULES:
+            part = "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            names.append(f"model.layers.{i}.{part}.{m}")
+    return names
+
+
+def build_from_float(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor],
+                     quant: QuantFormat | str = QuantFormat.F32, progress: bool = False) -> CausalLM:
+    """Build a :class:`CausalLM` from an HF-named float state dict, quantizing every frozen
+    linear layer to ``quant``. Raises :class:`UnsupportedModelError` for missing/misshapen tensors."""
+    quant = QuantFormat.parse(quant)
+    names = set(linear_names(cfg))
+    todo = None
+    if progress:
+        from tqdm.auto import tqdm
+        todo = tqdm(total=len(names), desc=f"quantize {quant.value}", unit="layer", leave=False)
+
+    def make(i: int, o: int, name: str) -> nn.Module:
+        w = state_dict.get(f"{name}.weight")
+        if w is None or tuple(w.shape) != (o, i):
+            got = None if w is None else tuple(w.shape)
+            raise UnsupportedModelError(f"base weights: {name}.weight is {got}, expected ({o}, {i})")
+        if todo is not None:
+            todo.update()
+        return QuantLinear.from_float(w.to(torch.float32), quant)
+
+    with torch.device("cpu"):
+        model = CausalLM(cfg, make)
+    if todo is not None:
+        todo.close()
+    rest = {k: v for k, v in state_dict.items() if k.rsplit(".", 1)[0] not in names}
+    if cfg.tie_word_embeddings:
+        rest.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if k.rsplit(".", 1)[0] not in names]
+    if missing or unexpected:
+        raise UnsupportedModelError(f"base weights don't match the architecture: missing {missing[:5]}, "
+                                    f"unexpected {unexpected[:5]}")
+    return model.requires_grad_(False).eval()
+
+
+def build_quantized(cfg: ModelConfig, quant: QuantFormat | str,
+                    state_dict: Mapping[str, torch.Tensor]) -> CausalLM:
+    """Build a :class:`CausalLM` from a state dict that already holds quantized buffers
+    (what :func:`build_from_float` produced and a bundle stores)."""
+    quant = QuantFormat.parse(quant)
+    with torch.device("meta"):
+        model = CausalLM(cfg, lambda i, o, name: QuantLinear(i, o, quant))
+    model.load_state_dict(dict(state_dict), strict=True, assign=True)
+    return model.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def dequantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base weights of ``model`` as a float32 HF ``LlamaForCausalLM`` state dict: every frozen
+    quantized linear dequantized (what transformers/peft need to reproduce our logits).
+    LoRA tensors are left out; ``lm_head.weight`` is included (tied or not)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            out[f"{name.replace('.base_layer', '')}.weight"] = mod.dequantized_weight(torch.float32).cpu()
+    for k, v in model.state_dict().items():
+        k = k.replace(".base_layer.", ".")
+        if k.rsplit(".", 1)[0] + ".weight" in out or ".lora_" in k:
+            continue
+        out[k] = v.float().cpu()
+    if "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out

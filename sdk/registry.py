@@ -1,0 +1,56 @@
+"""Name -> lazily imported module registries for export targets and runtime backends.
+
+Adding a target or backend = one module + one line here. Nothing heavy is imported until a
+name is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+from .errors import BackendNotFoundError, ConfigError
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered implementation: its module and the pip extra it needs (None: core)."""
+
+    name: str
+    module: str
+    extra: str | None
+    summary: str
+
+
+#: Runtime backends, in order of preference within a device tier (see runtime.selection).
+BACKENDS: dict[str, Entry] = {
+    "torch": Entry("torch", "pocketpeft.runtime.backends.torch_backend", None,
+                   "reference backend: eager PyTorch, CPU or CUDA, train + infer"),
+}
+
+#: Export targets.
+TARGETS: dict[str, Entry] = {
+    "torch": Entry("torch", "pocketpeft.export.torch_target", None,
+                   "quantized base as safetensors for the torch reference backend"),
+}
+
+
+def backend_entry(name: str) -> Entry:
+    """The registered backend ``name``; raise :class:`BackendNotFoundError` listing the known ones."""
+    if name not in BACKENDS:
+        raise BackendNotFoundError(f"unknown backend {name!r}; registered backends: {', '.join(BACKENDS)} "
+                                   "(`pocketpeft backends` shows which of them run on this machine)")
+    return BACKENDS[name]
+
+
+def target_entry(name: str) -> Entry:
+    """The registered export target ``name``; raise :class:`ConfigError` listing the known ones."""
+    if name not in TARGETS:
+        raise ConfigError(f"unknown export target {name!r}; available targets: {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+def load_module(entry: Entry) -> ModuleType:
+    """Import the module of ``entry`` (its heavy dependencies are imported inside it)."""
+    return importlib.import_module(entry.module)
