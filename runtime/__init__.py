@@ -27,8 +27,8 @@ def open(bundle: "str | os.PathLike | Bundle", backend: str = "auto", adapter: "
     """
     from .selection import create
 
-    b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
     name, device = resolve(backend, need_train=need_train)
+    b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
     be = create(name, device)
     be.load(b)
     sess = Session(b, be, train_config)
