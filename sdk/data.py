@@ -19,6 +19,25 @@ from .errors import InputTextError, MissingDependencyError
 IGNORE = -100
 
 
+def as_text(value: "str | bytes", what: str = "text") -> str:
+    """``value`` as ``str``: bytes are decoded as UTF-8; lone surrogates are refused.
+
+    Raises :class:`InputTextError` naming ``what`` for non-UTF-8 bytes or a non-text value.
+    """
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputTextError(f"{what} is not valid UTF-8 (byte {e.start}: {bytes(value)[e.start:e.start + 4]!r})") from None
+    if not isinstance(value, str):
+        raise InputTextError(f"{what} is a {type(value).__name__}, expected str")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates, e.g. from surrogateescape decoding
+        raise InputTextError(f"{what} is not valid UTF-8 ({e.reason} at {e.start})") from None
+    return value
+
+
 def validate_texts(texts: "str | bytes | Iterable[str | bytes]", what: str = "texts") -> list[str]:
     """Return the non-blank messages of ``texts`` as ``str``.
 
@@ -29,13 +48,7 @@ def validate_texts(texts: "str | bytes | Iterable[str | bytes]", what: str = "te
     items = [texts] if isinstance(texts, (str, bytes, bytearray)) else list(texts)
     out = []
     for i, t in enumerate(items):
-        if isinstance(t, (bytes, bytearray)):
-            try:
-                t = bytes(t).decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputTextError(f"{what}[{i}] is not valid UTF-8 (byte {e.start}: {bytes(t)[e.start:e.start+4]!r})") from None
-        if not isinstance(t, str):
-            raise InputTextError(f"{what}[{i}] is a {type(t).__name__}, expected str")
+        t = as_text(t, f"{what}[{i}]")
         if "\x00" in t:
             raise InputTextError(f"{what}[{i}] contains NUL bytes; expected text, got binary data")
         if t.strip():

@@ -137,6 +137,8 @@ class Bundle:
         """The bundle's :class:`~pocketpeft.tokenizer.Tokenizer`."""
         from .tokenizer import Tokenizer
 
+        if "tokenizer_config.json" in self.manifest.files:
+            self.path_of("tokenizer_config.json")  # verified: it carries the special-token ids
         return Tokenizer.from_file(self.path_of("tokenizer.json"))
 
     def initial_adapter(self):
