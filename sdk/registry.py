@@ -27,12 +27,20 @@ class Entry:
 BACKENDS: dict[str, Entry] = {
     "torch": Entry("torch", "pocketpeft.runtime.backends.torch_backend", None,
                    "reference backend: eager PyTorch, CPU or CUDA, train + infer"),
+    "executorch": Entry("executorch", "pocketpeft.runtime.backends.executorch_backend", "executorch",
+                        "ExecuTorch training module (.pte): on-device train + infer"),
+    "onnxruntime": Entry("onnxruntime", "pocketpeft.runtime.backends.onnxruntime_backend", "onnx",
+                         "ONNX Runtime training artifacts: on-device train + infer (CPU/CUDA providers)"),
 }
 
 #: Export targets.
 TARGETS: dict[str, Entry] = {
     "torch": Entry("torch", "pocketpeft.export.torch_target", None,
                    "quantized base as safetensors for the torch reference backend"),
+    "executorch": Entry("executorch", "pocketpeft.export.executorch_target", "executorch",
+                        "train.pte (forward+backward, loss first) and infer.pte"),
+    "onnx": Entry("onnx", "pocketpeft.export.onnx_target", "onnx",
+                  "ORT training artifacts and infer.onnx with LoRA weights as inputs"),
 }
 
 
