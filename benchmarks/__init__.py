@@ -1,0 +1,1 @@
+"""pocketpeft benchmark suites (run with ``python -m benchmarks.<suite>`` or ``pocketpeft bench``)."""

@@ -1,0 +1,76 @@
+"""What quantizing the frozen linears costs: perplexity and next-token accuracy of SmolLM2 at
+f32, f16, q8_0, q4_0 and nf4 on held-out chitchat text (no adapter).
+
+The f32 reference is the embedded GGUF dequantized (its linears are Q4_1 at source: the original
+bf16 weights are not available offline), so each format's cost is measured relative to it.
+
+    python -m benchmarks.quant_quality [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+
+
+def evaluate(model, inputs, labels, batch: int = 8) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    loss = n = top1 = top3 = 0
+    with torch.no_grad():
+        for s in range(0, len(inputs), batch):
+            ids, lab = torch.from_numpy(inputs[s:s + batch]), torch.from_numpy(labels[s:s + batch])
+            lg = model(ids)
+            valid = lab != -100
+            lg, tg = lg[valid], lab[valid]
+            loss += float(F.cross_entropy(lg, tg, reduction="sum"))
+            top = lg.topk(3, -1).indices
+            top1 += int((top[:, 0] == tg).sum())
+            top3 += int((top == tg[:, None]).any(-1).sum())
+            n += tg.numel()
+    return {"loss": loss / n, "perplexity": math.exp(loss / n), "top1": top1 / n, "top3": top3 / n, "tokens": n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="150 messages instead of 600")
+    args = ap.parse_args()
+    from benchmarks.common import write_result
+    from pocketpeft.data import general_texts, pack_rows
+    from pocketpeft.loading import load_base
+    from pocketpeft.model import build_from_float
+    from pocketpeft.quant import storage_bytes
+
+    base = load_base("smollm2")
+    texts = general_texts(n=150 if args.quick else 600, seed=1)
+    inputs, labels = pack_rows(base.tokenizer, texts, 64)
+    results = {}
+    for fmt in ("f32", "f16", "q8_0", "q4_0", "nf4"):
+        t0 = time.perf_counter()
+        model = build_from_float(base.config, base.state_dict, fmt)
+        lin_bytes = sum(storage_bytes(fmt, (m.out_features, m.in_features))
+                        for m in model.modules() if hasattr(m, "in_features") and hasattr(m, "fmt"))
+        r = evaluate(model, inputs, labels)
+        r["linear_weight_mib"] = lin_bytes / 2**20
+        r["seconds"] = time.perf_counter() - t0
+        results[fmt] = r
+        print(f"{fmt:<5} ppl {r['perplexity']:8.3f}  top-1 {100 * r['top1']:.2f}%  top-3 {100 * r['top3']:.2f}%  "
+              f"linears {r['linear_weight_mib']:.0f} MiB", flush=True)
+        del model
+    ref = results["f32"]
+    for r in results.values():
+        r["perplexity_vs_f32"] = r["perplexity"] / ref["perplexity"] - 1
+        r["top3_points_vs_f32"] = 100 * (r["top3"] - ref["top3"])
+    path = write_result("quant_quality_quick" if args.quick else "quant_quality", {
+        "settings": {"texts": "chitchat, other people's messages (general_texts seed=1)", "messages": len(texts),
+                     "seq_len": 64, "reference": "embedded SmolLM2 GGUF (Q4_1 linears) dequantized to f32"},
+        "results": results})
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Training speed and memory: LoRA r=8 on q/k/v/o of SmolLM2-135M, batch 8 x 64 tokens.
+
+Every configuration runs in its own process (so its peak RSS is its own), interleaved over
+repetitions; PEFT + transformers eager at f32 is the baseline measured in the same run, and a
+fp32 matmul measurement gives the machine's FLOP ceiling for this step.
+
+    python -m benchmarks.train_speed [--quick] [--backends torch,executorch,onnxruntime]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+BATCH, SEQ, RANK = 8, 64, 8
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _rows(tokenizer, n_rows: int):
+    from pocketpeft.data import pack_rows, sender_split, top_senders
+
+    train, _ = sender_split(top_senders()[0])
+    x, y = pack_rows(tokenizer, train[:4000], SEQ, pad_to_full=False)
+    return x[:n_rows], y[:n_rows]
+
+
+def worker_pocketpeft(bundle: str, backend: str, steps: int) -> dict:
+    import pocketpeft as pp
+    from benchmarks.common import peak_rss_mib
+
+    t0 = time.perf_counter()
+    sess = pp.runtime.open(bundle, backend=backend)
+    load_s = time.perf_counter() - t0
+    x, y = _rows(sess.tokenizer, BATCH * (steps + 1))
+    be = sess.backend
+    from pocketpeft.runtime import TrainConfig
+
+    be.configure(TrainConfig(total_steps=steps + 1))
+    be.train_step(x[:BATCH], y[:BATCH])  # warm-up (first-call allocation, kernel selection)
+    times, losses = [], []
+    for i in range(1, steps + 1):
+        t = time.perf_counter()
+        r = be.train_step(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH])
+        times.append(time.perf_counter() - t)
+        losses.append(r.loss)
+    return {"step_seconds": times, "losses": losses, "load_seconds": load_s, "peak_rss_mib": peak_rss_mib()}
+
+
+def worker_peft(steps: int) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    from benchmarks.common import peak_rss_mib
+    from pocketpeft.loading import load_base
+
+    t0 = time.perf_counter()
+    base = load_base("smollm2")
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**base.config.to_hf_dict(), attn_implementation="eager"))
+    hf.load_state_dict(base.state_dict, strict=False)
+    hf.tie_weights()
+    tok = base.tokenizer
+    del base
+    model = peft.get_peft_model(hf, peft.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES, task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    load_s = time.perf_counter() - t0
+    x, y = _rows(tok, BATCH * (steps + 1))
+    model.train()
+    times, losses = [], []
+    for i in range(steps + 1):
+        ids = torch.from_numpy(x[i * BATCH:(i + 1) * BATCH])
+        lab = torch.from_numpy(y[i * BATCH:(i + 1) * BATCH])
+        t = time.perf_counter()
+        logits = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:  # step 0 is the warm-up
+            times.append(time.perf_counter() - t)
+            losses.append(float(loss))
+    return {"step_seconds": times, "losses": losses, "load_seconds": load_s, "peak_rss_mib": peak_rss_mib()}
+
+
+def matmul_ceiling(n_params: int, seconds: float = 3.0) -> dict:
+    """fp32 GFLOP/s of this machine's matmul at the step's shapes, and the tokens/s it implies
+    for a LoRA step (~4 FLOPs per frozen parameter per token: forward + input gradient)."""
+    import torch
+
+    x, w = torch.randn(BATCH * SEQ, 576), torch.randn(576, 1536)
+    flop = 2 * x.shape[0] * 576 * 1536
+    for _ in range(3):
+        x @ w
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        x @ w
+        n += 1
+    gflops = n * flop / (time.perf_counter() - t0) / 1e9
+    return {"matmul_gflops": gflops, "ceiling_tokens_per_s": gflops * 1e9 / (4 * n_params)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 repetition x 3 steps")
+    ap.add_argument("--backends", default="torch", help="pocketpeft backends to measure at q4_0 besides torch")
+    ap.add_argument("--quants", default="f32,q8_0,q4_0", help="quant formats for the torch backend")
+    ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if args.worker is not None:
+        kind, *rest = args.worker
+        res = worker_peft(int(rest[0])) if kind == "peft" else worker_pocketpeft(rest[0], rest[1], int(rest[2]))
+        print(json.dumps(res))
+        return
+
+    import pocketpeft as pp
+    from benchmarks.common import run_worker, summarize, write_result
+    from pocketpeft.cli import cache_dir
+    from pocketpeft.runtime.selection import probe
+
+    reps, steps = (1, 3) if args.quick else (3, 6)
+    extra = [b for b in args.backends.split(",") if b and b != "torch"]
+    extra = [b for b in extra if probe(b).available]
+    targets = {"executorch": "executorch", "onnxruntime": "onnx"}
+    configs: list[tuple[str, list[str]]] = [("peft+transformers eager f32", ["peft", str(steps)])]
+    exports = {}
+    for q in args.quants.split(","):
+        tg = ["torch"] + ([targets[b] for b in extra] if q == "q4_0" else [])
+        path = cache_dir() / "bench" / f"smollm2-{q}-r{RANK}-{'-'.join(tg)}"
+        t0 = time.perf_counter()
+        try:
+            b = pp.Bundle(path)
+            b.verify()
+        except pp.PocketPeftError:
+            print(f"exporting {path.name} …", flush=True)
+            pp.export("smollm2", path, quant=q, targets=tg, seq_len=SEQ, batch_size=BATCH,
+                      lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES))
+            exports[path.name] = {t: i.get("export_seconds") for t, i in pp.Bundle(path).manifest.targets.items()}
+        configs.append((f"pocketpeft torch {q}", ["pp", str(path), "torch", str(steps)]))
+        if q == "q4_0":
+            configs += [(f"pocketpeft {b} q4_0", ["pp", str(path), b, str(steps)]) for b in extra]
+    runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
+    for rep in range(reps):
+        for name, wargs in configs:
+            print(f"[{rep + 1}/{reps}] {name}", flush=True)
+            runs[name].append(run_worker("benchmarks.train_speed", wargs))
+    n_params = 134_515_008
+    ceiling = matmul_ceiling(n_params)
+    tokens = BATCH * SEQ
+    results = {}
+    for name, rs in runs.items():
+        tps = [tokens / (sum(r["step_seconds"]) / len(r["step_seconds"])) for r in rs]
+        results[name] = {"tokens_per_s": summarize(tps), "peak_rss_mib": summarize([r["peak_rss_mib"] for r in rs]),
+                         "load_seconds": summarize([r["load_seconds"] for r in rs]),
+                         "losses_first_run": rs[0]["losses"]}
+    base = results["peft+transformers eager f32"]
+    for name, r in results.items():
+        r["speed_vs_peft"] = r["tokens_per_s"]["median"] / base["tokens_per_s"]["median"]
+        r["rss_vs_peft"] = r["peak_rss_mib"]["median"] / base["peak_rss_mib"]["median"]
+        r["share_of_ceiling"] = r["tokens_per_s"]["median"] / ceiling["ceiling_tokens_per_s"]
+    payload = {"settings": {"model": "SmolLM2-135M-Instruct (embedded GGUF, dequantized)", "lora_r": RANK,
+                            "lora_alpha": 16, "target_modules": MODULES, "batch": BATCH, "seq_len": SEQ,
+                            "repetitions": reps, "timed_steps_per_run": steps, "quick": args.quick},
+               "ceiling": ceiling, "exports": exports, "results": results,
+               "target": "best device backend >= 1.4x PEFT eager tokens/s and <= 0.3x its peak RSS"}
+    path = write_result("train_speed_quick" if args.quick else "train_speed", payload, args.out)
+    print(f"\n{'config':<32}{'tokens/s':>10}{'vs PEFT':>9}{'peak RSS MiB':>14}{'vs PEFT':>9}{'of ceiling':>12}")
+    for name, r in results.items():
+        print(f"{name:<32}{r['tokens_per_s']['median']:>10.0f}{r['speed_vs_peft']:>8.2f}x"
+              f"{r['peak_rss_mib']['median']:>14.0f}{r['rss_vs_peft']:>8.2f}x{100 * r['share_of_ceiling']:>11.0f}%")
+    print(f"fp32 matmul here: {ceiling['matmul_gflops']:.0f} GFLOP/s -> ceiling {ceiling['ceiling_tokens_per_s']:.0f} tokens/s")
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

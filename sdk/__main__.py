@@ -1,0 +1,7 @@
+"""``python -m pocketpeft`` = the ``pocketpeft`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
