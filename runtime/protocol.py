@@ -90,6 +90,21 @@ class EvalSums:
     top3: int
 
 
+class Decoder(Protocol):
+    """Incremental decoding over one growing token sequence, with a KV cache where the backend
+    has one. ``extend`` appends tokens and returns their logits; ``truncate`` rolls the cache back
+    so a new branch can be explored (suggestions reuse the cache across keystrokes)."""
+
+    @property
+    def n_tokens(self) -> int: ...
+
+    def extend(self, ids: "list[int]") -> np.ndarray:
+        """float32 log-softmax-ready logits [len(ids), vocab] for the appended tokens."""
+
+    def truncate(self, n: int) -> None:
+        """Keep only the first ``n`` tokens."""
+
+
 class Backend(Protocol):
     """Runs a bundle on one device. Backends share no implementation; see runtime/backends/."""
 
@@ -117,3 +132,6 @@ class Backend(Protocol):
 
     def set_adapter(self, tensors: Mapping[str, np.ndarray]) -> None:
         """Replace the LoRA tensors (shapes checked); optimizer state is reset."""
+
+    def decoder(self) -> Decoder:
+        """A fresh incremental decoder using the current adapter."""

@@ -125,6 +125,38 @@ class TorchBackend:
         load_lora_state_dict(self._m, {k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()})
         self.configure(self.cfg)
 
+    def decoder(self) -> "TorchDecoder":
+        """A KV-cached decoder over the current weights (adapter changes apply to later tokens)."""
+        return TorchDecoder(self._m, self.device)
+
+
+class TorchDecoder:
+    """KV-cached incremental decoding on the torch model (see protocol.Decoder)."""
+
+    def __init__(self, model: CausalLM, device: str) -> None:
+        self.model, self.device = model, device
+        self._ids: list[int] = []
+        self._cache = None
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self._ids)
+
+    @torch.no_grad()
+    def extend(self, ids: list[int]) -> np.ndarray:
+        if not ids:
+            return np.zeros((0, self.model.config.vocab_size), np.float32)
+        x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        logits, self._cache = self.model.forward_cached(x, len(self._ids), self._cache)
+        self._ids.extend(ids)
+        return logits[0].float().cpu().numpy()
+
+    def truncate(self, n: int) -> None:
+        if n >= len(self._ids):
+            return
+        self._ids = self._ids[:n]
+        self._cache = None if n == 0 else [(k[:, :, :n], v[:, :, :n]) for k, v in self._cache]
+
 
 def create(device: str = "cpu") -> TorchBackend:
     """A new, unloaded torch backend on ``device``."""
