@@ -48,21 +48,34 @@ def worker_pocketpeft(bundle: str, backend: str, steps: int) -> dict:
     return {"step_seconds": times, "losses": losses, "load_seconds": load_s, "peak_rss_mib": peak_rss_mib()}
 
 
-def worker_peft(steps: int) -> dict:
+def hf_folder(path: Path) -> Path:
+    """SmolLM2 (embedded GGUF, dequantized) saved once as an HF folder, so the PEFT baseline loads
+    the way its users load: ``from_pretrained``."""
+    if not (path / "config.json").is_file():
+        import transformers
+
+        from pocketpeft.loading import load_base
+
+        base = load_base("smollm2")
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**base.config.to_hf_dict()))
+        hf.load_state_dict(base.state_dict, strict=False)
+        hf.tie_weights()
+        hf.save_pretrained(path)
+        base.tokenizer.save(path / "tokenizer.json")
+    return path
+
+
+def worker_peft(folder: str, steps: int) -> dict:
     import peft
     import torch
     import transformers
 
     from benchmarks.common import peak_rss_mib
-    from pocketpeft.loading import load_base
+    from pocketpeft.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
-    base = load_base("smollm2")
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**base.config.to_hf_dict(), attn_implementation="eager"))
-    hf.load_state_dict(base.state_dict, strict=False)
-    hf.tie_weights()
-    tok = base.tokenizer
-    del base
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    tok = Tokenizer.from_file(Path(folder) / "tokenizer.json")
     model = peft.get_peft_model(hf, peft.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES, task_type="CAUSAL_LM"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     load_s = time.perf_counter() - t0
@@ -112,7 +125,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker is not None:
         kind, *rest = args.worker
-        res = worker_peft(int(rest[0])) if kind == "peft" else worker_pocketpeft(rest[0], rest[1], int(rest[2]))
+        res = worker_peft(rest[0], int(rest[1])) if kind == "peft" else worker_pocketpeft(rest[0], rest[1], int(rest[2]))
         print(json.dumps(res))
         return
 
@@ -125,7 +138,8 @@ def main() -> None:
     extra = [b for b in args.backends.split(",") if b and b != "torch"]
     extra = [b for b in extra if probe(b).available]
     targets = {"executorch": "executorch", "onnxruntime": "onnx"}
-    configs: list[tuple[str, list[str]]] = [("peft+transformers eager f32", ["peft", str(steps)])]
+    folder = hf_folder(cache_dir() / "bench" / "smollm2-hf-f32")
+    configs: list[tuple[str, list[str]]] = [("peft+transformers eager f32", ["peft", str(folder), str(steps)])]
     exports = {}
     for q in args.quants.split(","):
         tg = ["torch"] + ([targets[b] for b in extra] if q == "q4_0" else [])
