@@ -240,6 +240,7 @@ class QuantLinear(torch.nn.Module):
         self.out_features, self.in_features = _check_shape((out_features, in_features), self.fmt)
         for key, (shape, dt) in _buffer_specs(self.fmt, self.out_features, self.in_features).items():
             self.register_buffer(key, torch.zeros(shape, dtype=dt), persistent=True)
+        self._dequant_cache: torch.Tensor | None = None  # not state: see cache_dequantized()
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, fmt: QuantFormat | str, *, name: str = "weight") -> "QuantLinear":
@@ -257,7 +258,19 @@ class QuantLinear(torch.nn.Module):
         """The ``[out, in]`` weight as ``dtype``."""
         return dequantize(self._buffers_dict(), self.fmt, (self.out_features, self.in_features), dtype)
 
+    def cache_dequantized(self, enabled: bool = True, dtype: torch.dtype = torch.float32) -> None:
+        """Keep (or drop) a dequantized copy of the weight for eager serving.
+
+        Decoding one token at a time would otherwise dequantize every weight per token; the copy
+        costs ``4 * in * out`` bytes at fp32. Never used while exporting a graph (the copy is a
+        plain attribute, not a buffer, so exported graphs keep the quantized bytes).
+        """
+        self._dequant_cache = self.dequantized_weight(dtype).detach() if enabled else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._dequant_cache
+        if w is not None and w.dtype == x.dtype and w.device == x.device and not torch.compiler.is_compiling():
+            return F.linear(x, w)
         return F.linear(x, self.dequantized_weight(x.dtype))
 
     def extra_repr(self) -> str:

@@ -126,7 +126,16 @@ class TorchBackend:
         self.configure(self.cfg)
 
     def decoder(self) -> "TorchDecoder":
-        """A KV-cached decoder over the current weights (adapter changes apply to later tokens)."""
+        """A KV-cached decoder over the current weights (adapter changes apply to later tokens).
+
+        Serving one token at a time keeps a dequantized fp32 copy of the frozen linears (about
+        4 bytes per weight) so no step re-dequantizes them; the quantized bytes stay the source.
+        """
+        from pocketpeft.quant import QuantLinear
+
+        for m in self._m.modules():
+            if isinstance(m, QuantLinear) and m._dequant_cache is None:
+                m.cache_dequantized(True)
         return TorchDecoder(self._m, self.device)
 
 
