@@ -195,6 +195,32 @@ class Session:
         """Go back to the bundle's initial adapter."""
         self.backend.set_adapter({k: v.numpy() for k, v in self.bundle.initial_adapter().tensors.items()})
 
+    # ------------------------------------------------------------------ suggestions
+    def suggest(self, prefix: str, k: int = 3) -> list[str]:
+        """The ``k`` most likely next words after ``prefix`` (the message typed so far; the text
+        after its last whitespace is completed), best first. See :class:`~.predictor.Predictor`.
+
+        One Predictor is built on first use and kept, so its KV cache and memoized distributions
+        carry over between keystrokes. To notice adapter changes without touching the other verbs,
+        first use wraps this session's ``backend.train_step`` / ``backend.set_adapter`` with a
+        counter (:class:`~.predictor.AdapterWatch`); when it moves, the caches are dropped.
+        Raises :class:`InputTextError` for non-text / non-UTF-8 input, :class:`ConfigError` for bad ``k``.
+        """
+        from .predictor import AdapterWatch, Predictor
+
+        if getattr(self, "_predictor", None) is None:
+            self._predictor = Predictor(self.backend, self.tokenizer, adapter_version=AdapterWatch(self.backend),
+                                        max_context=min(1024, self.manifest.arch.max_position_embeddings))
+        return self._predictor.suggest(prefix, k)
+
+    def eval_keystrokes(self, texts: "str | Iterable[str]", k: int = 3, max_messages: int | None = None) -> dict:
+        """Keyboard metrics of the current adapter on held-out messages (see
+        :func:`~.keystrokes.keystroke_metrics`): ``next_word_top1``, ``next_word_top3``,
+        ``keystroke_savings``, ``words``, ``chars``, ``messages``."""
+        from .keystrokes import keystroke_metrics
+
+        return keystroke_metrics(self.suggest, texts, k=k, max_messages=max_messages)
+
 
 def _torch_tensor(a: np.ndarray):
     import torch

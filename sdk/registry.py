@@ -31,6 +31,7 @@ BACKENDS: dict[str, Entry] = {
                         "ExecuTorch training module (.pte): on-device train + infer"),
     "onnxruntime": Entry("onnxruntime", "pocketpeft.runtime.backends.onnxruntime_backend", "onnx",
                          "ONNX Runtime training artifacts: on-device train + infer (CPU/CUDA providers)"),
+    "llamacpp": Entry("llamacpp", "pocketpeft.runtime.backends.llamacpp_backend", "llamacpp", "llama.cpp over the GGUF base, adapters hot-swapped as GGUF LoRA: infer only"),
 }
 
 #: Export targets.
@@ -41,6 +42,7 @@ TARGETS: dict[str, Entry] = {
                         "train.pte (forward+backward, loss first) and infer.pte"),
     "onnx": Entry("onnx", "pocketpeft.export.onnx_target", "onnx",
                   "ORT training artifacts and infer.onnx with LoRA weights as inputs"),
+    "gguf": Entry("gguf", "pocketpeft.export.gguf_target", None, "llama.cpp base GGUF (our q4_0/q8_0 bytes); adapters convert to GGUF LoRA"),
 }
 
 

@@ -1,0 +1,248 @@
+"""Target ``executorch``: ``train.pte`` (forward + backward) and ``infer.pte`` (logits).
+
+Both programs carry the frozen quantized base as constants, dequantized in-graph with core
+ATen ops, so a 4-bit base trains LoRA on ExecuTorch (upstream has no such path).
+
+``train.pte``, method ``forward(input_ids, labels)``: int64 ``[batch_size, seq_len]`` each,
+labels already aligned, ``-100`` ignored. Outputs, as ExecuTorch's training runtime lays them
+out: the scalar loss (mean cross-entropy over the non-ignored tokens), then one gradient per
+LoRA tensor, then the LoRA tensors themselves (the program's only parameters, memory-planned,
+so ``TrainingModule.named_parameters()`` aliases them and an optimizer updates them in place).
+
+``infer.pte``, method ``forward(input_ids, *lora)``: ``input_ids`` int64 ``[B, T]`` with dynamic
+``1 <= B <= batch_size`` and ``1 <= T <= seq_len``, then every LoRA tensor as an input (PEFT key
+order listed in ``signature.json``); output float32 logits ``[B, T, vocab]``. LoRA as inputs
+lets a runtime swap adapters per call without rewriting the program.
+
+``signature.json`` names every input and output and maps the train program's parameter names
+to PEFT keys, so a device app needs nothing else. Matrix multiplications (every ``mm``/``bmm``
+of the forward and backward graphs) are delegated to XNNPACK; everything else runs on
+ExecuTorch's portable/optimized CPU kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pocketpeft.lora import PEFT_PREFIX
+
+from .protocol import ExportContext
+
+TRAIN = "executorch/train.pte"
+INFER = "executorch/infer.pte"
+SIGNATURE = "executorch/signature.json"
+#: The train program's parameter names are the wrapper's attribute (``model.``) + the HF name.
+TRAIN_PREFIX = "model."
+
+
+def export_forward_backward(ep):
+    """Joint forward+backward graph of a loss-first ExportedProgram.
+
+    EXPERIMENTAL: ``torch.export.experimental._export_forward_backward`` is a private, unstable
+    torch API (what ExecuTorch's training examples use). Pinned to torch 2.13 / executorch 1.5.1;
+    this is the only place pocketpeft touches it.
+    """
+    from torch.export.experimental import _export_forward_backward
+
+    return _export_forward_backward(ep, joint_loss_index=0)
+
+
+def sdpa_math(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Scaled dot-product attention in plain ops. Exported as is, SDPA's backward becomes
+    ``_scaled_dot_product_flash_attention_for_cpu_backward``, which ExecuTorch has no kernel for."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if is_causal:
+        attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        scores = (scores.masked_fill(attn_mask.logical_not(), float("-inf")) if attn_mask.dtype == torch.bool
+                  else scores + attn_mask)
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return torch.matmul(probs, v)
+
+
+def _decompositions() -> dict:
+    table = torch.export.default_decompositions()
+    table[torch.ops.aten.scaled_dot_product_attention.default] = sdpa_math
+    return table
+
+
+def _is_transpose(n) -> bool:
+    return (isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target == torch.ops.aten.permute.default
+            and list(n.args[1]) == [1, 0])
+
+
+def _rewrite_for_executorch(ep) -> None:
+    """Graph rewrites on the core-ATen program, before lowering:
+
+    - ``aten.empty_permuted`` (from SiLU's backward) is not core ATen: make it a plain ``empty``
+      (its contents are overwritten, only the strides differ);
+    - ``permute(permute(x))`` -> ``x`` and ``mm(a, permute(w))`` -> ``linear(a, w)``. ExecuTorch
+      materializes every permute, so without this each step copies every dequantized weight (and
+      the vocab-sized embedding) up to three times; ``linear`` reads ``w`` as stored.
+    """
+    g = ep.graph_module.graph
+    for n in list(g.nodes):
+        if n.op != "call_function":
+            continue
+        if n.target == torch.ops.aten.empty_permuted.default:
+            n.target, n.args = torch.ops.aten.empty.memory_format, (n.args[0],)
+        elif _is_transpose(n) and _is_transpose(n.args[0]):
+            n.replace_all_uses_with(n.args[0].args[0])
+    for n in list(g.nodes):
+        if n.op == "call_function" and n.target == torch.ops.aten.mm.default and _is_transpose(n.args[1]):
+            with g.inserting_before(n):
+                lin = g.call_function(torch.ops.aten.linear.default, (n.args[0], n.args[1].args[0]))
+            lin.meta.update(n.meta)
+            n.replace_all_uses_with(lin)
+            g.erase_node(n)
+    g.eliminate_dead_code()
+    ep.graph_module.recompile()
+
+
+def trainable_copy(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """A copy of ``model`` whose LoRA tensors are its only parameters (every frozen parameter
+    becomes a buffer, baked as a constant) and the HF names of those LoRA tensors, in order."""
+    m = copy.deepcopy(model)
+    names = []
+    for full, p in list(m.named_parameters()):
+        if ".lora_A." in full or ".lora_B." in full:
+            p.requires_grad_(True)
+            names.append(full)
+            continue
+        owner, _, attr = full.rpartition(".")
+        mod = m.get_submodule(owner)
+        delattr(mod, attr)
+        mod.register_buffer(attr, p.detach(), persistent=True)
+    return m, names
+
+
+def peft_key(hf_name: str) -> str:
+    """PEFT's saved key for a LoRA tensor's HF parameter name."""
+    return PEFT_PREFIX + hf_name
+
+
+class _TrainNet(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        logits = self.model(input_ids)
+        return (F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100),)
+
+
+class _InferNet(nn.Module):
+    def __init__(self, model: nn.Module, lora_names: list[str]) -> None:
+        super().__init__()
+        self.model, self.lora_names = model, lora_names
+
+    def forward(self, input_ids: torch.Tensor, *lora: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(self.model, dict(zip(self.lora_names, lora)), (input_ids,))
+
+
+def _to_pte(ep, delegate: bool) -> bytes:
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge, to_edge_transform_and_lower
+
+    config = EdgeCompileConfig(preserve_ops=[torch.ops.aten.linear.default])
+    if delegate:
+        edge = to_edge_transform_and_lower(ep, partitioner=[matmul_partitioner()], compile_config=config)
+    else:
+        edge = to_edge(ep, compile_config=config)
+    return edge.to_executorch(ExecutorchBackendConfig()).buffer
+
+
+def matmul_partitioner():
+    """XNNPACK for the matrix multiplications only. Partitioning the whole joint graph fails
+    (pass-through outputs such as the saved softmax); each linear/mm/bmm is a clean single-op
+    island and carries nearly all of a step's FLOPs. Weights are dequantized in-graph, hence
+    "non-static" for XNNPACK."""
+    from executorch.backends.xnnpack.partition.config import BMMConfig, LinearConfig, MMConfig
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    return XnnpackPartitioner(configs=[LinearConfig, MMConfig, BMMConfig], per_op_mode=True,
+                              force_non_static_weights_for_f32_linear=True)
+
+
+def export_train(ctx: ExportContext, delegate: bool = True) -> tuple[bytes, list[str]]:
+    """The serialized train program and its LoRA parameters' HF names (in output order)."""
+    model, names = trainable_copy(ctx.model)
+    net = _TrainNet(model).train()
+    ids = torch.zeros(ctx.batch_size, ctx.seq_len, dtype=torch.int64)
+    ep = torch.export.export(net, (ids, ids.clone()), strict=False)
+    ep = ep.run_decompositions(_decompositions())
+    ep = export_forward_backward(ep)
+    _rewrite_for_executorch(ep)
+    grads = ep.graph_signature.backward_signature.gradients_to_parameters
+    assert sorted(grads.values()) == sorted(TRAIN_PREFIX + n for n in names), "only LoRA tensors may train"
+    return _to_pte(ep, delegate), names
+
+
+def export_infer(ctx: ExportContext, delegate: bool = True) -> tuple[bytes, list[str]]:
+    """The serialized inference program and the HF names of its LoRA inputs (in input order)."""
+    from torch.export import Dim
+
+    model, names = trainable_copy(ctx.model)
+    model.eval().requires_grad_(False)
+    net = _InferNet(model, names)
+    lora = tuple(p.detach().clone() for p in model.parameters())
+    ids = torch.zeros(ctx.batch_size, ctx.seq_len, dtype=torch.int64)
+    dims = ({0: Dim("batch", min=1, max=ctx.batch_size), 1: Dim("seq", min=1, max=ctx.seq_len)}, (None,) * len(lora))
+    with torch.no_grad():
+        ep = torch.export.export(net, (ids, *lora), dynamic_shapes=dims, strict=False)
+        ep = ep.run_decompositions(_decompositions())
+    _rewrite_for_executorch(ep)
+    return _to_pte(ep, delegate), names
+
+
+class ExecuTorchTarget:
+    name = "executorch"
+
+    def export(self, ctx: ExportContext) -> dict[str, str]:
+        """Write train.pte, infer.pte and signature.json under ``ctx.stage / "executorch"``;
+        return the toolchain versions."""
+        from importlib.metadata import version
+
+        from pocketpeft._deps import require
+
+        require("executorch.exir", "executorch")
+        out = ctx.stage / "executorch"
+        out.mkdir(parents=True, exist_ok=True)
+        bar = None
+        if ctx.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=2, desc="executorch", unit="program", leave=False)
+        train, names = export_train(ctx)
+        (ctx.stage / TRAIN).write_bytes(train)
+        del train
+        if bar is not None:
+            bar.update()
+        infer, infer_names = export_infer(ctx)
+        (ctx.stage / INFER).write_bytes(infer)
+        if bar is not None:
+            bar.update()
+            bar.close()
+        keys = [peft_key(n) for n in names]
+        sig = {
+            "train": {"method": "forward", "batch_size": ctx.batch_size, "seq_len": ctx.seq_len,
+                      "inputs": ["input_ids", "labels"],
+                      "outputs": ["loss"] + [f"grad:{k}" for k in keys] + [f"param:{k}" for k in keys],
+                      "parameters": {TRAIN_PREFIX + n: peft_key(n) for n in names}},
+            "infer": {"method": "forward", "max_batch": ctx.batch_size, "max_seq_len": ctx.seq_len,
+                      "inputs": ["input_ids"] + [peft_key(n) for n in infer_names], "outputs": ["logits"]},
+            "delegates": {"xnnpack": ["aten.mm", "aten.bmm"]},
+        }
+        (ctx.stage / SIGNATURE).write_text(json.dumps(sig, indent=2) + "\n")
+        return {"executorch": version("executorch")}
+
+
+TARGET = ExecuTorchTarget()

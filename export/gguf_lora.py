@@ -1,0 +1,106 @@
+"""PEFT LoRA adapter -> llama.cpp GGUF LoRA adapter, as llama.cpp's convert_lora_to_gguf.py writes one.
+
+Layout llama.cpp expects (``llama-adapter.cpp``): ``general.type = "adapter"``,
+``adapter.type = "lora"``, ``adapter.lora.alpha`` (float32), ``general.architecture`` equal to
+the base's (``llama``); per adapted weight ``blk.N.<stem>.weight.lora_a`` with ggml shape
+``[in, r]`` and ``.lora_b`` with ``[r, out]``, i.e. exactly PEFT's ``lora_A.weight [r, in]`` and
+``lora_B.weight [out, r]`` as numpy arrays. llama.cpp applies ``(alpha / r) * B @ A``; rsLoRA's
+``alpha / sqrt(r)`` is carried by writing ``alpha = scaling * r``. ``lora_b`` of ``attn_q`` /
+``attn_k`` gets the same row permutation as the base's Q/K (its rows are the output rows);
+``lora_a`` acts on the input and is not permuted. Tensors are float32.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from pocketpeft.adapter import Adapter, check_adapter_shapes, load_adapter
+from pocketpeft.config import LoraConfig, ModelConfig
+from pocketpeft.errors import AdapterShapeError, ConfigError
+from pocketpeft.lora import PEFT_PREFIX
+
+from .gguf_target import ARCH, HF_TO_GGUF, permute_rows
+
+_PEFT_KEY = re.compile(re.escape(PEFT_PREFIX) + r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight")
+
+
+def gguf_lora_name(peft_key: str) -> str:
+    """``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` -> ``blk.0.attn_q.weight.lora_a``.
+    Raises :class:`AdapterShapeError` for a key that is not a LoRA tensor of a llama linear."""
+    m = _PEFT_KEY.fullmatch(peft_key)
+    stem = HF_TO_GGUF.get(f"{m.group(2)}.{m.group(3)}") if m else None
+    if m is None or stem is None or stem.endswith("_norm"):
+        raise AdapterShapeError(f"adapter tensor {peft_key!r} is not a LoRA tensor of a llama linear layer "
+                                f"(expected {PEFT_PREFIX}model.layers.N.self_attn.q_proj.lora_A.weight and the like)")
+    return f"blk.{int(m.group(1))}.{stem}.weight.lora_{m.group(4).lower()}"
+
+
+def _as_adapter(adapter: Any, lora: LoraConfig | None) -> Adapter:
+    if isinstance(adapter, Adapter):
+        return adapter
+    if isinstance(adapter, (str, os.PathLike)):
+        return load_adapter(adapter)
+    if isinstance(adapter, Mapping):
+        if lora is None:
+            raise ConfigError("a bare tensor mapping needs the LoRA config (pass the bundle manifest)")
+        return Adapter(lora, dict(adapter))
+    raise ConfigError(f"expected an Adapter, a PEFT adapter directory or a tensor mapping, got {type(adapter).__name__}")
+
+
+def adapter_to_gguf(adapter: "Adapter | str | os.PathLike | Mapping[str, Any]", out_path: "str | os.PathLike",
+                    manifest: Any = None, *, arch: ModelConfig | None = None,
+                    name: str = "pocketpeft-adapter") -> dict[str, Any]:
+    """Convert a PEFT adapter (an :class:`Adapter`, an adapter directory, or a PEFT-keyed tensor
+    mapping, which then takes the manifest's LoRA config) into a GGUF LoRA file at ``out_path``.
+
+    ``manifest``: the bundle's :class:`~pocketpeft.manifest.Manifest` (or a :class:`Bundle`):
+    gives the head counts for the Q/K permutation and the expected tensor shapes, which are
+    checked. ``arch`` may replace it (no shape check then). Returns ``{"alpha", "r", "tensors"}``.
+    Raises :class:`AdapterShapeError` for tensors that don't fit, :class:`ConfigError` for bad
+    arguments, and the adapter loader's errors for a bad directory.
+    """
+    import gguf
+
+    manifest = getattr(manifest, "manifest", manifest)  # a Bundle works too
+    arch = arch or getattr(manifest, "arch", None)
+    if arch is None:
+        raise ConfigError("adapter_to_gguf needs the bundle manifest (or arch=) for the attention head counts")
+    ad = _as_adapter(adapter, getattr(manifest, "lora", None))
+    if manifest is not None and getattr(manifest, "trainable", None):
+        check_adapter_shapes(ad, manifest.trainable, "for the GGUF conversion")
+    ranks = {int(np.asarray(v).shape[0]) for k, v in ad.tensors.items() if ".lora_A" in k}
+    if ranks != {ad.config.r}:
+        raise AdapterShapeError(f"adapter lora_A ranks {sorted(ranks)} don't match its config r={ad.config.r}")
+    alpha = float(ad.config.scaling * ad.config.r)
+    out_path = Path(out_path)
+    tmp = out_path.with_name(out_path.name + ".partial")
+    w = gguf.GGUFWriter(str(tmp), ARCH)
+    try:
+        w.add_name(name)
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        for key in sorted(ad.tensors):
+            t = ad.tensors[key]
+            a = (t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)).astype(np.float32)
+            gname = gguf_lora_name(key)
+            if gname.endswith((".attn_q.weight.lora_b", ".attn_k.weight.lora_b")):
+                a = permute_rows(a, arch.num_attention_heads if ".attn_q." in gname else arch.num_key_value_heads)
+            if not np.isfinite(a).all():
+                raise AdapterShapeError(f"adapter tensor {key} holds NaN or inf values")
+            w.add_tensor(gname, np.ascontiguousarray(a))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"alpha": alpha, "r": ad.config.r, "tensors": len(ad.tensors)}

@@ -1,0 +1,378 @@
+"""Target ``gguf``: the quantized base as a llama.cpp model, ``gguf/base.<type>.gguf``.
+
+What the file holds (``gguf/info.json`` records it per bundle):
+
+- architecture ``llama`` with every hyperparameter llama.cpp reads, and the tokenizer: a GGUF
+  source's ``tokenizer.*`` metadata copied verbatim, otherwise rebuilt from ``tokenizer.json``
+  (gpt2 byte-level BPE: tokens, merges, token types, pre-tokenizer, special ids).
+- frozen linears in the bundle's own quantization where GGUF has it: ``q4_0`` / ``q8_0`` are
+  *our* buffers laid out by :func:`pocketpeft.quant.to_gguf_blocks` (byte-identical blocks, so
+  llama.cpp and the torch backend run the same frozen bytes); ``f16`` / ``f32`` as such.
+  ``nf4`` has no GGUF type: its dequantized weights are written as ``f16`` (default, closest to
+  the torch backend's values) or ``q8_0`` (``POCKETPEFT_GGUF_NF4=q8_0``: half the size).
+- Q and K rows permuted back into llama.cpp's interleaved-pair RoPE order (the inverse of what
+  :mod:`pocketpeft.loading` undoes on load), also on quantized rows: blocks run along a row.
+- ``token_embd`` (and ``output`` when untied; tied models have no ``output.weight``):
+  ``q8_0`` when that reproduces our float32 embedding exactly (a base that came from a q8_0
+  GGUF, like SmolLM2), else ``f32`` for f32 bundles and ``f16`` otherwise. Norms are ``f32``.
+- optional passthrough (``POCKETPEFT_GGUF_PASSTHROUGH=1`` at export, or
+  ``write_base_gguf(..., passthrough=True)``): when the base came from a GGUF, its own quantized
+  tensors (e.g. SmolLM2's Q4_1) are copied through verbatim instead. llama.cpp then runs the
+  source's bytes, no longer the bundle's, so llama.cpp/torch parity becomes approximate.
+
+LoRA adapters are not part of the base: :func:`pocketpeft.export.gguf_lora.adapter_to_gguf`
+converts a PEFT adapter to a GGUF LoRA adapter, and the llamacpp backend hot-swaps those.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pocketpeft.config import ModelConfig, QuantFormat
+from pocketpeft.errors import ConfigError, UnsupportedModelError
+from pocketpeft.model import CausalLM, linear_names
+from pocketpeft.quant import QuantLinear, dequantize, quantize, to_gguf_blocks
+
+from .protocol import ExportContext
+
+DIR = "gguf"
+INFO = f"{DIR}/info.json"
+ARCH = "llama"
+PERMUTATION = ("convert_hf_to_gguf LlamaModel.permute on attn_q (n_head) and attn_k (n_head_kv) rows: "
+               "HF rotate-half order -> llama.cpp interleaved pairs")
+
+#: HF module suffix -> GGUF tensor stem, as llama.cpp names a llama block.
+HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+_GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+_FILE_TYPE = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
+_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5
+
+
+def gguf_name(hf_module: str) -> str:
+    """GGUF tensor name of an HF module (``model.layers.3.self_attn.q_proj`` -> ``blk.3.attn_q.weight``)."""
+    if hf_module in _GLOBAL:
+        return _GLOBAL[hf_module] + ".weight"
+    parts = hf_module.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in HF_TO_GGUF:
+        return f"blk.{int(parts[2])}.{HF_TO_GGUF[parts[3]]}.weight"
+    raise UnsupportedModelError(f"{hf_module!r} has no GGUF tensor name in a llama model")
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half row order -> llama.cpp's interleaved pairs, per head (rows of any dtype:
+    float weights or quantized block bytes, whose blocks run along a row)."""
+    return np.ascontiguousarray(
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def _heads_for(name: str, arch: ModelConfig) -> int | None:
+    if name.endswith("attn_q.weight"):
+        return arch.num_attention_heads
+    if name.endswith("attn_k.weight"):
+        return arch.num_key_value_heads
+    return None
+
+
+# ---- tensors --------------------------------------------------------------------------------
+def _linear_tensor(layer: QuantLinear, nf4_as: str) -> tuple[np.ndarray, str]:
+    """(array for GGUFWriter, type name) of a frozen linear: our bytes for q4_0/q8_0/f16/f32."""
+    fmt = layer.fmt
+    bufs = {k: getattr(layer, k) for k in ("qweight", "scales", "weight", "absmax") if hasattr(layer, k)}
+    if fmt in (QuantFormat.Q4_0, QuantFormat.Q8_0):
+        return to_gguf_blocks(bufs, fmt), fmt.value
+    w = layer.dequantized_weight(torch.float32).detach().cpu()
+    if fmt is QuantFormat.F32:
+        return w.numpy(), "f32"
+    if fmt is QuantFormat.NF4 and nf4_as == "q8_0":
+        return to_gguf_blocks(quantize(w, QuantFormat.Q8_0), QuantFormat.Q8_0), "q8_0"
+    return w.to(torch.float16).numpy(), "f16"
+
+
+def _embedding_tensor(w: torch.Tensor, linear_type: str, choice: str) -> tuple[np.ndarray, str]:
+    """token_embd / output: exact q8_0 when lossless ("auto"), else f32 for f32 bundles, else f16."""
+    w = w.detach().float().cpu().contiguous()
+    if choice in ("auto", "q8_0") and w.shape[1] % 32 == 0:
+        bufs = quantize(w, QuantFormat.Q8_0)
+        if choice == "q8_0" or torch.equal(dequantize(bufs, QuantFormat.Q8_0, tuple(w.shape)), w):
+            return to_gguf_blocks(bufs, QuantFormat.Q8_0), "q8_0"
+    if choice == "f32" or (choice == "auto" and linear_type == "f32"):
+        return w.numpy(), "f32"
+    return w.to(torch.float16).numpy(), "f16"
+
+
+def _model_tensors(model: CausalLM, arch: ModelConfig, nf4_as: str, embedding: str):
+    """Yield (gguf name, array, type name) for every base tensor, Q/K rows permuted."""
+    lin_type = None
+    for hf in linear_names(arch):
+        mod = model.get_submodule(hf)
+        layer = getattr(mod, "base_layer", mod)
+        if not isinstance(layer, QuantLinear):
+            raise UnsupportedModelError(f"{hf} is a {type(layer).__name__}, expected a frozen QuantLinear")
+        arr, typ = _linear_tensor(layer, nf4_as)
+        lin_type = lin_type or typ
+        name = gguf_name(hf)
+        heads = _heads_for(name, arch)
+        yield name, (permute_rows(arr, heads) if heads else arr), typ
+    for i, layer in enumerate(model.model.layers):
+        for hf in ("input_layernorm", "post_attention_layernorm"):
+            yield f"blk.{i}.{HF_TO_GGUF[hf]}.weight", getattr(layer, hf).weight.detach().float().numpy(), "f32"
+    yield "output_norm.weight", model.model.norm.weight.detach().float().numpy(), "f32"
+    arr, typ = _embedding_tensor(model.model.embed_tokens.weight, lin_type, embedding)
+    yield "token_embd.weight", arr, typ
+    if not arch.tie_word_embeddings:
+        arr, typ = _embedding_tensor(model.lm_head.weight, lin_type, embedding)
+        yield "output.weight", arr, typ
+
+
+def _passthrough_tensors(reader: Any, arch: ModelConfig) -> dict[str, Any]:
+    """Quantized source tensors that can stand in for ours verbatim (already in llama.cpp's layout)."""
+    import gguf
+
+    from pocketpeft.loading import expected_shapes
+
+    float_types = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+    ours = {}
+    for k, shape in expected_shapes(arch).items():
+        if len(shape) == 2:
+            ours[gguf_name(k[:-len(".weight")])] = shape
+    out = {}
+    for t in reader.tensors:
+        if t.name in ours and t.tensor_type not in float_types and \
+                tuple(int(s) for s in reversed(t.shape.tolist())) == tuple(ours[t.name]):
+            out[t.name] = t
+    return out
+
+
+# ---- metadata -------------------------------------------------------------------------------
+def _add_hparams(w: Any, arch: ModelConfig, linear_type: str) -> None:
+    import gguf
+
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_block_count(arch.num_hidden_layers)
+    w.add_context_length(arch.max_position_embeddings)
+    w.add_embedding_length(arch.hidden_size)
+    w.add_feed_forward_length(arch.intermediate_size)
+    w.add_head_count(arch.num_attention_heads)
+    w.add_head_count_kv(arch.num_key_value_heads)
+    w.add_rope_freq_base(float(arch.rope_theta))
+    w.add_layer_norm_rms_eps(float(arch.rms_norm_eps))
+    w.add_rope_dimension_count(arch.head_dim)
+    if arch.head_dim * arch.num_attention_heads != arch.hidden_size:
+        w.add_key_length(arch.head_dim)
+        w.add_value_length(arch.head_dim)
+    w.add_vocab_size(arch.vocab_size)
+    if linear_type in _FILE_TYPE:
+        w.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPE[linear_type]))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _copy_tokenizer_kv(w: Any, reader: Any) -> None:
+    """Copy every ``tokenizer.*`` field of a GGUF verbatim (types included)."""
+    import gguf
+
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
+        w.add_key_value(key, field.contents(), vtype, sub)
+
+
+def _detect_pre(tok: Any) -> str | None:
+    """The llama.cpp pre-tokenizer name whose splitting matches ``tok``'s, or None."""
+    from pocketpeft.tokenizer import _PRE_TOKENIZERS
+
+    pre = tok.hf.pre_tokenizer
+    if pre is None:
+        return None
+    sample = "Hello world! It's 2024:  123456 cats\n\n\tdon't   stop… Ünïcödé 北京 x1y22 ' ok'"
+    got = [p for p, _ in pre.pre_tokenize_str(sample)]
+    for name in ("smollm", "gpt-2", "llama-bpe"):
+        if [p for p, _ in _PRE_TOKENIZERS[name][0]().pre_tokenize_str(sample)] == got:
+            return name
+    return None
+
+
+def _add_tokenizer_from_json(w: Any, tok: Any, vocab_size: int) -> dict[str, Any]:
+    """gpt2 tokenizer metadata from a ``tokenizers`` BPE, the way convert_hf_to_gguf lays it out."""
+    spec = json.loads(tok.to_json_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise UnsupportedModelError(f"the bundle tokenizer is a {model.get('type')!r} model; the gguf target "
+                                    "writes byte-level BPE (gpt2) tokenizers only")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    vocab = tok.hf.get_vocab(with_added_tokens=True)
+    by_id = {i: t for t, i in vocab.items()}
+    added = tok.hf.get_added_tokens_decoder()
+    tokens, types = [], []
+    for i in range(max(vocab_size, tok.vocab_size)):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(_TOKEN_UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(_TOKEN_NORMAL if i not in added else
+                         _TOKEN_CONTROL if added[i].special else _TOKEN_USER_DEFINED)
+    pre = _detect_pre(tok)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre or "default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for add, v in ((w.add_bos_token_id, tok.bos_id), (w.add_eos_token_id, tok.eos_id),
+                   (w.add_unk_token_id, tok.unk_id), (w.add_pad_token_id, tok.pad_id)):
+        if v is not None:
+            add(v)
+    with_special = tok.hf.encode("a", add_special_tokens=True).ids
+    w.add_add_bos_token(bool(tok.bos_id is not None and with_special[:1] == [tok.bos_id]))
+    return {"tokenizer": "rebuilt from tokenizer.json", "tokenizer_pre": pre or "default",
+            **({} if pre else {"tokenizer_note": "pre-tokenizer not recognised; llama.cpp's own text "
+                                                 "tokenization may differ (pocketpeft feeds token ids)"})}
+
+
+# ---- the writer -----------------------------------------------------------------------------
+def write_base_gguf(model: CausalLM, out_path: "str | os.PathLike", *, tokenizer: Any = None,
+                    source_gguf: "str | os.PathLike | None" = None, passthrough: bool = False,
+                    nf4_as: str = "f16", embedding: str = "auto", name: str = "pocketpeft-base") -> dict[str, Any]:
+    """Write ``model`` (a :class:`CausalLM`, LoRA-injected or not; LoRA is left out) as a llama.cpp
+    GGUF at ``out_path``, atomically (written beside it, then renamed).
+
+    ``tokenizer``: a :class:`pocketpeft.tokenizer.Tokenizer`, used unless ``source_gguf`` (the GGUF
+    the base was loaded from) is given, whose tokenizer metadata is then copied verbatim.
+    ``passthrough``: copy ``source_gguf``'s own quantized tensors through (see the module doc).
+    ``nf4_as``: ``"f16"`` or ``"q8_0"``, the GGUF type for nf4 linears. ``embedding``: ``"auto"``,
+    ``"f32"``, ``"f16"`` or ``"q8_0"``. Returns the info recorded in ``gguf/info.json``: tensor
+    types and counts, embedding / linear types, tokenizer origin, passthrough, permutation.
+    Raises :class:`ConfigError` for bad options, :class:`UnsupportedModelError` for a model or
+    tokenizer the format can't carry.
+    """
+    import gguf
+
+    from pocketpeft.loading import open_gguf
+
+    if nf4_as not in ("f16", "q8_0"):
+        raise ConfigError(f"nf4_as must be 'f16' or 'q8_0', got {nf4_as!r}")
+    if embedding not in ("auto", "f32", "f16", "q8_0"):
+        raise ConfigError(f"embedding must be 'auto', 'f32', 'f16' or 'q8_0', got {embedding!r}")
+    if passthrough and source_gguf is None:
+        raise ConfigError("passthrough=True needs source_gguf: only a base that came from a GGUF has "
+                          "tensors to pass through")
+    if tokenizer is None and source_gguf is None:
+        raise ConfigError("write_base_gguf needs a tokenizer or the source_gguf to copy one from")
+    arch = model.config
+    reader = open_gguf(source_gguf) if source_gguf is not None else None
+    extra = _passthrough_tensors(reader, arch) if passthrough else {}
+    out_path = Path(out_path)
+    tmp = out_path.with_name(out_path.name + ".partial")
+    counts: dict[str, int] = {}
+    types: dict[str, str] = {}
+    w = gguf.GGUFWriter(str(tmp), ARCH)
+    try:
+        w.add_name(name)
+        tensors = list(_model_tensors(model, arch, nf4_as, embedding))
+        lin_type = tensors[0][2]
+        _add_hparams(w, arch, lin_type if not extra else "")
+        if reader is not None:
+            _copy_tokenizer_kv(w, reader)
+            tok_info: dict[str, Any] = {"tokenizer": f"copied from {Path(source_gguf).name}"}
+        else:
+            tok_info = _add_tokenizer_from_json(w, tokenizer, arch.vocab_size)
+        for tname, arr, typ in tensors:
+            if tname in extra:
+                t = extra[tname]
+                arr, typ = np.asarray(t.data), t.tensor_type.name.lower()
+                w.add_tensor(tname, arr, raw_shape=arr.shape, raw_dtype=t.tensor_type)
+            elif typ in ("q4_0", "q8_0"):
+                w.add_tensor(tname, arr, raw_shape=arr.shape, raw_dtype=gguf.GGMLQuantizationType[typ.upper()])
+            else:
+                w.add_tensor(tname, np.ascontiguousarray(arr))
+            types[tname] = typ
+            counts[typ] = counts.get(typ, 0) + 1
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    embd = types["token_embd.weight"]
+    return {"architecture": ARCH, "linear_type": lin_type if not extra else "passthrough",
+            "embedding_type": embd, "output": "tied" if arch.tie_word_embeddings else types["output.weight"],
+            "norm_type": "f32", "tensor_types": counts, "qk_permutation": PERMUTATION,
+            "passthrough": bool(extra), "passthrough_tensors": len(extra), **tok_info}
+
+
+def _source_gguf(ctx: ExportContext) -> Path | None:
+    """The GGUF file the base was loaded from, when it was one (and still has the recorded hash).
+
+    ExportContext carries no source, so it is read from what export() already staged: the
+    initial adapter records the source and its sha256."""
+    from safetensors import safe_open
+
+    from pocketpeft.loading import default_model_path, sha256_files
+
+    src = getattr(ctx, "source", None)
+    want = None
+    cfg_path, w_path = ctx.stage / "adapter" / "adapter_config.json", ctx.stage / "adapter" / "adapter_model.safetensors"
+    if cfg_path.is_file() and w_path.is_file():
+        if src is None:
+            name = json.loads(cfg_path.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
+            src = name[len("pocketpeft:"):] if name.startswith("pocketpeft:") else None
+        with safe_open(str(w_path), framework="pt") as f:
+            want = (f.metadata() or {}).get("pocketpeft.base_sha256")
+    if not src:
+        return None
+    path = default_model_path() if src.lower() == "smollm2" else Path(src)
+    if not path.is_file():
+        return None
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            return None
+    if want and sha256_files([path]) != want:
+        return None
+    return path
+
+
+class GgufTarget:
+    name = "gguf"
+
+    def export(self, ctx: ExportContext) -> dict[str, str]:
+        """Write ``gguf/base.<type>.gguf`` and ``gguf/info.json``; return the gguf-py version and
+        the GGUF types used. Env: ``POCKETPEFT_GGUF_PASSTHROUGH=1``, ``POCKETPEFT_GGUF_NF4=f16|q8_0``."""
+        from importlib.metadata import version
+
+        from pocketpeft.tokenizer import Tokenizer
+
+        passthrough = os.environ.get("POCKETPEFT_GGUF_PASSTHROUGH", "").strip().lower() in ("1", "true", "yes")
+        nf4_as = os.environ.get("POCKETPEFT_GGUF_NF4", "f16").strip().lower()
+        source = _source_gguf(ctx)
+        if passthrough and source is None:
+            raise ConfigError("POCKETPEFT_GGUF_PASSTHROUGH=1 needs a base that came from a GGUF file")
+        (ctx.stage / DIR).mkdir(parents=True, exist_ok=True)
+        tmp = ctx.stage / DIR / "base.gguf"
+        info = write_base_gguf(ctx.model, tmp, tokenizer=Tokenizer.from_file(ctx.stage / "tokenizer.json"),
+                               source_gguf=source, passthrough=passthrough, nf4_as=nf4_as)
+        kind = "mixed" if passthrough else info["linear_type"]
+        rel = f"{DIR}/base.{kind}.gguf"
+        tmp.rename(ctx.stage / rel)
+        info = {"base": rel, "bundle_quant": ctx.quant.value, **info,
+                "adapters": "PEFT adapters convert with pocketpeft.export.gguf_lora.adapter_to_gguf"}
+        if ctx.quant is QuantFormat.NF4:
+            info["note"] = (f"nf4 has no GGUF type: linears are the nf4 weights dequantized and stored as "
+                            f"{info['linear_type']}")
+        (ctx.stage / INFO).write_text(json.dumps(info, indent=2) + "\n")
+        return {"gguf": version("gguf"), "gguf.linear_type": info["linear_type"],
+                "gguf.embedding_type": info["embedding_type"]}
+
+
+TARGET = GgufTarget()

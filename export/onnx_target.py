@@ -1,0 +1,382 @@
+"""Target ``onnx``: ONNX Runtime training artifacts and ``infer.onnx`` with LoRA weights as inputs.
+
+Files under ``onnx/`` (all ``ir_version`` <= 10, opset 20, for onnxruntime-training 1.19.2):
+
+- ``training_model.onnx``: forward + backward. Inputs ``input_ids`` and ``labels``, both int64
+  ``[batch, seq]`` (dynamic; labels -100 = ignored); output ``loss_sum``, the *sum* of token
+  cross-entropies over non-ignored labels (divide by their count for the mean: summing lets
+  micro-batches accumulate exactly). Gradients accumulate in ORT's in-graph buffers.
+- ``eval_model.onnx``: forward only; outputs ``loss_sum`` and ``logits`` float32 ``[batch, seq, vocab]``.
+- ``checkpoint``: every base tensor (frozen: quantized uint8/int8 buffers, float32 block scales,
+  norms, embedding) and the LoRA tensors, the only ones with ``requires_grad``. LoRA tensors
+  carry their PEFT key (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``).
+- ``optimizer_model.onnx``: ORT's AdamW for other ORT clients (pocketpeft's runtime runs a
+  torch-exact AdamW on the host instead; see the onnxruntime backend).
+- ``infer.onnx``: forward only, base weights embedded as initializers, inputs ``input_ids``
+  int64 ``[batch, seq]`` plus one float32 input per LoRA tensor (named by PEFT key, fixed
+  shape); output ``logits`` float32 ``[batch, seq, vocab]``. The forward-only / NPU path.
+- ``io.json``: the names, shapes and conventions above, machine-readable.
+
+Frozen weights are dequantized in-graph with standard ops (Cast, BitwiseAnd, Div+Floor,
+Gather/GatherND of the nf4 table). Rides on ORT training 1.19.2 (its last release) and the
+dynamo exporter with ``optimize=False`` (optimizing renames initializers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+
+import torch
+
+from pocketpeft.errors import UnsupportedModelError
+from pocketpeft.lora import PEFT_PREFIX, lora_modules
+
+from .protocol import ExportContext
+
+DIR = "onnx"
+IO_JSON = "io.json"
+FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "infer.onnx", IO_JSON)
+MAX_IR_VERSION = 10   # onnxruntime 1.19.2 rejects newer
+LOSS = "loss_sum"
+_PROTO_LIMIT = 2_000_000_000  # protobuf's 2 GB ceiling (with margin); external data is not implemented
+
+
+def lora_onnx_names(model: torch.nn.Module) -> dict[str, str]:
+    """Exported initializer name -> PEFT key for every LoRA tensor (model order, A then B)."""
+    out = {}
+    for name, _ in lora_modules(model):
+        for part in ("lora_A", "lora_B"):
+            out[f"{name}.{part}.weight"] = f"{PEFT_PREFIX}{name}.{part}.weight"
+    return out
+
+
+def _nf4_table() -> torch.Tensor:
+    """[256, 2] float32: the two nf4 code values packed in each byte (high nibble first)."""
+    from pocketpeft.quant import NF4_CODE
+
+    b = torch.arange(256)
+    return torch.stack([NF4_CODE[b // 16], NF4_CODE[b % 16]], dim=-1)
+
+
+@contextlib.contextmanager
+def _export_dequant():
+    """While exporting, nf4 layers dequantize with one Gather from :func:`_nf4_table` per byte:
+    bit-identical to ``quant.dequantize``, whose ``NF4_CODE[idx]`` exports as a GatherND over
+    every nibble, ~4x slower in ORT. (The table is built here, outside tracing, so it is
+    exported as a constant.)"""
+    import torch.nn.functional as F
+
+    from pocketpeft.config import QuantFormat
+    from pocketpeft.quant import QuantLinear
+
+    original, table = QuantLinear.forward, _nf4_table()
+
+    def forward(self, x):
+        if self.fmt is not QuantFormat.NF4:
+            return original(self, x)
+        codes = F.embedding(self.qweight.reshape(-1, 32).to(torch.int32), table).reshape(-1, 64)
+        w = (codes * self.absmax.reshape(-1, 1).to(torch.float32)).reshape(self.out_features, self.in_features)
+        return F.linear(x, w.to(x.dtype))
+
+    QuantLinear.forward = forward
+    try:
+        yield
+    finally:
+        QuantLinear.forward = original
+
+
+def _export_forward(ctx: ExportContext, train: bool):
+    """``logits = model(input_ids)`` as an ONNX ModelProto with dynamic batch and sequence."""
+    model = ctx.model
+    ids = torch.zeros((max(2, ctx.batch_size), max(2, ctx.seq_len)), dtype=torch.int64)  # 0/1 would specialize
+    dims = {0: torch.export.Dim("batch", min=1, max=65536),
+            1: torch.export.Dim("seq", min=1, max=ctx.arch.max_position_embeddings)}
+    was_training = model.training
+    model.train(train)  # train mode only to keep LoRA dropout in the training graph
+    try:
+        with _export_dequant():
+            prog = torch.onnx.export(model, (ids,), dynamo=True, optimize=False, input_names=["input_ids"],
+                                     output_names=["logits"], dynamic_shapes={"input_ids": dims}, verbose=False)
+    finally:
+        model.train(was_training)
+    return prog.model_proto
+
+
+def _rename(mp, names: dict[str, str]) -> None:
+    """Rename initializers / graph inputs and every node input that refers to them."""
+    for t in mp.graph.initializer:
+        t.name = names.get(t.name, t.name)
+    for v in mp.graph.input:
+        v.name = names.get(v.name, v.name)
+    for n in mp.graph.node:
+        for i, x in enumerate(n.input):
+            if x in names:
+                n.input[i] = names[x]
+
+
+def _portable_ops(mp) -> None:
+    """Rewrite what the exporter emits but ORT can't differentiate, run, or runs slowly: CastLike
+    (no gradient builder) becomes Cast to the inferred type; GatherND gets the int64 indices ONNX
+    requires (the exporter passes int32 ones through); ``Pow(x, 2)`` becomes ``Mul(x, x)``
+    (same correctly rounded result; ORT's Pow calls std::pow per element)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = onnx.shape_inference.infer_shapes(mp).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+    types.update({t.name: t.data_type for t in g.initializer})
+    twos = set()
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            types[n.output[0]] = n.attribute[0].t.data_type
+            if not n.attribute[0].t.dims and float(numpy_helper.to_array(n.attribute[0].t)) == 2.0:
+                twos.add(n.output[0])
+    nodes, i = mp.graph.node, 0
+    while i < len(nodes):
+        n = nodes[i]
+        if n.op_type == "CastLike":
+            if not types.get(n.input[1]):
+                raise UnsupportedModelError(f"onnx export: cannot infer the target type of CastLike {n.name}")
+            nodes[i].CopyFrom(helper.make_node("Cast", [n.input[0]], list(n.output), name=n.name,
+                                               to=types[n.input[1]]))
+        elif n.op_type == "GatherND":
+            idx = f"{n.input[1]}.int64"
+            nodes.insert(i, helper.make_node("Cast", [n.input[1]], [idx], name=f"{n.name}.int64",
+                                             to=TensorProto.INT64))
+            nodes[i + 1].input[1] = idx
+            i += 1
+        elif n.op_type == "Pow" and n.input[1] in twos:
+            nodes[i].CopyFrom(helper.make_node("Mul", [n.input[0], n.input[0]], list(n.output), name=n.name))
+        i += 1
+
+
+def _f16_to_f32(mp, names: set[str]) -> None:
+    """float16 initializers in ``names`` become float32 (exact), because ORT 1.19's checkpoint
+    cannot hold float16; the graph's Cast-to-float32 after them becomes a no-op."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    for t in mp.graph.initializer:
+        if t.name in names and t.data_type == TensorProto.FLOAT16:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+    del mp.graph.value_info[:]  # stale float16 types; shape inference recomputes them
+
+
+def _sum_ce_block(vocab: int):
+    """An onnxblock loss: ``loss_sum`` = summed cross-entropy of [B,T,V] logits against [B,T]
+    labels, -100 ignored (SoftmaxCrossEntropyLoss wants [N, C] scores and [N] labels)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+    from onnxruntime.training import onnxblock
+
+    class SumCrossEntropy(onnxblock.Block):
+        def build(self, logits: str) -> str:
+            g = self.base.graph
+            labels = copy.deepcopy(next(i for i in g.input if i.name == "input_ids"))
+            labels.name = "labels"
+            g.input.append(labels)
+            g.initializer.extend([numpy_helper.from_array(np.array([-1, vocab], np.int64), "loss.scores_shape"),
+                                  numpy_helper.from_array(np.array([-1], np.int64), "loss.labels_shape")])
+            g.node.extend([
+                helper.make_node("Reshape", [logits, "loss.scores_shape"], ["loss.scores"], name="loss.scores"),
+                helper.make_node("Reshape", ["labels", "loss.labels_shape"], ["loss.labels"], name="loss.labels"),
+                helper.make_node("SoftmaxCrossEntropyLoss", ["loss.scores", "loss.labels"], [LOSS],
+                                 reduction="sum", ignore_index=-100, name="loss.ce"),
+            ])
+            return LOSS
+
+    return SumCrossEntropy()
+
+
+@contextlib.contextmanager
+def _quiet_ort():
+    """generate_artifacts builds its own SessionOptions, which log every graph transformer at
+    INFO level to stderr; make those options (and the default logger) log errors only."""
+    import onnxruntime
+    from onnxruntime.training.onnxblock import _training_graph_utils as tgu
+
+    class _Options(onnxruntime.SessionOptions):
+        def __init__(self) -> None:
+            super().__init__()
+            self.log_severity_level = 3
+
+    saved = tgu.SessionOptions
+    tgu.SessionOptions = _Options
+    onnxruntime.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        tgu.SessionOptions = saved
+
+
+def _rematerialize_frozen(mp, frozen: set[str]) -> int:
+    """Make the backward pass recompute what it reads from frozen weights (dequantized and
+    transposed base weights, the transposed tied embedding) instead of keeping the forward's copy
+    alive: each such chain is cloned right before its first backward consumer. ORT then frees
+    every dequantized weight after its forward matmul (~0.5 GB less at SmolLM2 batch 8x64) for a
+    second dequantization (~6% of a step). Sessions must disable CommonSubexpressionElimination,
+    which would merge the clones back (still correct, just without the saving).
+    Returns how many backward inputs were redirected."""
+    import onnx
+
+    nodes = list(mp.graph.node)
+    loss_at = next(i for i, n in enumerate(nodes) if LOSS in n.output)
+    producer, derived, constant = {}, set(frozen), {t.name for t in mp.graph.initializer}
+    for n in nodes[:loss_at + 1]:   # forward: which tensors depend on frozen weights (and constants) only
+        ins = [x for x in n.input if x]
+        producer.update((o, n) for o in n.output)
+        if all(x in derived or x in constant for x in ins):
+            (derived if any(x in derived for x in ins) else constant).update(n.output)
+    clones: dict[str, str] = {}
+    pending: list = []
+
+    def clone(x: str) -> str:
+        if x not in derived or x not in producer:
+            return x   # a graph input or constant: reading it keeps nothing extra alive
+        if x not in clones:
+            n = producer[x]
+            c = onnx.NodeProto()
+            c.CopyFrom(n)
+            c.name = f"{n.name}.remat"
+            c.input[:] = [clone(i) if i else i for i in n.input]
+            c.output[:] = [f"{o}.remat" for o in n.output]
+            clones.update((o, f"{o}.remat") for o in n.output)
+            pending.append(c)
+        return clones[x]
+
+    out, count = nodes[:loss_at + 1], 0
+    for n in nodes[loss_at + 1:]:
+        for k, x in enumerate(n.input):
+            if x in derived and x in producer:
+                n.input[k] = clone(x)
+                count += 1
+        out += pending + [n]   # clones land right before their first consumer (topological order kept)
+        pending.clear()
+    del mp.graph.node[:]
+    mp.graph.node.extend(out)
+    return count
+
+
+def _check_size(mp, what: str) -> None:
+    if mp.ByteSize() > _PROTO_LIMIT:
+        raise UnsupportedModelError(f"onnx export: {what} is {mp.ByteSize() / 1e9:.2f} GB, over protobuf's 2 GB "
+                                    "limit; use a smaller base or a 4-bit quant format")
+
+
+def _save(mp, path) -> None:
+    import onnx
+
+    mp.ir_version = min(mp.ir_version, MAX_IR_VERSION)
+    onnx.save(mp, str(path))
+
+
+def _write_infer(fwd, lora: dict[str, str], path) -> dict[str, list[int]]:
+    """infer.onnx: the forward graph with the LoRA initializers turned into graph inputs."""
+    from onnx import helper
+
+    mp = copy.deepcopy(fwd)
+    _rename(mp, lora)
+    keys = set(lora.values())
+    inits = {t.name: t for t in mp.graph.initializer}
+    shapes = {k: list(inits[k].dims) for k in lora.values()}
+    kept = [t for t in mp.graph.initializer if t.name not in keys]
+    del mp.graph.initializer[:]
+    mp.graph.initializer.extend(kept)
+    mp.graph.input.extend(helper.make_tensor_value_info(k, inits[k].data_type, shapes[k]) for k in lora.values())
+    _save(mp, path)
+    return shapes
+
+
+class OnnxTarget:
+    """Writes the ``onnx/`` folder; see the module docstring."""
+
+    name = "onnx"
+
+    def export(self, ctx: ExportContext) -> dict[str, str]:
+        """Export ``ctx.model`` to ``ctx.stage / "onnx"``; returns the toolchain versions.
+
+        Raises :class:`MissingDependencyError` without the ``onnx`` extra and
+        :class:`UnsupportedModelError` if the graph can't be made trainable by ORT.
+        """
+        from pocketpeft._deps import require
+
+        onnx = require("onnx", "onnx")
+        require("onnxscript", "onnx")
+        require("onnxruntime.training", "onnx")
+        import onnxruntime
+        from onnx import TensorProto, helper
+        from onnxruntime.training import artifacts, onnxblock
+
+        out = ctx.stage / DIR
+        out.mkdir(parents=True, exist_ok=True)
+        bar = None
+        if ctx.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=4, desc="onnx: export graph", unit="stage", leave=False)
+
+        def stage(desc: str) -> None:
+            if bar is not None:
+                bar.update()
+                bar.set_description(f"onnx: {desc}")
+
+        lora = lora_onnx_names(ctx.model)
+        fwd = _export_forward(ctx, train=False)
+        missing = sorted(set(lora) - {t.name for t in fwd.graph.initializer})
+        if missing:  # the exporter renamed parameters: the PEFT mapping would be lost
+            raise UnsupportedModelError(f"onnx export: LoRA tensors missing from the graph: {missing[:3]}")
+        _check_size(fwd, "the forward graph")
+        _portable_ops(fwd)
+        stage("infer.onnx")
+        lora_shapes = _write_infer(fwd, lora, out / "infer.onnx")
+
+        stage("training artifacts")
+        train_fwd = fwd if ctx.lora.lora_dropout == 0 else _export_forward(ctx, train=True)
+        if train_fwd is not fwd:
+            _portable_ops(train_fwd)
+        del fwd
+        _rename(train_fwd, lora)
+        params = {k for k, _ in ctx.model.named_parameters()} | {k for k, _ in ctx.model.named_buffers()}
+        frozen = [t.name for t in train_fwd.graph.initializer if t.name in params and t.name not in lora]
+        _f16_to_f32(train_fwd, set(frozen))
+        with _quiet_ort():
+            artifacts.generate_artifacts(
+                train_fwd, requires_grad=list(lora.values()), frozen_params=frozen, loss=_sum_ce_block(ctx.arch.vocab_size),
+                # torch.optim.AdamW's defaults, for ORT clients that use this model; pocketpeft doesn't
+                optimizer=onnxblock.optim.AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
+                artifact_directory=str(out))
+        del train_fwd
+        stage("finish")
+        for name in ("training_model.onnx", "optimizer_model.onnx", "eval_model.onnx"):
+            mp = onnx.load(str(out / name))
+            if name == "training_model.onnx":
+                _rematerialize_frozen(mp, set(frozen))
+            if name == "eval_model.onnx":  # logits too, for top-k metrics and logits() in eval mode
+                mp.graph.output.append(helper.make_tensor_value_info(
+                    "logits", TensorProto.FLOAT, ["batch", "seq", ctx.arch.vocab_size]))
+            _save(mp, out / name)
+        io = {
+            "format_version": 1,
+            "dims": {"batch": "dynamic (exported example: %d)" % ctx.batch_size,
+                     "seq": f"dynamic, 1..{ctx.arch.max_position_embeddings} (exported example: {ctx.seq_len})"},
+            "training_model": {"inputs": {"input_ids": ["batch", "seq"], "labels": ["batch", "seq"]},
+                               "outputs": {LOSS: []}},
+            "eval_model": {"inputs": {"input_ids": ["batch", "seq"], "labels": ["batch", "seq"]},
+                           "outputs": {LOSS: [], "logits": ["batch", "seq", ctx.arch.vocab_size]}},
+            "infer": {"inputs": {"input_ids": ["batch", "seq"], **lora_shapes},
+                      "outputs": {"logits": ["batch", "seq", ctx.arch.vocab_size]}},
+            "loss": "sum of token cross-entropy over labels != -100 (int64; divide by the count for the mean)",
+            "lora": {k: k for k in lora.values()},  # PEFT key -> ONNX name (identical: no sanitizing needed)
+            "lora_dropout_in_training_graph": ctx.lora.lora_dropout > 0,
+            # the training graph recomputes dequantized weights in backward; CSE would merge that back
+            "session_config": {"optimization.disable_specified_optimizers": "CommonSubexpressionElimination"},
+        }
+        (out / IO_JSON).write_text(json.dumps(io, indent=2) + "\n")
+        if bar is not None:
+            bar.update()
+            bar.close()
+        return {"onnx": onnx.__version__, "onnxruntime-training": onnxruntime.__version__.split("+")[0]}
+
+
+TARGET = OnnxTarget()

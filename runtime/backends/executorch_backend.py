@@ -1,0 +1,283 @@
+"""Backend ``executorch``: the bundle's ``train.pte`` / ``infer.pte`` on ExecuTorch's CPU runtime.
+
+ExecuTorch computes the loss and the LoRA gradients (the frozen 4/8-bit base is dequantized
+inside the program); the optimizer runs here on the host, over the LoRA tensors the training
+module exposes in place: AdamW with the same arithmetic as ``torch.optim.AdamW``, global-norm
+clipping as ``torch.nn.utils.clip_grad_norm_``, the same skip rule as the torch backend.
+
+Shapes are fixed at export: a train call takes ``batch_size`` rows of ``seq_len`` tokens. Fewer
+rows are padded with rows whose labels are all ignored; more rows (or ``grad_accum > 1``) run as
+several calls whose gradients are summed with token-count weights, which is exactly the
+full-batch mean. Shorter rows are padded at the end (causal attention: earlier positions don't
+see them). ``infer.pte`` serves logits for up to ``batch_size`` x ``seq_len`` tokens per call.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pocketpeft.errors import (AdapterShapeError, ConfigError, CorruptFileError, ModelFileNotFoundError,
+                               SequenceTooLongError)
+from pocketpeft.manifest import Bundle
+
+from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
+
+TRAIN = "executorch/train.pte"
+INFER = "executorch/infer.pte"
+SIGNATURE = "executorch/signature.json"
+_EXTRA = "pip install 'pocketpeft[executorch]'"
+
+
+@functools.lru_cache(maxsize=1)
+def _runtime():
+    """executorch's pybindings: (load for training, load module, check program)."""
+    import warnings
+
+    with warnings.catch_warnings():  # "experimental API" warnings on import
+        warnings.simplefilter("ignore")
+        from executorch.extension.pybindings.portable_lib import _load_for_executorch, _load_program, Verification
+        from executorch.extension.training import _load_for_executorch_for_training
+
+    def check(path: str) -> None:  # header, size and flatbuffer; methods and weights load lazily
+        _load_program(path, program_verification=Verification.InternalConsistency)
+
+    return _load_for_executorch_for_training, _load_for_executorch, check
+
+
+def probe() -> Probe:
+    """Available iff executorch's training pybindings import; CPU only."""
+    try:
+        _runtime()
+    except ImportError as e:
+        return Probe("executorch", False, (), f"executorch training runtime not importable ({e}); install it with: {_EXTRA}")
+    caps = Capabilities(train=True, infer=True, tier="cpu", kv_cache=False,
+                        notes="ExecuTorch 1.5 CPU kernels, matmuls on XNNPACK; host AdamW")
+    return Probe("executorch", True, ("cpu",), "", {"cpu": caps})
+
+
+class _AdamW:
+    """``torch.optim.AdamW`` (single-tensor path, amsgrad off) step for step, over plain tensors
+    updated in place, so the arithmetic is the reference's to the last bit."""
+
+    def __init__(self, params: list[torch.Tensor], cfg: TrainConfig) -> None:
+        self.params, self.cfg = params, cfg
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, grads: list[torch.Tensor], lr: float) -> None:
+        (beta1, beta2), eps, wd = self.cfg.betas, self.cfg.eps, self.cfg.weight_decay
+        self.steps += 1
+        bias1, bias2 = 1 - beta1 ** self.steps, 1 - beta2 ** self.steps
+        for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
+            if wd != 0:
+                p.mul_(1 - lr * wd)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / bias2 ** 0.5).add_(eps)
+            p.addcdiv_(m, denom, value=-(lr / bias1))
+
+
+def _clip_(grads: list[torch.Tensor], max_norm: float) -> float:
+    """Global L2 norm of ``grads``, scaling them in place to ``max_norm`` as clip_grad_norm_ does."""
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef)
+    return float(total)
+
+
+class ExecuTorchBackend:
+    """ExecuTorch backend; see the module docstring."""
+
+    name = "executorch"
+
+    def __init__(self, device: str = "cpu") -> None:
+        if device != "cpu":
+            raise ConfigError(f"executorch backend runs on 'cpu' only, not {device!r}")
+        self.device = device
+        self.cfg = TrainConfig()
+        self.step = 0
+        self._bundle: Bundle | None = None
+        self._train = self._infer = None
+        self._keys: list[str] = []                     # PEFT keys, in train-output order
+        self._adapter: dict[str, torch.Tensor] = {}   # PEFT key -> tensor (aliases ExecuTorch's once training ran)
+        self._opt: _AdamW | None = None
+
+    def capabilities(self) -> Capabilities:
+        return probe().capabilities[self.device]
+
+    # ------------------------------------------------------------------ loading
+    def load(self, bundle: Bundle) -> None:
+        """Verify the bundle's executorch files and start from its initial adapter (the programs
+        are loaded on first use). Raises ModelFileNotFoundError without an executorch target,
+        CorruptFileError for a damaged file."""
+        if "executorch" not in bundle.manifest.targets:
+            raise ModelFileNotFoundError(
+                f"bundle {bundle.root} has no executorch target (it has: {', '.join(bundle.targets)}); "
+                "re-export it with --targets executorch")
+        for rel in (TRAIN, INFER):
+            self._load_pte(bundle, rel, _runtime()[2])
+        try:
+            self._sig = json.loads(bundle.path_of(SIGNATURE).read_text(encoding="utf-8"))
+            self._keys = list(self._sig["train"]["parameters"].values())
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptFileError(f"{bundle.root / SIGNATURE} is malformed: {e}") from e
+        self._bundle, self._train, self._infer = bundle, None, None
+        init = bundle.initial_adapter().tensors
+        self._adapter = {k: init[k].detach().float().clone().contiguous() for k in self._keys}
+        self.configure(self.cfg)
+
+    @staticmethod
+    def _load_pte(bundle: Bundle, rel: str, loader):
+        path = bundle.path_of(rel)
+        try:
+            return loader(str(path))
+        except RuntimeError as e:  # flatbuffer verification / program load failures
+            raise CorruptFileError(f"{path} is not a loadable ExecuTorch program: {e}") from e
+
+    @property
+    def _b(self) -> Bundle:
+        if self._bundle is None:
+            raise RuntimeError("backend not loaded: call load(bundle) first")
+        return self._bundle
+
+    def configure(self, cfg: TrainConfig) -> None:
+        if not isinstance(cfg.grad_accum, int) or cfg.grad_accum < 1:
+            raise ConfigError(f"TrainConfig.grad_accum must be a positive integer, got {cfg.grad_accum!r}")
+        self.cfg, self.step = cfg, 0
+        self._opt = _AdamW([self._adapter[k] for k in self._keys], cfg)
+
+    # ------------------------------------------------------------------ running the programs
+    def _pad(self, input_ids: np.ndarray, labels: np.ndarray | None, rows: int, what: str):
+        """int64 tensors [rows, seq_len]: the batch padded with ignored rows / trailing tokens."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        seq = self._b.manifest.seq_len
+        if ids.ndim != 2 or ids.shape[0] > rows or ids.shape[1] > seq:
+            raise SequenceTooLongError(f"{what}: got shape {ids.shape}; the executorch programs of {self._b.root} "
+                                       f"take at most {rows} rows of {seq} tokens (re-export with a larger --seq-len)")
+        out_ids = torch.zeros(rows, seq, dtype=torch.int64)
+        out_ids[:ids.shape[0], :ids.shape[1]] = torch.from_numpy(ids)
+        out_lab = torch.full((rows, seq), -100, dtype=torch.int64)
+        if labels is not None:
+            out_lab[:ids.shape[0], :ids.shape[1]] = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        return out_ids, out_lab
+
+    def _train_module(self):
+        if self._train is None:
+            self._train = self._load_pte(self._b, TRAIN, _runtime()[0])
+        return self._train
+
+    def _forward_backward(self, ids: torch.Tensor, lab: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
+        """Loss and LoRA gradients (in ``self._keys`` order) of one full-size call."""
+        tm = self._train_module()
+        fresh = tm.named_params is None
+        loss = tm.forward_backward("forward", (ids, lab))[0]
+        if fresh:  # first call: from now on the program's own LoRA tensors are the adapter
+            params = [tm.named_parameters()[f] for f in self._sig["train"]["parameters"]]
+            stale = any(not torch.equal(p, self._adapter[k]) for p, k in zip(params, self._keys))
+            for p, k in zip(params, self._keys):
+                p.copy_(self._adapter[k])
+                self._adapter[k] = p
+            self._opt.params = params
+            if stale:  # the program ran with its baked adapter, not ours: run again
+                loss = tm.forward_backward("forward", (ids, lab))[0]
+        grads = tm.named_gradients()
+        return float(loss), [grads[f] for f in self._sig["train"]["parameters"]]
+
+    def _infer_module(self):
+        if self._infer is None:
+            self._infer = self._load_pte(self._b, INFER, _runtime()[1])
+        return self._infer
+
+    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 logits for one call of at most batch_size x seq_len tokens."""
+        lora = [self._adapter[k] for k in self._sig["infer"]["inputs"][1:]]
+        return self._infer_module().forward((ids, *lora))[0]
+
+    # ------------------------------------------------------------------ the Protocol
+    def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
+        cfg, bs = self.cfg, self._b.manifest.batch_size
+        ids_all, lab_all = np.asarray(input_ids), np.asarray(labels)
+        n_tok = int((lab_all != -100).sum())
+        lr = cfg.lr_at(self.step)
+        total, grads = 0.0, [torch.zeros_like(self._adapter[k]) for k in self._keys]
+        # gradient accumulation is exact whatever the split, so fill every call to batch_size
+        for s in range(0, len(ids_all), bs):
+            ids, lab = self._pad(ids_all[s:s + bs], lab_all[s:s + bs], bs, "train_step input_ids")
+            n = int((lab != -100).sum())
+            if n == 0:
+                continue  # the program's mean over zero tokens is NaN; these rows add nothing
+            loss, g = self._forward_backward(ids, lab)
+            w = n / n_tok
+            total += loss * w
+            for acc, gi in zip(grads, g):
+                acc.add_(gi * w)
+        grad_norm = _clip_(grads, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if not (math.isfinite(total) and math.isfinite(grad_norm)):
+            return StepResult(total, True, grad_norm, lr, n_tok)  # skip: weights and moments untouched
+        self._opt.step(grads, lr)
+        self.step += 1
+        return StepResult(total, False, grad_norm, lr, n_tok)
+
+    def eval_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> EvalSums:
+        bs = self._b.manifest.batch_size
+        loss, tok, top1, top3 = 0.0, 0, 0, 0
+        for s in range(0, len(input_ids), bs):
+            ids = np.asarray(input_ids[s:s + bs], dtype=np.int64)
+            lab = torch.from_numpy(np.asarray(labels[s:s + bs], dtype=np.int64))
+            logits = self.logits(ids)
+            valid = lab != -100
+            lg, tg = torch.from_numpy(logits)[valid], lab[valid]
+            loss += float(F.cross_entropy(lg, tg, reduction="sum"))
+            top = lg.topk(3, dim=-1).indices
+            tok, top1 = tok + int(tg.numel()), top1 + int((top[:, 0] == tg).sum())
+            top3 += int((top == tg[:, None]).any(-1).sum())
+        return EvalSums(loss, tok, top1, top3)
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(input_ids, dtype=np.int64)
+        sig, m = self._sig["infer"], self._b.manifest
+        if ids.ndim != 2 or ids.shape[1] > sig["max_seq_len"] or ids.shape[1] < 1:
+            raise SequenceTooLongError(
+                f"input_ids of shape {ids.shape}: infer.pte of {self._b.root} takes 1..{sig['max_seq_len']} tokens "
+                f"per row (re-export with --seq-len up to the model's context of {m.arch.max_position_embeddings})")
+        parts = [self._logits(torch.from_numpy(ids[s:s + sig["max_batch"]]))
+                 for s in range(0, len(ids), sig["max_batch"])]
+        return torch.cat(parts).numpy()
+
+    def get_adapter(self) -> dict[str, np.ndarray]:
+        return {k: self._adapter[k].detach().clone().numpy() for k in self._keys}
+
+    def set_adapter(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Replace the LoRA tensors (PEFT keys, ``.default.`` infixes accepted); nothing changes
+        unless every key and shape matches. Optimizer state is reset."""
+        given = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+                 for k, v in tensors.items()}
+        missing, unexpected = sorted(set(self._keys) - set(given)), sorted(set(given) - set(self._keys))
+        if missing or unexpected:
+            raise AdapterShapeError(f"adapter tensors don't match the bundle's LoRA layers: {len(missing)} missing "
+                                    f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+        new = {k: torch.as_tensor(np.asarray(given[k]), dtype=torch.float32) for k in self._keys}
+        for k, t in new.items():
+            if tuple(t.shape) != tuple(self._adapter[k].shape):
+                raise AdapterShapeError(f"adapter tensor {k} has shape {tuple(t.shape)}, "
+                                        f"the bundle expects {tuple(self._adapter[k].shape)}")
+            if not torch.isfinite(t).all():
+                raise AdapterShapeError(f"adapter tensor {k} holds NaN or inf values")
+        for k, t in new.items():
+            self._adapter[k].copy_(t)  # in place: may be ExecuTorch's own memory
+        self.configure(self.cfg)
+
+
+def create(device: str = "cpu") -> ExecuTorchBackend:
+    """A new, unloaded executorch backend on ``device``."""
+    return ExecuTorchBackend(device)

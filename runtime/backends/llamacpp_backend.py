@@ -1,0 +1,348 @@
+"""Backend ``llamacpp``: llama.cpp (llama-cpp-python) over the bundle's ``gguf/`` base, CPU, inference only.
+
+The base GGUF (see :mod:`pocketpeft.export.gguf_target`: for q4_0 / q8_0 bundles its linears are
+the bundle's own quantized bytes) is loaded once per backend. ``set_adapter`` converts the PEFT
+tensors to a GGUF LoRA file in a private temp dir and hot-swaps it into the live context with
+``llama_adapter_lora_init`` + ``llama_set_adapters_lora``; the base is never reloaded. An
+adapter whose ``lora_B`` are all zero (peft's initialization) changes nothing and is not
+attached, so it costs no compute.
+
+Decoding uses llama.cpp's KV cache (sequence 0). Logits for every position come from a batch
+whose tokens all request output (``llama_get_logits``), so no ``n_ctx x vocab`` score buffer is
+kept. One context serves ``logits`` and every :class:`LlamaCppDecoder`; the cache remembers
+which tokens it holds, a decoder reuses the longest common prefix and re-evaluates the rest, so
+interleaving decoders and ``logits`` calls is correct (just slower). As in the torch backend,
+an adapter swap applies to tokens evaluated after it.
+
+Env: ``POCKETPEFT_THREADS`` (default 2), ``POCKETPEFT_LLAMACPP_N_CTX`` (default
+min(2048, the model's context)).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import tempfile
+import weakref
+from typing import Mapping
+
+import numpy as np
+
+from pocketpeft.errors import (AdapterShapeError, BackendUnavailableError, CorruptFileError, InputTextError,
+                               MissingDependencyError, ModelFileNotFoundError, SequenceTooLongError)
+from pocketpeft.manifest import Bundle
+
+from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
+
+NAME = "llamacpp"
+INFO = "gguf/info.json"
+_N_BATCH = 512
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama-cpp-python")
+    except PackageNotFoundError:
+        return "?"
+
+
+def probe() -> Probe:
+    """Available iff ``llama_cpp`` imports; CPU only, inference only."""
+    from pocketpeft._deps import require
+
+    try:
+        require("llama_cpp", "llamacpp")
+    except MissingDependencyError as e:
+        return Probe(NAME, False, (), str(e))
+    caps = {"cpu": Capabilities(train=False, infer=True, tier="cpu", kv_cache=True,
+                                notes=f"llama-cpp-python {_version()}, GGUF base + hot-swapped GGUF LoRA, "
+                                      f"{_threads()} threads, inference only")}
+    return Probe(NAME, True, ("cpu",), "", caps)
+
+
+def _threads() -> int:
+    raw = os.environ.get("POCKETPEFT_THREADS", "").strip()
+    try:
+        return max(1, int(raw)) if raw else 2
+    except ValueError:
+        return 2
+
+
+def _train_unavailable() -> BackendUnavailableError:
+    return BackendUnavailableError("llamacpp is inference-only: it cannot train LoRA adapters; train with "
+                                   "another backend (torch, onnxruntime, executorch) and load the adapter here")
+
+
+def base_gguf_path(bundle: Bundle):
+    """The verified path of the bundle's base GGUF. Raises :class:`ModelFileNotFoundError` when the
+    bundle has no gguf target, :class:`CorruptFileError` for an unreadable ``gguf/info.json``."""
+    if "gguf" not in bundle.manifest.targets:
+        raise ModelFileNotFoundError(
+            f"bundle {bundle.root} has no 'gguf' target (it has: {', '.join(bundle.targets) or 'none'}); "
+            "the llamacpp backend needs it: re-export with --targets gguf (e.g. `pocketpeft export BASE "
+            "--out BUNDLE --targets torch,gguf`)")
+    info_path = bundle.path_of(INFO)
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        rel = info["base"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CorruptFileError(f"{info_path} is not a valid gguf target description: {e}") from e
+    return bundle.path_of(rel)
+
+
+class LlamaCppBackend:
+    """llama.cpp inference backend; see the module docstring."""
+
+    name = NAME
+
+    def __init__(self, device: str = "cpu") -> None:
+        if device != "cpu":
+            raise BackendUnavailableError(f"backend 'llamacpp' runs on 'cpu' only, not {device!r}")
+        self.device = device
+        self.llm = None                      # llama_cpp.Llama, created once in load()
+        self.bundle: Bundle | None = None
+        self._adapter: dict[str, np.ndarray] = {}
+        self._lora = None                    # the attached llama_adapter_lora pointer, or None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._batch = self._batch_free = None
+        self._kv: list[int] = []             # tokens whose K/V sequence 0 of the cache holds
+        self._swaps = 0
+
+    def capabilities(self) -> Capabilities:
+        return probe().capabilities[self.device]
+
+    # ---- loading -------------------------------------------------------------------------------
+    def load(self, bundle: Bundle) -> None:
+        """Load the base GGUF once and attach the bundle's initial adapter. Raises
+        :class:`ModelFileNotFoundError` (no gguf target / missing file), :class:`CorruptFileError`
+        (hash mismatch, or llama.cpp cannot read the file), :class:`MissingDependencyError`."""
+        from pocketpeft._deps import require
+
+        llama_cpp = require("llama_cpp", "llamacpp")
+        path = base_gguf_path(bundle)
+        self.close()  # a second load() replaces the first model cleanly
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise CorruptFileError(f"{path} is not a GGUF file (bad magic)")
+        arch = bundle.manifest.arch
+        n_ctx = min(arch.max_position_embeddings, 2048)
+        raw = os.environ.get("POCKETPEFT_LLAMACPP_N_CTX", "").strip()
+        if raw.isdigit() and int(raw) > 0:
+            n_ctx = min(int(raw), arch.max_position_embeddings)
+        t = _threads()
+        try:
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=_N_BATCH, n_ubatch=_N_BATCH,
+                                  n_threads=t, n_threads_batch=t, n_gpu_layers=0, logits_all=False,
+                                  verbose=False)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise CorruptFileError(f"llama.cpp cannot load {path}: {e}") from e
+        if llm.n_vocab() != arch.vocab_size:
+            raise CorruptFileError(f"{path} has a vocabulary of {llm.n_vocab()}, the manifest says {arch.vocab_size}")
+        self.llm, self.bundle, self._kv = llm, bundle, []
+        self._n_ctx, self._vocab = llm.n_ctx(), llm.n_vocab()
+        self._mem = llama_cpp.llama_get_memory(llm.ctx)
+        self._batch = llama_cpp.llama_batch_init(_N_BATCH, 0, 1)
+        self._batch_free = weakref.finalize(self, llama_cpp.llama_batch_free, self._batch)
+        self._tmp = tempfile.TemporaryDirectory(prefix="pocketpeft-lora-")
+        self.set_adapter({k: v.numpy() for k, v in bundle.initial_adapter().tensors.items()})
+
+    @property
+    def _llm(self):
+        if self.llm is None:
+            raise RuntimeError("backend not loaded: call load(bundle) first")
+        return self.llm
+
+    # ---- training: not here ----------------------------------------------------------------------
+    def configure(self, cfg: TrainConfig) -> None:
+        raise _train_unavailable()
+
+    def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
+        raise _train_unavailable()
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    def _check_ids(self, ids: list[int], start: int = 0) -> None:
+        if start + len(ids) > self._n_ctx:
+            raise SequenceTooLongError(
+                f"sequence of {start + len(ids)} tokens exceeds the llama.cpp context of {self._n_ctx} "
+                "(raise POCKETPEFT_LLAMACPP_N_CTX, up to the model's context)")
+        bad = [i for i in ids if not 0 <= i < self._vocab]
+        if bad:
+            raise InputTextError(f"token id {bad[0]} is not in [0, {self._vocab})")
+
+    def _decode(self, ids: list[int], start: int, outputs: bool) -> np.ndarray | None:
+        """Evaluate ``ids`` at positions ``start``.. on sequence 0 (cache must hold exactly the
+        ``start`` tokens before); logits [len, vocab] for all of them when ``outputs``."""
+        import llama_cpp
+
+        out = []
+        b = self._batch
+        for c in range(0, len(ids), _N_BATCH):
+            chunk = ids[c:c + _N_BATCH]
+            n = len(chunk)
+            b.n_tokens = n
+            for i, tok in enumerate(chunk):
+                b.token[i], b.pos[i], b.n_seq_id[i] = tok, start + c + i, 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = outputs
+            b.logits[n - 1] = True
+            rc = llama_cpp.llama_decode(self._llm.ctx, b)
+            if rc != 0:
+                self._reset_kv()
+                raise RuntimeError(f"llama_decode failed with code {rc}")
+            self._kv.extend(chunk)
+            if outputs:
+                ptr = llama_cpp.llama_get_logits(self._llm.ctx)
+                out.append(np.ctypeslib.as_array(ptr, shape=(n * self._vocab,)).reshape(n, self._vocab).copy())
+        return np.concatenate(out) if outputs else None
+
+    def _reset_kv(self, keep: int = 0) -> None:
+        import llama_cpp
+
+        if keep <= 0:
+            llama_cpp.llama_memory_clear(self._mem, True)
+        elif not llama_cpp.llama_memory_seq_rm(self._mem, 0, keep, -1):
+            llama_cpp.llama_memory_clear(self._mem, True)
+            keep = 0
+        del self._kv[keep:]
+
+    def _evaluate(self, ids: list[int], prefix: list[int]) -> np.ndarray:
+        """Logits of ``ids`` appended to ``prefix`` (which the caller holds as context): the cache
+        keeps the longest common prefix it already has and evaluates the rest."""
+        self._check_ids(ids, len(prefix))
+        n = 0
+        lim = min(len(self._kv), len(prefix))
+        while n < lim and self._kv[n] == prefix[n]:
+            n += 1
+        self._reset_kv(n)
+        if n < len(prefix):
+            self._decode(prefix[n:], n, outputs=False)
+        return self._decode(ids, len(prefix), outputs=True)
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """float32 logits [B, T, vocab], each row evaluated from an empty cache."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2:
+            raise InputTextError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+        self._llm
+        out = np.empty((ids.shape[0], ids.shape[1], self._vocab), np.float32)
+        for r, row in enumerate(ids.tolist()):
+            self._check_ids(row)
+            self._reset_kv(0)
+            out[r] = self._decode(row, 0, outputs=True)
+        return out
+
+    def eval_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> EvalSums:
+        import torch
+        import torch.nn.functional as F
+
+        lab = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        logits = torch.from_numpy(self.logits(input_ids))
+        valid = lab != -100
+        lg, tg = logits[valid], lab[valid]
+        loss = F.cross_entropy(lg, tg, reduction="sum")
+        top = lg.topk(3, dim=-1).indices
+        return EvalSums(float(loss), int(tg.numel()), int((top[:, 0] == tg).sum()),
+                        int((top == tg[:, None]).any(-1).sum()))
+
+    # ---- adapters ----------------------------------------------------------------------------------
+    def get_adapter(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self._adapter.items()}
+
+    def set_adapter(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Hot-swap the LoRA tensors: convert them to a GGUF LoRA and attach it to the live
+        context (the base stays loaded). Raises :class:`AdapterShapeError` for tensors that don't
+        fit the bundle; the previous adapter stays attached then."""
+        import llama_cpp
+
+        from pocketpeft.adapter import Adapter, check_adapter_shapes
+        from pocketpeft.export.gguf_lora import adapter_to_gguf
+
+        llm, m = self._llm, self.bundle.manifest
+        arrays = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."):
+                  np.array(v, dtype=np.float32) for k, v in tensors.items()}
+        ad = Adapter(m.lora, arrays)
+        check_adapter_shapes(ad, m.trainable, "for this bundle")
+        bad = [k for k, v in arrays.items() if not np.isfinite(v).all()]
+        if bad:
+            raise AdapterShapeError(f"adapter tensor {bad[0]} holds NaN or inf values")
+        new = None
+        if any(np.any(v) for k, v in arrays.items() if ".lora_B." in k):
+            self._swaps += 1
+            path = os.path.join(self._tmp.name, f"adapter-{self._swaps}.gguf")
+            adapter_to_gguf(ad, path, m)
+            try:
+                new = llama_cpp.llama_adapter_lora_init(llm.model, path.encode("utf-8"))
+            finally:
+                os.remove(path)
+            if not new:
+                raise AdapterShapeError("llama.cpp rejected the converted adapter (llama_adapter_lora_init failed)")
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(new)
+            scales = (ctypes.c_float * 1)(1.0)
+            rc = llama_cpp.llama_set_adapters_lora(llm.ctx, adapters, 1, scales)
+        else:
+            rc = llama_cpp.llama_set_adapters_lora(llm.ctx, None, 0, None)
+        if rc != 0:
+            if new:
+                llama_cpp.llama_adapter_lora_free(new)
+            raise RuntimeError(f"llama_set_adapters_lora failed with code {rc}")
+        if self._lora:
+            llama_cpp.llama_adapter_lora_free(self._lora)  # detached above, so safe to free
+        self._lora, self._adapter = new, arrays
+
+    @property
+    def adapter_attached(self) -> bool:
+        """Whether a LoRA is attached to the context (False for an all-zero ``lora_B`` adapter)."""
+        return bool(self._lora)
+
+    def decoder(self) -> "LlamaCppDecoder":
+        """A KV-cached decoder on llama.cpp's cache (adapter swaps apply to later tokens)."""
+        self._llm
+        return LlamaCppDecoder(self)
+
+    def close(self) -> None:
+        """Free the adapter and the llama.cpp model/context now (else when garbage-collected)."""
+        import llama_cpp
+
+        if self.llm is not None:
+            if self._lora:
+                llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+                llama_cpp.llama_adapter_lora_free(self._lora)
+            self.llm.close()
+        if self._batch_free is not None:
+            self._batch_free()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+        self.llm, self._lora, self._batch, self._batch_free, self._tmp, self._kv = None, None, None, None, None, []
+
+
+class LlamaCppDecoder:
+    """Incremental decoding on llama.cpp's KV cache (see protocol.Decoder)."""
+
+    def __init__(self, backend: LlamaCppBackend) -> None:
+        self.backend = backend
+        self._ids: list[int] = []
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self._ids)
+
+    def extend(self, ids: list[int]) -> np.ndarray:
+        ids = [int(i) for i in ids]
+        if not ids:
+            return np.zeros((0, self.backend._vocab), np.float32)
+        logits = self.backend._evaluate(ids, self._ids)
+        self._ids.extend(ids)
+        return logits
+
+    def truncate(self, n: int) -> None:
+        # The cache is trimmed lazily: the next extend keeps the common prefix (llama_memory_seq_rm).
+        if n < len(self._ids):
+            del self._ids[max(0, n):]
+
+
+def create(device: str = "cpu") -> LlamaCppBackend:
+    """A new, unloaded llama.cpp backend (``cpu`` only)."""
+    return LlamaCppBackend(device)

@@ -1,0 +1,243 @@
+"""Backend ``onnxruntime``: the bundle's ``onnx/`` training artifacts on ONNX Runtime training
+(CPU, or the CUDA execution provider when it can run here). Semantics copy the torch reference.
+
+ORT runs forward + backward (gradients summed over micro-batches in its in-graph buffers) and
+the eval model (loss sum + logits). The optimizer step runs on the host, in float32 numpy,
+with exactly torch's arithmetic: ORT's ``AdamWOptimizer`` op has no mode that matches
+``torch.optim.AdamW`` bit for bit (its HF mode decays after the update and its eps sits before
+the bias correction), and its ``InplaceClipGradNorm`` returns no norm, so a non-finite
+gradient could be neither reported nor skipped. LoRA tensors are ~0.1-1% of the weights, so
+reading gradients and writing weights back costs well under a millisecond per tensor.
+
+Rides on onnxruntime-training 1.19.2, its last release.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from typing import Mapping
+
+import numpy as np
+
+from pocketpeft.errors import (AdapterShapeError, ConfigError, CorruptFileError, MissingDependencyError,
+                               ModelFileNotFoundError)
+from pocketpeft.manifest import Bundle
+
+from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
+
+DIR = "onnx"
+TRAIN, EVAL, CHECKPOINT, IO_JSON = "training_model.onnx", "eval_model.onnx", "checkpoint", "io.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_usable() -> bool:
+    """True when ORT's CUDA provider can run here. The wheel lists it even without a GPU, and
+    asking a session for it without one logs errors, so check quietly: the provider library must
+    load (it links cuBLAS/cuDNN) and the driver must report a device."""
+    import ctypes
+    import os
+    import sys
+
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    capi = os.path.join(os.path.dirname(ort.__file__), "capi")
+    provider, driver = (("onnxruntime_providers_cuda.dll", "nvcuda.dll") if sys.platform == "win32"
+                        else ("libonnxruntime_providers_cuda.so", "libcuda.so.1"))
+    try:
+        ctypes.CDLL(os.path.join(capi, provider))
+        cuda = ctypes.CDLL(driver)
+        count = ctypes.c_int(0)
+        return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    except (OSError, AttributeError):
+        return False
+
+
+def probe() -> Probe:
+    """Available iff ``onnxruntime.training`` imports; CPU always, ``cuda`` when usable."""
+    from pocketpeft._deps import require
+
+    try:
+        require("onnxruntime.training", "onnx")
+    except MissingDependencyError as e:
+        return Probe("onnxruntime", False, (), str(e))
+    import onnxruntime as ort
+
+    ver = ort.__version__
+    caps = {"cpu": Capabilities(train=True, infer=True, tier="cpu", notes=f"onnxruntime-training {ver}, CPU EP")}
+    devices = ["cpu"]
+    if _cuda_usable():
+        devices.insert(0, "cuda")
+        caps["cuda"] = Capabilities(train=True, infer=True, tier="gpu", notes=f"onnxruntime-training {ver}, CUDA EP")
+    return Probe("onnxruntime", True, tuple(devices), "", caps)
+
+
+class OrtBackend:
+    """ONNX Runtime training backend; see the module docstring."""
+
+    name = "onnxruntime"
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self.cfg = TrainConfig()
+        self.step = 0
+        self._state = self._module = None
+        self._shapes: dict[str, tuple[int, ...]] = {}   # PEFT key -> shape
+        self._moments: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def capabilities(self) -> Capabilities:
+        return probe().capabilities[self.device]
+
+    def load(self, bundle: Bundle) -> None:
+        """Open the bundle's ORT artifacts and its initial adapter.
+
+        Raises :class:`ModelFileNotFoundError` (no ``onnx`` target / missing file) and
+        :class:`CorruptFileError` (hash mismatch, or a file ORT cannot read).
+        """
+        import onnxruntime as ort
+        from onnxruntime.training.api import CheckpointState, Module
+
+        if DIR not in bundle.manifest.targets:
+            raise ModelFileNotFoundError(f"bundle {bundle.root} has no 'onnx' target (it has: "
+                                         f"{', '.join(bundle.targets)}); re-export it with --targets onnx")
+        paths = {f: bundle.path_of(f"{DIR}/{f}") for f in (TRAIN, EVAL, CHECKPOINT, IO_JSON)}
+        try:
+            io = json.loads(paths[IO_JSON].read_text(encoding="utf-8"))
+            config = dict(io.get("session_config", {}))
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
+            raise CorruptFileError(f"{paths[IO_JSON]} is not a valid io.json: {e}") from e
+        so = ort.SessionOptions()
+        so.log_severity_level = 3   # warnings only restate that dynamic shapes are planned at run time
+        for key, value in config.items():   # what the exported graphs need, e.g. no CSE (see onnx_target)
+            so.add_session_config_entry(str(key), str(value))
+        try:
+            state = CheckpointState.load_checkpoint(str(paths[CHECKPOINT]))
+        except Exception as e:  # noqa: BLE001 - ORT raises RuntimeError or its own pybind classes
+            raise CorruptFileError(f"{paths[CHECKPOINT]} is not a readable ORT checkpoint: {e}") from e
+        try:
+            module = Module(str(paths[TRAIN]), state, str(paths[EVAL]), device=self.device, session_options=so)
+        except Exception as e:  # noqa: BLE001
+            raise CorruptFileError(f"ONNX Runtime cannot load {paths[TRAIN]} / {paths[EVAL]}: {e}") from e
+        expected = {k: tuple(v) for k, v in bundle.manifest.trainable.items()}
+        trainable = {n: tuple(p.data.shape) for n, p in state.parameters if p.requires_grad}
+        if trainable != expected:
+            raise CorruptFileError(f"{paths[CHECKPOINT]}: its trainable tensors don't match the manifest's "
+                                   f"({len(trainable)} vs {len(expected)} LoRA tensors)")
+        self._state, self._module, self._shapes = state, module, expected
+        self.set_adapter({k: v.numpy() for k, v in bundle.initial_adapter().tensors.items()})
+
+    def configure(self, cfg: TrainConfig) -> None:
+        """Set the optimizer config; the step count and AdamW moments start from zero."""
+        if not isinstance(cfg.grad_accum, int) or cfg.grad_accum < 1:
+            raise ConfigError(f"TrainConfig.grad_accum must be a positive integer, got {cfg.grad_accum!r}")
+        self.cfg, self.step, self._moments = cfg, 0, {}
+
+    @property
+    def _mod(self):
+        if self._module is None:
+            raise RuntimeError("backend not loaded: call load(bundle) first")
+        return self._module
+
+    def _run(self, train: bool, ids: np.ndarray, labels: np.ndarray):
+        mod = self._mod.train(train)
+        return mod(np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(labels, dtype=np.int64))
+
+    def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
+        """One AdamW step exactly as the torch backend takes it: loss = summed CE / valid tokens,
+        ``grad_accum`` micro-batches (torch.chunk's split), global-norm clipping, skip on a
+        non-finite loss or gradient norm (weights and moments untouched). Shapes are dynamic, so
+        fewer rows than the exported batch need no padding."""
+        cfg, mod, state = self.cfg, self._mod, self._state
+        ids, lab = np.asarray(input_ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+        n_tok = int((lab != -100).sum())
+        denom = np.float32(max(n_tok, 1))
+        lr = cfg.lr_at(self.step)
+        mod.lazy_reset_grad()
+        size = -(-len(ids) // cfg.grad_accum)   # torch.chunk: ceil-sized chunks, the last one smaller
+        total = 0.0
+        for s in range(0, len(ids), size):
+            total += float(np.float32(self._run(True, ids[s:s + size], lab[s:s + size])) / denom)
+        grads = {k: state.parameters[k].grad / denom for k in self._shapes}
+        # torch.nn.utils.clip_grad_norm_: norm of per-tensor norms, coef clamped at 1, always applied
+        norms = np.array([np.sqrt(np.dot(g.ravel(), g.ravel())) for g in grads.values()], dtype=np.float32)
+        grad_norm = np.float32(np.sqrt(np.dot(norms, norms)))
+        max_norm = np.float32(cfg.grad_clip if cfg.grad_clip > 0 else np.inf)
+        with np.errstate(all="ignore"):
+            coef = np.float32(min(max_norm / (grad_norm + np.float32(1e-6)), np.float32(1.0)))
+        if not (math.isfinite(total) and math.isfinite(float(grad_norm))):
+            return StepResult(total, True, float(grad_norm), lr, n_tok)
+        self._adamw(grads, coef, lr)
+        self.step += 1
+        return StepResult(total, False, float(grad_norm), lr, n_tok)
+
+    def _adamw(self, grads: dict[str, np.ndarray], coef: np.float32, lr: float) -> None:
+        """torch.optim.AdamW's single-tensor update (its CPU default), in float32."""
+        cfg, state = self.cfg, self._state
+        b1, b2 = cfg.betas
+        t = self.step + 1
+        step_size = lr / (1 - b1 ** t)
+        bc2_sqrt = np.float32(math.sqrt(1 - b2 ** t))
+        for k, g in grads.items():
+            g = g * coef
+            p = state.parameters[k].data.copy()
+            m, v = self._moments.get(k) or (np.zeros_like(p), np.zeros_like(p))
+            if cfg.weight_decay:
+                p *= np.float32(1 - lr * cfg.weight_decay)
+            m += np.float32(1 - b1) * (g - m)                       # exp_avg.lerp_(grad, 1 - beta1)
+            v *= np.float32(b2)
+            v += np.float32(1 - b2) * g * g                          # exp_avg_sq.addcmul_(g, g, 1 - beta2)
+            p += np.float32(-step_size) * (m / (np.sqrt(v) / bc2_sqrt + np.float32(cfg.eps)))
+            self._moments[k] = (m, v)
+            state.parameters[k] = p
+
+    def eval_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> EvalSums:
+        """Summed loss, scored-token count, top-1 and top-3 hits over labels != -100."""
+        lab = np.asarray(labels, dtype=np.int64)
+        loss_sum, logits = self._run(False, input_ids, lab)
+        valid = lab != -100
+        lg, tg = logits[valid], lab[valid]
+        target = lg[np.arange(len(tg)), tg]
+        above = (lg > target[:, None]).sum(-1)   # rank of the target among the vocabulary
+        return EvalSums(float(loss_sum), int(tg.size), int((lg.argmax(-1) == tg).sum()), int((above < 3).sum()))
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """float32 logits [B, T, vocab] through the eval model (no label is scored)."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        return self._run(False, ids, np.full(ids.shape, -100, dtype=np.int64))[1]
+
+    def get_adapter(self) -> dict[str, np.ndarray]:
+        """Copies of the current LoRA tensors under PEFT keys."""
+        return {k: np.array(self._state.parameters[k].data, dtype=np.float32, copy=True) for k in self._shapes}
+
+    def set_adapter(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Replace every LoRA tensor (PEFT keys; ``.default.`` accepted); the optimizer restarts.
+
+        Raises :class:`AdapterShapeError` for a missing, unexpected, misshapen or non-finite
+        tensor; nothing is written unless all of them fit.
+        """
+        if self._state is None:
+            raise RuntimeError("backend not loaded: call load(bundle) first")
+        given = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."):
+                 np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
+        missing, extra = sorted(set(self._shapes) - set(given)), sorted(set(given) - set(self._shapes))
+        if missing or extra:
+            raise AdapterShapeError(f"adapter tensors don't match the bundle's LoRA layers: {len(missing)} missing "
+                                    f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})")
+        for k, shape in self._shapes.items():
+            if given[k].shape != shape:
+                raise AdapterShapeError(f"adapter tensor {k} has shape {given[k].shape}, the bundle expects {shape}")
+            if not np.isfinite(given[k]).all():
+                raise AdapterShapeError(f"adapter tensor {k} holds NaN or inf values")
+        for k in self._shapes:
+            self._state.parameters[k] = np.ascontiguousarray(given[k])
+        self.configure(self.cfg)
+
+
+def create(device: str = "cpu") -> OrtBackend:
+    """A new, unloaded onnxruntime backend on ``device`` (``cpu`` or ``cuda``)."""
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"onnxruntime backend: unknown device {device!r}; expected 'cpu' or 'cuda'")
+    return OrtBackend(device)

@@ -1,0 +1,376 @@
+"""Keyboard suggestions: the ``k`` most likely next words for the message typed so far.
+
+A word is a run of tokens: the first one carries the leading space (byte-level BPE), the
+others continue the word (letters, digits, marks, apostrophes: ``don't``, ``i'm``), and it ends
+where the next token starts with whitespace, is punctuation, a newline or a special token
+(``eos`` separates messages). ``P(word) = prod P(token) * P(a boundary token follows)``.
+
+Search is best-first over token paths consistent with the typed characters: a path's
+probability only falls as it grows, so once ``k`` words beat the best unexplored path the answer
+is exact (up to ``beam_width`` branches per path, ``max_word_tokens`` tokens per word and
+``max_forwards`` new forward passes per call). Log-probs are memoized per token sequence and the
+decoder's KV cache is moved by common-prefix truncate/extend, so the next keystroke of the same
+word, and the next word once the space is typed, cost few or no forward passes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import re
+import unicodedata
+import weakref
+from collections import OrderedDict
+from typing import Callable
+
+import numpy as np
+
+from pocketpeft.data import as_text
+from pocketpeft.errors import ConfigError
+
+APOSTROPHES = "'\u2019"
+_PARTIAL = re.compile(r"\S*\Z")
+
+
+def is_word_char(c: str) -> bool:
+    """Letters, digits, combining marks and apostrophes make up words."""
+    return c.isalnum() or c in APOSTROPHES or unicodedata.category(c).startswith("M")
+
+
+class _Vocab:
+    """Facts about every token, computed once per tokenizer (vectorized filtering per keystroke).
+
+    ``low``: lowercased bytes; a sorted index over them answers "which tokens are consistent with
+    these remaining characters"; ``tail`` is where a token's all-word-character suffix starts
+    (a token may run past the typed characters only with word characters).
+    """
+
+    def __init__(self, tokenizer) -> None:
+        n = tokenizer.vocab_size
+        special = {i for i, t in tokenizer.hf.get_added_tokens_decoder().items() if t.special}
+        self.raw: list[bytes] = [tokenizer.token_bytes(i) for i in range(n)]
+        self.low: list[bytes] = []
+        tail = np.zeros(n, np.int32)
+        cont, boundary = np.zeros(n, bool), np.zeros(n, bool)
+        for i, b in enumerate(self.raw):
+            try:
+                s = b.decode("utf-8")
+            except UnicodeDecodeError:  # a piece of a multi-byte character: matches typed bytes only
+                self.low.append(b.lower())
+                tail[i] = len(b)
+                boundary[i] = bool(b) and b[0] < 0x80 and not is_word_char(chr(b[0]))
+                continue
+            low = s.lower()
+            self.low.append(low.encode("utf-8"))
+            j = len(low)
+            while j > 0 and is_word_char(low[j - 1]):
+                j -= 1
+            tail[i] = len(low[:j].encode("utf-8"))
+            if i in special or not s:
+                boundary[i] = i in special
+            elif j == 0:
+                cont[i] = True
+            elif not is_word_char(s[0]):
+                boundary[i] = True
+        self.tail = tail
+        self.cont_ids = np.flatnonzero(cont)
+        self.boundary_ids = np.flatnonzero(boundary)
+        self.space_start = np.array([b[:1] == b" " for b in self.raw])
+        # a suggested word starts with a letter or digit unless the user typed something else
+        # (" " alone starts numbers: digits are single tokens)
+        self.word_start = np.array([b == b" " or (cont[i] or b[:1] == b" ") and _first_alnum(self.low[i])
+                                    for i, b in enumerate(self.raw)])
+        keep = [i for i in range(n) if i not in special and self.low[i]]
+        order = sorted(keep, key=lambda i: self.low[i])
+        self.keys = [self.low[i] for i in order]
+        self.key_ids = np.array(order, np.int64)
+        self.by_low: dict[bytes, list[int]] = {}
+        for i in keep:
+            self.by_low.setdefault(self.low[i], []).append(i)
+        self.max_len = max(map(len, self.keys))
+        self._consistent: OrderedDict[bytes, np.ndarray] = OrderedDict()
+
+    def consistent(self, rem: bytes) -> np.ndarray:
+        """Ids of tokens that are a prefix of ``rem`` or extend it with word characters only."""
+        hit = self._consistent.get(rem)
+        if hit is not None:
+            self._consistent.move_to_end(rem)
+            return hit
+        inside = [i for j in range(1, min(len(rem), self.max_len) + 1) for i in self.by_low.get(rem[:j], ())]
+        lo, hi = bisect.bisect_right(self.keys, rem), bisect.bisect_left(self.keys, _successor(rem))
+        longer = self.key_ids[lo:hi]
+        longer = longer[self.tail[longer] <= len(rem)]
+        out = np.concatenate([np.array(inside, np.int64), longer])
+        self._consistent[rem] = out
+        if len(self._consistent) > 512:
+            self._consistent.popitem(last=False)
+        return out
+
+
+def _first_alnum(low: bytes) -> bool:
+    """The token (after one leading space) starts with a letter or digit."""
+    s = low.decode("utf-8", errors="replace")
+    s = s[1:] if s.startswith(" ") else s
+    return s[:1].isalnum()
+
+
+def _successor(b: bytes) -> bytes:
+    """The smallest byte string greater than every string that starts with ``b``."""
+    b = b.rstrip(b"\xff")
+    return b[:-1] + bytes([b[-1] + 1]) if b else b"\xff" * 64
+
+
+_VOCABS: "weakref.WeakKeyDictionary[object, _Vocab]" = weakref.WeakKeyDictionary()
+
+
+def _vocab_of(tokenizer) -> _Vocab:
+    v = _VOCABS.get(tokenizer)
+    if v is None:
+        v = _VOCABS[tokenizer] = _Vocab(tokenizer)
+    return v
+
+
+class _RecomputeDecoder:
+    """Decoder for backends without a KV cache: every extend recomputes the whole sequence."""
+
+    def __init__(self, backend) -> None:
+        self._backend, self._ids = backend, []
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self._ids)
+
+    def extend(self, ids: "list[int]") -> np.ndarray:
+        self._ids.extend(ids)
+        return self._backend.logits(np.asarray([self._ids], np.int64))[0][len(self._ids) - len(ids):]
+
+    def truncate(self, n: int) -> None:
+        del self._ids[n:]
+
+
+class AdapterWatch:
+    """Counts weight changes of one backend by wrapping its two weight-changing verbs
+    (``train_step``, ``set_adapter``) on that instance; calling the watch returns the count.
+    A :class:`Predictor` given ``adapter_version=watch`` drops its caches when the count moves."""
+
+    def __init__(self, backend) -> None:
+        self.version = 0
+        for name in ("train_step", "set_adapter"):
+            setattr(backend, name, self._counting(getattr(backend, name)))
+
+    def _counting(self, fn: Callable) -> Callable:
+        def wrapped(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.version += 1
+        wrapped.__wrapped__ = fn
+        wrapped.__doc__ = fn.__doc__
+        return wrapped
+
+    def __call__(self) -> int:
+        return self.version
+
+
+class Predictor:
+    """Next-word suggestions from a backend's incremental decoder and the bundle's tokenizer.
+
+    Options: ``beam_width`` tokens considered after each path, ``max_word_tokens`` tokens per
+    word, ``max_forwards`` new forward passes per :meth:`suggest` call (caps latency; fewer than
+    ``k`` words may come back when it runs out), ``min_ratio`` (paths less likely than this
+    fraction of the best word found are not explored), ``max_context`` tokens of context (longer text is
+    trimmed to its last whole words that fit; see :attr:`last_trimmed`), ``cache_size`` memoized
+    next-token distributions, ``adapter_version`` a callable whose value changes when the weights
+    do (the caches are then dropped; see :class:`AdapterWatch`).
+    """
+
+    def __init__(self, backend, tokenizer, *, beam_width: int = 8, max_word_tokens: int = 4,
+                 max_forwards: int = 16, min_ratio: float = 1e-3, max_context: int = 1024,
+                 cache_size: int = 128, adapter_version: Callable[[], object] | None = None) -> None:
+        for name, v, least in (("beam_width", beam_width, 1), ("max_word_tokens", max_word_tokens, 1),
+                               ("max_forwards", max_forwards, 1), ("cache_size", cache_size, 1),
+                               ("max_context", max_context, max_word_tokens + 2)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ConfigError(f"Predictor {name} must be an integer >= {least}, got {v!r}")
+        if not (isinstance(min_ratio, (int, float)) and 0 <= min_ratio < 1):
+            raise ConfigError(f"Predictor min_ratio must be a number in [0, 1), got {min_ratio!r}")
+        self.backend, self.tokenizer = backend, tokenizer
+        self.beam_width, self.max_word_tokens, self.max_forwards = beam_width, max_word_tokens, max_forwards
+        self.max_context, self.cache_size, self.min_ratio = max_context, cache_size, float(min_ratio)
+        self._version_of = adapter_version
+        self._version = adapter_version() if adapter_version else None
+        self._vocab = _vocab_of(tokenizer)
+        self._sep = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+        self._memo: OrderedDict[tuple, tuple[np.ndarray, float]] = OrderedDict()
+        self._decoder = None
+        self._dec_ids: list[int] = []
+        self.last_trimmed = False          # the last prefix was longer than max_context
+        self.last_forwards = 0             # forward passes (extend calls) of the last suggest
+        self.last_forward_tokens = 0       # tokens those passes ran
+
+    def reset(self) -> None:
+        """Forget memoized distributions and the KV cache (after the weights changed)."""
+        self._memo.clear()
+        self._decoder, self._dec_ids = None, []
+
+    # ------------------------------------------------------------------ public
+    def suggest(self, prefix: str, k: int = 3) -> list[str]:
+        """The ``k`` most likely next words after ``prefix``, best first.
+
+        ``prefix`` is the message typed so far. Its text after the last whitespace is the word
+        being typed: suggestions complete it (matched case-insensitively, capitalized when it is
+        capitalized, upper case when it is all upper case). Empty, or ending in whitespace: the
+        next whole word. Raises :class:`InputTextError` for non-text / non-UTF-8 input and
+        :class:`ConfigError` for a bad ``k``.
+        """
+        return [w for w, _ in self.suggest_scored(prefix, k)]
+
+    def suggest_scored(self, prefix: str, k: int = 3) -> list[tuple[str, float]]:
+        """Like :meth:`suggest`, with each word's probability of coming next (summed over casings
+        and token paths, including the boundary after it)."""
+        prefix = as_text(prefix, "prefix")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"k must be a positive integer, got {k!r}")
+        if self._version_of is not None:
+            v = self._version_of()
+            if v != self._version:
+                self.reset()
+                self._version = v
+        context, required, partial = self._parse(prefix)
+        self.last_forwards = self.last_forward_tokens = 0
+        words = self._search(context, required, k)
+        best = sorted(words.values(), key=lambda w: -w[0])[:k]
+        return [(_recase(surface, partial), total) for total, _, surface in best]
+
+    # ------------------------------------------------------------------ context
+    def _parse(self, prefix: str) -> tuple[tuple[int, ...], bytes, str]:
+        """(context ids, lowercased bytes the word must start with, the typed partial word)."""
+        m = _PARTIAL.search(prefix)
+        partial, before = m.group(), prefix[:m.start()]
+        text = before.rstrip()
+        self.last_trimmed = False
+        if not text:
+            return (self._sep,), partial.lower().encode("utf-8"), partial
+        newline = "\n" in before[len(text):]
+        required = (partial if newline else " " + partial).lower().encode("utf-8")
+        text += "\n" if newline else ""
+        budget = self.max_context - self.max_word_tokens - 1   # room for the separator and the word
+        if len(text) > budget * 16:                          # don't tokenize megabytes per keystroke
+            cut = text[-budget * 16:]
+            text, self.last_trimmed = cut[re.search(r"\s|$", cut).start():], True
+        ids = self.tokenizer.encode(text)
+        if len(ids) > budget or self.last_trimmed:
+            self.last_trimmed = True
+            start = max(0, len(ids) - budget)
+            words = np.flatnonzero(self._vocab.space_start[ids[start:]])   # keep whole words
+            start += int(words[0]) if words.size else 0
+            return tuple(ids[start:]), required, partial
+        return (self._sep, *ids), required, partial
+
+    # ------------------------------------------------------------------ model
+    def _dist(self, seq: tuple) -> tuple[np.ndarray, float] | None:
+        """(next-token log-probs, log P(boundary)) after ``seq``; ``None`` when that needs a forward
+        pass and the call's budget is spent."""
+        hit = self._memo.get(seq)
+        if hit is not None:
+            self._memo.move_to_end(seq)
+            return hit
+        if self.last_forwards >= self.max_forwards:
+            return None
+        if self._decoder is None:
+            self._decoder, self._dec_ids = self._new_decoder(), []
+        n = 0
+        limit = min(len(self._dec_ids), len(seq) - 1)
+        while n < limit and self._dec_ids[n] == seq[n]:
+            n += 1
+        try:
+            self._decoder.truncate(n)
+            del self._dec_ids[n:]
+            logits = self._decoder.extend(list(seq[n:]))[-1]
+        except BaseException:
+            self._decoder, self._dec_ids = None, []
+            raise
+        self._dec_ids.extend(seq[n:])
+        self.last_forwards += 1
+        self.last_forward_tokens += len(seq) - n
+        x = logits.astype(np.float32, copy=False)
+        mx = x.max()
+        lp = x - (mx + np.log(np.exp(x - mx).sum()))
+        b = lp[self._vocab.boundary_ids]
+        bm = b.max()
+        entry = (lp, float(bm + np.log(np.exp(b - bm).sum())))
+        self._memo[seq] = entry
+        if len(self._memo) > self.cache_size:
+            self._memo.popitem(last=False)
+        return entry
+
+    def _new_decoder(self):
+        make = getattr(self.backend, "decoder", None)
+        if make is not None:
+            try:
+                return make()
+            except NotImplementedError:
+                pass
+        return _RecomputeDecoder(self.backend)
+
+    # ------------------------------------------------------------------ search
+    def _search(self, context: tuple, required: bytes, k: int) -> dict[str, list]:
+        """Best-first search; returns {lowercased word: [total prob, best path prob, surface]}."""
+        vocab, words = self._vocab, {}
+        heap: list = []
+        tick = 0
+
+        def visit(path: tuple, low: bytes, raw: bytes, logp: float) -> None:
+            nonlocal tick
+            complete = bool(path) and len(low) >= len(required)
+            if not complete and len(path) >= self.max_word_tokens:
+                return
+            dist = self._dist(context + path)
+            if dist is None:
+                return
+            lp, boundary = dist
+            if complete:
+                text = raw.decode("utf-8", errors="replace").lstrip()
+                if "\ufffd" not in text and any(c.isalnum() for c in text):
+                    p = float(np.exp(logp + boundary))
+                    w = words.setdefault(text.lower(), [0.0, 0.0, text])
+                    w[0] += p
+                    if p > w[1]:
+                        w[1], w[2] = p, text
+            if len(path) >= self.max_word_tokens:
+                return
+            rem = required[len(low):]
+            ids = vocab.consistent(rem) if rem else vocab.cont_ids
+            if not path and not required.strip():
+                ids = ids[vocab.word_start[ids]]
+            if ids.size == 0:
+                return
+            scores = lp[ids]
+            if ids.size > self.beam_width:
+                top = np.argpartition(-scores, self.beam_width - 1)[:self.beam_width]
+                ids, scores = ids[top], scores[top]
+            order = np.argsort(-scores, kind="stable")
+            children = [(logp + float(scores[i]), int(ids[i])) for i in order]
+            tick += 1
+            heapq.heappush(heap, (-children[0][0], tick, path, low, raw, children, 0))
+
+        visit((), b"", b"", 0.0)
+        while heap:
+            neg, _, path, low, raw, children, i = heapq.heappop(heap)
+            bound, totals = float(np.exp(-neg)), sorted(w[0] for w in words.values())
+            if totals and (bound < totals[-1] * self.min_ratio or len(totals) >= k and bound <= totals[-k]):
+                break                     # no unexplored path can beat the k-th word (or matter)
+            if i + 1 < len(children):
+                tick += 1
+                heapq.heappush(heap, (-children[i + 1][0], tick, path, low, raw, children, i + 1))
+            logp, tok = children[i]
+            visit(path + (tok,), low + vocab.low[tok], raw + vocab.raw[tok], logp)
+        return words
+
+
+def _recase(word: str, partial: str) -> str:
+    if len(partial) > 1 and partial.isupper():
+        return word.upper()
+    if partial[:1].isupper():
+        return word[:1].upper() + word[1:]
+    return word
