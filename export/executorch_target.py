@@ -172,7 +172,7 @@ def matmul_partitioner():
                               force_non_static_weights_for_f32_linear=True)
 
 
-def export_train(ctx: ExportContext, delegate: bool = True) -> tuple[bytes, list[str]]:
+def export_train(ctx: ExportContext, delegate: bool = False) -> tuple[bytes, list[str]]:
     """The serialized train program and its LoRA parameters' HF names (in output order)."""
     model, names = trainable_copy(ctx.model)
     net = _TrainNet(model).train()
@@ -186,7 +186,7 @@ def export_train(ctx: ExportContext, delegate: bool = True) -> tuple[bytes, list
     return _to_pte(ep, delegate), names
 
 
-def export_infer(ctx: ExportContext, delegate: bool = True) -> tuple[bytes, list[str]]:
+def export_infer(ctx: ExportContext, delegate: bool = False) -> tuple[bytes, list[str]]:
     """The serialized inference program and the HF names of its LoRA inputs (in input order)."""
     from torch.export import Dim
 

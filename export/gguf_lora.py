@@ -26,7 +26,8 @@ from pocketpeft.lora import PEFT_PREFIX
 
 from .gguf_target import ARCH, HF_TO_GGUF, permute_rows
 
-_PEFT_KEY = re.compile(re.escape(PEFT_PREFIX) + r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight")
+_PEFT_KEY = re.compile(re.escape(PEFT_PREFIX)
+                       + r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight")
 
 
 def gguf_lora_name(peft_key: str) -> str:
@@ -49,7 +50,8 @@ def _as_adapter(adapter: Any, lora: LoraConfig | None) -> Adapter:
         if lora is None:
             raise ConfigError("a bare tensor mapping needs the LoRA config (pass the bundle manifest)")
         return Adapter(lora, dict(adapter))
-    raise ConfigError(f"expected an Adapter, a PEFT adapter directory or a tensor mapping, got {type(adapter).__name__}")
+    raise ConfigError("expected an Adapter, a PEFT adapter directory or a tensor mapping, "
+                      f"got {type(adapter).__name__}")
 
 
 def adapter_to_gguf(adapter: "Adapter | str | os.PathLike | Mapping[str, Any]", out_path: "str | os.PathLike",

@@ -48,29 +48,34 @@ class _Vocab:
     def __init__(self, tokenizer) -> None:
         n = tokenizer.vocab_size
         special = {i for i, t in tokenizer.hf.get_added_tokens_decoder().items() if t.special}
-        self.raw: list[bytes] = [tokenizer.token_bytes(i) for i in range(n)]
+        self.raw: list[bytes] = _all_token_bytes(tokenizer)
+        texts: list[str | None] = []
+        for b in self.raw:
+            try:
+                texts.append(b.decode("utf-8"))
+            except UnicodeDecodeError:  # a piece of a multi-byte character
+                texts.append(None)
+        word = {c for c in set("".join(t.lower() for t in texts if t)) if is_word_char(c)}
         self.low: list[bytes] = []
         tail = np.zeros(n, np.int32)
         cont, boundary = np.zeros(n, bool), np.zeros(n, bool)
-        for i, b in enumerate(self.raw):
-            try:
-                s = b.decode("utf-8")
-            except UnicodeDecodeError:  # a piece of a multi-byte character: matches typed bytes only
+        for i, (b, s) in enumerate(zip(self.raw, texts)):
+            if s is None:              # matches typed bytes only, never runs past them
                 self.low.append(b.lower())
                 tail[i] = len(b)
-                boundary[i] = bool(b) and b[0] < 0x80 and not is_word_char(chr(b[0]))
+                boundary[i] = bool(b) and b[0] < 0x80 and chr(b[0]) not in word
                 continue
             low = s.lower()
             self.low.append(low.encode("utf-8"))
             j = len(low)
-            while j > 0 and is_word_char(low[j - 1]):
+            while j > 0 and low[j - 1] in word:
                 j -= 1
-            tail[i] = len(low[:j].encode("utf-8"))
+            tail[i] = len(low[:j].encode("utf-8")) if j else 0
             if i in special or not s:
                 boundary[i] = i in special
             elif j == 0:
                 cont[i] = True
-            elif not is_word_char(s[0]):
+            elif s[0] not in word and s[0].lower() not in word:
                 boundary[i] = True
         self.tail = tail
         self.cont_ids = np.flatnonzero(cont)
@@ -105,6 +110,24 @@ class _Vocab:
         if len(self._consistent) > 512:
             self._consistent.popitem(last=False)
         return out
+
+
+def _all_token_bytes(tokenizer) -> list[bytes]:
+    """``tokenizer.token_bytes(i)`` for every id, in bulk for byte-level BPE (one C-level
+    translate per token instead of a Python loop per character)."""
+    from tokenizers import decoders
+
+    from pocketpeft.tokenizer import _unicode_to_bytes
+
+    n = tokenizer.vocab_size
+    out: list[bytes | None] = [None] * n
+    if isinstance(tokenizer.hf.decoder, decoders.ByteLevel):
+        u2b = _unicode_to_bytes()
+        alphabet, table = set(u2b), {ord(c): b for c, b in u2b.items()}
+        for piece, i in tokenizer.hf.get_vocab(with_added_tokens=True).items():
+            if 0 <= i < n and set(piece) <= alphabet:
+                out[i] = piece.translate(table).encode("latin-1")
+    return [b if b is not None else tokenizer.token_bytes(i) for i, b in enumerate(out)]
 
 
 def _first_alnum(low: bytes) -> bool:
@@ -156,7 +179,9 @@ class AdapterWatch:
     def __init__(self, backend) -> None:
         self.version = 0
         for name in ("train_step", "set_adapter"):
-            setattr(backend, name, self._counting(getattr(backend, name)))
+            fn = getattr(backend, name, None)
+            if callable(fn):
+                setattr(backend, name, self._counting(fn))
 
     def _counting(self, fn: Callable) -> Callable:
         def wrapped(*args, **kwargs):

@@ -226,9 +226,9 @@ class LlamaCppBackend:
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise InputTextError(f"input_ids must be [batch, seq], got shape {ids.shape}")
-        self._llm
+        _ = self._llm  # raises unless loaded
         out = np.empty((ids.shape[0], ids.shape[1], self._vocab), np.float32)
-        for r, row in enumerate(ids.tolist()):
+        for r, row in enumerate(ids.tolist() if ids.shape[1] else []):
             self._check_ids(row)
             self._reset_kv(0)
             out[r] = self._decode(row, 0, outputs=True)
@@ -299,7 +299,7 @@ class LlamaCppBackend:
 
     def decoder(self) -> "LlamaCppDecoder":
         """A KV-cached decoder on llama.cpp's cache (adapter swaps apply to later tokens)."""
-        self._llm
+        _ = self._llm  # raises unless loaded
         return LlamaCppDecoder(self)
 
     def close(self) -> None:
