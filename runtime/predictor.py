@@ -200,13 +200,17 @@ class AdapterWatch:
 class Predictor:
     """Next-word suggestions from a backend's incremental decoder and the bundle's tokenizer.
 
-    Options: ``beam_width`` tokens considered after each path, ``max_word_tokens`` tokens per
-    word, ``max_forwards`` new forward passes per :meth:`suggest` call (caps latency; fewer than
-    ``k`` words may come back when it runs out), ``min_ratio`` (paths less likely than this
-    fraction of the best word found are not explored), ``max_context`` tokens of context (longer text is
-    trimmed to its last whole words that fit; see :attr:`last_trimmed`), ``cache_size`` memoized
-    next-token distributions, ``adapter_version`` a callable whose value changes when the weights
-    do (the caches are then dropped; see :class:`AdapterWatch`).
+    Options: ``beam_width`` tokens considered after each path; ``max_word_tokens`` tokens per
+    word; ``max_forwards`` new forward passes per :meth:`suggest` call (caps latency; fewer than
+    ``k`` words may come back when it runs out); ``min_ratio``: paths less likely than this
+    fraction of the best word found are not explored; ``cache_size`` memoized next-token
+    distributions; ``adapter_version`` a callable whose value changes with the weights (the
+    caches are then dropped; see :class:`AdapterWatch`).
+
+    ``max_context`` bounds the tokens the model sees: a longer message keeps only its last whole
+    words that fit (``max_context - max_word_tokens - 1`` tokens, without the message-start
+    separator, since the start is no longer in view) and :attr:`last_trimmed` says so.
+    Backends without ``decoder()`` get one that recomputes the sequence on every forward pass.
     """
 
     def __init__(self, backend, tokenizer, *, beam_width: int = 8, max_word_tokens: int = 4,

@@ -20,12 +20,14 @@ min(2048, the model's context)).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import json
 import os
 import tempfile
 import weakref
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -69,6 +71,51 @@ def _threads() -> int:
         return max(1, int(raw)) if raw else 2
     except ValueError:
         return 2
+
+
+_LOG_ERROR = 4        # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+_log_sink: list[tuple[int, str]] = []
+
+
+@functools.lru_cache(maxsize=1)
+def _log_callback():
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def collect(level: int, text: bytes, user_data) -> None:  # noqa: ANN001
+        _log_sink.append((level, text.decode("utf-8", "replace")))
+
+    return collect
+
+
+@contextlib.contextmanager
+def _llama_log() -> Iterator[list[tuple[int, str]]]:
+    """Collect llama.cpp's log lines (level, text) instead of printing them, for the duration.
+    llama-cpp-python 0.3.36 maps ggml's log levels off by one, so its own callback prints
+    warnings (e.g. "cannot use buft 'CPU_REPACK'" for every LoRA tensor) even with verbose=False;
+    errors are kept here for our exception messages instead."""
+    import llama_cpp
+
+    _log_sink.clear()
+    llama_cpp.llama_log_set(_log_callback(), ctypes.c_void_p(0))
+    try:
+        yield _log_sink
+    finally:
+        try:
+            from llama_cpp._logger import llama_log_callback as restore
+        except ImportError:  # pragma: no cover - a future llama-cpp-python without it: stay quiet
+            restore = _log_callback()
+        llama_cpp.llama_log_set(restore, ctypes.c_void_p(0))
+
+
+def _errors(log: list[tuple[int, str]]) -> str:
+    """The error lines of a collected log, joined (or a generic hint)."""
+    lines, keep = [], False
+    for level, text in log:
+        keep = level == _LOG_ERROR or (level == 5 and keep)
+        if keep and text.strip():
+            lines.append(text.strip())
+    return "; ".join(lines[-4:]) or "no error message from llama.cpp"
 
 
 def _train_unavailable() -> BackendUnavailableError:
@@ -133,12 +180,13 @@ class LlamaCppBackend:
         if raw.isdigit() and int(raw) > 0:
             n_ctx = min(int(raw), arch.max_position_embeddings)
         t = _threads()
-        try:
-            llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=_N_BATCH, n_ubatch=_N_BATCH,
-                                  n_threads=t, n_threads_batch=t, n_gpu_layers=0, logits_all=False,
-                                  verbose=False)
-        except (ValueError, RuntimeError, OSError) as e:
-            raise CorruptFileError(f"llama.cpp cannot load {path}: {e}") from e
+        with _llama_log() as log:
+            try:
+                llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=_N_BATCH, n_ubatch=_N_BATCH,
+                                      n_threads=t, n_threads_batch=t, n_gpu_layers=0, logits_all=False,
+                                      verbose=False)
+            except (ValueError, RuntimeError, OSError) as e:
+                raise CorruptFileError(f"llama.cpp cannot load {path}: {e} ({_errors(log)})") from e
         if llm.n_vocab() != arch.vocab_size:
             raise CorruptFileError(f"{path} has a vocabulary of {llm.n_vocab()}, the manifest says {arch.vocab_size}")
         self.llm, self.bundle, self._kv = llm, bundle, []
@@ -198,7 +246,9 @@ class LlamaCppBackend:
                 out.append(np.ctypeslib.as_array(ptr, shape=(n * self._vocab,)).reshape(n, self._vocab).copy())
         return np.concatenate(out) if outputs else None
 
-    def _reset_kv(self, keep: int = 0) -> None:
+    def _reset_kv(self, keep: int = 0) -> int:
+        """Drop cached tokens from position ``keep`` on; returns how many are kept (0 when
+        llama.cpp cannot cut this cache partially and it had to be cleared)."""
         import llama_cpp
 
         if keep <= 0:
@@ -206,7 +256,8 @@ class LlamaCppBackend:
         elif not llama_cpp.llama_memory_seq_rm(self._mem, 0, keep, -1):
             llama_cpp.llama_memory_clear(self._mem, True)
             keep = 0
-        del self._kv[keep:]
+        del self._kv[max(keep, 0):]
+        return len(self._kv)
 
     def _evaluate(self, ids: list[int], prefix: list[int]) -> np.ndarray:
         """Logits of ``ids`` appended to ``prefix`` (which the caller holds as context): the cache
@@ -216,7 +267,7 @@ class LlamaCppBackend:
         lim = min(len(self._kv), len(prefix))
         while n < lim and self._kv[n] == prefix[n]:
             n += 1
-        self._reset_kv(n)
+        n = self._reset_kv(n)
         if n < len(prefix):
             self._decode(prefix[n:], n, outputs=False)
         return self._decode(ids, len(prefix), outputs=True)
@@ -273,12 +324,13 @@ class LlamaCppBackend:
             self._swaps += 1
             path = os.path.join(self._tmp.name, f"adapter-{self._swaps}.gguf")
             adapter_to_gguf(ad, path, m)
-            try:
-                new = llama_cpp.llama_adapter_lora_init(llm.model, path.encode("utf-8"))
-            finally:
-                os.remove(path)
+            with _llama_log() as log:
+                try:
+                    new = llama_cpp.llama_adapter_lora_init(llm.model, path.encode("utf-8"))
+                finally:
+                    os.remove(path)
             if not new:
-                raise AdapterShapeError("llama.cpp rejected the converted adapter (llama_adapter_lora_init failed)")
+                raise AdapterShapeError(f"llama.cpp rejected the converted adapter: {_errors(log)}")
             adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(new)
             scales = (ctypes.c_float * 1)(1.0)
             rc = llama_cpp.llama_set_adapters_lora(llm.ctx, adapters, 1, scales)
