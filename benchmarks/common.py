@@ -38,7 +38,7 @@ def machine() -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+    info = {"load_average_1_5_15": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
             "logical_cores": os.cpu_count(), "memory_gib": mem, "versions": versions}
     try:
         import torch
