@@ -1,25 +1,29 @@
 """Target ``onnx``: ONNX Runtime training artifacts and ``infer.onnx`` with LoRA weights as inputs.
 
-Files under ``onnx/`` (all ``ir_version`` <= 10, opset 20, for onnxruntime-training 1.19.2):
+Files under ``onnx/`` (``ir_version`` <= 10, opset 20: what onnxruntime-training 1.19.2 loads).
+Batch and sequence length are dynamic everywhere (seq 1..context); ``io.json`` lists every name:
 
-- ``training_model.onnx``: forward + backward. Inputs ``input_ids`` and ``labels``, both int64
-  ``[batch, seq]`` (dynamic; labels -100 = ignored); output ``loss_sum``, the *sum* of token
-  cross-entropies over non-ignored labels (divide by their count for the mean: summing lets
+- ``training_model.onnx``: forward + backward. Inputs ``input_ids`` and ``labels``, int64
+  ``[batch, seq]`` (label -100 = ignored); output ``loss_sum``, the *sum* of token
+  cross-entropies over scored labels (divide by their count for the mean; sums make
   micro-batches accumulate exactly). Gradients accumulate in ORT's in-graph buffers.
 - ``eval_model.onnx``: forward only; outputs ``loss_sum`` and ``logits`` float32 ``[batch, seq, vocab]``.
-- ``checkpoint``: every base tensor (frozen: quantized uint8/int8 buffers, float32 block scales,
-  norms, embedding) and the LoRA tensors, the only ones with ``requires_grad``. LoRA tensors
-  carry their PEFT key (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``).
-- ``optimizer_model.onnx``: ORT's AdamW for other ORT clients (pocketpeft's runtime runs a
-  torch-exact AdamW on the host instead; see the onnxruntime backend).
-- ``infer.onnx``: forward only, base weights embedded as initializers, inputs ``input_ids``
-  int64 ``[batch, seq]`` plus one float32 input per LoRA tensor (named by PEFT key, fixed
-  shape); output ``logits`` float32 ``[batch, seq, vocab]``. The forward-only / NPU path.
-- ``io.json``: the names, shapes and conventions above, machine-readable.
+- ``checkpoint``: the LoRA tensors, the only ones with ``requires_grad``, named by their PEFT
+  keys (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``), and the frozen
+  base: packed uint8/int8 quantized buffers, float32 block scales, norms, the float32 embedding.
+- ``optimizer_model.onnx``: ORT's AdamW, for other ORT clients (pocketpeft's runtime runs a
+  torch-exact AdamW on the host; see the onnxruntime backend).
+- ``infer.onnx``: forward only, base embedded as initializers; inputs ``input_ids`` plus one
+  float32 input per LoRA tensor (named by PEFT key, fixed shape); output ``logits``
+  ``[batch, seq, vocab]``. The forward-only / NPU path.
+- ``io.json``: names, shapes, conventions, and the session config the training graph wants.
 
-Frozen weights are dequantized in-graph with standard ops (Cast, BitwiseAnd, Div+Floor,
-Gather/GatherND of the nf4 table). Rides on ORT training 1.19.2 (its last release) and the
-dynamo exporter with ``optimize=False`` (optimizing renames initializers).
+Frozen weights are dequantized in-graph with standard ops (Cast, BitwiseAnd, Div+Floor, and one
+Gather from a byte table for nf4), bit-identical to ``pocketpeft.quant.dequantize``. The backward
+pass recomputes them rather than keeping them (see :func:`_rematerialize_frozen`).
+
+Rides on ORT training 1.19.2 (its last release) and the dynamo exporter with ``optimize=False``
+(the optimizer's constant folding renames initializers, losing the PEFT mapping).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import warnings
 
 import torch
 
@@ -37,7 +42,6 @@ from .protocol import ExportContext
 
 DIR = "onnx"
 IO_JSON = "io.json"
-FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "infer.onnx", IO_JSON)
 MAX_IR_VERSION = 10   # onnxruntime 1.19.2 rejects newer
 LOSS = "loss_sum"
 _PROTO_LIMIT = 2_000_000_000  # protobuf's 2 GB ceiling (with margin); external data is not implemented
@@ -96,7 +100,8 @@ def _export_forward(ctx: ExportContext, train: bool):
     was_training = model.training
     model.train(train)  # train mode only to keep LoRA dropout in the training graph
     try:
-        with _export_dequant():
+        with _export_dequant(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
             prog = torch.onnx.export(model, (ids,), dynamo=True, optimize=False, input_names=["input_ids"],
                                      output_names=["logits"], dynamic_shapes={"input_ids": dims}, verbose=False)
     finally:
@@ -119,8 +124,9 @@ def _rename(mp, names: dict[str, str]) -> None:
 def _portable_ops(mp) -> None:
     """Rewrite what the exporter emits but ORT can't differentiate, run, or runs slowly: CastLike
     (no gradient builder) becomes Cast to the inferred type; GatherND gets the int64 indices ONNX
-    requires (the exporter passes int32 ones through); ``Pow(x, 2)`` becomes ``Mul(x, x)``
-    (same correctly rounded result; ORT's Pow calls std::pow per element)."""
+    requires (the exporter passes int32 ones through); Dropout gets the mask output its gradient
+    reads; ``Pow(x, 2)`` becomes ``Mul(x, x)`` (the same correctly rounded result; ORT's Pow
+    calls std::pow per element)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -147,6 +153,8 @@ def _portable_ops(mp) -> None:
                                              to=TensorProto.INT64))
             nodes[i + 1].input[1] = idx
             i += 1
+        elif n.op_type == "Dropout" and len(n.output) == 1:   # ORT's DropoutGrad reads the mask output
+            n.output.append(f"{n.output[0]}.mask")
         elif n.op_type == "Pow" and n.input[1] in twos:
             nodes[i].CopyFrom(helper.make_node("Mul", [n.input[0], n.input[0]], list(n.output), name=n.name))
         i += 1
@@ -193,7 +201,7 @@ def _sum_ce_block(vocab: int):
 @contextlib.contextmanager
 def _quiet_ort():
     """generate_artifacts builds its own SessionOptions, which log every graph transformer at
-    INFO level to stderr; make those options (and the default logger) log errors only."""
+    INFO level to stderr; make those options log errors only."""
     import onnxruntime
     from onnxruntime.training.onnxblock import _training_graph_utils as tgu
 
@@ -204,7 +212,6 @@ def _quiet_ort():
 
     saved = tgu.SessionOptions
     tgu.SessionOptions = _Options
-    onnxruntime.set_default_logger_severity(3)
     try:
         yield
     finally:
@@ -215,9 +222,10 @@ def _rematerialize_frozen(mp, frozen: set[str]) -> int:
     """Make the backward pass recompute what it reads from frozen weights (dequantized and
     transposed base weights, the transposed tied embedding) instead of keeping the forward's copy
     alive: each such chain is cloned right before its first backward consumer. ORT then frees
-    every dequantized weight after its forward matmul (~0.5 GB less at SmolLM2 batch 8x64) for a
-    second dequantization (~6% of a step). Sessions must disable CommonSubexpressionElimination,
-    which would merge the clones back (still correct, just without the saving).
+    every dequantized weight after its forward matmul. SmolLM2, batch 8x64: 0.5 GB fewer stashed
+    bytes, 0.25 GB lower peak RSS, ~7% more CPU for the second dequantization. Sessions must
+    disable CommonSubexpressionElimination, which would merge the clones back (still correct,
+    just without the saving); io.json says so.
     Returns how many backward inputs were redirected."""
     import onnx
 
@@ -289,6 +297,52 @@ def _write_infer(fwd, lora: dict[str, str], path) -> dict[str, list[int]]:
     return shapes
 
 
+def _write_training(fwd, ctx: ExportContext, lora: dict[str, str], out) -> None:
+    """generate_artifacts over the forward graph (renamed to PEFT keys), then the fix-ups:
+    rematerialization in training_model, logits in eval_model, ir_version <= 10 everywhere."""
+    import onnx
+    from onnx import TensorProto, helper
+    from onnxruntime.training import artifacts, onnxblock
+
+    _rename(fwd, lora)
+    params = {k for k, _ in ctx.model.named_parameters()} | {k for k, _ in ctx.model.named_buffers()}
+    frozen = [t.name for t in fwd.graph.initializer if t.name in params and t.name not in lora]
+    _f16_to_f32(fwd, set(frozen))
+    with _quiet_ort():
+        artifacts.generate_artifacts(
+            fwd, requires_grad=list(lora.values()), frozen_params=frozen, loss=_sum_ce_block(ctx.arch.vocab_size),
+            # torch.optim.AdamW's defaults, for ORT clients that use this model; pocketpeft doesn't
+            optimizer=onnxblock.optim.AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
+            artifact_directory=str(out))
+    for name in ("training_model.onnx", "optimizer_model.onnx", "eval_model.onnx"):
+        mp = onnx.load(str(out / name))
+        if name == "training_model.onnx":
+            _rematerialize_frozen(mp, set(frozen))
+        elif name == "eval_model.onnx":   # logits too: top-k metrics and logits() run in eval mode
+            mp.graph.output.append(helper.make_tensor_value_info(
+                "logits", TensorProto.FLOAT, ["batch", "seq", ctx.arch.vocab_size]))
+        _save(mp, out / name)
+
+
+def _io_description(ctx: ExportContext, lora_shapes: dict[str, list[int]]) -> dict:
+    """The content of io.json (see the module docstring)."""
+    ids = {"input_ids": ["batch", "seq"]}
+    logits = {"logits": ["batch", "seq", ctx.arch.vocab_size]}
+    return {
+        "format_version": 1,
+        "dims": {"batch": "dynamic", "seq": f"dynamic, 1..{ctx.arch.max_position_embeddings}"},
+        "exported_example": {"batch": ctx.batch_size, "seq": ctx.seq_len},
+        "training_model": {"inputs": {**ids, "labels": ["batch", "seq"]}, "outputs": {LOSS: []}},
+        "eval_model": {"inputs": {**ids, "labels": ["batch", "seq"]}, "outputs": {LOSS: [], **logits}},
+        "infer": {"inputs": {**ids, **lora_shapes}, "outputs": logits},
+        "loss": "sum of token cross-entropies over labels != -100 (divide by their count for the mean)",
+        "lora": {k: k for k in lora_shapes},   # PEFT key -> ONNX name: identical, nothing needed sanitizing
+        "lora_dropout_in_training_graph": ctx.lora.lora_dropout > 0,
+        # training_model recomputes dequantized weights in backward; CSE would merge that back
+        "session_config": {"optimization.disable_specified_optimizers": "CommonSubexpressionElimination"},
+    }
+
+
 class OnnxTarget:
     """Writes the ``onnx/`` folder; see the module docstring."""
 
@@ -304,22 +358,14 @@ class OnnxTarget:
 
         onnx = require("onnx", "onnx")
         require("onnxscript", "onnx")
+        onnxruntime = require("onnxruntime", "onnx")
         require("onnxruntime.training", "onnx")
-        import onnxruntime
-        from onnx import TensorProto, helper
-        from onnxruntime.training import artifacts, onnxblock
-
         out = ctx.stage / DIR
         out.mkdir(parents=True, exist_ok=True)
         bar = None
         if ctx.progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=4, desc="onnx: export graph", unit="stage", leave=False)
-
-        def stage(desc: str) -> None:
-            if bar is not None:
-                bar.update()
-                bar.set_description(f"onnx: {desc}")
+            bar = tqdm(total=3, desc="onnx: export graph (torch.export)", unit="stage", leave=False)
 
         lora = lora_onnx_names(ctx.model)
         fwd = _export_forward(ctx, train=False)
@@ -328,51 +374,18 @@ class OnnxTarget:
             raise UnsupportedModelError(f"onnx export: LoRA tensors missing from the graph: {missing[:3]}")
         _check_size(fwd, "the forward graph")
         _portable_ops(fwd)
-        stage("infer.onnx")
+        if bar is not None:
+            bar.update()
+            bar.set_description("onnx: infer.onnx")
         lora_shapes = _write_infer(fwd, lora, out / "infer.onnx")
-
-        stage("training artifacts")
-        train_fwd = fwd if ctx.lora.lora_dropout == 0 else _export_forward(ctx, train=True)
-        if train_fwd is not fwd:
-            _portable_ops(train_fwd)
-        del fwd
-        _rename(train_fwd, lora)
-        params = {k for k, _ in ctx.model.named_parameters()} | {k for k, _ in ctx.model.named_buffers()}
-        frozen = [t.name for t in train_fwd.graph.initializer if t.name in params and t.name not in lora]
-        _f16_to_f32(train_fwd, set(frozen))
-        with _quiet_ort():
-            artifacts.generate_artifacts(
-                train_fwd, requires_grad=list(lora.values()), frozen_params=frozen, loss=_sum_ce_block(ctx.arch.vocab_size),
-                # torch.optim.AdamW's defaults, for ORT clients that use this model; pocketpeft doesn't
-                optimizer=onnxblock.optim.AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
-                artifact_directory=str(out))
-        del train_fwd
-        stage("finish")
-        for name in ("training_model.onnx", "optimizer_model.onnx", "eval_model.onnx"):
-            mp = onnx.load(str(out / name))
-            if name == "training_model.onnx":
-                _rematerialize_frozen(mp, set(frozen))
-            if name == "eval_model.onnx":  # logits too, for top-k metrics and logits() in eval mode
-                mp.graph.output.append(helper.make_tensor_value_info(
-                    "logits", TensorProto.FLOAT, ["batch", "seq", ctx.arch.vocab_size]))
-            _save(mp, out / name)
-        io = {
-            "format_version": 1,
-            "dims": {"batch": "dynamic (exported example: %d)" % ctx.batch_size,
-                     "seq": f"dynamic, 1..{ctx.arch.max_position_embeddings} (exported example: {ctx.seq_len})"},
-            "training_model": {"inputs": {"input_ids": ["batch", "seq"], "labels": ["batch", "seq"]},
-                               "outputs": {LOSS: []}},
-            "eval_model": {"inputs": {"input_ids": ["batch", "seq"], "labels": ["batch", "seq"]},
-                           "outputs": {LOSS: [], "logits": ["batch", "seq", ctx.arch.vocab_size]}},
-            "infer": {"inputs": {"input_ids": ["batch", "seq"], **lora_shapes},
-                      "outputs": {"logits": ["batch", "seq", ctx.arch.vocab_size]}},
-            "loss": "sum of token cross-entropy over labels != -100 (int64; divide by the count for the mean)",
-            "lora": {k: k for k in lora.values()},  # PEFT key -> ONNX name (identical: no sanitizing needed)
-            "lora_dropout_in_training_graph": ctx.lora.lora_dropout > 0,
-            # the training graph recomputes dequantized weights in backward; CSE would merge that back
-            "session_config": {"optimization.disable_specified_optimizers": "CommonSubexpressionElimination"},
-        }
-        (out / IO_JSON).write_text(json.dumps(io, indent=2) + "\n")
+        if bar is not None:
+            bar.update()
+            bar.set_description("onnx: training artifacts")
+        if ctx.lora.lora_dropout > 0:   # the training graph keeps LoRA dropout; infer.onnx must not
+            fwd = _export_forward(ctx, train=True)
+            _portable_ops(fwd)
+        _write_training(fwd, ctx, lora, out)
+        (out / IO_JSON).write_text(json.dumps(_io_description(ctx, lora_shapes), indent=1) + "\n")
         if bar is not None:
             bar.update()
             bar.close()
