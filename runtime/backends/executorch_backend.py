@@ -201,7 +201,8 @@ class ExecuTorchBackend:
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 logits for one call of at most batch_size x seq_len tokens."""
         lora = [self._adapter[k] for k in self._sig["infer"]["inputs"][1:]]
-        return self._infer_module().forward((ids, *lora))[0]
+        # ExecuTorch refuses strided inputs (e.g. a row slice of a batch): pass contiguous tensors
+        return self._infer_module().forward((ids.contiguous(), *(t.contiguous() for t in lora)))[0]
 
     # ------------------------------------------------------------------ the Protocol
     def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
