@@ -11,10 +11,11 @@ on a non-finite loss or gradient while leaving weights *and* moments untouched. 
 are a fraction of a percent of the weights, so the gradient reads and weight writes cost
 milliseconds per step (measured: ~10 us per tensor).
 
-The training graph recomputes dequantized weights in backward; the session config that needs
-(no common-subexpression elimination) is read from the bundle's ``onnx/io.json``. Batch and
-sequence length are dynamic, so short batches need no padding. The CUDA path is untested
-here (no GPU): weights and gradients cross to the host through ORT's own copies.
+The training graph has static ``[batch_size, seq_len]`` inputs (ORT plans its memory ahead;
+short batches and rows are padded with label -100) and recomputes dequantized weights in
+backward; the session config that needs (no common-subexpression elimination) is read from the
+bundle's ``onnx/io.json``. The eval model is dynamic. The CUDA path is untested here (no GPU):
+weights and gradients cross to the host through ORT's own copies.
 
 Rides on onnxruntime-training 1.19.2, its last release.
 """
@@ -29,7 +30,7 @@ from typing import Mapping
 import numpy as np
 
 from pocketpeft.errors import (AdapterShapeError, ConfigError, CorruptFileError, MissingDependencyError,
-                               ModelFileNotFoundError)
+                               ModelFileNotFoundError, SequenceTooLongError)
 from pocketpeft.manifest import Bundle
 
 from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
@@ -93,6 +94,7 @@ class OrtBackend:
         self.step = 0
         self._state = self._module = None
         self._shapes: dict[str, tuple[int, ...]] = {}   # PEFT key -> shape
+        self._static = (0, 0)   # the training model's [rows, seq_len]
         self._moments: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def capabilities(self) -> Capabilities:
@@ -114,7 +116,8 @@ class OrtBackend:
         try:
             io = json.loads(paths[IO_JSON].read_text(encoding="utf-8"))
             config = dict(io.get("session_config", {}))
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
+            rows, seq = (int(x) for x in io["training_model"]["inputs"]["input_ids"])
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
             raise CorruptFileError(f"{paths[IO_JSON]} is not a valid io.json: {e}") from e
         so = ort.SessionOptions()
         so.log_severity_level = 3   # warnings only restate that dynamic shapes are planned at run time
@@ -133,7 +136,7 @@ class OrtBackend:
         if trainable != expected:
             raise CorruptFileError(f"{paths[CHECKPOINT]}: its trainable tensors don't match the manifest's "
                                    f"({len(trainable)} vs {len(expected)} LoRA tensors)")
-        self._state, self._module, self._shapes = state, module, expected
+        self._state, self._module, self._shapes, self._static = state, module, expected, (rows, seq)
         self.set_adapter({k: v.numpy() for k, v in bundle.initial_adapter().tensors.items()})
 
     def configure(self, cfg: TrainConfig) -> None:
@@ -152,21 +155,38 @@ class OrtBackend:
         mod = self._mod.train(train)
         return mod(np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(labels, dtype=np.int64))
 
+    def _padded(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fill the training model's static [rows, seq_len] with label -100 (scores nothing) and
+        token 0; padding sits after the real tokens, which causal attention never lets them see."""
+        rows, seq = self._static
+        if ids.shape == (rows, seq):
+            return ids, labels
+        pid, plab = np.zeros((rows, seq), np.int64), np.full((rows, seq), -100, np.int64)
+        pid[:ids.shape[0], :ids.shape[1]], plab[:ids.shape[0], :ids.shape[1]] = ids, labels
+        return pid, plab
+
     def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
-        """One AdamW step exactly as the torch backend takes it: loss = summed CE / valid tokens,
-        ``grad_accum`` micro-batches (torch.chunk's split), global-norm clipping, skip on a
-        non-finite loss or gradient norm (weights and moments untouched). Shapes are dynamic, so
-        fewer rows than the exported batch need no padding."""
+        """One AdamW step exactly as the torch backend takes it: loss = summed CE / scored tokens,
+        global-norm clipping, skip on a non-finite loss or gradient norm (weights and moments
+        untouched). Rows run through the static training graph ``rows`` at a time, padded; the
+        summed loss makes that equal to any micro-batching, so ``grad_accum`` changes only float
+        rounding here (and no memory: the graph's batch is fixed at export).
+
+        Raises :class:`SequenceTooLongError` for rows longer than the exported ``seq_len``.
+        """
         cfg, mod, state = self.cfg, self._mod, self._state
         ids, lab = np.asarray(input_ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+        rows, seq = self._static
+        if ids.ndim != 2 or ids.shape[1] > seq:
+            raise SequenceTooLongError(f"train_step: input_ids of shape {ids.shape}; the ONNX training graph "
+                                       f"takes rows of at most {seq} tokens (re-export with a larger seq_len)")
         n_tok = int((lab != -100).sum())
         denom = np.float32(max(n_tok, 1))
         lr = cfg.lr_at(self.step)
         mod.lazy_reset_grad()
-        size = -(-len(ids) // cfg.grad_accum)   # torch.chunk: ceil-sized chunks, the last one smaller
         total = 0.0
-        for s in range(0, len(ids), size):
-            total += float(np.float32(self._run(True, ids[s:s + size], lab[s:s + size])) / denom)
+        for s in range(0, len(ids), rows):
+            total += float(np.float32(self._run(True, *self._padded(ids[s:s + rows], lab[s:s + rows]))) / denom)
         grads = {k: state.parameters[k].grad / denom for k in self._shapes}
         # torch.nn.utils.clip_grad_norm_: norm of per-tensor norms, coef clamped at 1, always applied
         norms = np.array([np.sqrt(np.dot(g.ravel(), g.ravel())) for g in grads.values()], dtype=np.float32)

@@ -17,7 +17,8 @@ pytest.importorskip("onnxruntime.training", reason="needs onnxruntime-training (
 
 import pocketpeft as pp  # noqa: E402
 from pocketpeft.data import pack_rows  # noqa: E402
-from pocketpeft.errors import AdapterShapeError, CorruptFileError, ModelFileNotFoundError  # noqa: E402
+from pocketpeft.errors import (AdapterShapeError, CorruptFileError, ModelFileNotFoundError,  # noqa: E402
+                               SequenceTooLongError)
 from pocketpeft.runtime import TrainConfig  # noqa: E402
 from tests.helpers import CHAT  # noqa: E402
 
@@ -86,19 +87,24 @@ def test_training_matches_torch_for_20_steps(bundle, tmp_path):
     assert eo.loss == pytest.approx(et.loss, rel=1e-5)
 
 
-def test_accumulation_and_short_batches_match_torch(bundle, rows):
+def test_accumulation_and_odd_batches_match_torch(bundle, rows):
+    """The training graph is static [4, 32]: fewer rows, more rows and shorter rows are padded
+    or split, with torch's numbers; grad_accum only regroups a sum."""
     inputs, labels = rows
     cfg = TrainConfig(lr=5e-3, grad_accum=2, warmup_steps=0)
     t, o = _pair(bundle, cfg)
     for be in (t.backend, o.backend):
         be.configure(cfg)
-    for n in (4, 3):   # 3 rows: fewer than the exported batch of 4, chunked 2 + 1
-        rt, ro = t.backend.train_step(inputs[:n], labels[:n]), o.backend.train_step(inputs[:n], labels[:n])
+    for n, length in ((4, 32), (3, 32), (6, 32), (4, 20)):
+        x, y = inputs[:n, :length], labels[:n, :length]
+        rt, ro = t.backend.train_step(x, y), o.backend.train_step(x, y)
         assert ro.tokens == rt.tokens and not ro.skipped
         assert ro.loss == pytest.approx(rt.loss, rel=1e-5) and ro.grad_norm == pytest.approx(rt.grad_norm, rel=1e-4)
     wt, wo = t.backend.get_adapter(), o.backend.get_adapter()
     for k in wt:
         np.testing.assert_allclose(wo[k], wt[k], atol=1e-5)
+    with pytest.raises(SequenceTooLongError, match="at most 32 tokens"):
+        o.backend.train_step(np.zeros((1, 33), np.int64), np.zeros((1, 33), np.int64))
 
 
 @pytest.mark.parametrize("quant", ["q8_0", "nf4"])
