@@ -47,6 +47,8 @@ TARGETS: dict[str, Entry] = {
 
 
 def backend_entry(name: str) -> Entry:
+    "coreml": Entry("coreml", "pocketpeft.export.coreml_target", "coreml",
+                    "Core ML .mlpackage: 4/8-bit weights, LoRA tensors as inputs (runs on macOS/iOS)"),
     """The registered backend ``name``; raise :class:`BackendNotFoundError` listing the known ones."""
     if name not in BACKENDS:
         raise BackendNotFoundError(f"unknown backend {name!r}; registered backends: {', '.join(BACKENDS)} "
