@@ -1,0 +1,307 @@
+"""The Personalizer: what an app embeds to learn from its user's typing on the device.
+
+``observe(text)`` keeps messages in a :class:`~.store.TextStore`; ``update(...)`` trains the
+LoRA adapter on what is new plus a small replay sample of older text, inside a time box, and
+passes the result through a quality gate before committing it to the
+:class:`~.store.AdapterStore`:
+
+- the newest slice of the user's text is held out (not trained on in this update); the new
+  adapter must lower its loss (by more than ``min_heldout_gain``, relative);
+- a general-text check (other people's messages) must not get worse by more than
+  ``max_general_increase`` (relative loss, default +2%);
+- otherwise the previous adapter is put back and nothing is committed.
+
+Serving while learning: suggestions come from a second *serving* session that holds only whole
+committed adapters. Training runs on the training session; after a commit the serving session
+loads the new version from the store (hash-checked) under a lock that ``suggest()`` also takes,
+so a suggestion is computed entirely with one committed adapter, never a half-trained one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from pocketpeft.errors import ConfigError
+
+from .session import Session
+from .store import NEW, REJECTED, TRAINED, AdapterStore, AdapterVersion, TextStore
+
+Progress = Callable[[dict], None]
+
+
+@dataclass
+class UpdateReport:
+    """What one ``update()`` did and why its result was or wasn't committed."""
+
+    accepted: bool
+    reason: str
+    version: int | None            # the version current after the update
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    train_seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    new_messages: int = 0
+    replay_messages: int = 0
+    heldout_messages: int = 0
+    heldout_loss_before: float | None = None
+    heldout_loss_after: float | None = None
+    general_loss_before: float | None = None
+    general_loss_after: float | None = None
+    peak_rss_mb: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Personalizer:
+    """Incremental, gated personalization of ``session``'s adapter, stored under ``store_dir``.
+
+    ``store_dir`` gets ``text.sqlite`` (the user's messages) and ``adapters/`` (the versions);
+    both are tied to the session's base model. On construction the current committed version (if
+    any) is loaded into both the training session and the serving session.
+
+    - ``serve_session``: the session suggestions come from; by default a second session of the
+      same bundle on the same backend (inference only).
+    - ``general``: other people's messages for the general-text check (default: a fixed sample of
+      the chitchat corpus, :func:`pocketpeft.data.general_texts`).
+    - ``holdout_fraction`` / ``holdout_max``: size of the newest slice held out for the gate.
+    - ``replay_fraction``: replayed older messages per new message (sampled from trained ones).
+    - ``max_general_increase``: allowed relative rise of the general-text loss (0.02 = +2%).
+    - ``min_heldout_gain``: required relative drop of the held-out loss (0 = any improvement).
+
+    Raises :class:`ConfigError` for bad settings, and the stores' errors (:class:`StoreError`,
+    :class:`BaseModelMismatchError`) for an unusable or foreign ``store_dir``.
+    """
+
+    def __init__(self, session: Session, store_dir: "str | os.PathLike", serve_session: Session | None = None,
+                 general: Sequence[str] | None = None, holdout_fraction: float = 0.1, holdout_max: int = 150,
+                 replay_fraction: float = 0.25, max_general_increase: float = 0.02, min_heldout_gain: float = 0.0,
+                 max_text_bytes: int = 16 << 20, seed: int = 0) -> None:
+        for name, v, lo, hi in (("holdout_fraction", holdout_fraction, 0.0, 0.9),
+                                ("replay_fraction", replay_fraction, 0.0, 10.0),
+                                ("max_general_increase", max_general_increase, 0.0, 10.0),
+                                ("min_heldout_gain", min_heldout_gain, 0.0, 1.0)):
+            if not (isinstance(v, (int, float)) and lo <= v <= hi):
+                raise ConfigError(f"{name} must be a number in [{lo}, {hi}], got {v!r}")
+        if isinstance(holdout_max, bool) or not isinstance(holdout_max, int) or holdout_max < 1:
+            raise ConfigError(f"holdout_max must be a positive integer, got {holdout_max!r}")
+        self.session = session
+        m = session.manifest
+        self.store_dir = Path(store_dir)
+        self.texts = TextStore(self.store_dir / "text.sqlite", m.base_sha256, max_bytes=max_text_bytes)
+        self.adapters = AdapterStore(self.store_dir / "adapters", m.base_sha256, m.lora,
+                                     base_name=f"pocketpeft:{m.base_source}")
+        if general is None:
+            from pocketpeft.data import general_texts
+
+            general = general_texts(n=120, seed=7)
+        self.general = list(general)
+        self.holdout_fraction, self.holdout_max = holdout_fraction, holdout_max
+        self.replay_fraction = replay_fraction
+        self.max_general_increase, self.min_heldout_gain = max_general_increase, min_heldout_gain
+        self._rng = np.random.default_rng(seed)
+        self._update_lock = threading.Lock()      # one update at a time
+        self._serve_lock = threading.RLock()      # suggest() vs swapping the serving adapter
+        self._general_cache: tuple[int | None, float, float] | None = None   # (version, loss, eval seconds)
+        if serve_session is None:
+            from . import open as open_session
+
+            be = session.backend
+            serve_session = open_session(session.bundle, backend=f"{be.name}:{be.device}", need_train=False)
+        self.serve_session = serve_session
+        self._serving_version: int | None = None
+        v = self.adapters.current_version()
+        if v is not None:
+            self.session.load_adapter(self.adapters.versions_dir / str(v))
+            self._serve(v)
+
+    # ------------------------------------------------------------------ text
+    def observe(self, text: "str | bytes | Sequence[str | bytes]") -> int:
+        """Keep one message (or a list of them, stored all-or-none) for the next update.
+
+        Returns how many messages were stored. Raises :class:`InputTextError` for empty, binary,
+        non-UTF-8 or oversized text, :class:`StoreError` when the store can't be written.
+        """
+        items = [text] if isinstance(text, (str, bytes, bytearray)) else list(text)
+        return len(self.texts.add_many(items))
+
+    def wipe(self) -> dict[str, Any]:
+        """Delete all stored text (the database and its WAL/shm files); returns what was removed.
+        Committed adapters are kept (they hold no text)."""
+        with self._update_lock:
+            return self.texts.wipe()
+
+    # ------------------------------------------------------------------ serving
+    @property
+    def version(self) -> int | None:
+        """The committed version suggestions are served from (``None``: the bundle's initial adapter)."""
+        return self._serving_version
+
+    def suggest(self, prefix: str, k: int = 3) -> list[str]:
+        """The ``k`` most likely next words after ``prefix``, from the last committed adapter
+        (answers keep coming while an update runs). See :meth:`Session.suggest`."""
+        with self._serve_lock:
+            return self.serve_session.suggest(prefix, k)
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """float32 logits [T, vocab] from the last committed adapter (see :meth:`Session.logits`)."""
+        with self._serve_lock:
+            return self.serve_session.logits(token_ids)
+
+    def serving(self) -> tuple[int | None, dict[str, np.ndarray]]:
+        """(version, copy of the tensors) the serving session holds right now, read atomically."""
+        with self._serve_lock:
+            return self._serving_version, {k: np.array(v) for k, v in self.serve_session.backend.get_adapter().items()}
+
+    def _serve(self, version: int) -> None:
+        ad = self.adapters.load(version)          # read back from disk, hash-checked
+        tensors = {k: v.numpy() for k, v in ad.tensors.items()}
+        with self._serve_lock:
+            self.serve_session.backend.set_adapter(tensors)
+            self._serving_version = version
+
+    def versions(self) -> list[AdapterVersion]:
+        """Committed versions, oldest first, with the metrics they were accepted with."""
+        return self.adapters.list()
+
+    def restore(self, version: int) -> AdapterVersion:
+        """Make ``version`` current again, in training and serving. Raises the store's errors."""
+        with self._update_lock:
+            v = self.adapters.restore(version)
+            self.session.load_adapter(v.path)
+            self._serve(version)
+            self._general_cache = None
+            return v
+
+    # ------------------------------------------------------------------ updating
+    def _split(self) -> tuple[list, list, list]:
+        """(held-out rows, new rows to train, replay rows) for the next update."""
+        rows = self.texts.rows()
+        n_hold = min(self.holdout_max, max(1, int(round(len(rows) * self.holdout_fraction)))) if rows else 0
+        hold = rows[len(rows) - n_hold:] if self.holdout_fraction > 0 else []
+        held = {r.id for r in hold}
+        new = [r for r in rows if r.trained == NEW and r.id not in held]
+        old = [r for r in rows if r.trained == TRAINED and r.id not in held]
+        n_replay = min(len(old), int(math.ceil(len(new) * self.replay_fraction)))
+        replay = [old[i] for i in sorted(self._rng.choice(len(old), n_replay, replace=False))] if n_replay else []
+        return hold, new, replay
+
+    def _eval(self, texts: list[str]) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        loss = self.session.eval(texts).loss
+        return loss, time.perf_counter() - t0
+
+    def update(self, max_steps: int | None = None, max_seconds: float | None = None,
+               progress: "Progress | bool | None" = None) -> UpdateReport:
+        """Train on new text plus replay, gate the result, and commit it if it passes.
+
+        Stops after ``max_steps`` optimizer steps or when ``max_seconds`` (the whole update: the
+        gate's evaluations included) would be exceeded; 20 steps if neither is given.
+        ``progress``: a callable receiving ``{"stage": ..., ...}`` dicts (``split``, ``eval-before``,
+        ``train``, ``eval-after``, ``done``), or ``True`` for progress bars. Safe to call again
+        and again; calls from several threads run one after another.
+        Returns an :class:`UpdateReport`. Raises :class:`ConfigError` for bad limits and
+        :class:`StoreError` when a commit can't be written (the previous version stays current
+        and is put back in the training session).
+        """
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+            raise ConfigError(f"max_steps must be a positive integer, got {max_steps!r}")
+        if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0
+                                            and math.isfinite(max_seconds)):
+            raise ConfigError(f"max_seconds must be a positive number, got {max_seconds!r}")
+        if max_steps is None and max_seconds is None:
+            max_steps = 20
+        tell: Callable[[dict], None] = progress if callable(progress) else (lambda d: None)
+        with self._update_lock:
+            return self._update(max_steps, max_seconds, tell, progress is True)
+
+    def _update(self, max_steps, max_seconds, tell, bars: bool) -> UpdateReport:
+        t0 = time.perf_counter()
+        version = self.adapters.current_version()
+        hold, new, replay = self._split()
+        rep = UpdateReport(False, "", version, new_messages=len(new), replay_messages=len(replay),
+                           heldout_messages=len(hold))
+        tell({"stage": "split", "new": len(new), "replay": len(replay), "heldout": len(hold)})
+        if not new:
+            rep.reason = "no new text to learn from"
+            return self._finish(rep, t0, tell)
+        hold_texts = [r.text for r in hold]
+        prev = {k: np.array(v) for k, v in self.session.backend.get_adapter().items()}
+        ho_before, ho_secs = self._eval(hold_texts) if hold_texts else (None, 0.0)
+        if self._general_cache is None or self._general_cache[0] != version:
+            g, g_secs = self._eval(self.general)
+            self._general_cache = (version, g, g_secs)
+        _, gen_before, gen_secs = self._general_cache
+        rep.heldout_loss_before, rep.general_loss_before = ho_before, gen_before
+        tell({"stage": "eval-before", "heldout_loss": ho_before, "general_loss": gen_before})
+        seconds = None
+        if max_seconds is not None:   # leave room for the evaluations after training
+            seconds = max_seconds - (time.perf_counter() - t0) - (ho_secs + gen_secs) * 1.1
+            if seconds <= 0:
+                rep.reason = f"time box of {max_seconds:g}s too short: the gate's evaluations alone take {ho_secs + gen_secs:.1f}s"
+                return self._finish(rep, t0, tell)
+        texts = [r.text for r in new] + [r.text for r in replay]
+        order = self._rng.permutation(len(texts))
+        tr = self.session.train([texts[i] for i in order], steps=max_steps, seconds=seconds, progress=bars,
+                                seed=int(self._rng.integers(1 << 31)))
+        rep.steps, rep.tokens, rep.losses, rep.train_seconds = tr.steps, tr.tokens, tr.losses, tr.seconds
+        tell({"stage": "train", "steps": tr.steps, "tokens": tr.tokens, "seconds": tr.seconds,
+              "loss_first": tr.losses[0] if tr.losses else None, "loss_last": tr.losses[-1] if tr.losses else None})
+        applied = tr.steps - len(tr.skipped_steps)
+        ho_after = self._eval(hold_texts)[0] if hold_texts else None
+        gen_after = self._eval(self.general)[0]
+        rep.heldout_loss_after, rep.general_loss_after = ho_after, gen_after
+        tell({"stage": "eval-after", "heldout_loss": ho_after, "general_loss": gen_after})
+        limit = gen_before * (1 + self.max_general_increase)
+        if applied == 0:
+            rep.reason = "no training step was applied (time box too short or every step non-finite)"
+        elif ho_before is not None and not ho_after < ho_before * (1 - self.min_heldout_gain):
+            rep.reason = f"held-out loss did not improve ({ho_before:.4f} -> {ho_after:.4f})"
+        elif not gen_after <= limit:
+            rep.reason = (f"general-text loss rose {100 * (gen_after / gen_before - 1):+.1f}% "
+                          f"({gen_before:.4f} -> {gen_after:.4f}), more than the allowed "
+                          f"+{100 * self.max_general_increase:g}%")
+        else:
+            rep.accepted = True
+        if not rep.accepted:
+            self.session.backend.set_adapter(prev)
+            if applied:
+                self.texts.mark([r.id for r in new], REJECTED)
+            return self._finish(rep, t0, tell)
+        metrics = {k: getattr(rep, k) for k in ("heldout_loss_before", "heldout_loss_after", "general_loss_before",
+                                                "general_loss_after", "steps", "tokens", "new_messages",
+                                                "replay_messages", "heldout_messages")}
+        metrics["train_seconds"] = round(tr.seconds, 3)
+        try:
+            v = self.adapters.commit(self.session.backend.get_adapter(), metrics)
+        except Exception:
+            self.session.backend.set_adapter(prev)
+            raise
+        self.texts.mark([r.id for r in new], TRAINED)
+        self._general_cache = (v.version, gen_after, gen_secs)
+        self._serve(v.version)
+        rep.version = v.version
+        rep.reason = (f"held-out loss {ho_before:.4f} -> {ho_after:.4f}" if ho_before is not None else "no held-out text")
+        rep.reason += f", general-text loss {100 * (gen_after / gen_before - 1):+.1f}% (limit +{100 * self.max_general_increase:g}%)"
+        return self._finish(rep, t0, tell)
+
+    def _finish(self, rep: UpdateReport, t0: float, tell) -> UpdateReport:
+        from .session import peak_rss_mb
+
+        rep.seconds = time.perf_counter() - t0
+        rep.peak_rss_mb = peak_rss_mb()
+        tell({"stage": "done", **rep.to_dict()})
+        return rep
+
+    def close(self) -> None:
+        """Close the text store."""
+        self.texts.close()
