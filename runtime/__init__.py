@@ -12,9 +12,12 @@ from pocketpeft.manifest import Bundle
 from .protocol import Backend, Capabilities, EvalSums, Probe, StepResult, TrainConfig
 from .selection import explain, resolve
 from .session import EvalReport, Session, TrainReport
+from .personalizer import Personalizer, UpdateReport
+from .store import AdapterStore, TextStore
 
 __all__ = ["open", "Session", "TrainReport", "EvalReport", "TrainConfig", "Backend", "Capabilities",
            "Probe", "StepResult", "EvalSums", "explain", "resolve"]
+__all__ += ["Personalizer", "UpdateReport", "AdapterStore", "TextStore"]
 
 
 def open(bundle: "str | os.PathLike | Bundle", backend: str = "auto", adapter: "str | os.PathLike | None" = None,
