@@ -105,6 +105,13 @@ def cmd_backends(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
+    if args.interactive:
+        from .demo import run_interactive
+
+        reports = run_interactive(quant=args.quant, out_dir=args.out, cache=cache_dir(), update_seconds=args.update_seconds)
+        if args.json:
+            print(json.dumps({"updates": reports}, default=str))
+        return
     obj = run_demo(sender=args.sender, seconds=args.seconds, quant=args.quant, out_dir=args.out,
                    cache=cache_dir(), progress=_progress(args), log=None if args.json else print)
     if args.json:
@@ -162,10 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_backends)
 
     d = common(sub.add_parser("demo", help="the main job: personalize SmolLM2 on one chitchat sender"))
-    d.add_argument("--sender", help="chitchat sender id (default: the most prolific)")
+    d.add_argument("--sender", help="chitchat sender id (default: a sender with >= 5k words, see demo.default_sender)")
     d.add_argument("--seconds", type=float, default=60.0, help="update time budget")
     d.add_argument("--quant", default="q4_0", choices=["q4_0", "q8_0", "nf4", "f16", "f32"])
     d.add_argument("--out", default="pocketpeft-demo", help="where the report and adapter go")
+    d.add_argument("--interactive", action="store_true", help="type messages, see suggestions, learn when you pause")
+    d.add_argument("--update-seconds", type=float, default=15.0, help="time box of each background update (--interactive)")
     d.set_defaults(fn=cmd_demo)
     return p
 

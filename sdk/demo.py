@@ -1,17 +1,23 @@
-"""``pocketpeft demo``: personalize the embedded SmolLM2 on one chitchat sender's earlier
-messages and compare base vs personalized on their later (held-out) messages."""
+"""``pocketpeft demo``: personalize the embedded SmolLM2 on one chitchat sender with the
+:class:`~pocketpeft.runtime.Personalizer` and compare base vs personalized on the sender's later,
+held-out messages (loss, next-word top-3 accuracy, keystroke savings, example suggestions).
+``pocketpeft demo --interactive`` is a terminal keyboard that learns from what you type."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from .fsutil import write_bytes_atomic
 
+Log = Callable[[str], None]
 
-def cached_bundle(cache: Path, quant: str, progress: bool, log: Callable[[str], None] | None):
+
+def cached_bundle(cache: Path, quant: str, progress: bool, log: Log | None):
     """The demo bundle (SmolLM2, ``quant``, LoRA r=8 on q/k/v/o), exported once and cached."""
     from .errors import PocketPeftError
     from .export import export
@@ -31,40 +37,211 @@ def cached_bundle(cache: Path, quant: str, progress: bool, log: Callable[[str], 
     return b, time.perf_counter() - t0
 
 
-def run_demo(sender: str | None = None, seconds: float = 60.0, quant: str = "q4_0", out_dir: str | Path = "pocketpeft-demo",
-             cache: Path | None = None, progress: bool = False, max_test_messages: int = 400,
-             log: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Run the demo; returns (and writes to ``out_dir/report.json``) the before/after report."""
-    from . import runtime
-    from .data import sender_split, top_senders
+def default_sender() -> str:
+    """A sender with >= 5k words whose history is long but quick to load: the 6th most prolific."""
+    from .data import top_senders
 
+    senders = top_senders()
+    return senders[min(5, len(senders) - 1)]
+
+
+def _example_prefixes(texts: list[str], n: int) -> list[str]:
+    """Prefixes of ``n`` held-out messages with at least 4 words: their first half of words."""
+    out = []
+    for t in texts:
+        words = t.split()
+        if len(words) >= 4:
+            out.append(" ".join(words[: len(words) // 2]) + " ")
+        if len(out) == n:
+            break
+    return out
+
+
+def _plot(path: Path, report: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    names = ["next-word top-3", "keystroke savings"]
+    before = [100 * report["before"]["next_word_top3"], 100 * report["before"]["keystroke_savings"]]
+    after = [100 * report["after"]["next_word_top3"], 100 * report["after"]["keystroke_savings"]]
+    x = range(len(names))
+    a.bar([i - 0.2 for i in x], before, 0.4, label="base")
+    a.bar([i + 0.2 for i in x], after, 0.4, label="personalized")
+    a.set_xticks(list(x), names)
+    a.set_ylabel("% (held-out messages)")
+    a.set_title(f"sender {report['sender'][:8]}…")
+    a.legend()
+    losses = report["update"]["losses"]
+    b.plot(range(1, len(losses) + 1), losses)
+    b.set_xlabel("update step")
+    b.set_ylabel("training loss")
+    b.set_title(f"{report['update']['steps']} steps in {report['update']['train_seconds']:.0f}s "
+                f"({'accepted' if report['update']['accepted'] else 'rejected'})")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    write_bytes_atomic(path, tmp.read_bytes())
+    tmp.unlink()
+
+
+def run_demo(sender: str | None = None, seconds: float = 60.0, quant: str = "q4_0", out_dir: str | Path = "pocketpeft-demo",
+             cache: Path | None = None, progress: bool = False, max_test_messages: int = 300,
+             keystroke_messages: int = 40, examples: int = 4, log: Log | None = print) -> dict[str, Any]:
+    """Run the demo; returns (and writes to ``out_dir/report.json``, plot in ``out_dir/report.png``)
+    the before/after report. The user's store lives in ``out_dir/store`` and is started afresh."""
+    from . import runtime
+    from .data import general_texts, sender_split
+    from .runtime.session import peak_rss_mb
+
+    t_start = time.perf_counter()
+    say = log or (lambda s: None)
     cache = cache or Path.home() / ".cache" / "pocketpeft"
     bundle, export_s = cached_bundle(Path(cache), quant, progress, log)
-    sender = sender or top_senders()[0]
+    sender = sender or default_sender()
     train, test = sender_split(sender)
     test = test[:max_test_messages]
-    sess = runtime.open(bundle)
-    if log:
-        log(f"sender {sender}: {len(train)} earlier messages to learn from, {len(test)} later ones held out; "
-            f"backend {sess.backend.name}:{sess.backend.device}")
-    before = sess.eval(test, progress=progress)
-    rep = sess.train(train, seconds=seconds, progress=progress)
-    after = sess.eval(test, progress=progress)
+    ks_texts = test[:keystroke_messages]
     out = Path(out_dir)
-    sess.save_adapter(out / "adapter")
+    shutil.rmtree(out / "store", ignore_errors=True)
+    sess = runtime.open(bundle)
+    p = runtime.Personalizer(sess, out / "store", general=general_texts(exclude=[sender], n=120, seed=7))
+    serve = p.serve_session
+    say(f"sender {sender}: {len(train)} earlier messages to learn from, {len(test)} later ones held out; "
+        f"backend {sess.backend.name}:{sess.backend.device}")
+    prefixes = _example_prefixes(test, examples)
+    base_sugg = [p.suggest(x, 3) for x in prefixes]
+    before = {**serve.eval(test).to_dict(), **serve.eval_keystrokes(ks_texts)}
+    general_before = serve.eval(p.general).loss
+    p.observe(train)
+    say(f"learning for up to {seconds:g}s …")
+    upd = p.update(max_seconds=seconds, progress=progress)
+    say(f"update {'accepted' if upd.accepted else 'REJECTED'}: {upd.reason}")
+    after = {**serve.eval(test).to_dict(), **serve.eval_keystrokes(ks_texts)}
+    general_after = serve.eval(p.general).loss
+    pers_sugg = [p.suggest(x, 3) for x in prefixes]
     report = {"sender": sender, "quant": quant, "backend": f"{sess.backend.name}:{sess.backend.device}",
-              "export_seconds": round(export_s, 1), "train": rep.to_dict(), "before": before.to_dict(),
-              "after": after.to_dict(), "adapter": str(out / "adapter")}
-    write_bytes_atomic(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+              "export_seconds": round(export_s, 1), "seconds_budget": seconds,
+              "train_messages": len(train), "test_messages": len(test), "keystroke_messages": len(ks_texts),
+              "update": upd.to_dict(), "version": p.version, "before": before, "after": after,
+              "general_loss": {"base": general_before, "personalized": general_after},
+              "examples": [{"prefix": x, "base": b, "personalized": s} for x, b, s in zip(prefixes, base_sugg, pers_sugg)],
+              "peak_rss_mb": round(peak_rss_mb(), 1), "adapter": str(out / "store" / "adapters")}
+    report["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    _plot(out / "report.png", report)
+    write_bytes_atomic(out / "report.json", (json.dumps(report, indent=2, default=float) + "\n").encode())
     if log:
-        log("")
-        log(f"{'held-out metric':<24}{'base':>10}{'personalized':>14}")
-        for k, label, pct in (("loss", "loss", False), ("perplexity", "perplexity", False),
-                              ("top1", "next-token top-1", True), ("top3", "next-token top-3", True)):
-            a, b = report["before"][k], report["after"][k]
-            fmt = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.3f}")
-            log(f"{label:<24}{fmt(a):>10}{fmt(b):>14}")
-        log("")
-        log(f"update: {rep.steps} steps in {rep.seconds:.1f}s ({rep.tokens_per_s:.0f} tokens/s), "
-            f"peak RSS {rep.peak_rss_mb:.0f} MiB; adapter in {out / 'adapter'}, report in {out / 'report.json'}")
+        _print_report(report, out, log)
+    p.close()
     return report
+
+
+def _print_report(r: dict[str, Any], out: Path, log: Log) -> None:
+    log("")
+    log(f"{'held-out metric':<26}{'base':>10}{'personalized':>14}")
+    rows = (("next_word_top3", "next-word top-3", True), ("keystroke_savings", "keystroke savings", True),
+            ("next_word_top1", "next-word top-1", True), ("top3", "next-token top-3", True),
+            ("loss", "loss", False), ("perplexity", "perplexity", False))
+    for k, label, pct in rows:
+        a, b = r["before"][k], r["after"][k]
+        fmt = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.3f}")
+        log(f"{label:<26}{fmt(a):>10}{fmt(b):>14}")
+    g = r["general_loss"]
+    log(f"{'other people: loss':<26}{g['base']:>10.3f}{g['personalized']:>14.3f}")
+    log("")
+    for e in r["examples"]:
+        log(f"  {e['prefix']!r:<40} base {', '.join(e['base']):<30} personalized {', '.join(e['personalized'])}")
+    u = r["update"]
+    log("")
+    log(f"update: {u['steps']} steps, {u['tokens']} tokens, {u['train_seconds']:.1f}s training / {u['seconds']:.1f}s "
+        f"with the quality gate; peak RSS {r['peak_rss_mb']:.0f} MiB; whole demo {r['total_seconds']:.0f}s "
+        f"(export {r['export_seconds']:.0f}s)")
+    log(f"report: {out / 'report.json'}, plot: {out / 'report.png'}, adapter versions: {r['adapter']}")
+
+
+# ------------------------------------------------------------------------- interactive
+def interactive_loop(personalizer, read_line: Callable[[], str | None], log: Log = print,
+                     update_seconds: float = 15.0) -> list[dict]:
+    """A line-based keyboard over ``personalizer``: for each submitted message, show the
+    suggestions offered before every word (``✓`` when the word was among them) and for the next
+    word, then store the message and learn from it in a background thread (one update at a time).
+
+    ``read_line`` returns the next line or ``None`` at the end. Commands: ``:versions``,
+    ``:restore N``, ``:wipe``, ``:quit``. Returns the reports of the updates run (after waiting
+    for the last one).
+    """
+    from .errors import PocketPeftError
+    from .runtime.keystrokes import message_words
+
+    reports: list[dict] = []
+    worker: threading.Thread | None = None
+
+    def learn() -> None:
+        r = personalizer.update(max_seconds=update_seconds)
+        reports.append(r.to_dict())
+        log(f"  [learned: {'new version ' + str(r.version) if r.accepted else 'kept version ' + str(r.version)}"
+            f" — {r.reason}]")
+
+    while (line := read_line()) is not None:
+        line = line.strip()
+        if not line:
+            continue
+        if line in (":q", ":quit"):
+            break
+        try:
+            if line == ":versions":
+                for v in personalizer.versions():
+                    log(f"  version {v.version}: {json.dumps(v.metrics)}")
+                log(f"  serving version {personalizer.version}")
+                continue
+            if line.startswith(":restore"):
+                log(f"  restored version {personalizer.restore(int(line.split()[1])).version}")
+                continue
+            if line == ":wipe":
+                log(f"  wiped {personalizer.wipe()}")
+                continue
+            msg = " ".join(line.split())
+            shown = []
+            for start, word, _ in message_words(msg):
+                offered = personalizer.suggest(msg[:start], 3)
+                hit = word.lower() in [s.lower() for s in offered]
+                shown.append(f"{word}{'✓' if hit else ''}[{'|'.join(offered)}]")
+            log("  " + " ".join(shown))
+            log(f"  next: {', '.join(personalizer.suggest(msg + ' ', 3))}")
+            personalizer.observe(msg)
+        except (PocketPeftError, ValueError, IndexError) as e:
+            log(f"  error: {e}")
+            continue
+        if worker is None or not worker.is_alive():
+            worker = threading.Thread(target=learn, daemon=True)
+            worker.start()
+    if worker is not None:
+        worker.join()
+    return reports
+
+
+def run_interactive(quant: str = "q4_0", out_dir: str | Path = "pocketpeft-demo", cache: Path | None = None,
+                    update_seconds: float = 15.0, progress: bool = False, log: Log = print) -> list[dict]:
+    """``pocketpeft demo --interactive``: type messages, see suggestions, and the model learns from
+    them in the background (stored in ``out_dir/interactive-store``, kept between runs)."""
+    from . import runtime
+
+    cache = cache or Path.home() / ".cache" / "pocketpeft"
+    bundle, _ = cached_bundle(Path(cache), quant, progress, log)
+    p = runtime.Personalizer(runtime.open(bundle), Path(out_dir) / "interactive-store")
+    log(f"serving version {p.version}. Type a message and press enter (:versions, :restore N, :wipe, :quit).")
+
+    def read() -> str | None:
+        try:
+            return input("> ")
+        except EOFError:
+            return None
+
+    try:
+        return interactive_loop(p, read, log, update_seconds)
+    finally:
+        p.close()
