@@ -32,6 +32,8 @@ BACKENDS: dict[str, Entry] = {
     "onnxruntime": Entry("onnxruntime", "pocketpeft.runtime.backends.onnxruntime_backend", "onnx",
                          "ONNX Runtime training artifacts: on-device train + infer (CPU/CUDA providers)"),
     "llamacpp": Entry("llamacpp", "pocketpeft.runtime.backends.llamacpp_backend", "llamacpp", "llama.cpp over the GGUF base, adapters hot-swapped as GGUF LoRA: infer only"),
+    "peft": Entry("peft", "pocketpeft.runtime.backends.peft_backend", "peft,bnb",
+                  "server side: transformers + peft + bitsandbytes (nf4 base as Linear4bit), CUDA or CPU"),
 }
 
 #: Export targets.

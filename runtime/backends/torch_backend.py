@@ -6,12 +6,14 @@ Every other backend is tested against this one.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pocketpeft.errors import ConfigError
 from pocketpeft.lora import inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict
 from pocketpeft.manifest import Bundle
 from pocketpeft.model import CausalLM, build_quantized
@@ -39,8 +41,11 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", dtype: str = "float32") -> None:
+        if dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"torch backend compute dtype {dtype!r} is not supported; expected float32 or bfloat16")
         self.device = device
+        self.dtype = dtype  # compute dtype; the frozen bytes stay quantized, LoRA tensors stay float32
         self.model: CausalLM | None = None
         self.cfg = TrainConfig()
         self.step = 0
@@ -57,8 +62,18 @@ class TorchBackend:
         model = build_quantized(m.arch, m.quant, state)
         inject_lora(model, m.lora, seed=None)
         load_lora_state_dict(model, bundle.initial_adapter().tensors)
-        self.model = model.to(self.device)
+        model = model.to(self.device)  # quantized buffers move as they are: dequantized on the device
+        if self.dtype != "float32":  # embeddings / norms in the compute dtype; LoRA masters stay fp32
+            for n, p in model.named_parameters():
+                if ".lora_" not in n:
+                    p.data = p.data.to(getattr(torch, self.dtype))
+        self.model = model
         self.configure(self.cfg)
+
+    def _autocast(self):
+        """bf16 compute: LoRA matmuls autocast from their fp32 masters (a no-op at float32)."""
+        return torch.autocast(torch.device(self.device).type, dtype=getattr(torch, self.dtype),
+                              enabled=self.dtype != "float32")
 
     def configure(self, cfg: TrainConfig) -> None:
         self.cfg, self.step = cfg, 0
@@ -87,7 +102,8 @@ class TorchBackend:
         model.train()
         total = 0.0
         for ids_c, lab_c in zip(ids.chunk(cfg.grad_accum), lab.chunk(cfg.grad_accum)):
-            logits = model(ids_c)
+            with self._autocast():
+                logits = model(ids_c)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), lab_c.reshape(-1),
                                    ignore_index=-100, reduction="sum") / max(n_tok, 1)
             loss.backward()
@@ -105,7 +121,8 @@ class TorchBackend:
     @torch.no_grad()
     def eval_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> EvalSums:
         ids, lab = self._tensors(input_ids, labels)
-        logits = self._m(ids).float()
+        with self._autocast():
+            logits = self._m(ids).float()
         valid = lab != -100
         lg, tg = logits[valid], lab[valid]
         loss = F.cross_entropy(lg, tg, reduction="sum")
@@ -116,7 +133,8 @@ class TorchBackend:
     @torch.no_grad()
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         ids, _ = self._tensors(input_ids)
-        return self._m(ids).float().cpu().numpy()
+        with self._autocast():
+            return self._m(ids).float().cpu().numpy()
 
     def get_adapter(self) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in lora_state_dict(self._m).items()}
@@ -135,15 +153,15 @@ class TorchBackend:
 
         for m in self._m.modules():
             if isinstance(m, QuantLinear) and m._dequant_cache is None:
-                m.cache_dequantized(True)
-        return TorchDecoder(self._m, self.device)
+                m.cache_dequantized(True, getattr(torch, self.dtype))
+        return TorchDecoder(self._m, self.device, self._autocast)
 
 
 class TorchDecoder:
     """KV-cached incremental decoding on the torch model (see protocol.Decoder)."""
 
-    def __init__(self, model: CausalLM, device: str) -> None:
-        self.model, self.device = model, device
+    def __init__(self, model: CausalLM, device: str, autocast=contextlib.nullcontext) -> None:
+        self.model, self.device, self._autocast = model, device, autocast
         self._ids: list[int] = []
         self._cache = None
 
@@ -156,7 +174,8 @@ class TorchDecoder:
         if not ids:
             return np.zeros((0, self.model.config.vocab_size), np.float32)
         x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        logits, self._cache = self.model.forward_cached(x, len(self._ids), self._cache)
+        with self._autocast():
+            logits, self._cache = self.model.forward_cached(x, len(self._ids), self._cache)
         self._ids.extend(ids)
         return logits[0].float().cpu().numpy()
 
@@ -167,6 +186,7 @@ class TorchDecoder:
         self._cache = None if n == 0 else [(k[:, :, :n], v[:, :, :n]) for k, v in self._cache]
 
 
-def create(device: str = "cpu") -> TorchBackend:
-    """A new, unloaded torch backend on ``device``."""
-    return TorchBackend(device)
+def create(device: str = "cpu", dtype: str = "float32") -> TorchBackend:
+    """A new, unloaded torch backend on ``device`` computing in ``dtype`` (``float32``, the
+    reference default, or ``bfloat16``, the fast choice on a GPU)."""
+    return TorchBackend(device, dtype)
