@@ -11,6 +11,8 @@ is exact (up to ``beam_width`` branches per path, ``max_word_tokens`` tokens per
 ``max_forwards`` new forward passes per call). Log-probs are memoized per token sequence and the
 decoder's KV cache is moved by common-prefix truncate/extend, so the next keystroke of the same
 word, and the next word once the space is typed, cost few or no forward passes.
+:meth:`Predictor.prefetch` spends the idle time between keystrokes searching the likely next
+keystrokes ahead, so that most keystrokes are answered from the memo with no forward pass.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import re
+import time
 import unicodedata
 import weakref
 from collections import OrderedDict
@@ -236,6 +239,7 @@ class Predictor:
         self.last_trimmed = False          # the last prefix was longer than max_context
         self.last_forwards = 0             # forward passes (extend calls) of the last suggest
         self.last_forward_tokens = 0       # tokens those passes ran
+        self._deadline: float | None = None  # perf_counter() time after which no new forward starts
 
     def reset(self) -> None:
         """Forget memoized distributions and the KV cache (after the weights changed)."""
@@ -271,6 +275,49 @@ class Predictor:
         best = sorted(words.values(), key=lambda w: -w[0])[:k]
         return [(_recase(surface, partial), total) for total, _, surface in best]
 
+    def prefetch(self, prefix: str, k: int = 3, seconds: float = 0.2, width: int = 6) -> int:
+        """Use idle time between keystrokes to precompute what the next keystrokes will ask.
+
+        The likely next keystrokes are the next character of each of the ``width`` most likely
+        words after ``prefix`` (a space where the word is already complete), most probable
+        first; each is searched as :meth:`suggest` would, filling the memo and the KV cache, so
+        when that keystroke comes its suggestions need few or no forward passes. No forward pass
+        starts after ``seconds``; one already running finishes (a keyboard calls this from its
+        idle loop, so at most one pass of latency is added to an early keystroke). The memo holds
+        exact distributions, so suggestions don't depend on prefetching, except that a search
+        that would have stopped at ``max_forwards`` can now go further. Returns the number of
+        forward passes run. :attr:`last_forwards` and friends still describe the last
+        :meth:`suggest` call.
+        """
+        if not (isinstance(seconds, (int, float)) and seconds >= 0):
+            raise ConfigError(f"prefetch seconds must be a number >= 0, got {seconds!r}")
+        saved = self.last_forwards, self.last_forward_tokens, self.last_trimmed
+        saved_budget, self.max_forwards = self.max_forwards, 1 << 30
+        self._deadline = time.perf_counter() + seconds
+        spent = 0
+        try:
+            partial = _PARTIAL.search(as_text(prefix, "prefix")).group()
+            seen: set[str] = set()
+            queue = [(1.0, prefix)]
+            while queue and time.perf_counter() < self._deadline:
+                _, text = queue.pop(0)
+                if text in seen:
+                    continue
+                seen.add(text)
+                scored = self.suggest_scored(text, max(k, width) if text is prefix else k)
+                spent += self.last_forwards
+                if text is not prefix:
+                    continue
+                nxt: dict[str, float] = {}
+                for word, p in scored:
+                    c = word[len(partial)] if len(word) > len(partial) else " "
+                    nxt[prefix + c] = nxt.get(prefix + c, 0.0) + p
+                queue.extend(sorted(((p, t) for t, p in nxt.items()), key=lambda x: -x[0]))
+        finally:
+            self._deadline, self.max_forwards = None, saved_budget
+            self.last_forwards, self.last_forward_tokens, self.last_trimmed = saved
+        return spent
+
     # ------------------------------------------------------------------ context
     def _parse(self, prefix: str) -> tuple[tuple[int, ...], bytes, str]:
         """(context ids, lowercased bytes the word must start with, the typed partial word)."""
@@ -304,7 +351,8 @@ class Predictor:
         if hit is not None:
             self._memo.move_to_end(seq)
             return hit
-        if self.last_forwards >= self.max_forwards:
+        if self.last_forwards >= self.max_forwards or (
+                self._deadline is not None and time.perf_counter() >= self._deadline):
             return None
         if self._decoder is None:
             self._decoder, self._dec_ids = self._new_decoder(), []

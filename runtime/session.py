@@ -206,12 +206,23 @@ class Session:
         counter (:class:`~.predictor.AdapterWatch`); when it moves, the caches are dropped.
         Raises :class:`InputTextError` for non-text / non-UTF-8 input, :class:`ConfigError` for bad ``k``.
         """
+        return self.predictor.suggest(prefix, k)
+
+    def prefetch(self, prefix: str, k: int = 3, seconds: float = 0.2) -> int:
+        """Idle-time work between keystrokes: precompute the likely next keystrokes' suggestions
+        after ``prefix`` for at most ``seconds`` (see :meth:`.predictor.Predictor.prefetch`);
+        returns the forward passes run. Suggestions are the same with or without it."""
+        return self.predictor.prefetch(prefix, k, seconds)
+
+    @property
+    def predictor(self):
+        """The session's :class:`~.predictor.Predictor`, built on first use and kept."""
         from .predictor import AdapterWatch, Predictor
 
         if getattr(self, "_predictor", None) is None:
             self._predictor = Predictor(self.backend, self.tokenizer, adapter_version=AdapterWatch(self.backend),
                                         max_context=min(1024, self.manifest.arch.max_position_embeddings))
-        return self._predictor.suggest(prefix, k)
+        return self._predictor
 
     def eval_keystrokes(self, texts: "str | Iterable[str]", k: int = 3, max_messages: int | None = None) -> dict:
         """Keyboard metrics of the current adapter on held-out messages (see

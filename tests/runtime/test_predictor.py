@@ -215,6 +215,28 @@ def test_next_keystroke_reuses_the_cache(trained, monkeypatch):
     assert max(n for _, n in log) <= pred.max_word_tokens + 1
 
 
+def test_prefetch_answers_next_keystrokes_without_forwards(trained):
+    """Idle-time prefetch fills the memo: the keystrokes it foresaw then need no forward pass,
+    and their suggestions equal a fresh predictor's (no budget cut either way)."""
+    sess, _ = trained
+    pred = Predictor(sess.backend, sess.tokenizer, max_forwards=64)
+    typed = "see you at the g"
+    pred.suggest(typed)
+    assert pred.prefetch(typed, seconds=0.0) == 0 and pred.last_forwards > 0   # no idle time: no work
+    ran = pred.prefetch(typed, seconds=60.0, width=3)
+    assert ran > 0
+    foreseen = [typed + w[1] for w in pred.suggest(typed, 3) if len(w) > 1]
+    assert foreseen
+    for text in foreseen:
+        got = pred.suggest_scored(text, 3)
+        assert pred.last_forwards == 0, text
+        ref = Predictor(sess.backend, sess.tokenizer, max_forwards=64).suggest_scored(text, 3)
+        assert [w for w, _ in got] == [w for w, _ in ref]
+        np.testing.assert_allclose([p for _, p in got], [p for _, p in ref], rtol=1e-4)
+    with pytest.raises(ConfigError, match="seconds"):
+        pred.prefetch(typed, seconds=-1)
+
+
 def test_training_personalizes_and_invalidates_the_cache(trained):
     sess, before = trained
     after = {p: sess.suggest(p) for p in PROBES}
