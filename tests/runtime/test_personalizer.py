@@ -229,3 +229,19 @@ def test_sigkill_at_random_moments_keeps_last_commit(bundle, user, tmp_path, kil
         texts.rows()
         texts.close()
     assert total_commits >= kills // 2, f"only {total_commits} commits in {kills} runs: the test exercised little"
+
+
+def test_interactive_loop_suggests_and_learns(bundle, user, tmp_path):
+    from pocketpeft.demo import interactive_loop
+
+    train, general = user
+    p = Personalizer(_open(bundle), tmp_path, general=general, holdout_fraction=0.0, max_general_increase=1.0)
+    p.observe(train[:60])
+    lines = iter(["see you at the game tonight", "", ":versions", "ok cool", ":wipe", None, "never read"])
+    out: list[str] = []
+    reports = interactive_loop(p, lambda: next(lines), out.append, update_seconds=15)
+    text = "\n".join(out)
+    assert "see[" in text and "game" in text and "next:" in text     # per-word and next-word suggestions
+    assert reports and reports[0]["steps"] > 0, reports
+    assert "wiped {'messages': 62," in text           # 60 observed + the 2 typed messages
+    assert p.texts.stats()["messages"] == 0          # wiped
