@@ -75,12 +75,24 @@ def write_result(name: str, payload: dict[str, Any], out_dir: Path | None = None
     obj = {"benchmark": name, "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "machine": machine(), **payload}
     path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    from pocketpeft.fsutil import write_bytes_atomic
+
+    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
     return path
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process, MiB."""
+    """Peak resident set size of this process, MiB.
+
+    Read from ``VmHWM`` where the kernel has it: ``ru_maxrss`` survives fork + exec, so a worker
+    started by a large parent would report the parent's peak as its own.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

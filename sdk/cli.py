@@ -118,6 +118,25 @@ def cmd_demo(args: argparse.Namespace) -> None:
         print(json.dumps(obj, default=str))
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .errors import MissingDependencyError
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "report.py").is_file():
+        raise MissingDependencyError("`pocketpeft bench` runs the benchmarks/ folder of a source checkout of pocketpeft "
+                                     "(pip install -e . from a clone, with the 'bench' extra)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks.report import bench
+
+    obj = bench(args.suite, quick=args.quick, out=Path(args.out) if args.out else None, base=args.base,
+                targets=args.targets, run=not args.report_only, log=lambda m: print(m, file=sys.stderr, flush=True))
+    _emit(args, obj, lambda o: (f"report: {o['report']} ({len(o['results'])} result files, plots: "
+                                f"{', '.join(o['plots']) or 'none'})" + (f"; FAILED: {', '.join(o['failed'])}" if o["failed"] else "")))
+    if obj["failed"]:
+        raise SystemExit(1)
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -176,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--interactive", action="store_true", help="type messages, see suggestions, learn when you pause")
     d.add_argument("--update-seconds", type=float, default=15.0, help="time box of each background update (--interactive)")
     d.set_defaults(fn=cmd_demo)
+
+    bn = common(sub.add_parser("bench", help="the benchmark suite (source checkout): runs suites, writes JSON + a report"))
+    bn.add_argument("--suite", default="all", choices=["train", "suggest", "quality", "export", "memory", "all"])
+    bn.add_argument("--quick", action="store_true", help="sizes that finish in minutes (full sizes otherwise)")
+    bn.add_argument("--out", help="results directory (default benchmarks/results; the report goes to OUT/report)")
+    bn.add_argument("--base", help="base model for the suites that take one (default: smollm2)")
+    bn.add_argument("--targets", help="export targets for the export suite (default: every registered one)")
+    bn.add_argument("--report-only", action="store_true", help="rebuild the report from existing results, run nothing")
+    bn.set_defaults(fn=cmd_bench)
     return p
 
 

@@ -1,0 +1,375 @@
+"""The benchmark suite runner and its report (``pocketpeft bench``).
+
+Suites, each runnable alone, each a set of benchmark modules run as subprocesses (a module
+that does not exist yet is skipped with a message):
+
+- ``train``: update speed and memory (benchmarks.train_speed, .forward_only, .gpu_train)
+- ``suggest``: per-keystroke suggestion latency (benchmarks.suggest_latency)
+- ``quality``: next-word accuracy before/after personalization (benchmarks.personalize)
+- ``export``: export time and bundle size per target (benchmarks.export_bench)
+- ``memory``: peak RSS of update and of serving, read from the train and suggest results
+  (those suites are run first when their results are missing)
+
+Every module writes ``<name>.json`` (or ``<name>_quick.json``) into the results directory; the
+report (``summary.md`` + PNG plots) is built from whatever results are there, newest first.
+
+    python -m benchmarks.report [--suite all] [--quick] [--out DIR] [--report-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+SUITES: dict[str, list[str]] = {
+    "train": ["benchmarks.train_speed", "benchmarks.forward_only", "benchmarks.gpu_train"],
+    "suggest": ["benchmarks.suggest_latency"],
+    "quality": ["benchmarks.personalize"],
+    "export": ["benchmarks.export_bench"],
+    "memory": [],
+}
+ALL = ["train", "suggest", "quality", "export", "memory"]
+
+
+# ---------------------------------------------------------------------------- running
+def _module_help(module: str) -> str:
+    p = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return p.stdout
+
+
+def run_module(module: str, quick: bool, out: Path, extra: list[str] | None = None, log=print) -> dict[str, Any]:
+    """Run ``python -m module [--quick] [--out OUT] [extra]``; returns {module, status, seconds, ...}.
+    Options the module's ``--help`` doesn't list are not passed."""
+    import time
+
+    if importlib.util.find_spec(module) is None:
+        log(f"skip {module}: not present in this checkout")
+        return {"module": module, "status": "absent"}
+    helptext = _module_help(module)
+    cmd = [sys.executable, "-m", module]
+    if quick and "--quick" in helptext:
+        cmd.append("--quick")
+    if "--out" in helptext:
+        cmd += ["--out", str(out)]
+    extra = list(extra or [])
+    while extra:
+        opt, val = extra[0], extra[1]
+        extra = extra[2:]
+        if opt in helptext:
+            cmd += [opt, val]
+    log(f"run {' '.join(cmd[2:])}")
+    t0 = time.perf_counter()
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    res = {"module": module, "seconds": round(time.perf_counter() - t0, 1),
+           "status": "ok" if p.returncode == 0 else "failed", "returncode": p.returncode}
+    if p.returncode != 0:
+        res["error"] = (p.stderr or p.stdout)[-2000:]
+        log(f"  {module} failed ({p.returncode}):\n{res['error'][-800:]}")
+    return res
+
+
+def run_suites(suites: list[str], quick: bool, out: Path, base: str | None = None, targets: str | None = None,
+               log=print) -> list[dict[str, Any]]:
+    """Run the modules of ``suites`` (``memory`` runs ``train``/``suggest`` only when their
+    results are missing from ``out``); returns one status dict per module."""
+    order: list[str] = []
+    for s in suites:
+        mods = SUITES[s]
+        if s == "memory":
+            have = {r["benchmark"].removesuffix("_quick") for r in collect(out).values()}
+            mods = [m for m, name in (("benchmarks.train_speed", "train_speed"), ("benchmarks.suggest_latency", "suggest_latency"))
+                    if name not in have]
+        order += [m for m in mods if m not in order]
+    extra = (["--base", base] if base else []) + (["--targets", targets] if targets else [])
+    return [run_module(m, quick, out, extra, log) for m in order]
+
+
+# ---------------------------------------------------------------------------- collecting
+def collect(results_dir: Path) -> dict[str, dict[str, Any]]:
+    """The newest result of each benchmark in ``results_dir``, keyed by its name without
+    ``_quick`` (the quick flavour is kept in ``_quick``)."""
+    best: dict[str, dict[str, Any]] = {}
+    for p in sorted(Path(results_dir).glob("*.json")):
+        try:
+            obj = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(obj, dict) or "benchmark" not in obj:
+            continue
+        name = str(obj["benchmark"])
+        key = name.removesuffix("_quick")
+        obj["_quick"], obj["_file"] = name.endswith("_quick"), p.name
+        if key not in best or str(obj.get("measured", "")) > str(best[key].get("measured", "")):
+            best[key] = obj
+    return best
+
+
+# ---------------------------------------------------------------------------- report
+def _f(x: Any, fmt: str = ".1f") -> str:
+    return format(x, fmt) if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *["| " + " | ".join(r) + " |" for r in rows]]
+
+
+def _title(obj: dict[str, Any], what: str) -> str:
+    m = obj.get("machine", {})
+    return (f"## {what}{' (quick)' if obj.get('_quick') else ''}\n\n`{obj['_file']}`, measured {obj.get('measured', '?')}"
+            f" on {m.get('logical_cores', '?')} cores ({m.get('cpu', '?')}), load average "
+            f"{', '.join(map(str, m.get('load_average_1_5_15', [])))}\n")
+
+
+def _met(ok: bool | None) -> str:
+    return "**met**" if ok else ("not met" if ok is not None else "n/a")
+
+
+def section_train(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
+    res, ceil = obj.get("results", {}), obj.get("ceiling", {})
+    out.append(_title(obj, "Update speed (train)"))
+    rows = [[n, f"{_f(r['tokens_per_s']['median'], '.0f')} (±{_f(100 * r['tokens_per_s']['spread'], '.0f')}%)",
+             f"{_f(r.get('speed_vs_peft'), '.2f')}x", _f(r['peak_rss_mib']['median'], '.0f'),
+             f"{_f(r.get('rss_vs_peft'), '.2f')}x", f"{_f(100 * r.get('share_of_ceiling', 0), '.0f')}%"] for n, r in res.items()]
+    out += _table(["config", "tokens/s (spread)", "vs PEFT", "peak RSS MiB", "vs PEFT", "of fp32 ceiling"], rows)
+    dev = {n: r for n, r in res.items() if not n.startswith("peft")}
+    ok = any(r.get("speed_vs_peft", 0) >= 1.4 and r.get("rss_vs_peft", 9) <= 0.3 for r in dev.values()) if dev else None
+    out.append(f"\nTarget: {obj.get('target', 'best device backend >= 1.4x PEFT tokens/s and <= 0.3x its RSS')}: {_met(ok)}. "
+               f"fp32 matmul {_f(ceil.get('matmul_gflops'), '.0f')} GFLOP/s -> ceiling {_f(ceil.get('ceiling_tokens_per_s'), '.0f')} tokens/s.\n")
+    curves = {n: r["losses_first_run"] for n, r in res.items() if r.get("losses_first_run")}
+    if curves and _plot_lines(curves, "loss curves per backend (first run)", "step", "loss", plots / "train_loss.png"):
+        out.append("![loss curves](train_loss.png)\n")
+
+
+def section_suggest(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
+    res = obj.get("results", {})
+    out.append(_title(obj, "Suggestion latency per keystroke (suggest)"))
+    st = obj.get("settings", {})
+    out.append(f"{st.get('keystrokes', '?')} keystrokes x {st.get('repetitions', '?')} repetitions, model {st.get('model', '?')}, "
+               f"adapter: {st.get('adapter', '?')}.\n")
+    rows = []
+    for n, r in res.items():
+        lat, pr = r["latency_ms"], r.get("profile", {})
+        rows.append([n, _f(lat["p50"]), _f(lat["p95"]), _f(lat["p99"]), _f(r["peak_rss_mib"]["median"], ".0f"),
+                     f"{_f(100 * r['top3_equal_to_torch'], '.0f')}%" if "top3_equal_to_torch" in r else "-",
+                     _f(pr.get("forwards_per_keystroke_mean"), ".2f"), _f(pr.get("model_ms_per_forward")),
+                     _f(pr.get("overhead_ms_mean"))])
+    out += _table(["config", "p50 ms", "p95 ms", "p99 ms", "peak RSS MiB", "top-3 = torch", "forwards/keystroke",
+                   "ms/forward", "Python ms/keystroke"], rows)
+    tm, best = obj.get("targets_met", {}), obj.get("best_backend")
+    out.append(f"\nTargets: p50 <= 10 ms on the best backend ({best}): {_met(tm.get('p50_le_10ms'))}; "
+               f"top-3 equal to torch's on >= 95% of keystrokes: {_met(tm.get('top3_agreement_ge_95'))}.\n")
+    dists = {n: r["ms_first_rep"] for n, r in res.items() if r.get("ms_first_rep")}
+    if dists and _plot_box(dists, "per-keystroke latency (first repetition)", "ms (log scale)", plots / "suggest_latency.png"):
+        out.append("![latency distributions](suggest_latency.png)\n")
+
+
+def section_export(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
+    res = obj.get("results", {})
+    out.append(_title(obj, "Export time and bundle size (export)"))
+    out.append(f"base {obj.get('settings', {}).get('base', '?')} at {obj.get('settings', {}).get('quant', '?')}.\n")
+    rows = [[t, _f(r["target_export_seconds"]["median"]), _f(r["wall_seconds"]["median"]),
+             _f(r["target_bytes"] / 2**20), f"{_f(r.get('bytes_vs_torch'), '.2f')}x", _f(r["peak_rss_mib"]["median"], ".0f")]
+            for t, r in res.items()]
+    out += _table(["target", "target export s", "whole export s", "target MiB", "vs torch", "peak RSS MiB"], rows)
+    for t, why in obj.get("failed", {}).items():
+        out.append(f"\n- {t}: **failed**: {why}")
+    out.append("")
+
+
+def section_quality(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
+    out.append(_title(obj, "Personalization quality (quality)"))
+    res = obj.get("results", obj.get("senders", {}))
+    per = res.get("senders", res) if isinstance(res, dict) else {}
+    keys = ("next_word_top1", "next_word_top3", "keystroke_savings")
+    rows, before_after = [], {}
+    for sender, r in per.items() if isinstance(per, dict) else []:
+        if not isinstance(r, dict) or not isinstance(r.get("before"), dict) or not isinstance(r.get("after"), dict):
+            continue
+        b, a = r["before"], r["after"]
+        rows.append([str(sender)] + [f"{_f(100 * b.get(k, float('nan')))} -> {_f(100 * a.get(k, float('nan')))}"
+                                     for k in keys if k in b or k in a])
+        if "next_word_top3" in b and "next_word_top3" in a:
+            before_after[str(sender)] = (b["next_word_top3"], a["next_word_top3"])
+    if rows:
+        out += _table(["sender"] + [k.replace("_", " ") + " %" for k in keys][:len(rows[0]) - 1], rows)
+    else:
+        out += _generic(obj)
+    if before_after and _plot_before_after(before_after, plots / "quality_before_after.png"):
+        out.append("\n![quality before/after](quality_before_after.png)")
+    out.append("")
+
+
+def section_memory(found: dict[str, dict[str, Any]], out: list[str]) -> None:
+    rows = []
+    for key, what in (("train_speed", "update"), ("suggest_latency", "serving")):
+        for n, r in found.get(key, {}).get("results", {}).items():
+            if isinstance(r.get("peak_rss_mib"), dict):
+                rows.append([what, n, _f(r["peak_rss_mib"]["median"], ".0f")])
+    if not rows:
+        return
+    out.append("## Memory (peak RSS, own process)\n")
+    out += _table(["phase", "config", "peak RSS MiB"], rows)
+    out.append("")
+
+
+def _generic(obj: dict[str, Any]) -> list[str]:
+    """A table of the scalar fields of ``results`` (for benchmarks without a dedicated section)."""
+    res = obj.get("results")
+    if not isinstance(res, dict) or not res:
+        return ["(no `results` table in this file)"]
+    if not all(isinstance(v, dict) for v in res.values()):
+        return _table(["field", "value"], [[k, _f(v, ".4g") if not isinstance(v, str) else v]
+                                          for k, v in res.items() if isinstance(v, (int, float, str))])
+    cols = [k for k, v in next(iter(res.values())).items() if isinstance(v, (int, float)) and not isinstance(v, bool)][:7]
+    return _table(["config", *cols], [[n, *[_f(r.get(c), ".4g") for c in cols]] for n, r in res.items()])
+
+
+SECTIONS = {"train_speed": section_train, "suggest_latency": section_suggest, "export_bench": section_export,
+            "personalize": section_quality}
+
+
+def write_report(results_dir: Path, out_dir: Path | None = None) -> Path:
+    """Write ``summary.md`` and PNG plots for the results in ``results_dir`` into ``out_dir``
+    (default ``results_dir/report``); returns the summary's path."""
+    from pocketpeft.fsutil import write_bytes_atomic
+
+    results_dir = Path(results_dir)
+    out_dir = Path(out_dir) if out_dir else results_dir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    found = collect(results_dir)
+    lines = ["# pocketpeft benchmarks\n",
+             "Every speed figure is measured side by side with its baseline in the same run on the same machine; "
+             "reproduce with `pocketpeft bench --suite all` (add `--quick` for the few-minute sizes).\n"]
+    if not found:
+        lines.append("No results yet: run `pocketpeft bench`.\n")
+    order = [k for k in SECTIONS if k in found] + sorted(k for k in found if k not in SECTIONS)
+    for key in order:
+        obj = found[key]
+        if key in SECTIONS:
+            SECTIONS[key](obj, out_dir, lines)
+        else:
+            lines.append(_title(obj, key.replace("_", " ")))
+            lines += _generic(obj)
+            lines.append("")
+    section_memory(found, lines)
+    path = out_dir / "summary.md"
+    write_bytes_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    return path
+
+
+# ---------------------------------------------------------------------------- plots
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        return None
+
+
+def _save(fig, plt, path: Path) -> bool:
+    import io
+
+    from pocketpeft.fsutil import write_bytes_atomic
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+    return True
+
+
+def _plot_lines(curves: dict[str, list[float]], title: str, xlabel: str, ylabel: str, path: Path) -> bool:
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for n, ys in curves.items():
+        ax.plot(range(1, len(ys) + 1), ys, marker="o", label=n)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def _plot_box(dists: dict[str, list[float]], title: str, ylabel: str, path: Path) -> bool:
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names = list(dists)
+    ax.boxplot([[max(x, 1e-3) for x in dists[n]] for n in names], whis=(5, 95), showfliers=True)
+    ax.set_xticks(range(1, len(names) + 1), [n.replace(" (", "\n(") for n in names], fontsize=7)
+    ax.set_yscale("log")
+    ax.axhline(10, color="red", linestyle="--", linewidth=1, label="10 ms target")
+    ax.set(title=title, ylabel=ylabel)
+    ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def _plot_before_after(vals: dict[str, tuple[float, float]], path: Path) -> bool:
+    plt = _pyplot()
+    if plt is None:
+        return False
+    import numpy as np
+
+    names = list(vals)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names)), 4))
+    ax.bar(x - 0.2, [100 * vals[n][0] for n in names], 0.4, label="before")
+    ax.bar(x + 0.2, [100 * vals[n][1] for n in names], 0.4, label="after")
+    ax.set_xticks(x, names, rotation=60, fontsize=7)
+    ax.set(title="next-word top-3 per sender, before/after personalization", ylabel="%")
+    ax.legend()
+    return _save(fig, plt, path)
+
+
+# ---------------------------------------------------------------------------- entry
+def bench(suite: str = "all", quick: bool = False, out: Path | None = None, base: str | None = None,
+          targets: str | None = None, run: bool = True, log=print) -> dict[str, Any]:
+    """Run ``suite`` (a name or ``all``), then write the report. Results go to ``out``
+    (default benchmarks/results), the report to ``out/report``; ``base`` and ``targets`` (export
+    targets) go to the modules that take them. Returns a summary dict. Raises
+    :class:`ConfigError` for an unknown suite."""
+    from pocketpeft.errors import ConfigError
+
+    suites = ALL if suite == "all" else [suite]
+    if any(s not in SUITES for s in suites):
+        raise ConfigError(f"unknown benchmark suite {suite!r}; expected one of: {', '.join(ALL)}, all")
+    out = Path(out) if out else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    ran = run_suites(suites, quick, out, base, targets, log) if run else []
+    summary = write_report(out)
+    return {"suites": suites, "quick": quick, "modules": ran, "results_dir": str(out),
+            "results": sorted(o["_file"] for o in collect(out).values()), "report": str(summary),
+            "plots": sorted(p.name for p in summary.parent.glob("*.png")),
+            "failed": [m["module"] for m in ran if m["status"] == "failed"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", default="all", choices=[*ALL, "all"])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--base", default=None, help="base model for the suites that take one (default smollm2)")
+    ap.add_argument("--targets", default=None, help="export targets for the export suite (default: every registered one)")
+    ap.add_argument("--report-only", action="store_true", help="only rebuild the report from existing results")
+    args = ap.parse_args()
+    res = bench(args.suite, args.quick, args.out, args.base, args.targets, run=not args.report_only)
+    print(json.dumps(res, indent=2))
+    sys.exit(1 if res["failed"] else 0)
+
+
+if __name__ == "__main__":
+    main()

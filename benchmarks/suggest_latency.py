@@ -1,0 +1,372 @@
+"""Per-keystroke suggestion latency: ``Session.suggest`` per backend against transformers eager
+and raw llama-cpp-python, on SmolLM2 at q4_0 with a LoRA adapter.
+
+Held-out chitchat messages (the latest messages of the most prolific senders) are typed
+character by character; before every keystroke the backend is asked for 3 next-word
+suggestions. Every configuration runs in its own process (its peak RSS is the serving memory),
+interleaved over repetitions, in one run:
+
+- ``pocketpeft <backend>``: ``Session.suggest(prefix, 3)`` (KV cache kept across keystrokes);
+  the decoder's forward time is measured inside, so model time and the predictor's Python
+  overhead are told apart, with the number of forward passes per keystroke;
+- ``transformers eager``: HF ``LlamaForCausalLM`` + the same adapter through ``peft``, one
+  forward of the whole prefix per keystroke (next *token* only, no cache);
+- ``llama-cpp-python raw``: ``Llama.eval`` of the tokens not yet in its KV cache, one forward per
+  keystroke (next token only), the adapter converted to GGUF LoRA.
+
+The top-3 words of every backend are compared with the torch backend's (the reference) on the
+same keystrokes. Target (issue 4): p50 <= 10 ms on the best backend, top-3 equal to torch's on
+>= 95% of keystrokes.
+
+    python -m benchmarks.suggest_latency [--quick] [--backends torch,llamacpp,executorch,onnxruntime]
+                                         [--adapter DIR] [--base smollm2] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch and llama.cpp share libgomp: no spinning
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+RANK = 8
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+TARGET_OF = {"torch": "torch", "executorch": "executorch", "onnxruntime": "onnx", "onnxruntime-infer": "onnx",
+             "llamacpp": "gguf"}
+WARMUP = "see you at the game tonight"
+
+
+def keystroke_prefixes(messages: list[str]) -> list[str]:
+    """Every prefix a user sees before a keystroke: for each message (whitespace collapsed), its
+    first 0, 1, ..., len-1 characters."""
+    out = []
+    for m in messages:
+        msg = " ".join(m.split())
+        out += [msg[:i] for i in range(len(msg))]
+    return out
+
+
+def held_out_messages(n_messages: int, max_chars: int = 80, n_senders: int = 4) -> list[str]:
+    """The latest (test-split) messages of the most prolific chitchat senders, round robin,
+    those of 8..``max_chars`` characters."""
+    from pocketpeft.data import sender_split, top_senders
+
+    pools = []
+    for s in top_senders()[:n_senders]:
+        _, test = sender_split(s)
+        pools.append([t for t in test if 8 <= len(" ".join(t.split())) <= max_chars])
+    out: list[str] = []
+    i = 0
+    while len(out) < n_messages and any(i < len(p) for p in pools):
+        out += [p[i] for p in pools if i < len(p)]
+        i += 1
+    return out[:n_messages]
+
+
+def random_adapter(bundle_path: Path, out: Path, seed: int = 0, std: float = 0.02) -> Path:
+    """A LoRA adapter for the bundle with its initial ``lora_A`` and random, nonzero ``lora_B``
+    (so every backend really applies it), saved in PEFT format at ``out`` (kept if present)."""
+    if (out / "adapter_model.safetensors").is_file():
+        return out
+    import torch
+
+    from pocketpeft.adapter import Adapter, save_adapter
+    from pocketpeft.manifest import Bundle
+
+    b = Bundle(bundle_path)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {k: (torch.randn(v.shape, generator=gen) * std if ".lora_B" in k else v.clone())
+               for k, v in b.initial_adapter().tensors.items()}
+    m = b.manifest
+    save_adapter(Adapter(m.lora, tensors, m.base_sha256, {"pocketpeft.bench": f"random lora_B seed {seed}"}), out)
+    return out
+
+
+# ---------------------------------------------------------------------------- workers
+class _Timed:
+    """Wraps a decoder (or the backend's ``logits``) to add up the seconds spent in the model."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, fn):
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.seconds += time.perf_counter() - t
+        return timed
+
+
+def worker_session(bundle: str, backend: str, adapter: str, prefixes: list[str]) -> dict:
+    import pocketpeft as pp
+    from benchmarks.common import peak_rss_mib
+
+    t0 = time.perf_counter()
+    sess = pp.runtime.open(bundle, backend=backend, adapter=adapter, need_train=False)
+    load_s = time.perf_counter() - t0
+    be, clock = sess.backend, _Timed()
+    make = getattr(be, "decoder", None)
+    if make is not None:
+        def decoder():
+            d = make()
+            d.extend = clock.wrap(d.extend)
+            return d
+        be.decoder = decoder
+    be.logits = clock.wrap(be.logits)
+    t0 = time.perf_counter()
+    sess.suggest(WARMUP[:10], 3)  # builds the predictor's vocabulary tables once
+    first_s = time.perf_counter() - t0
+    for i in range(len(WARMUP)):
+        sess.suggest(WARMUP[:i], 3)
+    pred = sess._predictor
+    ms, model_ms, forwards, tokens, top3 = [], [], [], [], []
+    for p in prefixes:
+        clock.seconds = 0.0
+        t = time.perf_counter()
+        words = sess.suggest(p, 3)
+        ms.append(1000 * (time.perf_counter() - t))
+        model_ms.append(1000 * clock.seconds)
+        forwards.append(pred.last_forwards)
+        tokens.append(pred.last_forward_tokens)
+        top3.append(words)
+    return {"ms": ms, "model_ms": model_ms, "forwards": forwards, "forward_tokens": tokens, "top3": top3,
+            "load_seconds": load_s, "first_suggest_seconds": first_s, "peak_rss_mib": peak_rss_mib()}
+
+
+def _time_keystrokes(next_tokens, prefixes: list[str]) -> dict:
+    """Warm up on a fixed phrase, then time ``next_tokens(prefix)`` per keystroke (ms)."""
+    for i in range(len(WARMUP)):
+        next_tokens(WARMUP[:i])
+    ms, top3 = [], []
+    for p in prefixes:
+        t = time.perf_counter()
+        top3.append(next_tokens(p))
+        ms.append(1000 * (time.perf_counter() - t))
+    return {"ms": ms, "top3_tokens": top3}
+
+
+def worker_hf(folder: str, adapter: str, prefixes: list[str]) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    from benchmarks.common import peak_rss_mib
+    from pocketpeft.tokenizer import Tokenizer
+
+    torch.set_num_threads(int(os.environ.get("POCKETPEFT_THREADS", "2")))
+    t0 = time.perf_counter()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    model = peft.PeftModel.from_pretrained(hf, adapter).eval()
+    tok = Tokenizer.from_file(Path(folder) / "tokenizer.json")
+    load_s = time.perf_counter() - t0
+    sep = tok.eos_id if tok.eos_id is not None else 0
+
+    def next_tokens(prefix: str) -> list[int]:
+        ids = torch.tensor([[sep, *tok.encode(prefix)]])
+        with torch.no_grad():
+            return model(input_ids=ids).logits[0, -1].topk(3).indices.tolist()
+
+    return {**_time_keystrokes(next_tokens, prefixes), "load_seconds": load_s, "peak_rss_mib": peak_rss_mib()}
+
+
+def worker_llama_raw(bundle: str, adapter: str, prefixes: list[str]) -> dict:
+    import tempfile
+
+    import llama_cpp
+
+    from benchmarks.common import peak_rss_mib
+    from pocketpeft.export.gguf_lora import adapter_to_gguf
+    from pocketpeft.manifest import Bundle
+    from pocketpeft.runtime.backends.llamacpp_backend import base_gguf_path
+
+    b = Bundle(bundle)
+    threads = int(os.environ.get("POCKETPEFT_THREADS", "2"))
+    with tempfile.TemporaryDirectory() as tmp:
+        lora = Path(tmp) / "adapter.gguf"
+        adapter_to_gguf(adapter, lora, b.manifest)
+        t0 = time.perf_counter()
+        llm = llama_cpp.Llama(model_path=str(base_gguf_path(b)), n_ctx=512, n_threads=threads,
+                              n_threads_batch=threads, lora_path=str(lora), verbose=False)
+        load_s = time.perf_counter() - t0
+    sep = llm.token_eos()
+    n_vocab = llm.n_vocab()
+
+    def next_tokens(prefix: str) -> list[int]:
+        ids = [sep, *llm.tokenize(prefix.encode("utf-8"), add_bos=False, special=False)] if prefix else [sep]
+        n, have = 0, llm.n_tokens
+        while n < min(have, len(ids) - 1) and llm.input_ids[n] == ids[n]:
+            n += 1
+        llm.n_tokens = n  # eval() drops the cache from here and evaluates the rest
+        llm.eval(ids[n:])
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+        top = np.argpartition(-logits, 3)[:3]
+        return top[np.argsort(-logits[top])].tolist()
+
+    return {**_time_keystrokes(next_tokens, prefixes), "load_seconds": load_s, "peak_rss_mib": peak_rss_mib()}
+
+
+# ---------------------------------------------------------------------------- driver
+def percentiles(ms: list[float]) -> dict[str, float]:
+    """p50/p95/p99/mean/max of latencies in ms."""
+    a = np.asarray(ms, dtype=np.float64)
+    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
+            "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "max": float(a.max()), "n": int(a.size)}
+
+
+def ensure_bundle(base: str, backends: list[str], root: Path) -> Path:
+    """A q4_0 bundle of ``base`` with every target ``backends`` need (cached under ``root``)."""
+    import pocketpeft as pp
+
+    targets = ["torch"] + sorted({TARGET_OF[b] for b in backends} - {"torch"})
+    tag = base if base == "smollm2" else f"{Path(base).name}"
+    path = root / f"{tag}-q4_0-r{RANK}-{'-'.join(targets)}"
+    try:
+        pp.Bundle(path).verify()
+    except pp.PocketPeftError:
+        print(f"exporting {path.name} …", flush=True)
+        pp.export(base, path, quant="q4_0", targets=targets,
+                  lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES))
+    return path
+
+
+def summarize_runs(runs: dict[str, list[dict]], prefixes: list[str]) -> dict:
+    """Per configuration: latency percentiles over all keystrokes of all repetitions, the spread
+    of per-repetition p50s, model/overhead split, forwards per keystroke, agreement with torch."""
+    from benchmarks.common import summarize
+
+    ref = runs.get("pocketpeft torch", [{}])[0].get("top3")
+    out = {}
+    for name, rs in runs.items():
+        all_ms = [x for r in rs for x in r["ms"]]
+        r0 = rs[0]
+        res = {"latency_ms": percentiles(all_ms), "p50_per_rep_ms": summarize([float(np.median(r["ms"])) for r in rs]),
+               "peak_rss_mib": summarize([r["peak_rss_mib"] for r in rs]),
+               "load_seconds": summarize([r["load_seconds"] for r in rs]), "ms_first_rep": r0["ms"]}
+        if "model_ms" in r0:
+            model = [x for r in rs for x in r["model_ms"]]
+            fw = [x for r in rs for x in r["forwards"]]
+            tk = [x for r in rs for x in r["forward_tokens"]]
+            res["profile"] = {
+                "model_ms_mean": float(np.mean(model)), "overhead_ms_mean": float(np.mean(all_ms) - np.mean(model)),
+                "model_share": float(np.sum(model) / max(np.sum(all_ms), 1e-9)),
+                "forwards_per_keystroke_mean": float(np.mean(fw)), "forwards_per_keystroke_p95": float(np.percentile(fw, 95)),
+                "forward_tokens_per_keystroke_mean": float(np.mean(tk)),
+                "keystrokes_without_forward": float(np.mean(np.asarray(fw) == 0)),
+                "model_ms_per_forward": float(np.sum(model) / max(np.sum(fw), 1)),
+                "model_ms_per_token": float(np.sum(model) / max(np.sum(tk), 1)),
+                "first_suggest_seconds": summarize([r["first_suggest_seconds"] for r in rs])}
+            if ref is not None:
+                same = [a == b for a, b in zip(r0["top3"], ref)]
+                res["top3_equal_to_torch"] = float(np.mean(same))
+                res["top3_differs_examples"] = [{"prefix": prefixes[i], "torch": ref[i], "this": r0["top3"][i]}
+                                                for i, s in enumerate(same) if not s][:5]
+        out[name] = res
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="3 short messages, 2 repetitions")
+    ap.add_argument("--messages", type=int, default=None, help="held-out messages to type (default 3 quick, 16 full)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 2 quick, 3 full)")
+    ap.add_argument("--backends", default="torch,llamacpp", help="pocketpeft backends (torch always runs)")
+    ap.add_argument("--baselines", default="hf,llama_raw", help="hf (transformers eager + peft), llama_raw; '' for none")
+    ap.add_argument("--adapter", type=Path, default=None, help="a PEFT adapter for the bundle (default: random nonzero lora_B)")
+    ap.add_argument("--base", default="smollm2", help="base model (default the embedded SmolLM2)")
+    ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
+    args = ap.parse_args()
+    if args.worker is not None:
+        kind, a, b, c, prefix_file = args.worker
+        prefixes = json.loads(Path(prefix_file).read_text(encoding="utf-8"))
+        res = {"session": lambda: worker_session(a, b, c, prefixes), "hf": lambda: worker_hf(a, c, prefixes),
+               "llama_raw": lambda: worker_llama_raw(a, c, prefixes)}[kind]()
+        print(json.dumps(res))
+        return
+
+    import tempfile
+
+    from benchmarks.common import run_worker, write_result
+    from pocketpeft.cli import cache_dir
+    from pocketpeft.errors import ConfigError
+    from pocketpeft.runtime.selection import probe
+
+    n_msgs = args.messages or (3 if args.quick else 16)
+    reps = args.reps or (2 if args.quick else 3)
+    backends = ["torch"] + [b for b in dict.fromkeys(args.backends.split(",")) if b and b != "torch"]
+    unknown = [b for b in backends if b not in TARGET_OF]
+    if unknown:
+        raise ConfigError(f"--backends: unknown backend {unknown[0]!r}; expected some of {', '.join(TARGET_OF)}")
+    skipped = {b: probe(b).reason for b in backends if not probe(b).available}
+    backends = [b for b in backends if b not in skipped]
+    baselines = [x for x in args.baselines.split(",") if x]
+    if "llama_raw" in baselines and not probe("llamacpp").available:
+        skipped["llama_raw"] = probe("llamacpp").reason
+        baselines.remove("llama_raw")
+    root = cache_dir() / "bench"
+    bundle = ensure_bundle(args.base, backends + (["llamacpp"] if "llama_raw" in baselines else []), root)
+    adapter = args.adapter or random_adapter(bundle, bundle.parent / f"{bundle.name}-random-adapter")
+    configs: list[tuple[str, list[str]]] = [(f"pocketpeft {b}", ["session", str(bundle), b, str(adapter)]) for b in backends]
+    if "hf" in baselines:
+        from benchmarks.train_speed import hf_folder
+
+        if args.base != "smollm2":
+            raise ConfigError("--baselines hf needs --base smollm2 (it loads SmolLM2 as an HF folder)")
+        folder = hf_folder(root / "smollm2-hf-f32")
+        configs.append(("transformers eager + peft (full prefix per keystroke)", ["hf", str(folder), "-", str(adapter)]))
+    if "llama_raw" in baselines:
+        configs.append(("llama-cpp-python raw eval (next token)", ["llama_raw", str(bundle), "-", str(adapter)]))
+    messages = held_out_messages(n_msgs, max_chars=48 if args.quick else 80)
+    prefixes = keystroke_prefixes(messages)
+    runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
+    with tempfile.TemporaryDirectory() as tmp:
+        pfile = Path(tmp) / "prefixes.json"
+        pfile.write_text(json.dumps(prefixes), encoding="utf-8")
+        for rep in range(reps):
+            order = configs[rep % len(configs):] + configs[:rep % len(configs)]  # rotate who goes first
+            for name, wargs in order:
+                print(f"[{rep + 1}/{reps}] {name} ({len(prefixes)} keystrokes)", flush=True)
+                runs[name].append(run_worker("benchmarks.suggest_latency", [*wargs, str(pfile)]))
+    results = summarize_runs(runs, prefixes)
+    best = min((n for n in results if n.startswith("pocketpeft")), key=lambda n: results[n]["latency_ms"]["p50"])
+    agree = {n: r["top3_equal_to_torch"] for n, r in results.items() if "top3_equal_to_torch" in r}
+    payload = {
+        "settings": {"model": f"{args.base} q4_0", "lora_r": RANK, "target_modules": MODULES,
+                     "adapter": "given" if args.adapter else "random nonzero lora_B (std 0.02, seed 0)",
+                     "messages": messages, "keystrokes": len(prefixes), "repetitions": reps, "k": 3,
+                     "threads": int(os.environ.get("POCKETPEFT_THREADS", "2")), "quick": args.quick,
+                     "skipped": skipped},
+        "results": results,
+        "best_backend": best,
+        "targets": {"p50_ms_best_backend": 10.0, "top3_equal_to_torch": 0.95},
+        "targets_met": {"p50_le_10ms": results[best]["latency_ms"]["p50"] <= 10.0,
+                        "top3_agreement_ge_95": all(v >= 0.95 for v in agree.values())},
+    }
+    path = write_result("suggest_latency_quick" if args.quick else "suggest_latency", payload, args.out)
+    print(f"\n{'config':<56}{'p50':>8}{'p95':>9}{'p99':>9}{'RSS MiB':>9}{'top3=torch':>11}")
+    for name, r in results.items():
+        lat = r["latency_ms"]
+        ag = f"{100 * r['top3_equal_to_torch']:.0f}%" if "top3_equal_to_torch" in r else "-"
+        print(f"{name:<56}{lat['p50']:>8.1f}{lat['p95']:>9.1f}{lat['p99']:>9.1f}{r['peak_rss_mib']['median']:>9.0f}{ag:>11}")
+        if "profile" in r:
+            pr = r["profile"]
+            print(f"    model {pr['model_ms_mean']:.1f} ms + overhead {pr['overhead_ms_mean']:.1f} ms per keystroke; "
+                  f"{pr['forwards_per_keystroke_mean']:.2f} forwards ({pr['forward_tokens_per_keystroke_mean']:.2f} tokens) "
+                  f"per keystroke, {pr['model_ms_per_forward']:.1f} ms per forward")
+    for b, why in skipped.items():
+        print(f"skipped {b}: {why}")
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

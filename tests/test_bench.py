@@ -1,0 +1,156 @@
+"""`pocketpeft bench`: the suite runs end to end and writes JSON and a report (smoke sizes, on the
+tiny model; no timed assertions), the report renders what the results say, and the latency
+workers measure what they claim (checked against the torch backend and llama.cpp)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def test_bench_export_suite_writes_json_and_report(tiny_hf_dir, tmp_path):
+    import pocketpeft as pp
+
+    out = tmp_path / "results"
+    p = subprocess.run([sys.executable, "-m", "pocketpeft.cli", "bench", "--quick", "--suite", "export",
+                        "--base", str(tiny_hf_dir), "--targets", "torch,gguf", "--out", str(out), "--json"],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    obj = json.loads(p.stdout.strip().splitlines()[-1])
+    assert obj["failed"] == [] and obj["suites"] == ["export"]
+    assert [m["status"] for m in obj["modules"]] == ["ok"]
+    res = json.loads((out / "export_bench_quick.json").read_text())
+    assert set(res["results"]) == {"torch", "gguf"} and res["failed"] == {}
+    assert res["machine"]["logical_cores"] >= 1 and "torch" in res["machine"]["versions"]
+    # the sizes it reports are those of an export made independently here
+    ref = pp.export(tiny_hf_dir, tmp_path / "ref", quant="q4_0", targets=["torch", "gguf"],
+                    lora=pp.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    for t in ("torch", "gguf"):
+        assert res["results"][t]["target_bytes"] == _dir_bytes(ref.root / t)
+        assert res["results"][t]["target_export_seconds"]["median"] >= 0
+    summary = Path(obj["report"])
+    assert summary == out / "report" / "summary.md"
+    text = summary.read_text()
+    assert "## Export time and bundle size" in text and "| torch |" in text and "| gguf |" in text
+    assert "failed" not in text
+
+
+def _write(out: Path, name: str, payload: dict, measured: str) -> None:
+    from benchmarks.common import write_result
+
+    path = write_result(name, payload, out)
+    obj = json.loads(path.read_text())
+    obj["measured"] = measured
+    path.write_text(json.dumps(obj))
+
+
+def _suggest_payload(p50s: dict[str, float], agree: float) -> dict:
+    from benchmarks.suggest_latency import percentiles
+
+    rng = np.random.default_rng(0)
+    results = {}
+    for name, p50 in p50s.items():
+        ms = list(rng.lognormal(np.log(p50), 0.3, 50))
+        r = {"latency_ms": percentiles(ms), "peak_rss_mib": {"median": 500.0}, "ms_first_rep": ms}
+        if name.startswith("pocketpeft"):
+            r["top3_equal_to_torch"] = 1.0 if name == "pocketpeft torch" else agree
+        results[name] = r
+    best = min((n for n in results if n.startswith("pocketpeft")), key=lambda n: results[n]["latency_ms"]["p50"])
+    return {"settings": {"keystrokes": 50, "repetitions": 1}, "results": results, "best_backend": best,
+            "targets_met": {"p50_le_10ms": results[best]["latency_ms"]["p50"] <= 10,
+                            "top3_agreement_ge_95": agree >= 0.95}}
+
+
+def test_report_renders_tables_plots_and_targets(tmp_path):
+    import matplotlib.image
+
+    from benchmarks.report import collect, write_report
+
+    out = tmp_path / "results"
+    # an older full run and a newer quick run: the newer one is reported
+    _write(out, "suggest_latency", _suggest_payload({"pocketpeft torch": 300.0, "pocketpeft llamacpp": 9.0}, 0.99),
+           "2026-01-01T00:00:00+00:00")
+    _write(out, "suggest_latency_quick", _suggest_payload({"pocketpeft torch": 300.0, "pocketpeft llamacpp": 120.0,
+                                                           "transformers eager": 200.0}, 0.80),
+           "2026-02-01T00:00:00+00:00")
+    _write(out, "train_speed_quick", {"results": {
+        "peft+transformers eager f32": {"tokens_per_s": {"median": 200.0, "spread": 0.1}, "speed_vs_peft": 1.0,
+                                        "peak_rss_mib": {"median": 2400.0}, "rss_vs_peft": 1.0, "share_of_ceiling": 0.6,
+                                        "losses_first_run": [4.0, 3.5, 3.2]},
+        "pocketpeft torch q4_0": {"tokens_per_s": {"median": 300.0, "spread": 0.05}, "speed_vs_peft": 1.5,
+                                  "peak_rss_mib": {"median": 700.0}, "rss_vs_peft": 0.29, "share_of_ceiling": 0.95,
+                                  "losses_first_run": [4.0, 3.4, 3.1]}},
+        "ceiling": {"matmul_gflops": 170.0, "ceiling_tokens_per_s": 315.0}}, "2026-02-01T00:00:00+00:00")
+    (out / "notes.json").write_text("[1, 2]")   # not a result: ignored
+    found = collect(out)
+    assert set(found) == {"suggest_latency", "train_speed"} and found["suggest_latency"]["_quick"]
+
+    summary = write_report(out)
+    text = summary.read_text()
+    assert "Suggestion latency per keystroke (suggest) (quick)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| pocketpeft llamacpp |"))
+    p50 = found["suggest_latency"]["results"]["pocketpeft llamacpp"]["latency_ms"]["p50"]
+    assert row.split("|")[2].strip() == f"{p50:.1f}" and "80%" in row
+    assert "p50 <= 10 ms on the best backend (pocketpeft llamacpp): not met" in text
+    assert "**met**" in text.split("## Update speed")[1].split("##")[0]       # 1.5x speed and 0.29x RSS
+    assert "| update | pocketpeft torch q4_0 | 700 |" in text and "| serving | transformers eager | 500 |" in text
+    for png in ("suggest_latency.png", "train_loss.png"):
+        img = matplotlib.image.imread(summary.parent / png)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_bench_rejects_an_unknown_suite(tmp_path):
+    from benchmarks.report import bench
+    from pocketpeft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown benchmark suite 'speed'.*train, suggest"):
+        bench("speed", out=tmp_path)
+
+
+def test_latency_workers_against_torch_and_llamacpp(tiny_hf_dir, tmp_path):
+    pytest.importorskip("llama_cpp")
+    import pocketpeft as pp
+    from benchmarks.suggest_latency import (keystroke_prefixes, random_adapter, summarize_runs, worker_llama_raw,
+                                            worker_session)
+
+    bundle = pp.export(tiny_hf_dir, tmp_path / "b", quant="q4_0", targets=["torch", "gguf"],
+                       lora=pp.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    adapter = random_adapter(bundle.root, tmp_path / "adapter", std=0.5)
+    prefixes = keystroke_prefixes(["see you at  the game", "ok"])
+    assert prefixes[:3] == ["", "s", "se"] and prefixes[19:] == ["", "o"] and len(prefixes) == 21
+
+    torch_run = worker_session(str(bundle.root), "torch", str(adapter), prefixes)
+    raw = worker_llama_raw(str(bundle.root), str(adapter), prefixes)
+    assert len(torch_run["ms"]) == len(raw["ms"]) == len(prefixes)
+    # model time is part of each keystroke's time, and only keystrokes that ran a forward have any
+    for ms, model, fw in zip(torch_run["ms"], torch_run["model_ms"], torch_run["forwards"]):
+        assert 0 <= model <= ms and (model > 0) == (fw > 0)
+    # the session's suggestions are those of a fresh session with the same adapter
+    sess = pp.runtime.open(bundle.root, backend="torch", adapter=adapter, need_train=False)
+    assert torch_run["top3"] == [sess.suggest(p, 3) for p in prefixes]
+    # raw llama.cpp (base GGUF + adapter converted to GGUF LoRA) predicts the torch backend's next
+    # tokens: the adapter really is applied on both sides
+    sep = sess.tokenizer.eos_id
+    same = []
+    for p, top in zip(prefixes, raw["top3_tokens"]):
+        logits = sess.logits([sep, *sess.tokenizer.encode(p)])[-1]
+        same.append(top[0] == int(np.argmax(logits)))
+    assert np.mean(same) >= 0.9
+    base = pp.runtime.open(bundle.root, backend="torch", need_train=False)
+    moved = [int(np.argmax(base.logits([sep, *base.tokenizer.encode(p)])[-1])) != t[0]
+             for p, t in zip(prefixes, raw["top3_tokens"])]
+    assert any(moved)
+
+    res = summarize_runs({"pocketpeft torch": [torch_run], "llama raw": [raw]}, prefixes)
+    assert res["pocketpeft torch"]["top3_equal_to_torch"] == 1.0
+    assert res["pocketpeft torch"]["latency_ms"]["p50"] == pytest.approx(float(np.median(torch_run["ms"])))
+    assert "profile" not in res["llama raw"]
