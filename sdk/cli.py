@@ -75,11 +75,70 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .data import read_text_file
 
     texts = read_text_file(args.text)
+    from .errors import ConfigError
+
+    if args.keystrokes < 0:
+        raise ConfigError(f"--keystrokes must be >= 0 (messages to type; 0 skips), got {args.keystrokes}")
     sess = _open(args, need_train=False)
     rep = sess.eval(texts, progress=_progress(args))
     obj = {"backend": sess.backend.name, "adapter": args.adapter, **rep.to_dict()}
-    _emit(args, obj, lambda o: (f"loss {o['loss']:.4f}  perplexity {o['perplexity']:.2f}  next-token top-1 "
-                                f"{100 * o['top1']:.1f}%  top-3 {100 * o['top3']:.1f}%  over {o['tokens']} tokens"))
+    if args.keystrokes:
+        obj["keyboard"] = sess.eval_keystrokes(texts, k=3, max_messages=args.keystrokes)
+
+    def text(o):
+        line = (f"loss {o['loss']:.4f}  perplexity {o['perplexity']:.2f}  next-token top-1 "
+                f"{100 * o['top1']:.1f}%  top-3 {100 * o['top3']:.1f}%  over {o['tokens']} tokens")
+        kb = o.get("keyboard")
+        if kb:
+            line += (f"\nnext-word top-1 {100 * kb['next_word_top1']:.1f}%  top-3 {100 * kb['next_word_top3']:.1f}%  "
+                     f"keystroke savings {100 * kb['keystroke_savings']:.1f}% (k=3)  over {kb['words']} words, "
+                     f"{kb['chars']} characters of the first {kb['messages']} messages")
+        return line
+
+    _emit(args, obj, text)
+
+
+def cmd_suggest(args: argparse.Namespace) -> None:
+    import time
+
+    from .data import as_text
+    from .errors import ConfigError
+
+    if args.k < 1:
+        raise ConfigError(f"-k must be a positive integer, got {args.k}")
+    if args.prefix == "-":   # stdin: bytes, so non-UTF-8 input gets the same typed error; one trailing newline dropped
+        prefix = as_text(sys.stdin.buffer.read(), "prefix (stdin)").removesuffix("\n").removesuffix("\r")
+    else:                    # argv: undecodable bytes arrive as lone surrogates, which as_text refuses
+        prefix = as_text(args.prefix, "prefix")
+    t0 = time.perf_counter()
+    sess = _open(args, need_train=False)
+    t1 = time.perf_counter()
+    words = sess.suggest(prefix, k=args.k)
+    t2 = time.perf_counter()
+    pred = getattr(sess, "_predictor", None)   # the Session's Predictor, built by the first suggest
+    forwards, trimmed = (pred.last_forwards, pred.last_trimmed) if pred is not None else (None, False)
+    uncached = None
+    if pred is not None:   # the same request again with the KV cache and memo dropped: the model work alone
+        pred.reset()
+        t3 = time.perf_counter()
+        sess.suggest(prefix, k=args.k)
+        uncached = 1000 * (time.perf_counter() - t3)
+    obj = {"prefix": prefix, "k": args.k, "suggestions": words, "backend": f"{sess.backend.name}:{sess.backend.device}",
+           "adapter": args.adapter, "open_ms": round(1000 * (t1 - t0), 2), "latency_ms": round(1000 * (t2 - t1), 2),
+           "uncached_ms": None if uncached is None else round(uncached, 2), "forward_passes": forwards,
+           "trimmed": trimmed, "max_context": getattr(pred, "max_context", None)}
+
+    def text(o):
+        lines = ["  ".join(f"{i + 1}. {w}" for i, w in enumerate(o["suggestions"])) or "(no suggestions)",
+                 f"{o['latency_ms']:.1f} ms on {o['backend']} (first call: builds the vocabulary index and KV cache"
+                 + (f"; {o['uncached_ms']:.1f} ms again without caches" if o["uncached_ms"] is not None else "")
+                 + f"; bundle opened in {o['open_ms']:.0f} ms)"]
+        if o["trimmed"]:
+            lines.append(f"note: the prefix is longer than the {o['max_context']}-token context; "
+                         "suggestions used only its last whole words that fit")
+        return "\n".join(lines)
+
+    _emit(args, obj, text)
 
 
 def cmd_backends(args: argparse.Namespace) -> None:
@@ -176,9 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--adapter-out", help="write the updated adapter here (PEFT format)")
     t.set_defaults(fn=cmd_train)
 
-    v = common(sub.add_parser("eval", help="loss, perplexity and next-token accuracy on text"))
+    v = common(sub.add_parser("eval", help="loss, perplexity, next-token/next-word accuracy, keystroke savings"))
     v.add_argument("bundle")
-    v.add_argument("--text", required=True)
+    v.add_argument("--text", "--texts", dest="text", required=True, help="UTF-8 text file, one message per line")
     v.add_argument("--adapter")
     v.add_argument("--backend", default="auto")
     v.set_defaults(fn=cmd_eval)
@@ -188,8 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_backends)
 
     d = common(sub.add_parser("demo", help="the main job: personalize SmolLM2 on one chitchat sender"))
+    v.add_argument("--keystrokes", type=int, default=20, metavar="N",
+                   help="type the first N messages with k=3 suggestions for next-word accuracy and keystroke "
+                        "savings (0 skips; each character is one suggest call)")
     d.add_argument("--sender", help="chitchat sender id (default: a sender with >= 5k words, see demo.default_sender)")
     d.add_argument("--seconds", type=float, default=60.0, help="update time budget")
+    s = common(sub.add_parser("suggest", help="the k most likely next words after a prefix, and the latency"))
+    s.add_argument("bundle")
+    s.add_argument("prefix", help="the message typed so far ('' for a new message, '-' to read UTF-8 from stdin); "
+                                  "the text after its last space is the word being completed")
+    s.add_argument("-k", type=int, default=3, help="how many words (default 3)")
+    s.add_argument("--adapter", help="PEFT adapter directory to apply")
+    s.add_argument("--backend", default="auto", help="auto, NAME or NAME:DEVICE (see `pocketpeft backends`)")
+    s.set_defaults(fn=cmd_suggest)
+
     d.add_argument("--quant", default="q4_0", choices=["q4_0", "q8_0", "nf4", "f16", "f32"])
     d.add_argument("--out", default="pocketpeft-demo", help="where the report and adapter go")
     d.add_argument("--interactive", action="store_true", help="type messages, see suggestions, learn when you pause")

@@ -45,3 +45,79 @@ def test_cli_errors_are_clear(tiny_hf_dir, tmp_path):
     assert err["type"] in {"InputTextError", "BackendNotFoundError"}
     p = run("eval", tmp_path / "missing", "--text", bad, "--json", check=False)
     assert p.returncode == 2 and json.loads(p.stdout)["type"] in {"InputTextError", "ModelFileNotFoundError"}
+
+
+@pytest.fixture(scope="module")
+def kb_bundle(tiny_hf_dir, tmp_path_factory):
+    """A tiny torch bundle for the keyboard commands (suggest, eval's keystroke metrics)."""
+    import pocketpeft as pp
+
+    return pp.export(tiny_hf_dir, tmp_path_factory.mktemp("kb") / "b", quant="q8_0",
+                     lora=pp.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False), seq_len=32, batch_size=2)
+
+
+def _main_json(capsys, *args):
+    """Run the CLI in-process with --json; (exit status, the JSON object it printed)."""
+    from pocketpeft.cli import main
+
+    code = main([*map(str, args), "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_suggest_matches_the_session_api(kb_bundle, capsys):
+    import pocketpeft as pp
+
+    sess = pp.runtime.open(kb_bundle.root, backend="torch")
+    out = json.loads(run("suggest", kb_bundle.root, "see you at th", "-k", "3", "--backend", "torch", "--json").stdout)
+    assert out["suggestions"] == sess.suggest("see you at th", 3) and len(out["suggestions"]) == 3
+    assert all(w.lower().startswith("th") for w in out["suggestions"])
+    assert out["latency_ms"] > 0 and out["uncached_ms"] > 0 and out["trimmed"] is False
+    assert out["backend"] == "torch:cpu"
+    for prefix in ("hey ", ""):   # the next word; the first word of a new message
+        code, out = _main_json(capsys, "suggest", kb_bundle.root, prefix, "--backend", "torch")
+        assert code == 0 and out["suggestions"] == sess.suggest(prefix, 3), prefix
+    from pocketpeft.cli import main
+
+    assert main(["suggest", str(kb_bundle.root), "see you at th", "-k", "2"]) == 0
+    human = capsys.readouterr().out
+    assert "1. " in human and " ms on " in human
+
+
+def test_suggest_bad_input(kb_bundle, capsys, monkeypatch):
+    import io
+
+    code, out = _main_json(capsys, "suggest", kb_bundle.root, "x", "-k", "0")
+    assert code == 2 and out["type"] == "ConfigError" and "-k" in out["error"]
+    code, out = _main_json(capsys, "suggest", kb_bundle.root, "caf\udce9 au")   # argv bytes b"caf\xe9"
+    assert code == 2 and out["type"] == "InputTextError" and "prefix" in out["error"]
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait\n")))
+    code, out = _main_json(capsys, "suggest", kb_bundle.root, "-")
+    assert code == 2 and out["type"] == "InputTextError" and "UTF-8" in out["error"]
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("caf\u00e9 au l\n".encode())))
+    code, out = _main_json(capsys, "suggest", kb_bundle.root, "-", "--backend", "torch")
+    assert code == 0 and out["prefix"] == "caf\u00e9 au l"
+    long = "see you at the game " * 300   # 1500 words: beyond the 1024-token suggestion context
+    code, out = _main_json(capsys, "suggest", kb_bundle.root, long + "ton", "--backend", "torch")
+    assert code == 0 and out["trimmed"] is True and out["max_context"] == 1024
+    assert all(w.lower().startswith("ton") for w in out["suggestions"])
+
+
+def test_eval_reports_keyboard_metrics(kb_bundle, tmp_path, capsys):
+    import pocketpeft as pp
+
+    text = tmp_path / "held_out.txt"
+    text.write_text("\n".join(CHAT[:4]) + "\n")
+    code, out = _main_json(capsys, "eval", kb_bundle.root, "--texts", text, "--keystrokes", "2", "--backend", "torch")
+    assert code == 0
+    want = pp.runtime.open(kb_bundle.root, backend="torch").eval_keystrokes(CHAT[:4], k=3, max_messages=2)
+    assert out["keyboard"] == want and want["messages"] == 2 and want["words"] > 5
+    assert 0 <= want["next_word_top1"] <= want["next_word_top3"] <= 1 and 0 <= want["keystroke_savings"] < 1
+    from pocketpeft.cli import main
+
+    assert main(["eval", str(kb_bundle.root), "--text", str(text), "--keystrokes", "1"]) == 0
+    human = capsys.readouterr().out
+    assert "next-word top-1" in human and "keystroke savings" in human
+    code, out = _main_json(capsys, "eval", kb_bundle.root, "--text", text, "--keystrokes", "0")
+    assert code == 0 and "keyboard" not in out
+    code, out = _main_json(capsys, "eval", kb_bundle.root, "--text", text, "--keystrokes", "-1")
+    assert code == 2 and out["type"] == "ConfigError"
