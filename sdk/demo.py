@@ -89,8 +89,8 @@ def _plot(path: Path, report: dict[str, Any]) -> None:
 
 
 def run_demo(sender: str | None = None, seconds: float = 60.0, quant: str = "q4_0", out_dir: str | Path = "pocketpeft-demo",
-             cache: Path | None = None, progress: bool = False, max_test_messages: int = 300,
-             keystroke_messages: int = 40, examples: int = 4, log: Log | None = print) -> dict[str, Any]:
+             cache: Path | None = None, progress: bool = False, max_test_messages: int = 150,
+             keystroke_messages: int = 20, examples: int = 4, log: Log | None = print) -> dict[str, Any]:
     """Run the demo; returns (and writes to ``out_dir/report.json``, plot in ``out_dir/report.png``)
     the before/after report. The user's store lives in ``out_dir/store`` and is started afresh."""
     from . import runtime
