@@ -9,6 +9,7 @@ import os
 
 from pocketpeft.manifest import Bundle
 
+from .forward_only import ForwardOnlyConfig, ForwardOnlyTrainer
 from .protocol import Backend, Capabilities, EvalSums, Probe, StepResult, TrainConfig
 from .selection import explain, resolve
 from .session import EvalReport, Session, TrainReport
@@ -16,24 +17,34 @@ from .personalizer import Personalizer, UpdateReport
 from .store import AdapterStore, TextStore
 
 __all__ = ["open", "Session", "TrainReport", "EvalReport", "TrainConfig", "Backend", "Capabilities",
-           "Probe", "StepResult", "EvalSums", "explain", "resolve"]
+           "Probe", "StepResult", "EvalSums", "explain", "resolve", "ForwardOnlyConfig", "ForwardOnlyTrainer"]
 __all__ += ["Personalizer", "UpdateReport", "AdapterStore", "TextStore"]
 
 
 def open(bundle: "str | os.PathLike | Bundle", backend: str = "auto", adapter: "str | os.PathLike | None" = None,
-         train_config: TrainConfig | None = None, need_train: bool = True) -> Session:  # noqa: A001
+         train_config: TrainConfig | None = None, need_train: bool = True, update: str = "auto",
+         forward_only: ForwardOnlyConfig | None = None) -> Session:  # noqa: A001
     """Open ``bundle`` on ``backend`` (``auto``, ``NAME`` or ``NAME:DEVICE``), optionally
     starting from a PEFT ``adapter`` directory.
+
+    ``update`` says how ``Session.train`` updates the adapter: ``auto`` (backprop where the
+    backend can, else forward-only on inference-only backends that support it), ``backprop``,
+    or ``forward-only`` (SPSA from forward passes, options in ``forward_only``; see
+    :mod:`.forward_only`): the backend is then wrapped in a :class:`ForwardOnlyTrainer`.
 
     Raises :class:`BackendNotFoundError` / :class:`BackendUnavailableError` for a backend that
     doesn't exist or can't run here, the bundle's file errors, and the adapter's errors.
     """
     from .selection import create
 
-    name, device = resolve(backend, need_train=need_train)
+    from .selection import resolve_update
+
+    name, device, mode = resolve_update(backend, need_train=need_train, update=update)
     b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
     be = create(name, device)
     be.load(b)
+    if mode == "forward-only":
+        be = ForwardOnlyTrainer(be, forward_only)
     sess = Session(b, be, train_config)
     if adapter is not None:
         sess.load_adapter(adapter)

@@ -18,13 +18,18 @@ TIERS = ("gpu", "npu", "cpu")
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend can do on a device. ``tier`` orders auto-selection (gpu → npu → cpu)."""
+    """What a backend can do on a device. ``tier`` orders auto-selection (gpu → npu → cpu);
+    ``train`` means backpropagation."""
 
     train: bool
     infer: bool
     tier: str
     kv_cache: bool = False
     notes: str = ""
+    #: Inference-only ("npu"-style) backends whose graph takes the LoRA tensors as inputs set this:
+    #: they can't backpropagate, but :mod:`~pocketpeft.runtime.forward_only` can update an adapter
+    #: on them from forward passes alone (``set_adapter`` + ``eval_batch``).
+    forward_only: bool = False
 
 
 @dataclass(frozen=True)

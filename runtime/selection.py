@@ -3,6 +3,10 @@
 Within a tier, backends are tried in registry order; the first one that is available and
 capable of what was asked (train and/or infer) wins. :func:`explain` reports, for every
 registered backend and device, whether it was picked and why not.
+
+Training prefers backpropagation; when no available backend can backpropagate, ``auto`` picks
+the first inference-only backend that declares ``forward_only`` and trains it with forward-only
+(SPSA) updates (:mod:`.forward_only`). ``update="forward-only"`` forces that on any backend.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ class Choice:
     available: bool
     picked: bool
     reason: str
+    forward_only: bool = False
+    update: str = ""   # how the picked row would train: "backprop" or "forward-only"
 
 
 def probe(name: str) -> Probe:
@@ -39,8 +45,14 @@ def probe(name: str) -> Probe:
         return Probe(name, False, (), f"{type(e).__name__}: {e}{hint}")
 
 
-def explain(need_train: bool = True) -> list[Choice]:
-    """Every registered (backend, device) in auto-selection order, with the pick marked."""
+def explain(need_train: bool = True, update: str = "auto") -> list[Choice]:
+    """Every registered (backend, device) in auto-selection order, with the pick marked.
+
+    ``update`` (``auto``, ``backprop``, ``forward-only``) says how training may update the
+    adapter; it matters only with ``need_train``."""
+    from .forward_only import check_update
+
+    check_update(update)
     rows: list[Choice] = []
     for name in BACKENDS:
         p = probe(name)
@@ -49,16 +61,28 @@ def explain(need_train: bool = True) -> list[Choice]:
             continue
         for dev in p.devices:
             c = p.capabilities[dev]
-            rows.append(Choice(name, dev, c.tier, c.train, c.infer, True, False, c.notes))
+            rows.append(Choice(name, dev, c.tier, c.train, c.infer, True, False, c.notes, c.forward_only))
     order = {t: i for i, t in enumerate(TIERS)}
     rows.sort(key=lambda r: (order.get(r.tier, len(TIERS)),))
+    mode = ""
+    if need_train:
+        backprop = any(r.available and r.infer and r.train for r in rows)
+        mode = "backprop" if update == "backprop" or (update == "auto" and backprop) else "forward-only"
+    why = {"backprop": "", "": "",
+           "forward-only": ("forced forward-only (SPSA) updates over its forward pass; " if update == "forward-only" else
+                            "no backend here can backpropagate: forward-only (SPSA) updates over its inference graph; ")}
     picked = False
     out = []
     for r in rows:
-        capable = r.available and r.infer and (r.train or not need_train)
+        capable = r.available and r.infer and (
+            not need_train or r.train if mode != "forward-only" else r.train or r.forward_only)
         if capable and not picked:
             picked = True
-            out.append(Choice(**{**r.__dict__, "picked": True, "reason": f"first capable in gpu → npu → cpu order; {r.reason}".rstrip("; ")}))
+            out.append(Choice(**{**r.__dict__, "picked": True, "update": mode, "reason":
+                                 f"first capable in gpu → npu → cpu order; {why[mode]}{r.reason}".rstrip("; ")}))
+        elif r.available and not capable and r.infer and r.forward_only:
+            out.append(Choice(**{**r.__dict__, "reason": "cannot backpropagate; trains only with forward-only updates "
+                                                         "(picked by auto when nothing here can backpropagate)"}))
         elif r.available and not capable:
             out.append(Choice(**{**r.__dict__, "reason": "cannot train (inference only)"}))
         elif r.available:
@@ -93,6 +117,35 @@ def resolve(backend: str = "auto", need_train: bool = True) -> tuple[str, str]:
     if need_train and not p.capabilities[device].train:
         raise BackendUnavailableError(f"backend {name!r} on {device} cannot train (inference only)")
     return name, device
+
+
+def resolve_update(backend: str = "auto", need_train: bool = True, update: str = "auto") -> tuple[str, str, str]:
+    """(backend name, device, update) to use; update is ``backprop``, ``forward-only`` or, without
+    ``need_train``, ``none``. ``update="auto"`` trains by backprop where the backend can, else
+    forward-only on backends that declare it; ``forward-only`` forces it on any backend.
+
+    Raises :class:`ConfigError` for an unknown ``update`` and the errors of :func:`resolve`.
+    """
+    from .forward_only import check_update
+
+    check_update(update)
+    if not need_train:
+        return (*resolve(backend, need_train=False), "none")
+    if backend == "auto":
+        for c in explain(True, update):
+            if c.picked:
+                return c.backend, c.device, c.update
+        raise BackendUnavailableError(f"no backend can train here with update={update!r}; " + _available_text())
+    if update == "backprop":
+        return (*resolve(backend, need_train=True), "backprop")
+    name, device = resolve(backend, need_train=False)
+    caps = probe(name).capabilities[device]
+    if caps.train and update == "auto":
+        return name, device, "backprop"
+    if caps.train or caps.forward_only or update == "forward-only":
+        return name, device, "forward-only"
+    raise BackendUnavailableError(f"backend {name!r} on {device} cannot train (inference only); "
+                                  "force forward-only updates on it with update='forward-only'")
 
 
 def _available_text() -> str:

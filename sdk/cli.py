@@ -50,7 +50,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 def _open(args: argparse.Namespace, need_train: bool):
     from . import runtime
 
-    return runtime.open(args.bundle, backend=args.backend, adapter=getattr(args, "adapter", None), need_train=need_train)
+    return runtime.open(args.bundle, backend=args.backend, adapter=getattr(args, "adapter", None), need_train=need_train,
+                        update=getattr(args, "update", "auto"))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -74,11 +75,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from .data import read_text_file
 
-    texts = read_text_file(args.text)
     from .errors import ConfigError
 
     if args.keystrokes < 0:
         raise ConfigError(f"--keystrokes must be >= 0 (messages to type; 0 skips), got {args.keystrokes}")
+    texts = read_text_file(args.text)
     sess = _open(args, need_train=False)
     rep = sess.eval(texts, progress=_progress(args))
     obj = {"backend": sess.backend.name, "adapter": args.adapter, **rep.to_dict()}
@@ -147,15 +148,18 @@ def cmd_backends(args: argparse.Namespace) -> None:
     from .registry import BACKENDS
     from .runtime.selection import explain
 
-    rows = explain(need_train=not args.infer_only)
+    rows = explain(need_train=not args.infer_only, update=args.update)
     obj = {"order": "gpu → npu → cpu, registry order within a tier", "need_train": not args.infer_only,
+           "update": next((r.update for r in rows if r.picked), ""),
            "backends": [asdict(r) | {"extra": BACKENDS[r.backend].extra} for r in rows]}
 
     def text(o):
-        lines = [f"{'backend':<12} {'device':<8} {'tier':<4} {'train':<5} {'infer':<5} {'picked':<6} why"]
+        lines = [f"{'backend':<17} {'device':<8} {'tier':<4} {'train':<5} {'infer':<5} {'picked':<6} why"]
         for r in o["backends"]:
-            lines.append(f"{r['backend']:<12} {r['device']:<8} {r['tier']:<4} {str(r['train']).lower():<5} "
+            lines.append(f"{r['backend']:<17} {r['device']:<8} {r['tier']:<4} {str(r['train']).lower():<5} "
                          f"{str(r['infer']).lower():<5} {'*' if r['picked'] else '':<6} {r['reason']}")
+        if o["update"]:
+            lines.append(f"training updates: {o['update']} (choose with --update backprop|forward-only)")
         return "\n".join(lines)
 
     _emit(args, obj, text)
@@ -233,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int)
     g.add_argument("--seconds", type=float)
     t.add_argument("--adapter-out", help="write the updated adapter here (PEFT format)")
+    t.add_argument("--update", default="auto", choices=["auto", "backprop", "forward-only"],
+                   help="backprop, or forward-only (SPSA) updates from forward passes alone (the NPU path); "
+                        "auto: backprop where the backend can")
     t.set_defaults(fn=cmd_train)
 
     v = common(sub.add_parser("eval", help="loss, perplexity, next-token/next-word accuracy, keystroke savings"))
@@ -240,18 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--text", "--texts", dest="text", required=True, help="UTF-8 text file, one message per line")
     v.add_argument("--adapter")
     v.add_argument("--backend", default="auto")
-    v.set_defaults(fn=cmd_eval)
-
-    b = common(sub.add_parser("backends", help="what this machine can run, and what auto picks"))
-    b.add_argument("--infer-only", action="store_true", help="select for inference rather than training")
-    b.set_defaults(fn=cmd_backends)
-
-    d = common(sub.add_parser("demo", help="the main job: personalize SmolLM2 on one chitchat sender"))
     v.add_argument("--keystrokes", type=int, default=20, metavar="N",
                    help="type the first N messages with k=3 suggestions for next-word accuracy and keystroke "
                         "savings (0 skips; each character is one suggest call)")
-    d.add_argument("--sender", help="chitchat sender id (default: a sender with >= 5k words, see demo.default_sender)")
-    d.add_argument("--seconds", type=float, default=60.0, help="update time budget")
+    v.set_defaults(fn=cmd_eval)
+
     s = common(sub.add_parser("suggest", help="the k most likely next words after a prefix, and the latency"))
     s.add_argument("bundle")
     s.add_argument("prefix", help="the message typed so far ('' for a new message, '-' to read UTF-8 from stdin); "
@@ -261,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="auto", help="auto, NAME or NAME:DEVICE (see `pocketpeft backends`)")
     s.set_defaults(fn=cmd_suggest)
 
+    b = common(sub.add_parser("backends", help="what this machine can run, and what auto picks"))
+    b.add_argument("--infer-only", action="store_true", help="select for inference rather than training")
+    b.add_argument("--update", default="auto", choices=["auto", "backprop", "forward-only"],
+                   help="how training would update the adapter (see `train --update`)")
+    b.set_defaults(fn=cmd_backends)
+
+    d = common(sub.add_parser("demo", help="the main job: personalize SmolLM2 on one chitchat sender"))
+    d.add_argument("--sender", help="chitchat sender id (default: a sender with >= 5k words, see demo.default_sender)")
+    d.add_argument("--seconds", type=float, default=60.0, help="update time budget")
     d.add_argument("--quant", default="q4_0", choices=["q4_0", "q8_0", "nf4", "f16", "f32"])
     d.add_argument("--out", default="pocketpeft-demo", help="where the report and adapter go")
     d.add_argument("--interactive", action="store_true", help="type messages, see suggestions, learn when you pause")

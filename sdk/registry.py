@@ -34,6 +34,8 @@ BACKENDS: dict[str, Entry] = {
     "llamacpp": Entry("llamacpp", "pocketpeft.runtime.backends.llamacpp_backend", "llamacpp", "llama.cpp over the GGUF base, adapters hot-swapped as GGUF LoRA: infer only"),
     "peft": Entry("peft", "pocketpeft.runtime.backends.peft_backend", "peft,bnb",
                   "server side: transformers + peft + bitsandbytes (nf4 base as Linear4bit), CUDA or CPU"),
+    "onnxruntime-infer": Entry("onnxruntime-infer", "pocketpeft.runtime.backends.onnxruntime_infer_backend", "onnx",
+                               "ONNX Runtime InferenceSession on infer.onnx (LoRA as inputs): infer + forward-only updates"),
 }
 
 #: Export targets.
@@ -45,12 +47,12 @@ TARGETS: dict[str, Entry] = {
     "onnx": Entry("onnx", "pocketpeft.export.onnx_target", "onnx",
                   "ORT training artifacts and infer.onnx with LoRA weights as inputs"),
     "gguf": Entry("gguf", "pocketpeft.export.gguf_target", None, "llama.cpp base GGUF (our q4_0/q8_0 bytes); adapters convert to GGUF LoRA"),
+    "coreml": Entry("coreml", "pocketpeft.export.coreml_target", "coreml",
+                    "Core ML .mlpackage: 4/8-bit weights, LoRA tensors as inputs (runs on macOS/iOS)"),
 }
 
 
 def backend_entry(name: str) -> Entry:
-    "coreml": Entry("coreml", "pocketpeft.export.coreml_target", "coreml",
-                    "Core ML .mlpackage: 4/8-bit weights, LoRA tensors as inputs (runs on macOS/iOS)"),
     """The registered backend ``name``; raise :class:`BackendNotFoundError` listing the known ones."""
     if name not in BACKENDS:
         raise BackendNotFoundError(f"unknown backend {name!r}; registered backends: {', '.join(BACKENDS)} "

@@ -1,0 +1,205 @@
+"""Backend ``onnxruntime-infer``: the bundle's ``onnx/infer.onnx`` on a plain ONNX Runtime
+``InferenceSession``: inference only, the LoRA tensors fed as graph inputs on every call.
+
+This is the NPU path: NPU execution providers (QNN, NNAPI, Core ML) run inference graphs and
+cannot backpropagate, but a graph that takes the LoRA tensors as inputs can still be trained
+with forward-only (SPSA) updates (:mod:`pocketpeft.runtime.forward_only`); its capabilities say
+so (``forward_only=True``). Here the CPU provider stands in for them (the same graph runs on
+them; an ``npu`` device is listed when onnxruntime offers one of those providers, untested here).
+
+At load, a summed cross-entropy is appended to the graph (a ``labels`` input, a ``loss_sum``
+output, the convention of the ``onnx`` target's training graphs), so a loss costs one run and no
+logits copy; logits stay an output for eval and decoding. No ``onnxruntime.training`` import and
+no gradient graph: memory is the inference graph's plus the LoRA tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from pocketpeft.errors import (AdapterShapeError, BackendUnavailableError, ConfigError, CorruptFileError,
+                               MissingDependencyError, ModelFileNotFoundError)
+from pocketpeft.manifest import Bundle
+
+from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
+
+NAME = "onnxruntime-infer"
+INFER = "onnx/infer.onnx"
+LOSS = "loss_sum"
+_NPU_PROVIDERS = ("QNNExecutionProvider", "NnapiExecutionProvider", "CoreMLExecutionProvider")
+
+
+def probe() -> Probe:
+    """Available iff ``onnxruntime`` imports: ``cpu`` always, ``npu`` when an NPU provider is offered."""
+    from pocketpeft._deps import require
+
+    try:
+        require("onnxruntime", "onnx")
+    except MissingDependencyError as e:
+        return Probe(NAME, False, (), str(e))
+    import onnxruntime as ort
+
+    ver = ort.__version__.split("+")[0]
+    note = f"onnxruntime {ver} InferenceSession over infer.onnx (LoRA tensors as inputs)"
+    caps = {"cpu": Capabilities(train=False, infer=True, tier="cpu", forward_only=True, notes=f"{note}, CPU EP")}
+    npu = [p for p in _NPU_PROVIDERS if p in ort.get_available_providers()]
+    if npu:
+        caps = {"npu": Capabilities(train=False, infer=True, tier="npu", forward_only=True, notes=f"{note}, {npu[0]}"),
+                **caps}
+    return Probe(NAME, True, tuple(caps), "", caps)
+
+
+def _with_loss(path) -> bytes:
+    """infer.onnx plus a ``labels`` input ([batch, seq] int64, -100 ignored) and a ``loss_sum``
+    output: the summed token cross-entropy of its logits."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    try:
+        mp = onnx.load(str(path))
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise CorruptFileError(f"{path} is not a readable ONNX model: {e}") from e
+    g = mp.graph
+    logits = next((o for o in g.output if o.name == "logits"), None)
+    if logits is None or not any(i.name == "input_ids" for i in g.input):
+        raise CorruptFileError(f"{path} has no input_ids input / logits output; re-export the bundle")
+    vocab = logits.type.tensor_type.shape.dim[-1].dim_value
+    g.input.append(helper.make_tensor_value_info("labels", TensorProto.INT64, ["batch", "seq"]))
+    g.initializer.extend([numpy_helper.from_array(np.array([-1, vocab], np.int64), "fo.flat_logits"),
+                          numpy_helper.from_array(np.array([-1], np.int64), "fo.flat_labels")])
+    g.node.extend([helper.make_node("Reshape", ["logits", "fo.flat_logits"], ["fo.scores"]),
+                   helper.make_node("Reshape", ["labels", "fo.flat_labels"], ["fo.targets"]),
+                   helper.make_node("SoftmaxCrossEntropyLoss", ["fo.scores", "fo.targets"], [LOSS],
+                                    reduction="sum", ignore_index=-100)])
+    g.output.append(helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []))
+    return mp.SerializeToString()
+
+
+class OrtInferBackend:
+    """Inference-only ONNX Runtime backend; see the module docstring."""
+
+    name = NAME
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self.session = None   # onnxruntime.InferenceSession
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._lora: dict[str, np.ndarray] = {}
+
+    def capabilities(self) -> Capabilities:
+        return probe().capabilities[self.device]
+
+    def load(self, bundle: Bundle) -> None:
+        """Open ``onnx/infer.onnx`` (with the appended loss) and the bundle's initial adapter.
+
+        Raises :class:`ModelFileNotFoundError` without an ``onnx`` target and
+        :class:`CorruptFileError` for a file that fails its hash or ONNX Runtime can't load.
+        """
+        import onnxruntime as ort
+
+        if "onnx" not in bundle.manifest.targets:
+            raise ModelFileNotFoundError(f"bundle {bundle.root} has no 'onnx' target (it has: "
+                                         f"{', '.join(bundle.targets)}); re-export it with --targets onnx")
+        path = bundle.path_of(INFER)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        providers = ["CPUExecutionProvider"]
+        if self.device == "npu":
+            providers.insert(0, next(p for p in _NPU_PROVIDERS if p in ort.get_available_providers()))
+        try:
+            self.session = ort.InferenceSession(_with_loss(path), so, providers=providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own pybind classes
+            raise CorruptFileError(f"ONNX Runtime cannot load {path}: {e}") from e
+        self._shapes = {k: tuple(v) for k, v in bundle.manifest.trainable.items()}
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        if not set(self._shapes) <= graph_inputs:
+            raise CorruptFileError(f"{path}: its inputs lack the manifest's LoRA tensors "
+                                   f"(e.g. {sorted(set(self._shapes) - graph_inputs)[:2]})")
+        self.set_adapter({k: v.numpy() for k, v in bundle.initial_adapter().tensors.items()})
+
+    def configure(self, cfg: TrainConfig) -> None:
+        """Nothing to configure: this backend has no optimizer."""
+
+    def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
+        """Always raises :class:`BackendUnavailableError`: inference only (train it with
+        ``update="forward-only"``, which wraps it in a ForwardOnlyTrainer)."""
+        raise BackendUnavailableError(f"{NAME} is inference-only: it cannot backpropagate; train on it with "
+                                      "forward-only updates (pocketpeft train --update forward-only)")
+
+    def _run(self, outputs: list[str], ids: np.ndarray, labels: np.ndarray | None = None) -> list[np.ndarray]:
+        if self.session is None:
+            raise RuntimeError("backend not loaded: call load(bundle) first")
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        lab = np.full(ids.shape, -100, np.int64) if labels is None else np.ascontiguousarray(labels, dtype=np.int64)
+        return self.session.run(outputs, {"input_ids": ids, "labels": lab, **self._lora})
+
+    def loss_sum(self, input_ids: np.ndarray, labels: np.ndarray) -> float:
+        """Summed cross-entropy over labels != -100 (no logits leave the session)."""
+        return float(self._run([LOSS], input_ids, labels)[0])
+
+    def eval_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> EvalSums:
+        lab = np.asarray(labels, dtype=np.int64)
+        loss_sum, logits = self._run([LOSS, "logits"], input_ids, lab)
+        valid = lab != -100
+        lg, tg = logits[valid], lab[valid]
+        above = (lg > lg[np.arange(len(tg)), tg][:, None]).sum(-1)   # the target's rank
+        return EvalSums(float(loss_sum), int(tg.size), int((lg.argmax(-1) == tg).sum()), int((above < 3).sum()))
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        return self._run(["logits"], input_ids)[0]
+
+    def get_adapter(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self._lora.items()}
+
+    def set_adapter(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Replace every LoRA tensor (PEFT keys, ``.default.`` accepted). Raises
+        :class:`AdapterShapeError` for a missing, unexpected, misshapen or non-finite tensor;
+        nothing changes unless all of them fit."""
+        given = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+                 for k, v in tensors.items()}
+        if set(given) != set(self._shapes):
+            missing, extra = sorted(set(self._shapes) - set(given)), sorted(set(given) - set(self._shapes))
+            raise AdapterShapeError(f"adapter tensors don't fit infer.onnx's LoRA inputs: {len(missing)} missing "
+                                    f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})")
+        new = {}
+        for k, shape in self._shapes.items():
+            a = np.ascontiguousarray(given[k], dtype=np.float32)
+            if a.shape != shape or not np.isfinite(a).all():
+                raise AdapterShapeError(f"adapter tensor {k}: shape {a.shape} (expected {shape}) "
+                                        "or NaN/inf values")
+            new[k] = a.copy() if a is given[k] else a
+        self._lora = new
+
+    def decoder(self) -> "RecomputeDecoder":
+        """A decoder without KV cache: each ``extend`` runs the whole sequence so far (the
+        inference graph has no cache inputs)."""
+        return RecomputeDecoder(self)
+
+
+class RecomputeDecoder:
+    """protocol.Decoder by recomputation (see :meth:`OrtInferBackend.decoder`)."""
+
+    def __init__(self, backend: OrtInferBackend) -> None:
+        self.backend, self._ids = backend, []
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self._ids)
+
+    def extend(self, ids: list[int]) -> np.ndarray:
+        self._ids.extend(int(i) for i in ids)
+        if not ids:
+            return np.zeros((0, self.backend.session.get_outputs()[0].shape[-1]), np.float32)
+        return self.backend.logits(np.asarray([self._ids], np.int64))[0, -len(ids):]
+
+    def truncate(self, n: int) -> None:
+        self._ids = self._ids[:n]
+
+
+def create(device: str = "cpu") -> OrtInferBackend:
+    """A new, unloaded onnxruntime-infer backend on ``device`` (``cpu`` or ``npu``)."""
+    if device not in ("cpu", "npu"):
+        raise ConfigError(f"{NAME} backend: unknown device {device!r}; expected 'cpu' or 'npu'")
+    return OrtInferBackend(device)
