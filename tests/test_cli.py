@@ -26,8 +26,9 @@ def test_export_train_eval_backends_json(tiny_hf_dir, tmp_path):
     text.write_text("\n".join(CHAT) + "\n")
     tr = json.loads(run("train", b, "--text", text, "--steps", "3", "--adapter-out", tmp_path / "ad", "--json").stdout)
     assert tr["steps"] == 3 and tr["backend"] == "torch" and (tmp_path / "ad" / "adapter_model.safetensors").is_file()
-    ev = json.loads(run("eval", b, "--text", text, "--adapter", tmp_path / "ad", "--json").stdout)
+    ev = json.loads(run("eval", b, "--text", text, "--adapter", tmp_path / "ad", "--keystrokes", "1", "--json").stdout)
     assert 0 <= ev["top1"] <= ev["top3"] <= 1 and ev["perplexity"] > 1
+    assert ev["keyboard"]["messages"] == 1 and 0 <= ev["keyboard"]["keystroke_savings"] < 1
     be = json.loads(run("backends", "--json").stdout)
     assert sum(r["picked"] for r in be["backends"]) == 1
     human = run("backends").stdout
