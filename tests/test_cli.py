@@ -97,6 +97,8 @@ def test_suggest_bad_input(kb_bundle, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("caf\u00e9 au l\n".encode())))
     code, out = _main_json(capsys, "suggest", kb_bundle.root, "-", "--backend", "torch")
     assert code == 0 and out["prefix"] == "caf\u00e9 au l"
+    code, out = _main_json(capsys, "suggest", kb_bundle.root, "see you", "--adapter", kb_bundle.root / "no-adapter")
+    assert code == 2 and out["type"] == "ModelFileNotFoundError" and "no-adapter" in out["error"]
     long = "see you at the game " * 300   # 1500 words: beyond the 1024-token suggestion context
     code, out = _main_json(capsys, "suggest", kb_bundle.root, long + "ton", "--backend", "torch")
     assert code == 0 and out["trimmed"] is True and out["max_context"] == 1024
