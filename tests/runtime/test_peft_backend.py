@@ -193,3 +193,24 @@ def test_cuda_matches_cpu(bundles):
     np.testing.assert_allclose(gpu.logits(IDS), cpu.logits(IDS), atol=1e-3, rtol=0)
     ra, rb = cpu.train(CHAT, steps=3), gpu.train(CHAT, steps=3)
     np.testing.assert_allclose(rb.losses, ra.losses, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_runs_end_to_end(tmp_path):
+    """benchmarks/gpu_train.py --smoke: tiny model on the CPU, every eager configuration, a result file."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_train", "--smoke", "--out", str(tmp_path)],
+                       cwd=root, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_train_smoke_cpu.json").read_text())
+    assert set(res["results"]) == {"pocketpeft eager", "peft+bnb nf4", "peft bf16 base"}
+    for name, per in res["results"].items():
+        assert "error" not in per, (name, per.get("traceback"))
+        for batch in ("2", "4"):
+            assert per[batch]["tokens_per_s"]["median"] > 0 and np.isfinite(per[batch]["losses_first_run"]).all()
+    assert res["results"]["peft+bnb nf4"]["4"]["speed_vs_peft_bnb"] == pytest.approx(1.0)

@@ -1,0 +1,283 @@
+"""GPU training speed: pocketpeft's torch backend on CUDA vs peft + bitsandbytes QLoRA (nf4).
+
+A SmolLM2-shaped model with random weights (no weight files: the architecture below is
+SmolLM2-135M's), exported once to nf4 (and f16 for a bf16-base reference), LoRA r=8 on
+q/k/v/o, rows of 64 tokens, batch 8, 32 and 64. Every configuration runs in its own process (so
+its peak GPU memory is its own), all batch sizes per process, interleaved over repetitions:
+
+* ``pocketpeft eager``     — torch backend, bf16 compute, frozen nf4 bytes dequantized on the GPU
+  inside each layer (eager PyTorch ops).
+* ``pocketpeft compiled``  — the same model under ``torch.compile``: inductor fuses each
+  dequantization (nibble split, code lookup, absmax scale) into one kernel and the forward and
+  backward into few; ``--cudagraphs`` adds ``mode="reduce-overhead"`` (CUDA graphs of both).
+* ``peft+bnb nf4``         — the baseline: transformers + peft with bitsandbytes ``Linear4bit``
+  (nf4, bf16 compute) over the same bytes (pocketpeft's ``peft`` backend).
+* ``peft bf16 base``       — peft over a plain bf16 base, for scale.
+
+Same optimizer step everywhere (AdamW, clipping, warmup + cosine). The share of the GPU's bf16
+peak counts ~4 FLOPs per frozen weight per token (forward + input gradient) against a bf16
+matmul measured in the same run (and the spec-sheet figure where the GPU is known).
+
+    python -m benchmarks.gpu_train [--reps 3] [--steps 10] [--cudagraphs]   # on a GPU
+    python -m benchmarks.gpu_train --smoke                                  # CPU, tiny, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+SEQ, RANK = 64, 8
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+#: SmolLM2-135M's architecture (HF LlamaConfig fields).
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
+               rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+#: A tiny model of the same family for --smoke.
+TINY = dict(SMOLLM2, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2)
+#: Dense bf16 tensor-core peak (TFLOP/s, spec sheets, no sparsity), matched on the device name.
+SPEC_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
+                    "H100 NVL": 835.0, "A100": 312.0, "L4": 121.0, "A10G": 70.0}
+CONFIGS = {  # name -> (backend module, bundle quant, compile mode or None)
+    "pocketpeft eager": ("torch_backend", "nf4", None),
+    "pocketpeft compiled": ("torch_backend", "nf4", "default"),
+    "pocketpeft compiled+cudagraphs": ("torch_backend", "nf4", "reduce-overhead"),
+    "peft+bnb nf4": ("peft_backend", "nf4", None),
+    "peft bf16 base": ("peft_backend", "f16", None),
+}
+BASELINE = "peft+bnb nf4"
+
+
+def write_random_model(folder: Path, arch: dict, seed: int = 0) -> Path:
+    """An HF folder holding a random-init LlamaForCausalLM of ``arch`` and a word-level
+    tokenizer.json of the same vocabulary size (the rows are random token ids anyway)."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**arch)).save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(arch["vocab_size"])}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def export_bundles(work: Path, arch: dict, batch: int) -> dict[str, str]:
+    """nf4 and f16 bundles of the random model (exported once per work folder)."""
+    import pocketpeft as pp
+
+    folder = write_random_model(work / "model", arch)
+    out = {}
+    for quant in ("nf4", "f16"):
+        path = work / f"bundle-{quant}"
+        try:
+            pp.Bundle(path)
+        except pp.PocketPeftError:
+            pp.export(folder, path, quant=quant, targets=["torch"], seq_len=SEQ, batch_size=batch,
+                      lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES))
+        out[quant] = str(path)
+    return out
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def worker(config: str, bundle: str, device: str, batches: list[int], steps: int, warmup: int) -> dict:
+    """Time ``steps`` optimizer steps per batch size for one configuration; returns per-batch
+    step seconds, losses and peak memory (GPU allocator peak on CUDA, process RSS on CPU)."""
+    import importlib
+
+    import numpy as np
+    import torch
+
+    import pocketpeft as pp
+    from benchmarks.common import peak_rss_mib
+    from pocketpeft.runtime import TrainConfig
+
+    mod_name, _, compile_mode = CONFIGS[config]
+    b = pp.Bundle(bundle)
+    be = importlib.import_module(f"pocketpeft.runtime.backends.{mod_name}").create(device, "bfloat16")
+    be.load(b)
+    if compile_mode:
+        be.model.compile(mode=compile_mode)
+    vocab = b.manifest.arch.vocab_size
+    rng = np.random.default_rng(0)
+    out = {}
+    for batch in batches:
+        be.configure(TrainConfig(total_steps=steps + warmup))
+        x = rng.integers(0, vocab, size=(steps + warmup, batch, SEQ), dtype=np.int64)
+        y = np.roll(x, -1, axis=-1)
+        y[..., -1] = -100
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        t_warm = time.perf_counter()
+        for i in range(warmup):  # compilation, autotuning, graph capture, allocator warm-up
+            be.train_step(x[i], y[i])
+        _sync(device)
+        t_warm = time.perf_counter() - t_warm
+        times, losses = [], []
+        for i in range(warmup, warmup + steps):
+            t = time.perf_counter()
+            r = be.train_step(x[i], y[i])  # returns python floats: the step has finished on the device
+            _sync(device)
+            times.append(time.perf_counter() - t)
+            losses.append(r.loss)
+        peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else peak_rss_mib())
+        out[str(batch)] = {"step_seconds": times, "losses": losses, "warmup_seconds": t_warm, "peak_mib": peak,
+                           "peak_kind": "cuda max_memory_allocated" if device.startswith("cuda") else "process RSS"}
+    return out
+
+
+def bf16_matmul_tflops(device: str, n: int, seconds: float = 2.0) -> float:
+    """Measured bf16 matmul throughput (n x n x n) on ``device``, TFLOP/s."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    bm = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ bm
+    _sync(device)
+    k, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ bm
+        k += 1
+        if k % 10 == 0:
+            _sync(device)
+    _sync(device)
+    return k * 2 * n**3 / (time.perf_counter() - t0) / 1e12
+
+
+def frozen_params(arch: dict) -> int:
+    """Weights a token passes through as matmuls: every linear plus the (tied) output projection."""
+    h, i, layers = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
+    hd = h // arch["num_attention_heads"]
+    attn = h * hd * (2 * arch["num_attention_heads"] + 2 * arch["num_key_value_heads"])
+    return layers * (attn + 3 * h * i) + arch["vocab_size"] * h
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 2 steps, eager configs: checks it runs")
+    ap.add_argument("--device", default=None, help="cuda:0 when available, else cpu")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 8,32,64; smoke 2,4)")
+    ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3; smoke 1)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per batch size (default 10; smoke 2)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; smoke 1)")
+    ap.add_argument("--configs", default=None, help=f"comma-separated subset of: {', '.join(CONFIGS)}")
+    ap.add_argument("--cudagraphs", action="store_true", help="also run the compiled+cudagraphs configuration")
+    ap.add_argument("--work", type=Path, default=None, help="folder for the random model and bundles (kept)")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; smoke: a temp folder)")
+    ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker is not None:
+        config, bundle, device, batches, steps, warmup = args.worker
+        try:
+            res = worker(config, bundle, device, [int(b) for b in batches.split(",")], int(steps), int(warmup))
+        except Exception as e:  # one failing configuration must not sink the others' numbers
+            res = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+        print(json.dumps(res))
+        return
+
+    import torch
+
+    from benchmarks.common import run_worker, summarize, write_result
+
+    device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    smoke = args.smoke
+    arch = TINY if smoke else SMOLLM2
+    batches = [int(b) for b in (args.batches or ("2,4" if smoke else "8,32,64")).split(",")]
+    reps = args.reps or (1 if smoke else 3)
+    steps = args.steps or (2 if smoke else 10)
+    warmup = args.warmup or (1 if smoke else 3)
+    if args.configs:
+        names = [c.strip() for c in args.configs.split(",") if c.strip()]
+        unknown = [c for c in names if c not in CONFIGS]
+        if unknown:
+            ap.error(f"unknown configuration(s) {unknown}; choose among {', '.join(CONFIGS)}")
+    elif smoke or not device.startswith("cuda"):  # compiling on a CPU takes minutes and says nothing about GPUs
+        names = ["pocketpeft eager", "peft+bnb nf4", "peft bf16 base"]
+    else:
+        names = [c for c in CONFIGS if args.cudagraphs or "cudagraphs" not in c]
+    if BASELINE not in names:
+        names.append(BASELINE)
+    tmp = tempfile.TemporaryDirectory(prefix="pocketpeft-gpu-train-") if (smoke or args.work is None) else None
+    work = args.work or Path(tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"exporting the random {'tiny' if smoke else 'SmolLM2-shaped'} model to {work} …", flush=True)
+    bundles = export_bundles(work, arch, max(batches))
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for rep in range(reps):
+        for name in names:
+            print(f"[{rep + 1}/{reps}] {name}", flush=True)
+            wargs = [name, bundles[CONFIGS[name][1]], device, ",".join(map(str, batches)), str(steps), str(warmup)]
+            runs[name].append(run_worker("benchmarks.gpu_train", wargs, timeout=3600))
+    n_params = frozen_params(arch)
+    measured = bf16_matmul_tflops(device, 256 if smoke else 8192, 0.5 if smoke else 3.0)
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
+    spec = next((v for k, v in SPEC_BF16_TFLOPS.items() if gpu and k in gpu), None)
+    results: dict[str, dict] = {}
+    for name, rs in runs.items():
+        errors = [r["error"] for r in rs if "error" in r]
+        if errors:
+            results[name] = {"error": errors[0], "traceback": next(r["traceback"] for r in rs if "error" in r)}
+            continue
+        per = {}
+        for batch in batches:
+            cell = [r[str(batch)] for r in rs]
+            tok = batch * SEQ
+            tps = [tok * len(c["step_seconds"]) / sum(c["step_seconds"]) for c in cell]
+            tflops = 4 * n_params * summarize(tps)["median"] / 1e12
+            per[str(batch)] = {"tokens_per_s": summarize(tps), "step_ms": 1000 * tok / summarize(tps)["median"],
+                               "peak_mib": summarize([c["peak_mib"] for c in cell]), "peak_kind": cell[0]["peak_kind"],
+                               "achieved_tflops": tflops, "share_of_measured_bf16_matmul": tflops / measured,
+                               "share_of_spec_bf16_peak": tflops / spec if spec else None,
+                               "warmup_seconds": summarize([c["warmup_seconds"] for c in cell]),
+                               "losses_first_run": cell[0]["losses"]}
+        results[name] = per
+    base = results.get(BASELINE, {})
+    for name, per in results.items():
+        for batch, r in per.items():
+            if batch in base and isinstance(r, dict) and "tokens_per_s" in r and "tokens_per_s" in base[batch]:
+                r["speed_vs_peft_bnb"] = r["tokens_per_s"]["median"] / base[batch]["tokens_per_s"]["median"]
+                r["memory_vs_peft_bnb"] = r["peak_mib"]["median"] / base[batch]["peak_mib"]["median"]
+    payload = {"settings": {"model": "SmolLM2-135M-shaped, random weights" if not smoke else "tiny Llama, random weights",
+                            "arch": arch, "frozen_matmul_params": n_params, "lora_r": RANK, "lora_alpha": 16,
+                            "target_modules": MODULES, "seq_len": SEQ, "batches": batches, "repetitions": reps,
+                            "timed_steps": steps, "warmup_steps": warmup, "compute_dtype": "bfloat16",
+                            "device": device, "gpu": gpu, "smoke": smoke},
+               "bf16_matmul_tflops_measured": measured, "bf16_peak_tflops_spec": spec, "results": results,
+               "target": "pocketpeft's CUDA path >= 5x peft+bnb tokens/s at batch 8 and >= 3x at batch 64"}
+    tag = "smoke_cpu" if smoke and not gpu else re.sub(r"[^A-Za-z0-9]+", "_", gpu or device).strip("_").lower()
+    out_dir = args.out or (Path(tmp.name) / "results" if smoke else None)
+    path = write_result(f"gpu_train_{tag}", payload, out_dir)
+    print(f"\n{'config':<32}{'batch':>6}{'tokens/s':>11}{'vs peft+bnb':>12}{'peak MiB':>10}{'of bf16 peak':>14}")
+    for name, per in results.items():
+        if "error" in per:
+            print(f"{name:<32} FAILED: {per['error'][:120]}")
+            continue
+        for batch, r in per.items():
+            share = r["share_of_spec_bf16_peak"] or r["share_of_measured_bf16_matmul"]
+            print(f"{name:<32}{batch:>6}{r['tokens_per_s']['median']:>11.0f}{r.get('speed_vs_peft_bnb', 0):>11.2f}x"
+                  f"{r['peak_mib']['median']:>10.0f}{100 * share:>13.2f}%")
+    print(f"bf16 matmul measured here: {measured:.3g} TFLOP/s" + (f"; spec peak {spec:.0f}" if spec else ""))
+    print(f"written to {path}")
+    if tmp is not None and args.out is None and not smoke:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
