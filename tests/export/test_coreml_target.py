@@ -171,7 +171,7 @@ def test_cli_exports_smollm2_to_gguf_and_coreml(smollm2_path, tmp_path):
                         "--out", str(out), "--json"], capture_output=True, text=True, timeout=3000)
     assert r.returncode == 0, r.stderr[-2000:]
     obj = json.loads(r.stdout)
-    assert obj["targets"] == ["torch", "gguf", "coreml"]
+    assert sorted(obj["targets"]) == ["coreml", "gguf", "torch"]
     b = Bundle(out)
     b.verify("coreml")
     d = describe(b.root / PACKAGE)
