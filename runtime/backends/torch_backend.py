@@ -137,7 +137,8 @@ class TorchBackend:
             return self._m(ids).float().cpu().numpy()
 
     def get_adapter(self) -> dict[str, np.ndarray]:
-        return {k: v.numpy() for k, v in lora_state_dict(self._m).items()}
+        # a copy on every device: on the CPU the tensors would otherwise alias the live weights
+        return {k: v.numpy().copy() for k, v in lora_state_dict(self._m).items()}
 
     def set_adapter(self, tensors: Mapping[str, np.ndarray]) -> None:
         load_lora_state_dict(self._m, {k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()})
