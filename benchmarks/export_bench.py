@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--targets", default=None, help="comma-separated targets (default: every registered one)")
     ap.add_argument("--base", default="smollm2", help="base model (default the embedded SmolLM2)")
     ap.add_argument("--quant", default="q4_0")
+    ap.add_argument("--timeout", type=float, default=2400, help="seconds one export may take before it counts as failed")
     ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
     args = ap.parse_args()
@@ -85,9 +87,10 @@ def main() -> None:
                 print(f"[{rep + 1}/{reps}] export {args.quant} --targets {t}", flush=True)
                 out = tmp / f"{t}-{rep}"
                 try:
-                    runs[t].append(run_worker("benchmarks.export_bench", [base, t, args.quant, str(out)]))
-                except RuntimeError as e:  # a toolchain that fails here is reported, not fatal
-                    failed[t] = str(e).strip().splitlines()[-1][:500]
+                    runs[t].append(run_worker("benchmarks.export_bench", [base, t, args.quant, str(out)],
+                                              timeout=args.timeout))
+                except (RuntimeError, subprocess.TimeoutExpired) as e:  # reported, not fatal
+                    failed[t] = (str(e).strip().splitlines() or ["?"])[-1][:500]
                     print(f"    failed: {failed[t]}", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
     finally:

@@ -160,9 +160,10 @@ def section_suggest(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
         lat, pr = r["latency_ms"], r.get("profile", {})
         rows.append([n, _f(lat["p50"]), _f(lat["p95"]), _f(lat["p99"]), _f(r["peak_rss_mib"]["median"], ".0f"),
                      f"{_f(100 * r['top3_equal_to_torch'], '.0f')}%" if "top3_equal_to_torch" in r else "-",
+                     f"{_f(100 * r['top3_same_words_any_order'], '.0f')}%" if "top3_same_words_any_order" in r else "-",
                      _f(pr.get("forwards_per_keystroke_mean"), ".2f"), _f(pr.get("model_ms_per_forward")),
                      _f(pr.get("overhead_ms_mean"))])
-    out += _table(["config", "p50 ms", "p95 ms", "p99 ms", "peak RSS MiB", "top-3 = torch", "forwards/keystroke",
+    out += _table(["config", "p50 ms", "p95 ms", "p99 ms", "peak RSS MiB", "top-3 = torch", "same 3 words", "forwards/keystroke",
                    "ms/forward", "Python ms/keystroke"], rows)
     tm, best = obj.get("targets_met", {}), obj.get("best_backend")
     out.append(f"\nTargets: p50 <= 10 ms on the best backend ({best}): {_met(tm.get('p50_le_10ms'))}; "

@@ -268,6 +268,9 @@ def summarize_runs(runs: dict[str, list[dict]], prefixes: list[str]) -> dict:
             if ref is not None:
                 same = [a == b for a, b in zip(r0["top3"], ref)]
                 res["top3_equal_to_torch"] = float(np.mean(same))
+                res["top3_same_words_any_order"] = float(np.mean([set(a) == set(b) for a, b in zip(r0["top3"], ref)]))
+                res["top1_equal_to_torch"] = float(np.mean([a[:1] == b[:1] for a, b in zip(r0["top3"], ref)]))
+                res["top3_first_rep"] = r0["top3"]
                 res["top3_differs_examples"] = [{"prefix": prefixes[i], "torch": ref[i], "this": r0["top3"][i]}
                                                 for i, s in enumerate(same) if not s][:5]
         out[name] = res
@@ -353,11 +356,13 @@ def main() -> None:
                         "top3_agreement_ge_95": all(v >= 0.95 for v in agree.values())},
     }
     path = write_result("suggest_latency_quick" if args.quick else "suggest_latency", payload, args.out)
-    print(f"\n{'config':<56}{'p50':>8}{'p95':>9}{'p99':>9}{'RSS MiB':>9}{'top3=torch':>11}")
+    print(f"\n{'config':<56}{'p50':>8}{'p95':>9}{'p99':>9}{'RSS MiB':>9}{'top3=torch':>11}{'same set':>9}")
     for name, r in results.items():
         lat = r["latency_ms"]
         ag = f"{100 * r['top3_equal_to_torch']:.0f}%" if "top3_equal_to_torch" in r else "-"
-        print(f"{name:<56}{lat['p50']:>8.1f}{lat['p95']:>9.1f}{lat['p99']:>9.1f}{r['peak_rss_mib']['median']:>9.0f}{ag:>11}")
+        ag_set = f"{100 * r['top3_same_words_any_order']:.0f}%" if "top3_same_words_any_order" in r else "-"
+        print(f"{name:<56}{lat['p50']:>8.1f}{lat['p95']:>9.1f}{lat['p99']:>9.1f}{r['peak_rss_mib']['median']:>9.0f}"
+              f"{ag:>11}{ag_set:>9}")
         if "profile" in r:
             pr = r["profile"]
             print(f"    model {pr['model_ms_mean']:.1f} ms + overhead {pr['overhead_ms_mean']:.1f} ms per keystroke; "

@@ -22,25 +22,25 @@ def test_bench_export_suite_writes_json_and_report(tiny_hf_dir, tmp_path):
 
     out = tmp_path / "results"
     p = subprocess.run([sys.executable, "-m", "pocketpeft.cli", "bench", "--quick", "--suite", "export",
-                        "--base", str(tiny_hf_dir), "--targets", "torch,gguf", "--out", str(out), "--json"],
+                        "--base", str(tiny_hf_dir), "--targets", "gguf", "--out", str(out), "--json"],
                        capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     obj = json.loads(p.stdout.strip().splitlines()[-1])
     assert obj["failed"] == [] and obj["suites"] == ["export"]
     assert [m["status"] for m in obj["modules"]] == ["ok"]
     res = json.loads((out / "export_bench_quick.json").read_text())
-    assert set(res["results"]) == {"torch", "gguf"} and res["failed"] == {}
+    assert set(res["results"]) == {"gguf"} and res["failed"] == {}
     assert res["machine"]["logical_cores"] >= 1 and "torch" in res["machine"]["versions"]
     # the sizes it reports are those of an export made independently here
     ref = pp.export(tiny_hf_dir, tmp_path / "ref", quant="q4_0", targets=["torch", "gguf"],
                     lora=pp.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    for t in ("torch", "gguf"):
-        assert res["results"][t]["target_bytes"] == _dir_bytes(ref.root / t)
-        assert res["results"][t]["target_export_seconds"]["median"] >= 0
+    gguf = res["results"]["gguf"]
+    assert gguf["target_bytes"] == _dir_bytes(ref.root / "gguf") and gguf["target_export_seconds"]["median"] >= 0
+    assert gguf["shared_bytes"] + gguf["target_bytes"] + _dir_bytes(ref.root / "torch") == gguf["bundle_bytes"]
     summary = Path(obj["report"])
     assert summary == out / "report" / "summary.md"
     text = summary.read_text()
-    assert "## Export time and bundle size" in text and "| torch |" in text and "| gguf |" in text
+    assert "## Export time and bundle size" in text and "| gguf |" in text
     assert "failed" not in text
 
 
@@ -116,6 +116,7 @@ def test_bench_rejects_an_unknown_suite(tmp_path):
         bench("speed", out=tmp_path)
 
 
+@pytest.mark.slow   # ~1-2 min on 2 busy cores: three processes' worth of model loads and vocab tables
 def test_latency_workers_against_torch_and_llamacpp(tiny_hf_dir, tmp_path):
     pytest.importorskip("llama_cpp")
     import pocketpeft as pp
@@ -145,12 +146,12 @@ def test_latency_workers_against_torch_and_llamacpp(tiny_hf_dir, tmp_path):
         logits = sess.logits([sep, *sess.tokenizer.encode(p)])[-1]
         same.append(top[0] == int(np.argmax(logits)))
     assert np.mean(same) >= 0.9
-    base = pp.runtime.open(bundle.root, backend="torch", need_train=False)
-    moved = [int(np.argmax(base.logits([sep, *base.tokenizer.encode(p)])[-1])) != t[0]
+    sess.reset_adapter()   # without the adapter the next tokens differ: it was applied, not ignored
+    moved = [int(np.argmax(sess.logits([sep, *sess.tokenizer.encode(p)])[-1])) != t[0]
              for p, t in zip(prefixes, raw["top3_tokens"])]
     assert any(moved)
 
     res = summarize_runs({"pocketpeft torch": [torch_run], "llama raw": [raw]}, prefixes)
-    assert res["pocketpeft torch"]["top3_equal_to_torch"] == 1.0
+    assert res["pocketpeft torch"]["top3_equal_to_torch"] == res["pocketpeft torch"]["top3_same_words_any_order"] == 1.0
     assert res["pocketpeft torch"]["latency_ms"]["p50"] == pytest.approx(float(np.median(torch_run["ms"])))
     assert "profile" not in res["llama raw"]
