@@ -10,7 +10,8 @@ them; an ``npu`` device is listed when onnxruntime offers one of those providers
 At load, a summed cross-entropy is appended to the graph (a ``labels`` input, a ``loss_sum``
 output, the convention of the ``onnx`` target's training graphs), so a loss costs one run and no
 logits copy; logits stay an output for eval and decoding. No ``onnxruntime.training`` import and
-no gradient graph: memory is the inference graph's plus the LoRA tensors.
+no gradient graph: memory is the inference graph's plus the LoRA tensors. Constant folding is
+off, so the frozen weights stay 4-bit and are dequantized inside each run (see ``load``).
 """
 
 from __future__ import annotations
@@ -105,6 +106,10 @@ class OrtInferBackend:
         path = bundle.path_of(INFER)
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        # Constant folding would precompute every dequantized base weight (and its intermediates)
+        # as float32 initializers: SmolLM2 q4_0 measured 4.9 GB RSS after load instead of 0.8 GB,
+        # and slower runs. Dequantizing in-graph per run keeps the 4-bit bytes the only copy.
+        so.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
         providers = ["CPUExecutionProvider"]
         if self.device == "npu":
             providers.insert(0, next(p for p in _NPU_PROVIDERS if p in ort.get_available_providers()))

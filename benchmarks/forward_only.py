@@ -1,0 +1,197 @@
+"""Forward-only (SPSA) vs backprop LoRA updates on SmolLM2 personalization: held-out loss and
+top-3 next-token accuracy over wall time, and peak memory against inference of the same graph.
+
+Per chitchat sender (earlier messages train, later ones are held out), each configuration runs
+in its own process, on the same rows in the same order:
+
+- ``backprop torch``: the reference backend, AdamW, for ``--seconds`` of update time;
+- ``forward-only onnxruntime-infer``: SPSA over ``infer.onnx`` on a plain InferenceSession, for
+  ``4 x --seconds`` (the issue's budget: its gain must come within 4x backprop's time);
+- ``inference onnxruntime-infer`` / ``inference torch``: the same graphs only computing the loss
+  on the same batches: the memory each update is compared with.
+
+Held-out metrics are taken at checkpoints, outside the timed update windows. Memory is the
+peak RSS of the update (or inference) phase alone: the peak counter is reset after loading and
+read before each evaluation (``/proc/self/clear_refs``), so loading transients don't hide it.
+
+    python -m benchmarks.forward_only [--quick] [--senders 3] [--seconds 120]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+SEQ, RANK = 64, 8
+BATCH = 8   # rows per step; --batch changes it (the bundle is exported at 8 x 64)
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _data(tokenizer, sender: str, n_test_rows: int):
+    from pocketpeft.data import pack_rows, sender_split
+
+    train, test = sender_split(sender)
+    x, y = pack_rows(tokenizer, train, SEQ)
+    tx, ty = pack_rows(tokenizer, test, SEQ)
+    return x, y, tx[:n_test_rows], ty[:n_test_rows]
+
+
+def _held_out(be, tx, ty) -> dict:
+    loss = tok = top3 = 0
+    for s in range(0, len(tx), BATCH):
+        e = be.eval_batch(tx[s:s + BATCH], ty[s:s + BATCH])
+        loss, tok, top3 = loss + e.loss_sum, tok + e.tokens, top3 + e.top3
+    return {"loss": loss / tok, "top3": top3 / tok, "tokens": tok}
+
+
+def worker(bundle: str, backend: str, mode: str, sender: str, seconds: float, checkpoints: int, lr: float,
+           seed: int, n_test_rows: int) -> dict:
+    """mode: backprop | forward-only | inference. Returns the curve and the phase peaks."""
+    import numpy as np
+
+    import pocketpeft as pp
+    from benchmarks.common import peak_rss_mib
+    from pocketpeft.runtime import ForwardOnlyConfig, TrainConfig
+
+    t0 = time.perf_counter()
+    sess = pp.runtime.open(bundle, backend=backend, need_train=mode != "inference",
+                           update=mode if mode != "inference" else "auto",
+                           forward_only=ForwardOnlyConfig(lr=lr, seed=seed) if mode == "forward-only" else None)
+    be = sess.backend
+    load_s = time.perf_counter() - t0
+    x, y, tx, ty = _data(sess.tokenizer, sender, n_test_rows)
+    order = np.random.default_rng(seed).permutation(len(x))
+    curve = [{"seconds": 0.0, "steps": 0, **_held_out(be, tx, ty)}]
+    load_peak = peak_rss_mib()
+    phase_peak, spent, step = 0.0, 0.0, 0
+    if mode == "backprop":
+        be.configure(TrainConfig(lr=lr, seed=seed, total_steps=10_000))
+    elif mode == "forward-only":
+        be.configure(TrainConfig(seed=seed, total_steps=10_000))
+    for c in range(1, checkpoints + 1):
+        _reset_peak()
+        t = time.perf_counter()
+        while time.perf_counter() - t < seconds / checkpoints:
+            idx = order[(step * BATCH + np.arange(BATCH)) % len(order)]
+            if mode == "inference":   # what an update's forward passes compute
+                loss_only = getattr(be, "loss_sum", None)
+                loss_only(x[idx], y[idx]) if loss_only else be.eval_batch(x[idx], y[idx])
+            else:
+                be.train_step(x[idx], y[idx])
+            step += 1
+        spent += time.perf_counter() - t
+        phase_peak = max(phase_peak, _peak_mib())
+        if mode != "inference":
+            curve.append({"seconds": spent, "steps": step, **_held_out(be, tx, ty)})
+    return {"curve": curve, "load_seconds": load_s, "steps": step, "seconds": spent,
+            "step_seconds": spent / max(step, 1), "phase_peak_rss_mib": phase_peak, "load_peak_rss_mib": load_peak,
+            "lora_mib": sum(v.nbytes for v in be.get_adapter().values()) / 2**20}
+
+
+def _bundle() -> Path:
+    import pocketpeft as pp
+    from pocketpeft.cli import cache_dir
+
+    path = cache_dir() / "bench" / f"smollm2-q4_0-r{RANK}-torch-onnx"
+    try:
+        pp.Bundle(path).verify()
+    except pp.PocketPeftError:
+        print(f"exporting {path.name} (once; ~10-20 min on 2 cores) …", flush=True)
+        pp.export("smollm2", path, quant="q4_0", targets=["torch", "onnx"], seq_len=SEQ, batch_size=BATCH,
+                  lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES))
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 sender, 60 s backprop budget, 3 checkpoints, batch 2")
+    ap.add_argument("--batch", type=int, default=None, help="rows of 64 tokens per step (default 8; quick: 2)")
+    ap.add_argument("--senders", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=120.0, help="backprop update budget per sender")
+    ap.add_argument("--ratio", type=float, default=4.0, help="forward-only budget = ratio x backprop's")
+    ap.add_argument("--lr-backprop", type=float, default=2e-3)
+    ap.add_argument("--lr-forward-only", type=float, default=1e-4,
+                    help="SGD peak lr of the SPSA update (2e-2 suits the tiny test model's 3.6k LoRA weights; "
+                         "scaled by their count to SmolLM2's 0.92M: ~1e-4)")
+    ap.add_argument("--test-rows", type=int, default=None, help="held-out rows of 64 tokens per sender (16; quick: 8)")
+    ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if args.worker is not None:
+        b, be, mode, sender, secs, cps, lr, seed, rows, batch = args.worker
+        global BATCH
+        BATCH = int(batch)
+        print(json.dumps(worker(b, be, mode, sender, float(secs), int(cps), float(lr), int(seed), int(rows))))
+        return
+
+    from benchmarks.common import run_worker, write_result
+    from pocketpeft.data import top_senders
+
+    senders, secs, cps = (1, 60.0, 3) if args.quick else (args.senders, args.seconds, 4)
+    batch = args.batch or (2 if args.quick else BATCH)
+    test_rows = args.test_rows or (8 if args.quick else 16)
+    bundle = str(_bundle())
+    configs = [("backprop torch", "torch", "backprop", secs, args.lr_backprop),
+               ("forward-only onnxruntime-infer", "onnxruntime-infer", "forward-only", args.ratio * secs,
+                args.lr_forward_only),
+               ("inference onnxruntime-infer", "onnxruntime-infer", "inference", min(secs, 30.0), 0.0),
+               ("inference torch", "torch", "inference", min(secs, 30.0), 0.0)]
+    results = {}
+    for sender in top_senders()[:senders]:
+        per = results[sender] = {}
+        for name, backend, mode, budget, lr in configs:
+            print(f"[{sender}] {name} ({budget:.0f} s)", flush=True)
+            per[name] = run_worker("benchmarks.forward_only", [bundle, backend, mode, sender, str(budget),
+                                                               str(cps if mode != "inference" else 1), str(lr), "0",
+                                                               str(test_rows), str(batch)], timeout=7200)
+        bp, fo = per["backprop torch"], per["forward-only onnxruntime-infer"]
+        start = bp["curve"][0]["loss"]
+        gain_bp = start - bp["curve"][-1]["loss"]
+        reached = next((p["seconds"] for p in fo["curve"][1:] if start - p["loss"] >= gain_bp), None)
+        per["summary"] = {
+            "held_out_loss": {"start": start, "backprop_end": bp["curve"][-1]["loss"], "forward_only_end": fo["curve"][-1]["loss"]},
+            "top3": {"start": bp["curve"][0]["top3"], "backprop_end": bp["curve"][-1]["top3"],
+                     "forward_only_end": fo["curve"][-1]["top3"]},
+            "backprop_seconds": bp["seconds"], "forward_only_seconds": fo["seconds"],
+            "forward_only_share_of_backprop_gain": (start - fo["curve"][-1]["loss"]) / gain_bp if gain_bp > 0 else None,
+            "forward_only_reached_backprop_gain_at_s": reached,
+            "forward_only_peak_vs_inference": fo["phase_peak_rss_mib"] / per["inference onnxruntime-infer"]["phase_peak_rss_mib"],
+            "backprop_peak_vs_inference": bp["phase_peak_rss_mib"] / per["inference torch"]["phase_peak_rss_mib"],
+            "forward_only_peak_vs_backprop": fo["phase_peak_rss_mib"] / bp["phase_peak_rss_mib"],
+        }
+    payload = {"settings": {"model": "SmolLM2-135M-Instruct q4_0", "lora_r": RANK, "target_modules": MODULES,
+                            "batch": batch, "seq_len": SEQ, "backprop_seconds": secs, "forward_only_seconds": args.ratio * secs,
+                            "lr_backprop": args.lr_backprop, "lr_forward_only": args.lr_forward_only,
+                            "eps": 1e-3, "perturbations": 1, "seed": 0, "held_out_rows": test_rows,
+                            "quick": args.quick},
+               "targets": {"peak_vs_inference": "<= 1.1", "forward_only_time_to_backprop_gain": "<= 4x backprop's"},
+               "results": results}
+    path = write_result("forward_only_quick" if args.quick else "forward_only", payload, args.out)
+    print(f"\n{'sender':<10}{'config':<34}{'loss start→end':>18}{'top-3':>14}{'s':>6}{'steps':>7}{'peak MiB':>10}")
+    for sender, per in results.items():
+        for name, r in per.items():
+            if name == "summary":
+                continue
+            c = r["curve"]
+            print(f"{sender:<10}{name:<34}{c[0]['loss']:>8.3f} → {c[-1]['loss']:<7.3f}{c[0]['top3']:>6.3f}→{c[-1]['top3']:<6.3f}"
+                  f"{r['seconds']:>6.0f}{r['steps']:>7}{r['phase_peak_rss_mib']:>10.0f}")
+        print(json.dumps(per["summary"], indent=1))
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
