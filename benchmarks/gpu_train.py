@@ -112,7 +112,7 @@ def worker(config: str, bundle: str, device: str, batches: list[int], steps: int
     be = importlib.import_module(f"pocketpeft.runtime.backends.{mod_name}").create(device, "bfloat16")
     be.load(b)
     if compile_mode:
-        be.model.compile(mode=compile_mode)
+        be.model.compile(mode=compile_mode, dynamic=False)  # one static graph per batch size
     vocab = b.manifest.arch.vocab_size
     rng = np.random.default_rng(0)
     out = {}

@@ -179,10 +179,13 @@ class PeftBackend:
         self._opt = torch.optim.AdamW(list(self._p.values()), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                       weight_decay=cfg.weight_decay)
 
-    @property
-    def _p(self) -> dict:
+    def _loaded(self) -> None:
         if self.model is None:
             raise RuntimeError("backend not loaded: call load(bundle) first")
+
+    @property
+    def _p(self) -> dict:
+        self._loaded()
         return self._params
 
     def _ids(self, a: np.ndarray):
@@ -225,7 +228,7 @@ class PeftBackend:
         import torch
         import torch.nn.functional as F
 
-        self._p
+        self._loaded()
         with torch.no_grad():
             ids, lab = self._ids(input_ids), self._ids(labels)
             logits = self._logits(ids).float()
@@ -239,13 +242,13 @@ class PeftBackend:
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         import torch
 
-        self._p
+        self._loaded()
         with torch.no_grad():
             return self._logits(self._ids(input_ids)).float().cpu().numpy()
 
     def get_adapter(self) -> dict[str, np.ndarray]:
         peft = require("peft", extra="peft")
-        self._p
+        self._loaded()
         sd = peft.get_peft_model_state_dict(self.model)
         return {k: v.detach().float().cpu().numpy().copy() for k, v in sd.items()}
 
@@ -277,7 +280,7 @@ class PeftBackend:
 
     def decoder(self) -> "PeftDecoder":
         """A KV-cached decoder (transformers' DynamicCache) over the current weights."""
-        self._p
+        self._loaded()
         return PeftDecoder(self.model, self.device, self.model.config.vocab_size)
 
 
