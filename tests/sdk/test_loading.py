@@ -53,8 +53,7 @@ def hf_gguf_model(smollm2_path):
 
 @pytest.mark.slow
 def test_smollm2_matches_transformers_gguf_loader(smollm2_loaded, hf_gguf_model, smollm2_path):
-    loaded, seconds = smollm2_loaded
-    assert seconds < 20, f"load_base('smollm2') took {seconds:.1f}s"
+    loaded, _ = smollm2_loaded
     _assert_config_matches(loaded.config, hf_gguf_model.config)
     assert loaded.config.tie_word_embeddings and loaded.config.model_type == "llama"
     _assert_same_weights(loaded.state_dict, hf_gguf_model.state_dict(), tied=True, atol=1e-6)
