@@ -116,14 +116,12 @@ def cmd_suggest(args: argparse.Namespace) -> None:
     t1 = time.perf_counter()
     words = sess.suggest(prefix, k=args.k)
     t2 = time.perf_counter()
-    pred = getattr(sess, "_predictor", None)   # the Session's Predictor, built by the first suggest
-    forwards, trimmed = (pred.last_forwards, pred.last_trimmed) if pred is not None else (None, False)
-    uncached = None
-    if pred is not None:   # the same request again with the KV cache and memo dropped: the model work alone
-        pred.reset()
-        t3 = time.perf_counter()
-        sess.suggest(prefix, k=args.k)
-        uncached = 1000 * (time.perf_counter() - t3)
+    pred = sess.predictor   # the Session's Predictor, built by the first suggest
+    forwards, trimmed = pred.last_forwards, pred.last_trimmed
+    pred.reset()            # the same request again with the KV cache and memo dropped: the model work alone
+    t3 = time.perf_counter()
+    sess.suggest(prefix, k=args.k)
+    uncached = 1000 * (time.perf_counter() - t3)
     obj = {"prefix": prefix, "k": args.k, "suggestions": words, "backend": f"{sess.backend.name}:{sess.backend.device}",
            "adapter": args.adapter, "open_ms": round(1000 * (t1 - t0), 2), "latency_ms": round(1000 * (t2 - t1), 2),
            "uncached_ms": None if uncached is None else round(uncached, 2), "forward_passes": forwards,
