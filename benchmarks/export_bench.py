@@ -89,7 +89,9 @@ def main() -> None:
                 try:
                     runs[t].append(run_worker("benchmarks.export_bench", [base, t, args.quant, str(out)],
                                               timeout=args.timeout))
-                except (RuntimeError, subprocess.TimeoutExpired) as e:  # reported, not fatal
+                except subprocess.TimeoutExpired:  # reported, not fatal
+                    failed[t] = f"export did not finish within {args.timeout:.0f} s (--timeout)"
+                except RuntimeError as e:
                     failed[t] = (str(e).strip().splitlines() or ["?"])[-1][:500]
                     print(f"    failed: {failed[t]}", flush=True)
                 shutil.rmtree(out, ignore_errors=True)

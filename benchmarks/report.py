@@ -223,15 +223,30 @@ def section_memory(found: dict[str, dict[str, Any]], out: list[str]) -> None:
 
 
 def _generic(obj: dict[str, Any]) -> list[str]:
-    """A table of the scalar fields of ``results`` (for benchmarks without a dedicated section)."""
+    """A table of the scalar fields of ``results``, nested dicts flattened into rows named by their
+    path (for benchmarks without a dedicated section)."""
     res = obj.get("results")
     if not isinstance(res, dict) or not res:
         return ["(no `results` table in this file)"]
-    if not all(isinstance(v, dict) for v in res.values()):
-        return _table(["field", "value"], [[k, _f(v, ".4g") if not isinstance(v, str) else v]
-                                          for k, v in res.items() if isinstance(v, (int, float, str))])
-    cols = [k for k, v in next(iter(res.values())).items() if isinstance(v, (int, float)) and not isinstance(v, bool)][:7]
-    return _table(["config", *cols], [[n, *[_f(r.get(c), ".4g") for c in cols]] for n, r in res.items()])
+    rows: list[tuple[str, dict[str, Any]]] = []
+
+    def walk(name: str, d: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in d.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+        if scalars and name:
+            rows.append((name, scalars))
+        for k, v in d.items():
+            if isinstance(v, dict) and len(rows) < 24:
+                walk(f"{name} / {k}" if name and len(d) > 1 else str(k), v)
+
+    walk("", res)
+    if not rows:
+        return ["(no scalar results in this file)"]
+    cols: list[str] = []
+    for _, sc in rows:
+        cols += [k for k in sc if k not in cols]
+    cols = cols[:8]
+    return _table(["config", *cols], [[n, *[_f(sc.get(c), ".4g") if not isinstance(sc.get(c), str) else sc[c]
+                                            for c in cols]] for n, sc in rows])
 
 
 SECTIONS = {"train_speed": section_train, "suggest_latency": section_suggest, "export_bench": section_export,
