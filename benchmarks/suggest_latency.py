@@ -12,7 +12,11 @@ interleaved over repetitions, in one run:
 - ``transformers eager``: HF ``LlamaForCausalLM`` + the same adapter through ``peft``, one
   forward of the whole prefix per keystroke (next *token* only, no cache);
 - ``llama-cpp-python raw``: ``Llama.eval`` of the tokens not yet in its KV cache, one forward per
-  keystroke (next token only), the adapter converted to GGUF LoRA.
+  keystroke (next token only), the adapter converted to GGUF LoRA;
+- ``pocketpeft <backend> + prefetch``: the same keystrokes typed with an idle gap between them
+  (``--typing-gap-ms``, default 150 ms: a brisk phone typist), spent in ``Session.prefetch`` as
+  a keyboard's idle loop would. A prefetch forward pass still running when the next key arrives
+  is charged to that keystroke's latency, so the figure is what the user would wait.
 
 The top-3 words of every backend are compared with the torch backend's (the reference) on the
 same keystrokes. Target (issue 4): p50 <= 10 ms on the best backend, top-3 equal to torch's on
@@ -107,7 +111,7 @@ class _Timed:
         return timed
 
 
-def worker_session(bundle: str, backend: str, adapter: str, prefixes: list[str]) -> dict:
+def worker_session(bundle: str, backend: str, adapter: str, prefixes: list[str], gap_ms: float = 0.0) -> dict:
     import pocketpeft as pp
     from benchmarks.common import peak_rss_mib
 
@@ -128,18 +132,24 @@ def worker_session(bundle: str, backend: str, adapter: str, prefixes: list[str])
     first_s = time.perf_counter() - t0
     for i in range(len(WARMUP)):
         sess.suggest(WARMUP[:i], 3)
-    pred = sess._predictor
-    ms, model_ms, forwards, tokens, top3 = [], [], [], [], []
+    pred = sess.predictor
+    ms, model_ms, forwards, tokens, top3, prefetched = [], [], [], [], [], []
+    late = 0.0   # ms the idle-time prefetch ran past the next keystroke: the user waits for it
     for p in prefixes:
         clock.seconds = 0.0
         t = time.perf_counter()
         words = sess.suggest(p, 3)
-        ms.append(1000 * (time.perf_counter() - t))
-        model_ms.append(1000 * clock.seconds)
+        ms.append(1000 * (time.perf_counter() - t) + late)
+        model_ms.append(1000 * clock.seconds + late)
         forwards.append(pred.last_forwards)
         tokens.append(pred.last_forward_tokens)
         top3.append(words)
+        if gap_ms > 0:
+            t = time.perf_counter()
+            prefetched.append(sess.prefetch(p, 3, seconds=gap_ms / 1000))
+            late = max(0.0, 1000 * (time.perf_counter() - t) - gap_ms)
     return {"ms": ms, "model_ms": model_ms, "forwards": forwards, "forward_tokens": tokens, "top3": top3,
+            "prefetch_forwards": prefetched, "typing_gap_ms": gap_ms,
             "load_seconds": load_s, "first_suggest_seconds": first_s, "peak_rss_mib": peak_rss_mib()}
 
 
@@ -283,6 +293,9 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=None, help="held-out messages to type (default 3 quick, 16 full)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 2 quick, 3 full)")
     ap.add_argument("--backends", default="torch,llamacpp", help="pocketpeft backends (torch always runs)")
+    ap.add_argument("--prefetch-backends", default="llamacpp",
+                    help="backends also measured with idle-time prefetch between keystrokes ('' for none)")
+    ap.add_argument("--typing-gap-ms", type=float, default=150.0, help="idle time between keystrokes for prefetch")
     ap.add_argument("--baselines", default="hf,llama_raw", help="hf (transformers eager + peft), llama_raw; '' for none")
     ap.add_argument("--adapter", type=Path, default=None, help="a PEFT adapter for the bundle (default: random nonzero lora_B)")
     ap.add_argument("--base", default="smollm2", help="base model (default the embedded SmolLM2)")
@@ -290,9 +303,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
     args = ap.parse_args()
     if args.worker is not None:
-        kind, a, b, c, prefix_file = args.worker
+        kind, a, b, c, prefix_file, *gap = args.worker
         prefixes = json.loads(Path(prefix_file).read_text(encoding="utf-8"))
-        res = {"session": lambda: worker_session(a, b, c, prefixes), "hf": lambda: worker_hf(a, c, prefixes),
+        res = {"session": lambda: worker_session(a, b, c, prefixes, float(gap[0]) if gap else 0.0), "hf": lambda: worker_hf(a, c, prefixes),
                "llama_raw": lambda: worker_llama_raw(a, c, prefixes)}[kind]()
         print(json.dumps(res))
         return
@@ -320,6 +333,9 @@ def main() -> None:
     bundle = ensure_bundle(args.base, backends + (["llamacpp"] if "llama_raw" in baselines else []), root)
     adapter = args.adapter or random_adapter(bundle, bundle.parent / f"{bundle.name}-random-adapter")
     configs: list[tuple[str, list[str]]] = [(f"pocketpeft {b}", ["session", str(bundle), b, str(adapter)]) for b in backends]
+    gap = args.typing_gap_ms
+    configs += [(f"pocketpeft {b} + prefetch ({gap:g} ms typing gap)", ["session", str(bundle), b, str(adapter)])
+                for b in dict.fromkeys(args.prefetch_backends.split(",")) if b in backends and gap > 0]
     if "hf" in baselines:
         from benchmarks.train_speed import hf_folder
 
@@ -339,7 +355,8 @@ def main() -> None:
             order = configs[rep % len(configs):] + configs[:rep % len(configs)]  # rotate who goes first
             for name, wargs in order:
                 print(f"[{rep + 1}/{reps}] {name} ({len(prefixes)} keystrokes)", flush=True)
-                runs[name].append(run_worker("benchmarks.suggest_latency", [*wargs, str(pfile)]))
+                extra = [str(gap)] if "+ prefetch" in name else []
+                runs[name].append(run_worker("benchmarks.suggest_latency", [*wargs, str(pfile), *extra]))
     results = summarize_runs(runs, prefixes)
     best = min((n for n in results if n.startswith("pocketpeft")), key=lambda n: results[n]["latency_ms"]["p50"])
     agree = {n: r["top3_equal_to_torch"] for n, r in results.items() if "top3_equal_to_torch" in r}
@@ -348,6 +365,7 @@ def main() -> None:
                      "adapter": "given" if args.adapter else "random nonzero lora_B (std 0.02, seed 0)",
                      "messages": messages, "keystrokes": len(prefixes), "repetitions": reps, "k": 3,
                      "threads": int(os.environ.get("POCKETPEFT_THREADS", "2")), "quick": args.quick,
+                     "typing_gap_ms_for_prefetch": gap,
                      "skipped": skipped},
         "results": results,
         "best_backend": best,
