@@ -99,7 +99,7 @@ def test_session_reports_skips(bundle):
 def test_time_boxed_training_stops(bundle):
     sess = pp.runtime.open(bundle, backend="torch")
     rep = sess.train(CHAT, seconds=1.0)   # no step limit: only the time box can end it
-    assert rep.stopped_by == "seconds" and rep.steps >= 1 and rep.seconds >= 1.0
+    assert rep.stopped_by == "seconds" and rep.steps >= 1   # it stops before a step would overrun
 
 
 @pytest.mark.parametrize("texts, err", [
