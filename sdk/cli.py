@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pocketpeft`` console script; returns the exit status."""
+    # torch and llama.cpp share one OpenMP runtime in a process (demo, bench): spinning workers of
+    # one starve the other on few cores. Must be set before torch is imported; a user value wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)

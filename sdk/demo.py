@@ -17,13 +17,24 @@ from .fsutil import write_bytes_atomic
 Log = Callable[[str], None]
 
 
-def cached_bundle(cache: Path, quant: str, progress: bool, log: Log | None):
-    """The demo bundle (SmolLM2, ``quant``, LoRA r=8 on q/k/v/o), exported once and cached."""
+def _serve_backend() -> str | None:
+    """``llamacpp`` when it runs here: one token costs a fraction of the torch decoder's, and the
+    keystroke metrics type every character of the held-out messages; otherwise ``None`` (the
+    Personalizer then serves from a torch session)."""
+    from .runtime.selection import probe
+
+    return "llamacpp" if probe("llamacpp").available else None
+
+
+def cached_bundle(cache: Path, quant: str, progress: bool, log: Log | None, gguf: bool = False):
+    """The demo bundle (SmolLM2, ``quant``, LoRA r=8 on q/k/v/o; with the llama.cpp target when
+    ``gguf``), exported once and cached."""
     from .errors import PocketPeftError
     from .export import export
     from .manifest import Bundle
 
-    path = cache / "bundles" / f"smollm2-{quant}-r8"
+    targets = ["torch", "gguf"] if gguf else ["torch"]
+    path = cache / "bundles" / f"smollm2-{quant}-r8{'-gguf' if gguf else ''}"
     try:
         b = Bundle(path)
         b.verify()
@@ -33,7 +44,7 @@ def cached_bundle(cache: Path, quant: str, progress: bool, log: Log | None):
     if log:
         log(f"exporting SmolLM2 ({quant}) to {path} (once; cached for the next run)…")
     t0 = time.perf_counter()
-    b = export("smollm2", path, quant=quant, targets=["torch"], progress=progress)
+    b = export("smollm2", path, quant=quant, targets=targets, progress=progress)
     return b, time.perf_counter() - t0
 
 
@@ -100,7 +111,8 @@ def run_demo(sender: str | None = None, seconds: float = 60.0, quant: str = "q4_
     t_start = time.perf_counter()
     say = log or (lambda s: None)
     cache = cache or Path.home() / ".cache" / "pocketpeft"
-    bundle, export_s = cached_bundle(Path(cache), quant, progress, log)
+    serve_backend = _serve_backend()
+    bundle, export_s = cached_bundle(Path(cache), quant, progress, log, gguf=serve_backend is not None)
     sender = sender or default_sender()
     train, test = sender_split(sender)
     test = test[:max_test_messages]
@@ -108,10 +120,15 @@ def run_demo(sender: str | None = None, seconds: float = 60.0, quant: str = "q4_
     out = Path(out_dir)
     shutil.rmtree(out / "store", ignore_errors=True)
     sess = runtime.open(bundle)
-    p = runtime.Personalizer(sess, out / "store", general=general_texts(exclude=[sender], n=120, seed=7))
+    serving = runtime.open(bundle, backend=serve_backend, need_train=False) if serve_backend else None
+    # The gate's held-out and general-text evaluations run inside the update's time box, before and
+    # after training: 40 messages each keep them to a small share of a one-minute update on 2 cores.
+    p = runtime.Personalizer(sess, out / "store", serve_session=serving, holdout_max=40,
+                             general=general_texts(exclude=[sender], n=40, seed=7))
     serve = p.serve_session
     say(f"sender {sender}: {len(train)} earlier messages to learn from, {len(test)} later ones held out; "
-        f"backend {sess.backend.name}:{sess.backend.device}")
+        f"training on {sess.backend.name}:{sess.backend.device}, suggestions from "
+        f"{serve.backend.name}:{serve.backend.device}")
     prefixes = _example_prefixes(test, examples)
     base_sugg = [p.suggest(x, 3) for x in prefixes]
     before = {**serve.eval(test).to_dict(), **serve.eval_keystrokes(ks_texts)}
@@ -124,6 +141,7 @@ def run_demo(sender: str | None = None, seconds: float = 60.0, quant: str = "q4_
     general_after = serve.eval(p.general).loss
     pers_sugg = [p.suggest(x, 3) for x in prefixes]
     report = {"sender": sender, "quant": quant, "backend": f"{sess.backend.name}:{sess.backend.device}",
+              "serving_backend": f"{serve.backend.name}:{serve.backend.device}",
               "export_seconds": round(export_s, 1), "seconds_budget": seconds,
               "train_messages": len(train), "test_messages": len(test), "keystroke_messages": len(ks_texts),
               "update": upd.to_dict(), "version": p.version, "before": before, "after": after,
