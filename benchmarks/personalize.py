@@ -23,12 +23,13 @@ def run(n_senders: int, seconds: float, ks_messages: int, loss_messages: int, qu
     from pocketpeft import runtime
     from pocketpeft.cli import cache_dir
     from pocketpeft.data import general_texts, sender_split, top_senders
-    from pocketpeft.demo import cached_bundle
+    from pocketpeft.demo import _serve_backend, cached_bundle
 
-    bundle, export_s = cached_bundle(cache_dir(), quant, False, log)
+    serve_backend = _serve_backend() or "torch"   # as the demo: llama.cpp serves when it runs here
+    bundle, export_s = cached_bundle(cache_dir(), quant, False, log, gguf=serve_backend == "llamacpp")
     senders = top_senders()[:n_senders]
     train_sess = runtime.open(bundle, backend="torch")
-    serve = runtime.open(bundle, backend="torch", need_train=False)
+    serve = runtime.open(bundle, backend=serve_backend, need_train=False)
     rows = []
     for i, sender in enumerate(senders):
         t0 = time.perf_counter()
@@ -40,8 +41,8 @@ def run(n_senders: int, seconds: float, ks_messages: int, loss_messages: int, qu
         serve.reset_adapter()
         base = {"loss": serve.eval(test).loss, "others_loss": serve.eval(others).loss, **serve.eval_keystrokes(ks)}
         with tempfile.TemporaryDirectory() as store:
-            p = runtime.Personalizer(train_sess, store, serve_session=serve,
-                                     general=general_texts(exclude=[sender], n=120, seed=7))
+            p = runtime.Personalizer(train_sess, store, serve_session=serve, holdout_max=40,   # the demo's gate
+                                     general=general_texts(exclude=[sender], n=40, seed=7))
             p.observe(train)
             upd = p.update(max_seconds=seconds)
             after = {"loss": serve.eval(test).loss, "others_loss": serve.eval(others).loss, **serve.eval_keystrokes(ks)}
@@ -61,7 +62,7 @@ def run(n_senders: int, seconds: float, ks_messages: int, loss_messages: int, qu
             f"{100 * after['keystroke_savings']:.1f}, others ppl {row['others_ppl_change_pct']:+.2f}%")
     mean = {k: statistics.fmean(r[k] for r in rows) for k in
             ("top3_gain_points", "ksr_gain_points", "others_ppl_change_pct", "heldout_loss_change", "update_seconds")}
-    return {"export_seconds": export_s, "senders": len(rows), "accepted": sum(r["accepted"] for r in rows),
+    return {"export_seconds": export_s, "serving_backend": serve_backend, "senders": len(rows), "accepted": sum(r["accepted"] for r in rows),
             "update_budget_seconds": seconds, "keystroke_messages": ks_messages, "loss_messages": loss_messages,
             "quant": quant, "mean": mean,
             "targets": {"top3_gain_points>=5": mean["top3_gain_points"] >= 5,
