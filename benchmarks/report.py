@@ -188,8 +188,12 @@ def section_export(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
 
 def section_quality(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
     out.append(_title(obj, "Personalization quality (quality)"))
-    res = obj.get("results", obj.get("senders", {}))
-    per = res.get("senders", res) if isinstance(res, dict) else {}
+    if isinstance(obj.get("per_sender"), list):   # benchmarks.personalize: rows with base / personalized
+        per = {r.get("sender", str(i))[:8]: {"before": r.get("base"), "after": r.get("personalized")}
+               for i, r in enumerate(obj["per_sender"]) if isinstance(r, dict)}
+    else:
+        res = obj.get("results", obj.get("senders", {}))
+        per = res.get("senders", res) if isinstance(res, dict) else {}
     keys = ("next_word_top1", "next_word_top3", "keystroke_savings")
     rows, before_after = [], {}
     for sender, r in per.items() if isinstance(per, dict) else []:
