@@ -287,16 +287,10 @@ class LlamaCppBackend:
 
     def eval_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> EvalSums:
         import torch
-        import torch.nn.functional as F
 
-        lab = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-        logits = torch.from_numpy(self.logits(input_ids))
-        valid = lab != -100
-        lg, tg = logits[valid], lab[valid]
-        loss = F.cross_entropy(lg, tg, reduction="sum")
-        top = lg.topk(3, dim=-1).indices
-        return EvalSums(float(loss), int(tg.numel()), int((top[:, 0] == tg).sum()),
-                        int((top == tg[:, None]).any(-1).sum()))
+        from .torch_backend import eval_sums
+
+        return eval_sums(torch.from_numpy(self.logits(input_ids)), torch.as_tensor(np.asarray(labels, dtype=np.int64)))
 
     # ---- adapters ----------------------------------------------------------------------------------
     def get_adapter(self) -> dict[str, np.ndarray]:

@@ -197,47 +197,25 @@ class PeftBackend:
         return self.model(input_ids=ids, use_cache=False).logits
 
     def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
-        import torch
-        import torch.nn.functional as F
+        from .torch_backend import lora_step
 
-        params, opt, cfg = list(self._p.values()), self._opt, self.cfg
         ids, lab = self._ids(input_ids), self._ids(labels)
-        n_tok = int((lab != -100).sum())
-        lr = cfg.lr_at(self.step)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
         self.model.train()
-        total = 0.0
-        for ids_c, lab_c in zip(ids.chunk(cfg.grad_accum), lab.chunk(cfg.grad_accum)):
-            logits = self._logits(ids_c)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), lab_c.reshape(-1),
-                                   ignore_index=-100, reduction="sum") / max(n_tok, 1)
-            loss.backward()
-            total += float(loss.detach())
-        self.model.eval()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-        if not (np.isfinite(total) and np.isfinite(grad_norm)):
-            opt.zero_grad(set_to_none=True)  # skip: weights and optimizer state stay as they were
-            return StepResult(total, True, grad_norm, lr, n_tok)
-        opt.step()
-        self.step += 1
-        return StepResult(total, False, grad_norm, lr, n_tok)
+        try:
+            r = lora_step(self._logits, self._opt, list(self._p.values()), self.cfg, self.step, ids, lab)
+        finally:
+            self.model.eval()
+        self.step += not r.skipped
+        return r
 
     def eval_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> EvalSums:
         import torch
-        import torch.nn.functional as F
+
+        from .torch_backend import eval_sums
 
         self._loaded()
         with torch.no_grad():
-            ids, lab = self._ids(input_ids), self._ids(labels)
-            logits = self._logits(ids).float()
-            valid = lab != -100
-            lg, tg = logits[valid], lab[valid]
-            loss = F.cross_entropy(lg, tg, reduction="sum")
-            top = lg.topk(3, dim=-1).indices
-            return EvalSums(float(loss), int(tg.numel()), int((top[:, 0] == tg).sum()),
-                            int((top == tg[:, None]).any(-1).sum()))
+            return eval_sums(self._logits(self._ids(input_ids)), self._ids(labels))
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         import torch

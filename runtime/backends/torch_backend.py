@@ -92,43 +92,26 @@ class TorchBackend:
         return ids, lab
 
     def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
-        model, opt, cfg = self._m, self._opt, self.cfg
+        model = self._m
         ids, lab = self._tensors(input_ids, labels)
-        n_tok = int((lab != -100).sum())
-        lr = cfg.lr_at(self.step)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        model.train()
-        total = 0.0
-        for ids_c, lab_c in zip(ids.chunk(cfg.grad_accum), lab.chunk(cfg.grad_accum)):
+
+        def forward(x):
             with self._autocast():
-                logits = model(ids_c)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), lab_c.reshape(-1),
-                                   ignore_index=-100, reduction="sum") / max(n_tok, 1)
-            loss.backward()
-            total += float(loss.detach())
-        model.eval()
-        params = lora_parameters(model)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-        if not (np.isfinite(total) and np.isfinite(grad_norm)):
-            opt.zero_grad(set_to_none=True)  # skip: weights and optimizer state stay as they were
-            return StepResult(total, True, grad_norm, lr, n_tok)
-        opt.step()
-        self.step += 1
-        return StepResult(total, False, grad_norm, lr, n_tok)
+                return model(x)
+
+        model.train()
+        try:
+            r = lora_step(forward, self._opt, lora_parameters(model), self.cfg, self.step, ids, lab)
+        finally:
+            model.eval()
+        self.step += not r.skipped
+        return r
 
     @torch.no_grad()
     def eval_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> EvalSums:
         ids, lab = self._tensors(input_ids, labels)
         with self._autocast():
-            logits = self._m(ids).float()
-        valid = lab != -100
-        lg, tg = logits[valid], lab[valid]
-        loss = F.cross_entropy(lg, tg, reduction="sum")
-        top = lg.topk(3, dim=-1).indices
-        return EvalSums(float(loss), int(tg.numel()), int((top[:, 0] == tg).sum()),
-                        int((top == tg[:, None]).any(-1).sum()))
+            return eval_sums(self._m(ids), lab)
 
     @torch.no_grad()
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
@@ -185,6 +168,43 @@ class TorchDecoder:
             return
         self._ids = self._ids[:n]
         self._cache = None if n == 0 else [(k[:, :, :n], v[:, :, :n]) for k, v in self._cache]
+
+
+def lora_step(forward, opt, params, cfg: TrainConfig, step: int, ids, lab) -> StepResult:
+    """One AdamW step over ``params``, the recipe every torch-module backend shares: loss =
+    summed CE / scored tokens over ``cfg.grad_accum`` chunks, global-norm clipping, and a
+    non-finite loss or gradient skips the step (weights and optimizer state untouched).
+    ``forward(ids) -> logits``; the caller sets train/eval mode and advances ``step`` unless skipped."""
+    n_tok = int((lab != -100).sum())
+    lr = cfg.lr_at(step)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for ids_c, lab_c in zip(ids.chunk(cfg.grad_accum), lab.chunk(cfg.grad_accum)):
+        logits = forward(ids_c)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), lab_c.reshape(-1),
+                               ignore_index=-100, reduction="sum") / max(n_tok, 1)
+        loss.backward()
+        total += float(loss.detach())
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+    if not (np.isfinite(total) and np.isfinite(grad_norm)):
+        opt.zero_grad(set_to_none=True)  # skip: weights and optimizer state stay as they were
+        return StepResult(total, True, grad_norm, lr, n_tok)
+    opt.step()
+    return StepResult(total, False, grad_norm, lr, n_tok)
+
+
+@torch.no_grad()
+def eval_sums(logits, labels) -> EvalSums:
+    """Summed CE, scored tokens and top-1/top-3 hits of ``logits`` [.., vocab] against aligned
+    ``labels`` (-100 ignored), computed in float32."""
+    valid = labels != -100
+    lg, tg = logits.float()[valid], labels[valid]
+    loss = F.cross_entropy(lg, tg, reduction="sum")
+    top = lg.topk(3, dim=-1).indices
+    return EvalSums(float(loss), int(tg.numel()), int((top[:, 0] == tg).sum()),
+                    int((top == tg[:, None]).any(-1).sum()))
 
 
 def create(device: str = "cpu", dtype: str = "float32") -> TorchBackend:
