@@ -172,7 +172,9 @@ def frozen_params(arch: dict) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 2 steps, eager configs: checks it runs")
-    ap.add_argument("--device", default=None, help="cuda:0 when available, else cpu")
+    ap.add_argument("--quick", action="store_true", help="1 repetition, batches 8 and 64, 5 timed steps")
+    ap.add_argument("--device", default=None,
+                    help="cuda:0 when available; without CUDA nothing is measured unless --smoke or --device cpu")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 8,32,64; smoke 2,4)")
     ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3; smoke 1)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per batch size (default 10; smoke 2)")
@@ -196,12 +198,16 @@ def main() -> None:
 
     from benchmarks.common import run_worker, summarize, write_result
 
-    device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     smoke = args.smoke
+    if args.device is None and not smoke and not torch.cuda.is_available():
+        print("no CUDA device here: nothing measured (a GPU benchmark; --smoke checks it on the CPU, "
+              "--device cpu measures the CPU anyway)")
+        return
+    device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     arch = TINY if smoke else SMOLLM2
-    batches = [int(b) for b in (args.batches or ("2,4" if smoke else "8,32,64")).split(",")]
-    reps = args.reps or (1 if smoke else 3)
-    steps = args.steps or (2 if smoke else 10)
+    batches = [int(b) for b in (args.batches or ("2,4" if smoke else "8,64" if args.quick else "8,32,64")).split(",")]
+    reps = args.reps or (1 if smoke or args.quick else 3)
+    steps = args.steps or (2 if smoke else 5 if args.quick else 10)
     warmup = args.warmup or (1 if smoke else 3)
     if args.configs:
         names = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -256,14 +262,14 @@ def main() -> None:
                 r["memory_vs_peft_bnb"] = r["peak_mib"]["median"] / base[batch]["peak_mib"]["median"]
     payload = {"settings": {"model": "SmolLM2-135M-shaped, random weights" if not smoke else "tiny Llama, random weights",
                             "arch": arch, "frozen_matmul_params": n_params, "lora_r": RANK, "lora_alpha": 16,
-                            "target_modules": MODULES, "seq_len": SEQ, "batches": batches, "repetitions": reps,
+                            "target_modules": MODULES, "seq_len": SEQ, "batches": batches, "repetitions": reps, "quick": args.quick,
                             "timed_steps": steps, "warmup_steps": warmup, "compute_dtype": "bfloat16",
                             "device": device, "gpu": gpu, "smoke": smoke},
                "bf16_matmul_tflops_measured": measured, "bf16_peak_tflops_spec": spec, "results": results,
                "target": "pocketpeft's CUDA path >= 5x peft+bnb tokens/s at batch 8 and >= 3x at batch 64"}
     tag = "smoke_cpu" if smoke and not gpu else re.sub(r"[^A-Za-z0-9]+", "_", gpu or device).strip("_").lower()
     out_dir = args.out or (Path(tmp.name) / "results" if smoke else None)
-    path = write_result(f"gpu_train_{tag}", payload, out_dir)
+    path = write_result(f"gpu_train_{tag}" + ("_quick" if args.quick and not smoke else ""), payload, out_dir)
     print(f"\n{'config':<32}{'batch':>6}{'tokens/s':>11}{'vs peft+bnb':>12}{'peak MiB':>10}{'of bf16 peak':>14}")
     for name, per in results.items():
         if "error" in per:

@@ -186,30 +186,69 @@ def section_export(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
     out.append("")
 
 
+def _ba(b: dict, a: dict, key: str) -> str:
+    return f"{_f(100 * b.get(key, float('nan')))} -> {_f(100 * a.get(key, float('nan')))}"
+
+
 def section_quality(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
     out.append(_title(obj, "Personalization quality (quality)"))
-    if isinstance(obj.get("per_sender"), list):   # benchmarks.personalize: rows with base / personalized
-        per = {r.get("sender", str(i))[:8]: {"before": r.get("base"), "after": r.get("personalized")}
-               for i, r in enumerate(obj["per_sender"]) if isinstance(r, dict)}
-    else:
-        res = obj.get("results", obj.get("senders", {}))
-        per = res.get("senders", res) if isinstance(res, dict) else {}
-    keys = ("next_word_top1", "next_word_top3", "keystroke_savings")
     rows, before_after = [], {}
-    for sender, r in per.items() if isinstance(per, dict) else []:
-        if not isinstance(r, dict) or not isinstance(r.get("before"), dict) or not isinstance(r.get("after"), dict):
-            continue
-        b, a = r["before"], r["after"]
-        rows.append([str(sender)] + [f"{_f(100 * b.get(k, float('nan')))} -> {_f(100 * a.get(k, float('nan')))}"
-                                     for k in keys if k in b or k in a])
-        if "next_word_top3" in b and "next_word_top3" in a:
-            before_after[str(sender)] = (b["next_word_top3"], a["next_word_top3"])
-    if rows:
-        out += _table(["sender"] + [k.replace("_", " ") + " %" for k in keys][:len(rows[0]) - 1], rows)
+    if isinstance(obj.get("per_sender"), list):   # benchmarks.personalize: rows with base / personalized
+        out.append(f"Per sender: one Personalizer update of at most {_f(obj.get('update_budget_seconds'), '.0f')} s "
+                   f"(training on the {obj.get('quant', '?')} base, suggestions served by {obj.get('serving_backend', '?')}); "
+                   f"next-word top-3 and keystroke savings on the sender's later messages. The n-gram columns are a word "
+                   f"trigram keyboard model built from other people's messages, then given the same sender text.\n")
+        for r in obj["per_sender"]:
+            b, a, ng = r.get("base", {}), r.get("personalized", {}), r.get("ngram", {})
+            rows.append([str(r.get("sender", "?"))[:8], str(r.get("steps", "-")), "yes" if r.get("accepted") else "no",
+                         _ba(b, a, "next_word_top3"), _ba(b, a, "keystroke_savings"),
+                         _ba(ng.get("base", {}), ng.get("personalized", {}), "next_word_top3") if ng else "-",
+                         f"{_f(r.get('others_ppl_change_pct'), '+.1f')}%"])
+            before_after[str(r.get("sender", "?"))[:8]] = (b.get("next_word_top3", 0), a.get("next_word_top3", 0))
+        m = obj.get("mean", {})
+        rows.append(["**mean**", "", f"{obj.get('accepted', '?')}/{obj.get('senders', '?')}",
+                     f"{_f(m.get('top3_gain_points'), '+.2f')} points", f"{_f(m.get('ksr_gain_points'), '+.2f')} points",
+                     f"{_f(m.get('ngram_top3_gain_points'), '+.2f')} points", f"{_f(m.get('others_ppl_change_pct'), '+.1f')}%"])
+        out += _table(["sender", "steps", "accepted", "LoRA top-3 %", "LoRA keystroke savings %", "n-gram top-3 %",
+                       "others' ppl"], rows)
+        t = obj.get("targets", {})
+        out.append(f"\nTargets (issue 5): mean top-3 gain >= +5 points: {_met(t.get('top3_gain_points>=5'))}; "
+                   f"other people's perplexity within +5%: {_met(t.get('others_ppl_change_pct<=5'))}.")
     else:
         out += _generic(obj)
     if before_after and _plot_before_after(before_after, plots / "quality_before_after.png"):
         out.append("\n![quality before/after](quality_before_after.png)")
+    out.append("")
+
+
+def section_forward_only(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
+    out.append(_title(obj, "Forward-only (SPSA) updates against backprop (train)"))
+    st = obj.get("settings", {})
+    out.append(f"Held-out loss over update time per sender; backprop gets {_f(st.get('backprop_seconds'), '.0f')} s, forward-only "
+               f"{_f(st.get('forward_only_seconds'), '.0f')} s (4x). Peak RSS is the update phase's, against inference of the "
+               f"same graph on the same batches.\n")
+    rows, curves = [], {}
+    for sender, per in obj.get("results", {}).items():
+        for name, r in per.items():
+            c = r.get("curve") if isinstance(r, dict) else None
+            if name == "summary" or not c:
+                continue
+            rows.append([sender[:8], name, f"{_f(c[0]['loss'], '.3f')} -> {_f(c[-1]['loss'], '.3f')}",
+                         f"{_f(100 * c[0]['top3'])} -> {_f(100 * c[-1]['top3'])}", _f(r.get("seconds"), ".0f"),
+                         str(r.get("steps", "-")), _f(r.get("phase_peak_rss_mib"), ".0f")])
+            if len(c) > 1:
+                curves[f"{sender[:8]} {name}"] = ([p["seconds"] for p in c], [p["loss"] for p in c])
+        sm = per.get("summary", {})
+        if sm:
+            rows.append([sender[:8], "**forward-only vs**", f"{_f(100 * (sm.get('forward_only_share_of_backprop_gain') or 0), '.0f')}% of "
+                         "backprop's loss gain", "", "", "", f"{_f(sm.get('forward_only_peak_vs_inference'), '.2f')}x inference"])
+    out += _table(["sender", "config", "held-out loss", "top-3 token %", "update s", "steps", "peak RSS MiB"], rows)
+    t = obj.get("targets_met", {})
+    if t:
+        out.append(f"\nTargets (issue 6): held-out loss reduced on every sender: {_met(t.get('loss_reduced_every_sender'))}; "
+                   f"peak <= 1.1x inference: {_met(t.get('peak_le_1_1x_inference'))}.")
+    if curves and _plot_lines(curves, "held-out loss over update time", "seconds", "loss", plots / "forward_only.png"):
+        out.append("\n![forward-only vs backprop](forward_only.png)")
     out.append("")
 
 
@@ -254,7 +293,7 @@ def _generic(obj: dict[str, Any]) -> list[str]:
 
 
 SECTIONS = {"train_speed": section_train, "suggest_latency": section_suggest, "export_bench": section_export,
-            "personalize": section_quality}
+            "personalize": section_quality, "forward_only": section_forward_only}
 
 
 def write_report(results_dir: Path, out_dir: Path | None = None) -> Path:
@@ -311,13 +350,15 @@ def _save(fig, plt, path: Path) -> bool:
     return True
 
 
-def _plot_lines(curves: dict[str, list[float]], title: str, xlabel: str, ylabel: str, path: Path) -> bool:
+def _plot_lines(curves: dict[str, Any], title: str, xlabel: str, ylabel: str, path: Path) -> bool:
+    """One line per curve: a list of y values (x = 1, 2, ...) or an (xs, ys) pair."""
     plt = _pyplot()
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
-    for n, ys in curves.items():
-        ax.plot(range(1, len(ys) + 1), ys, marker="o", label=n)
+    for n, c in curves.items():
+        xs, ys = c if isinstance(c, tuple) else (range(1, len(c) + 1), c)
+        ax.plot(xs, ys, marker="o", label=n)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.legend(fontsize=8)
     return _save(fig, plt, path)
