@@ -55,7 +55,8 @@ def default_targets() -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1 repetition (default 2)")
+    ap.add_argument("--quick", action="store_true",
+                    help="1 repetition (default 2) of the targets that export in seconds (torch, gguf) unless --targets")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--targets", default=None, help="comma-separated targets (default: every registered one)")
     ap.add_argument("--base", default="smollm2", help="base model (default the embedded SmolLM2)")
@@ -71,7 +72,8 @@ def main() -> None:
     from benchmarks.common import run_worker, summarize, write_result
     from pocketpeft.registry import target_entry
 
-    targets = [t for t in (args.targets.split(",") if args.targets else default_targets()) if t]
+    quick_targets = [t for t in ("torch", "gguf") if t in default_targets()]
+    targets = [t for t in (args.targets.split(",") if args.targets else quick_targets if args.quick else default_targets()) if t]
     for t in targets:
         target_entry(t)  # ConfigError naming the known targets
     reps = args.reps or (1 if args.quick else 2)

@@ -2,7 +2,10 @@
 are observed, later ones tested), one time-boxed Personalizer update on SmolLM2 (q4_0, LoRA r=8
 q/k/v/o, CPU), then next-word top-3 accuracy and keystroke savings on the held-out messages, and
 the perplexity of other people's messages, each against the base model measured in the same run.
-For scale, a word trigram keyboard model (benchmarks.ngram) is scored on the same keystrokes: built
+Suggestions are scored four ways from the same model passes: the base model; LoRA alone; the
+base model mixed with the sender's word counts alone; and both, which is what the Personalizer
+serves (``top3_gain_points``).
+For scale, a word trigram keyboard model alone (pocketpeft.runtime.wordcounts) is scored on the same keystrokes: built
 from other people's messages, then personalized by adding the sender's same training messages.
 
 Targets (issue 5): mean gain >= +5 points next-word top-3 after <= 60 s of updates on 2 CPU
@@ -23,15 +26,18 @@ from pathlib import Path
 NGRAM_GENERAL = 20000   # other people's messages the n-gram baseline counts
 
 
+def _gain(a: dict, b: dict, key: str) -> float:
+    return 100 * (b[key] - a[key])
+
+
 def run(n_senders: int, seconds: float, ks_messages: int, loss_messages: int, quant: str, others_messages: int = 200,
-        log=print) -> dict:
+        word_weight: float = 0.2, log=print) -> dict:
     from pocketpeft import runtime
     from pocketpeft.cli import cache_dir
     from pocketpeft.data import general_texts, sender_split, top_senders
     from pocketpeft.demo import _serve_backend, cached_bundle
     from pocketpeft.runtime.keystrokes import keystroke_metrics
-
-    from .ngram import NGram
+    from pocketpeft.runtime.wordcounts import WordCounts, keystrokes_with_words
 
     serve_backend = _serve_backend() or "torch"   # as the demo: llama.cpp serves when it runs here
     bundle, export_s = cached_bundle(cache_dir(), quant, False, log, gguf=serve_backend == "llamacpp")
@@ -45,46 +51,59 @@ def run(n_senders: int, seconds: float, ks_messages: int, loss_messages: int, qu
         test = test[:loss_messages]
         ks = test[:ks_messages]
         others = general_texts(exclude=[sender], n=others_messages, seed=11)   # not the gate's sample (seed 7)
+        words = WordCounts(train)   # what the Personalizer counts once it has observed `train`
         train_sess.reset_adapter()
         serve.reset_adapter()
-        base = {"loss": serve.eval(test).loss, "others_loss": serve.eval(others).loss, **serve.eval_keystrokes(ks)}
+        base = {"loss": serve.eval(test).loss, "others_loss": serve.eval(others).loss}
+        base_ks, words_ks = keystrokes_with_words(serve.predictor, words, ks, word_weight)
         with tempfile.TemporaryDirectory() as store:
             p = runtime.Personalizer(train_sess, store, serve_session=serve, holdout_max=40,   # the demo's gate
-                                     general=general_texts(exclude=[sender], n=40, seed=7))
+                                     general=general_texts(exclude=[sender], n=40, seed=7), word_weight=word_weight)
             p.observe(train)
             upd = p.update(max_seconds=seconds)
-            after = {"loss": serve.eval(test).loss, "others_loss": serve.eval(others).loss, **serve.eval_keystrokes(ks)}
+            after = {"loss": serve.eval(test).loss, "others_loss": serve.eval(others).loss}
+            lora_ks, both_ks = keystrokes_with_words(serve.predictor, words, ks, word_weight)
             p.close()
-        ngram_base = NGram(general_texts(exclude=[sender], n=NGRAM_GENERAL, seed=11))
+        base.update(base_ks)
+        ngram_base = WordCounts(general_texts(exclude=[sender], n=NGRAM_GENERAL, seed=11))
         ngram = {"base": keystroke_metrics(ngram_base.suggest, ks),
                  "personalized": keystroke_metrics(ngram_base.personalized(train).suggest, ks)}
         row = {"sender": sender, "train_messages": len(train), "test_messages": len(test), "keystroke_words": base["words"],
                "accepted": upd.accepted, "reason": upd.reason, "steps": upd.steps, "tokens": upd.tokens,
-               "update_seconds": upd.seconds, "train_seconds": upd.train_seconds, "base": base, "personalized": after,
-               "top3_gain_points": 100 * (after["next_word_top3"] - base["next_word_top3"]),
-               "ksr_gain_points": 100 * (after["keystroke_savings"] - base["keystroke_savings"]),
+               "update_seconds": upd.seconds, "train_seconds": upd.train_seconds,
+               "base": base, "lora": {**after, **lora_ks}, "words": words_ks, "personalized": both_ks,
+               "top3_gain_points": _gain(base, both_ks, "next_word_top3"),
+               "ksr_gain_points": _gain(base, both_ks, "keystroke_savings"),
+               "lora_top3_gain_points": _gain(base, lora_ks, "next_word_top3"),
+               "lora_ksr_gain_points": _gain(base, lora_ks, "keystroke_savings"),
+               "words_top3_gain_points": _gain(base, words_ks, "next_word_top3"),
                "heldout_loss_change": after["loss"] - base["loss"], "ngram": ngram,
-               "ngram_top3_gain_points": 100 * (ngram["personalized"]["next_word_top3"] - ngram["base"]["next_word_top3"]),
+               "ngram_top3_gain_points": _gain(ngram["base"], ngram["personalized"], "next_word_top3"),
                "others_ppl_change_pct": 100 * (math.exp(after["others_loss"] - base["others_loss"]) - 1),
                "seconds": time.perf_counter() - t0}
         rows.append(row)
         log(f"[{i + 1}/{len(senders)}] {sender[:8]} {'accepted' if upd.accepted else 'rejected'} "
-            f"({upd.steps} steps, {upd.seconds:.0f}s): top-3 {100 * base['next_word_top3']:.1f} -> "
-            f"{100 * after['next_word_top3']:.1f}, KSR {100 * base['keystroke_savings']:.1f} -> "
-            f"{100 * after['keystroke_savings']:.1f}, others ppl {row['others_ppl_change_pct']:+.2f}%; n-gram top-3 "
+            f"({upd.steps} steps, {upd.seconds:.0f}s): top-3 {100 * base['next_word_top3']:.1f} -> LoRA "
+            f"{100 * lora_ks['next_word_top3']:.1f}, words {100 * words_ks['next_word_top3']:.1f}, both "
+            f"{100 * both_ks['next_word_top3']:.1f}; KSR {100 * base['keystroke_savings']:.1f} -> "
+            f"{100 * both_ks['keystroke_savings']:.1f}; others ppl {row['others_ppl_change_pct']:+.2f}%; n-gram top-3 "
             f"{100 * ngram['base']['next_word_top3']:.1f} -> {100 * ngram['personalized']['next_word_top3']:.1f}")
     mean = {k: statistics.fmean(r[k] for r in rows) for k in
-            ("top3_gain_points", "ksr_gain_points", "others_ppl_change_pct", "heldout_loss_change", "update_seconds",
+            ("top3_gain_points", "ksr_gain_points", "lora_top3_gain_points", "lora_ksr_gain_points",
+             "words_top3_gain_points", "others_ppl_change_pct", "heldout_loss_change", "update_seconds",
              "ngram_top3_gain_points")}
-    for model in ("base", "personalized"):   # absolute levels, LoRA and n-gram
+    for model in ("base", "lora", "words", "personalized"):   # absolute levels
         for key in ("next_word_top3", "keystroke_savings"):
             mean[f"{model}_{key}"] = statistics.fmean(r[model][key] for r in rows)
+    for model in ("base", "personalized"):
+        for key in ("next_word_top3", "keystroke_savings"):
             mean[f"ngram_{model}_{key}"] = statistics.fmean(r["ngram"][model][key] for r in rows)
     return {"export_seconds": export_s, "serving_backend": serve_backend, "senders": len(rows), "accepted": sum(r["accepted"] for r in rows),
             "update_budget_seconds": seconds, "keystroke_messages": ks_messages, "loss_messages": loss_messages,
-            "quant": quant, "mean": mean,
+            "quant": quant, "word_weight": word_weight, "mean": mean,
             "targets": {"top3_gain_points>=5": mean["top3_gain_points"] >= 5,
                         "ksr_gain_points>=5": mean["ksr_gain_points"] >= 5,
+                        "lora_top3_gain_points>=5": mean["lora_top3_gain_points"] >= 5,
                         "others_ppl_change_pct<=5": mean["others_ppl_change_pct"] <= 5},
             "per_sender": rows}
 
@@ -102,13 +121,14 @@ def main() -> None:
     n = args.senders or (2 if args.quick else 10)
     secs = args.seconds or (30.0 if args.quick else 60.0)
     t0 = time.perf_counter()
-    res = run(n, secs, ks_messages=15 if args.quick else 40, loss_messages=60 if args.quick else 300, quant=args.quant,
-              others_messages=60 if args.quick else 200)
+    res = run(n, secs, ks_messages=15 if args.quick else 25, loss_messages=60 if args.quick else 150, quant=args.quant,
+              others_messages=60 if args.quick else 100)
     res["wall_seconds"] = time.perf_counter() - t0
     name = "personalize_quick" if args.quick else "personalize"
     path = write_result(name, {"quick": args.quick, **res})
     m = res["mean"]
-    print(f"{res['senders']} senders ({res['accepted']} updates accepted): mean top-3 {m['top3_gain_points']:+.2f} points, "
+    print(f"{res['senders']} senders ({res['accepted']} updates accepted): mean top-3 {m['top3_gain_points']:+.2f} points "
+          f"(LoRA alone {m['lora_top3_gain_points']:+.2f}, word counts alone {m['words_top3_gain_points']:+.2f}), "
           f"KSR {m['ksr_gain_points']:+.2f} points, other people's perplexity {m['others_ppl_change_pct']:+.2f}% "
           f"(n-gram baseline top-3 {m['ngram_top3_gain_points']:+.2f} points); "
           f"targets {res['targets']}; written to {Path(path).name}")

@@ -11,6 +11,11 @@ passes the result through a quality gate before committing it to the
   ``max_general_increase`` (relative loss, default +2%);
 - otherwise the previous adapter is put back and nothing is committed.
 
+Suggestions also use the user's own words at once: :class:`~.wordcounts.WordCounts` counts the
+stored messages (trigrams), and :meth:`Personalizer.suggest` ranks the serving model's candidate
+words mixed with those counts (``word_weight``), so a name or phrase typed a few times is offered
+before any training step has run.
+
 Serving while learning: suggestions come from a second *serving* session that holds only whole
 committed adapters. Training runs on the training session; after a commit the serving session
 loads the new version from the store (hash-checked) under a lock that ``suggest()`` also takes,
@@ -31,8 +36,12 @@ import numpy as np
 
 from pocketpeft.errors import ConfigError
 
+from pocketpeft.data import as_text
+
+from .keystrokes import keystroke_metrics
 from .session import Session
 from .store import NEW, REJECTED, TRAINED, AdapterStore, AdapterVersion, TextStore
+from .wordcounts import WORD_POOL, WordCounts, mix_scored
 
 Progress = Callable[[dict], None]
 
@@ -77,6 +86,9 @@ class Personalizer:
     - ``replay_fraction``: replayed older messages per new message (sampled from trained ones).
     - ``max_general_increase``: allowed relative rise of the general-text loss (0.02 = +2%).
     - ``min_heldout_gain``: required relative drop of the held-out loss (0 = any improvement).
+    - ``word_weight``: weight of the user's word counts in suggestions (0 = the model alone); the
+      counts are built from the text store on construction and grow with every ``observe()``
+      (messages the store later drops for space leave them at the next construction).
 
     Raises :class:`ConfigError` for bad settings, and the stores' errors (:class:`StoreError`,
     :class:`BaseModelMismatchError`) for an unusable or foreign ``store_dir``.
@@ -85,8 +97,9 @@ class Personalizer:
     def __init__(self, session: Session, store_dir: "str | os.PathLike", serve_session: Session | None = None,
                  general: Sequence[str] | None = None, holdout_fraction: float = 0.1, holdout_max: int = 150,
                  replay_fraction: float = 0.25, max_general_increase: float = 0.02, min_heldout_gain: float = 0.0,
-                 max_text_bytes: int = 16 << 20, seed: int = 0) -> None:
+                 max_text_bytes: int = 16 << 20, seed: int = 0, word_weight: float = 0.2) -> None:
         for name, v, lo, hi in (("holdout_fraction", holdout_fraction, 0.0, 0.9),
+                                ("word_weight", word_weight, 0.0, 1.0),
                                 ("replay_fraction", replay_fraction, 0.0, 10.0),
                                 ("max_general_increase", max_general_increase, 0.0, 10.0),
                                 ("min_heldout_gain", min_heldout_gain, 0.0, 1.0)):
@@ -108,6 +121,7 @@ class Personalizer:
         self.holdout_fraction, self.holdout_max = holdout_fraction, holdout_max
         self.replay_fraction = replay_fraction
         self.max_general_increase, self.min_heldout_gain = max_general_increase, min_heldout_gain
+        self.word_weight = float(word_weight)
         self._rng = np.random.default_rng(seed)
         self._update_lock = threading.Lock()      # one update at a time
         self._serve_lock = threading.RLock()      # suggest() vs swapping the serving adapter
@@ -119,6 +133,8 @@ class Personalizer:
             serve_session = open_session(session.bundle, backend=f"{be.name}:{be.device}", need_train=False)
         self.serve_session = serve_session
         self._serving_version: int | None = None
+        self.words = WordCounts()
+        self._recount()
         v = self.adapters.current_version()
         if v is not None:
             self.session.load_adapter(self.adapters.versions_dir / str(v))
@@ -132,13 +148,25 @@ class Personalizer:
         non-UTF-8 or oversized text, :class:`StoreError` when the store can't be written.
         """
         items = [text] if isinstance(text, (str, bytes, bytearray)) else list(text)
-        return len(self.texts.add_many(items))
+        n = len(self.texts.add_many(items))   # validates: every item is now good UTF-8 text
+        with self._serve_lock:
+            self.words.add(as_text(t) for t in items)
+        return n
 
     def wipe(self) -> dict[str, Any]:
-        """Delete all stored text (the database and its WAL/shm files); returns what was removed.
-        Committed adapters are kept (they hold no text)."""
+        """Delete all stored text (the database and its WAL/shm files) and the word counts made
+        from it; returns what was removed. Committed adapters are kept (they hold no text)."""
         with self._update_lock:
-            return self.texts.wipe()
+            out = self.texts.wipe()
+            with self._serve_lock:
+                self.words = WordCounts()
+            return out
+
+    def _recount(self) -> None:
+        """Rebuild the word counts from the stored text (rows the store dropped for space go)."""
+        words = WordCounts(r.text for r in self.texts.rows())
+        with self._serve_lock:
+            self.words = words
 
     # ------------------------------------------------------------------ serving
     @property
@@ -148,9 +176,23 @@ class Personalizer:
 
     def suggest(self, prefix: str, k: int = 3) -> list[str]:
         """The ``k`` most likely next words after ``prefix``, from the last committed adapter
-        (answers keep coming while an update runs). See :meth:`Session.suggest`."""
+        (answers keep coming while an update runs) mixed with the user's word counts. See
+        :meth:`Session.suggest` for ``prefix`` and ``k``."""
+        return [w for w, _ in self.suggest_scored(prefix, k)]
+
+    def suggest_scored(self, prefix: str, k: int = 3) -> list[tuple[str, float]]:
+        """Like :meth:`suggest`, with each word's mixed probability of coming next."""
         with self._serve_lock:
-            return self.serve_session.suggest(prefix, k)
+            pred = self.serve_session.predictor
+            if not self.word_weight or not len(self.words):
+                return pred.suggest_scored(prefix, k)
+            lm = pred.suggest_scored(prefix, max(k, WORD_POOL))
+            return mix_scored(lm, self.words.probs(prefix), prefix, self.word_weight, k)
+
+    def eval_keystrokes(self, texts: "str | Sequence[str]", k: int = 3, max_messages: int | None = None) -> dict:
+        """Next-word accuracy and keystroke savings of :meth:`suggest` on ``texts`` (see
+        :func:`~.keystrokes.keystroke_metrics`)."""
+        return keystroke_metrics(self.suggest, texts, k, max_messages)
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """float32 logits [T, vocab] from the last committed adapter (see :meth:`Session.logits`)."""

@@ -107,6 +107,7 @@ def run_demo(sender: str | None = None, seconds: float = 60.0, quant: str = "q4_
     from . import runtime
     from .data import general_texts, sender_split
     from .runtime.session import peak_rss_mb
+    from .runtime.wordcounts import WordCounts, keystrokes_with_words
 
     t_start = time.perf_counter()
     say = log or (lambda s: None)
@@ -130,14 +131,17 @@ def run_demo(sender: str | None = None, seconds: float = 60.0, quant: str = "q4_
         f"training on {sess.backend.name}:{sess.backend.device}, suggestions from "
         f"{serve.backend.name}:{serve.backend.device}")
     prefixes = _example_prefixes(test, examples)
-    base_sugg = [p.suggest(x, 3) for x in prefixes]
-    before = {**serve.eval(test).to_dict(), **serve.eval_keystrokes(ks_texts)}
+    base_sugg = [p.suggest(x, 3) for x in prefixes]   # nothing observed yet: the base model alone
+    words = WordCounts(train)                          # what p counts once it has observed `train`
+    alone, with_words = keystrokes_with_words(serve.predictor, words, ks_texts, p.word_weight)
+    before = {**serve.eval(test).to_dict(), **alone}
     general_before = serve.eval(p.general).loss
     p.observe(train)
     say(f"learning for up to {seconds:g}s …")
     upd = p.update(max_seconds=seconds, progress=progress)
     say(f"update {'accepted' if upd.accepted else 'REJECTED'}: {upd.reason}")
-    after = {**serve.eval(test).to_dict(), **serve.eval_keystrokes(ks_texts)}
+    lora_alone, both = keystrokes_with_words(serve.predictor, words, ks_texts, p.word_weight)
+    after = {**serve.eval(test).to_dict(), **both}
     general_after = serve.eval(p.general).loss
     pers_sugg = [p.suggest(x, 3) for x in prefixes]
     report = {"sender": sender, "quant": quant, "backend": f"{sess.backend.name}:{sess.backend.device}",
@@ -145,6 +149,7 @@ def run_demo(sender: str | None = None, seconds: float = 60.0, quant: str = "q4_
               "export_seconds": round(export_s, 1), "seconds_budget": seconds,
               "train_messages": len(train), "test_messages": len(test), "keystroke_messages": len(ks_texts),
               "update": upd.to_dict(), "version": p.version, "before": before, "after": after,
+              "breakdown": {"base_with_word_counts": with_words, "lora_alone": lora_alone, "word_weight": p.word_weight},
               "general_loss": {"base": general_before, "personalized": general_after},
               "examples": [{"prefix": x, "base": b, "personalized": s} for x, b, s in zip(prefixes, base_sugg, pers_sugg)],
               "peak_rss_mb": round(peak_rss_mb(), 1), "adapter": str(out / "store" / "adapters")}
@@ -170,6 +175,10 @@ def _print_report(r: dict[str, Any], out: Path, log: Log) -> None:
         log(f"{label:<26}{fmt(a):>10}{fmt(b):>14}")
     g = r["general_loss"]
     log(f"{'other people: loss':<26}{g['base']:>10.3f}{g['personalized']:>14.3f}")
+    bd = r["breakdown"]
+    log(f"personalized = the LoRA update + the sender's word counts (weight {bd['word_weight']:g}); next-word top-3 "
+        f"with LoRA alone {100 * bd['lora_alone']['next_word_top3']:.1f}%, word counts alone "
+        f"{100 * bd['base_with_word_counts']['next_word_top3']:.1f}%")
     log("")
     for e in r["examples"]:
         log(f"  {e['prefix']!r:<40} base {', '.join(e['base']):<30} personalized {', '.join(e['personalized'])}")

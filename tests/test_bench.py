@@ -156,23 +156,3 @@ def test_latency_workers_against_torch_and_llamacpp(tiny_hf_dir, tmp_path):
     assert res["pocketpeft torch"]["latency_ms"]["p50"] == pytest.approx(float(np.median(torch_run["ms"])))
     assert "profile" not in res["llama raw"]
 
-
-def test_ngram_baseline_completes_words_and_learns_the_users_text():
-    """The quality suite's n-gram baseline: context-aware trigram counts, prefix completion under
-    the keystroke protocol, and personalization that moves a user's phrase to the top."""
-    from benchmarks.ngram import NGram
-    from pocketpeft.runtime.keystrokes import keystroke_metrics
-
-    crowd = NGram(["see you later", "see you soon", "see you soon!", "thank you so much", "So, what's up?"])
-    assert crowd.suggest("see you ", 2) == ["soon", "later"]          # trigram counts, most frequent first
-    assert crowd.suggest("see you l", 3) == ["later"]                  # the partial word is completed
-    assert crowd.suggest("", 1) == ["see"]                             # message start
-    assert crowd.suggest("Thank You S", 3)[0] == "so"                  # case-insensitive context and prefix
-    assert crowd.suggest("zzz q", 3) == []                             # nothing starts with q: no invention
-    mine = crowd.personalized(["see you tomorrow"] * 3)
-    assert mine.suggest("see you ", 1) == ["tomorrow"]
-    assert crowd.suggest("see you ", 2) == ["soon", "later"]           # the crowd model is not changed
-    before = keystroke_metrics(crowd.suggest, ["see you tomorrow"])
-    after = keystroke_metrics(mine.suggest, ["see you tomorrow"])
-    assert before["next_word_top3"] < after["next_word_top3"] == 1.0
-    assert before["keystroke_savings"] < after["keystroke_savings"]

@@ -19,6 +19,10 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path):
     for side in ("before", "after"):
         m = rep[side]
         assert 0 <= m["next_word_top3"] <= 1 and 0 <= m["keystroke_savings"] <= 1 and m["loss"] > 0
+    bd = rep["breakdown"]   # what the word counts and the LoRA update each do alone
+    assert 0 < bd["word_weight"] <= 1
+    for part in ("base_with_word_counts", "lora_alone"):
+        assert bd[part]["words"] == rep["after"]["words"] == rep["before"]["words"]
     assert rep["test_messages"] == 24 and rep["keystroke_messages"] == 2
     assert rep["update"]["steps"] >= 1 or "too short" in rep["update"]["reason"]
     if rep["update"]["accepted"]:   # the gate let it through only because held-out loss fell

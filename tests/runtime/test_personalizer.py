@@ -23,6 +23,7 @@ from pocketpeft.errors import BaseModelMismatchError, ConfigError, InputTextErro
 from pocketpeft.runtime import TrainConfig
 from pocketpeft.runtime.personalizer import Personalizer
 from pocketpeft.runtime.store import AdapterStore, TextStore, tensors_sha256
+from pocketpeft.runtime.wordcounts import keystrokes_with_words
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -245,3 +246,33 @@ def test_interactive_loop_suggests_and_learns(bundle, user, tmp_path):
     assert reports and reports[0]["steps"] > 0, reports
     assert "wiped {'messages': 62," in text           # 60 observed + the 2 typed messages
     assert p.texts.stats()["messages"] == 0          # wiped
+
+
+def test_observed_words_are_suggested_at_once_and_wiped_with_the_text(bundle, user, tmp_path):
+    train, general = user
+    sess = _open(bundle)
+    p = Personalizer(sess, tmp_path / "store", general=general[:8])
+    assert "zorblax" not in [w.lower() for w in p.suggest("see you zo", 3)]
+    p.observe(["see you at zorblax tonight"] * 3 + train[:50])
+    assert p.suggest("see you at zo", 3)[0] == "zorblax"       # before any update
+    assert p.suggest("See you at Zo", 1) == ["Zorblax"]         # cased like the typed word
+    mixed = p.eval_keystrokes(["see you at zorblax tonight"])
+    # the benchmark's one-pass scoring ranks exactly as suggest() does
+    pair = keystrokes_with_words(p.serve_session.predictor, p.words, ["see you at zorblax tonight"], p.word_weight)
+    assert pair[1] == mixed
+    model_only = p.serve_session.suggest("see you at zo", 3)
+    p.word_weight = 0.0
+    assert p.suggest("see you at zo", 3) == model_only          # weight 0: the model alone
+    alone = p.eval_keystrokes(["see you at zorblax tonight"])
+    assert mixed["words"] == alone["words"] == 5
+    assert mixed["next_word_top3"] >= 0.8 > alone["next_word_top3"]
+    assert mixed["keystroke_savings"] > alone["keystroke_savings"]
+    p.word_weight = 0.2
+    p.close()
+    p = Personalizer(_open(bundle), tmp_path / "store", general=general[:8])   # counts rebuilt from the store
+    assert p.suggest("see you at zo", 1) == ["zorblax"]
+    p.wipe()
+    assert "zorblax" not in [w.lower() for w in p.suggest("see you at zo", 3)]
+    p.close()
+    with pytest.raises(ConfigError, match="word_weight"):
+        Personalizer(_open(bundle), tmp_path / "store2", general=general[:8], word_weight=1.5)
