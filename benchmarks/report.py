@@ -233,8 +233,9 @@ def section_forward_only(obj: dict[str, Any], plots: Path, out: list[str]) -> No
     out.append(_title(obj, "Forward-only (SPSA) updates against backprop (train)"))
     st = obj.get("settings", {})
     out.append(f"Held-out loss over update time per sender; backprop gets {_f(st.get('backprop_seconds'), '.0f')} s, forward-only "
-               f"{_f(st.get('forward_only_seconds'), '.0f')} s (4x). Peak RSS is the update phase's, against inference of the "
-               f"same graph on the same batches.\n")
+               f"{_f(st.get('forward_only_seconds'), '.0f')} s (4x). Peak RSS is the update phase's; it is compared with "
+               f"inference of the same graph on the same batches in the same process (the 'inference' rows are separate "
+               f"processes, for scale).\n")
     rows, curves = [], {}
     for sender, per in obj.get("results", {}).items():
         for name, r in per.items():
