@@ -121,8 +121,8 @@ def main() -> None:
     n = args.senders or (2 if args.quick else 10)
     secs = args.seconds or (30.0 if args.quick else 60.0)
     t0 = time.perf_counter()
-    res = run(n, secs, ks_messages=15 if args.quick else 25, loss_messages=60 if args.quick else 150, quant=args.quant,
-              others_messages=60 if args.quick else 100)
+    res = run(n, secs, ks_messages=15 if args.quick else 20, loss_messages=60 if args.quick else 100, quant=args.quant,
+              others_messages=60 if args.quick else 80)
     res["wall_seconds"] = time.perf_counter() - t0
     name = "personalize_quick" if args.quick else "personalize"
     path = write_result(name, {"quick": args.quick, **res})

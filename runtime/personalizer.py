@@ -123,6 +123,7 @@ class Personalizer:
         self.max_general_increase, self.min_heldout_gain = max_general_increase, min_heldout_gain
         self.word_weight = float(word_weight)
         self._rng = np.random.default_rng(seed)
+        self._commit_secs = 2.0   # time a commit + serving swap took last (reserved in the time box)
         self._update_lock = threading.Lock()      # one update at a time
         self._serve_lock = threading.RLock()      # suggest() vs swapping the serving adapter
         self._general_cache: tuple[int | None, float, float] | None = None   # (version, loss, eval seconds)
@@ -286,8 +287,8 @@ class Personalizer:
         rep.heldout_loss_before, rep.general_loss_before = ho_before, gen_before
         tell({"stage": "eval-before", "heldout_loss": ho_before, "general_loss": gen_before})
         seconds = None
-        if max_seconds is not None:   # leave room for the evaluations after training
-            seconds = max_seconds - (time.perf_counter() - t0) - (ho_secs + gen_secs) * 1.1
+        if max_seconds is not None:   # leave room for the evaluations and the commit after training
+            seconds = max_seconds - (time.perf_counter() - t0) - (ho_secs + gen_secs) * 1.1 - self._commit_secs
             if seconds <= 0:
                 rep.reason = f"time box of {max_seconds:g}s too short: the gate's evaluations alone take {ho_secs + gen_secs:.1f}s"
                 return self._finish(rep, t0, tell)
@@ -323,6 +324,7 @@ class Personalizer:
                                                 "general_loss_after", "steps", "tokens", "new_messages",
                                                 "replay_messages", "heldout_messages")}
         metrics["train_seconds"] = round(tr.seconds, 3)
+        t_commit = time.perf_counter()
         try:
             v = self.adapters.commit(self.session.backend.get_adapter(), metrics)
         except Exception:
@@ -331,6 +333,7 @@ class Personalizer:
         self.texts.mark([r.id for r in new], TRAINED)
         self._general_cache = (v.version, gen_after, gen_secs)
         self._serve(v.version)
+        self._commit_secs = 1.2 * (time.perf_counter() - t_commit)
         rep.version = v.version
         rep.reason = (f"held-out loss {ho_before:.4f} -> {ho_after:.4f}" if ho_before is not None else "no held-out text")
         rep.reason += f", general-text loss {100 * (gen_after / gen_before - 1):+.1f}% (limit +{100 * self.max_general_increase:g}%)"

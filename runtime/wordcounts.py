@@ -30,7 +30,7 @@ from .predictor import _PARTIAL, _recase
 BOS = "<s>"
 WEIGHTS = (0.6, 0.3, 0.1)   # trigram, bigram, unigram interpolation
 UNIGRAM_CANDIDATES = 20     # most frequent words with the typed prefix considered from the unigrams
-WORD_POOL = 8               # the model's candidate words that are mixed with the counts
+WORD_POOL = 4               # the model's candidate words mixed with the counts (each one more costs search)
 
 
 def words_of(text: str) -> list[str]:
