@@ -219,6 +219,9 @@ def section_quality(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
         out += _table(["sender", "steps", "accepted", "base top-3 %", "LoRA", "word counts", "both", "keystroke savings %",
                        "n-gram top-3 %", "others' ppl"], rows)
         t = obj.get("targets", {})
+        secs = [r.get("update_seconds", 0) for r in obj["per_sender"]]
+        out.append(f"\nUpdates took {_f(min(secs), '.1f')}-{_f(max(secs), '.1f')} s (budget "
+                   f"{_f(obj.get('update_budget_seconds'), '.0f')} s, the quality gate's evaluations included).")
         out.append(f"\nTargets (issue 5): mean top-3 gain >= +5 points (both): {_met(t.get('top3_gain_points>=5'))} "
                    f"(LoRA alone: {_met(t.get('lora_top3_gain_points>=5'))}); other people's perplexity within +5%: "
                    f"{_met(t.get('others_ppl_change_pct<=5'))}.")

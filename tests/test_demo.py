@@ -23,7 +23,7 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path):
     assert 0 < bd["word_weight"] <= 1
     for part in ("base_with_word_counts", "lora_alone"):
         assert bd[part]["words"] == rep["after"]["words"] == rep["before"]["words"]
-    assert rep["test_messages"] == 24 and rep["keystroke_messages"] == 2
+    assert rep["test_messages"] == 24 and 1 <= rep["keystroke_messages"] <= 2   # fewer when typing is slow
     assert rep["update"]["steps"] >= 1 or "too short" in rep["update"]["reason"]
     if rep["update"]["accepted"]:   # the gate let it through only because held-out loss fell
         assert rep["update"]["heldout_loss_after"] < rep["update"]["heldout_loss_before"]
