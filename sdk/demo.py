@@ -100,16 +100,16 @@ def _plot(path: Path, report: dict[str, Any]) -> None:
 
 
 def run_demo(sender: str | None = None, seconds: float = 60.0, quant: str = "q4_0", out_dir: str | Path = "pocketpeft-demo",
-             cache: Path | None = None, progress: bool = False, max_test_messages: int = 150,
-             keystroke_messages: int = 20, keystroke_seconds: float = 40.0, examples: int = 4,
+             cache: Path | None = None, progress: bool = False, max_test_messages: int = 60,
+             keystroke_messages: int = 20, keystroke_seconds: float = 15.0, examples: int = 3,
              log: Log | None = print) -> dict[str, Any]:
     """Run the demo; returns (and writes to ``out_dir/report.json``, plot in ``out_dir/report.png``)
     the before/after report. The user's store lives in ``out_dir/store`` and is started afresh.
 
     Typing the held-out messages keystroke by keystroke costs a model search per character: at
     most ``keystroke_messages`` are typed, fewer when the first one shows that they would take
-    more than ``keystroke_seconds`` per pass (a torch-served demo on 2 cores types fewer than a
-    llama.cpp-served one); before and after type the same messages."""
+    more than ``keystroke_seconds`` per pass (a torch-served demo on 2 cores types a few, a
+    llama.cpp-served one several times more; `python -m benchmarks.personalize` types hundreds of words); before and after type the same messages."""
     from . import runtime
     from .data import general_texts, sender_split
     from .runtime.session import peak_rss_mb
