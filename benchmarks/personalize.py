@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--senders", type=int, help="how many senders (default 10; quick 2)")
     ap.add_argument("--seconds", type=float, help="update time box per sender (default 60; quick 30)")
     ap.add_argument("--quant", default="q4_0")
+    ap.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
     args = ap.parse_args()
     from benchmarks.common import write_result
 
@@ -125,7 +126,7 @@ def main() -> None:
               others_messages=60 if args.quick else 80)
     res["wall_seconds"] = time.perf_counter() - t0
     name = "personalize_quick" if args.quick else "personalize"
-    path = write_result(name, {"quick": args.quick, **res})
+    path = write_result(name, {"quick": args.quick, **res}, args.out)
     m = res["mean"]
     print(f"{res['senders']} senders ({res['accepted']} updates accepted): mean top-3 {m['top3_gain_points']:+.2f} points "
           f"(LoRA alone {m['lora_top3_gain_points']:+.2f}, word counts alone {m['words_top3_gain_points']:+.2f}), "
