@@ -34,9 +34,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pocketpeft.errors import ConfigError
-
 from pocketpeft.data import as_text
+from pocketpeft.errors import ConfigError
 
 from .keystrokes import keystroke_metrics
 from .session import Session
@@ -134,8 +133,8 @@ class Personalizer:
             serve_session = open_session(session.bundle, backend=f"{be.name}:{be.device}", need_train=False)
         self.serve_session = serve_session
         self._serving_version: int | None = None
-        self.words = WordCounts()
-        self._recount()
+        # counted once from the store, then grown by observe()
+        self.words = WordCounts(r.text for r in self.texts.rows())
         v = self.adapters.current_version()
         if v is not None:
             self.session.load_adapter(self.adapters.versions_dir / str(v))
@@ -162,12 +161,6 @@ class Personalizer:
             with self._serve_lock:
                 self.words = WordCounts()
             return out
-
-    def _recount(self) -> None:
-        """Rebuild the word counts from the stored text (rows the store dropped for space go)."""
-        words = WordCounts(r.text for r in self.texts.rows())
-        with self._serve_lock:
-            self.words = words
 
     # ------------------------------------------------------------------ serving
     @property

@@ -24,7 +24,7 @@ import heapq
 from collections import Counter, defaultdict
 from typing import Iterable
 
-from .keystrokes import message_words
+from .keystrokes import keystroke_metrics, message_words
 from .predictor import _PARTIAL, _recase
 
 BOS = "<s>"
@@ -46,7 +46,8 @@ class WordCounts:
         self.bi: dict[str, Counter] = defaultdict(Counter)
         self.tri: dict[tuple[str, str], Counter] = defaultdict(Counter)
         self.total = 0.0
-        self._sorted: list[str] | None = None
+        self._sorted: list[str] | None = None   # the vocabulary in order, for prefix ranges
+        self._top: list[str] | None = None      # the most frequent words, for an empty prefix
         self.add(texts, weight)
 
     def __len__(self) -> int:
@@ -62,7 +63,7 @@ class WordCounts:
                 self.bi[ctx[i + 1]][w] += weight
                 self.tri[(ctx[i], ctx[i + 1])][w] += weight
             self.total += weight * len(ws)
-        self._sorted = None
+        self._sorted = self._top = None
         return self
 
     def personalized(self, texts: Iterable[str], weight: float = 3.0) -> "WordCounts":
@@ -87,14 +88,19 @@ class WordCounts:
         cut = text.rfind(" ") + 1
         partial = text[cut:].lower()
         u, v = ([BOS, BOS] + words_of(text[:cut]))[-2:]
-        tables = [(lam, ctr, sum(ctr.values())) for lam, ctr in
-                  zip(WEIGHTS, (self.tri.get((u, v)), self.bi.get(v), self.uni)) if ctr]
-        z = sum(lam for lam, _, _ in tables)
-        if not tables or not self.total:
+        if not self.total:
             return {}
-        cands = {w for _, ctr, _ in tables[:-1] for w in ctr if w.startswith(partial)}   # tables[-1]: unigrams
-        pool = self._with_prefix(partial) if partial else self.uni
-        cands.update(heapq.nlargest(UNIGRAM_CANDIDATES, pool, key=self.uni.__getitem__))
+        tables = [(lam, ctr, sum(ctr.values())) for lam, ctr in
+                  zip(WEIGHTS[:2], (self.tri.get((u, v)), self.bi.get(v))) if ctr]
+        cands = {w for _, ctr, _ in tables for w in ctr if w.startswith(partial)}
+        tables.append((WEIGHTS[2], self.uni, self.total))   # unigrams: always seen, total kept by add()
+        z = sum(lam for lam, _, _ in tables)
+        if partial:
+            cands.update(heapq.nlargest(UNIGRAM_CANDIDATES, self._with_prefix(partial), key=self.uni.__getitem__))
+        else:
+            if self._top is None:
+                self._top = [w for w, _ in self.uni.most_common(UNIGRAM_CANDIDATES)]
+            cands.update(self._top)
         return {w: sum(lam * ctr.get(w, 0.0) / n for lam, ctr, n in tables) / z for w in cands}
 
     def suggest(self, prefix: str, k: int = 3) -> list[str]:
@@ -129,8 +135,6 @@ def keystrokes_with_words(predictor, words: WordCounts, texts, weight: float, k:
     """Keystroke metrics of ``predictor`` alone and mixed with ``words`` at ``weight``, from one
     pass of the model over ``texts`` (each prefix's candidates are computed once and ranked both
     ways, exactly as :meth:`Personalizer.suggest` ranks them)."""
-    from .keystrokes import keystroke_metrics
-
     memo: dict[str, list[tuple[str, float]]] = {}
 
     def scored(prefix: str) -> list[tuple[str, float]]:

@@ -109,7 +109,8 @@ def run_demo(sender: str | None = None, seconds: float = 60.0, quant: str = "q4_
     Typing the held-out messages keystroke by keystroke costs a model search per character: at
     most ``keystroke_messages`` are typed, fewer when the first one shows that they would take
     more than ``keystroke_seconds`` per pass (a torch-served demo on 2 cores types a few, a
-    llama.cpp-served one several times more; `python -m benchmarks.personalize` types hundreds of words); before and after type the same messages."""
+    llama.cpp-served one several times more; ``python -m benchmarks.personalize`` types hundreds
+    of words); before and after type the same messages."""
     from . import runtime
     from .data import general_texts, sender_split
     from .runtime.session import peak_rss_mb
