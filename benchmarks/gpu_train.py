@@ -5,21 +5,23 @@ SmolLM2-135M's), exported once to nf4 (and f16 for a bf16-base reference), LoRA 
 q/k/v/o, rows of 64 tokens, batch 8, 32 and 64. Every configuration runs in its own process (so
 its peak GPU memory is its own), all batch sizes per process, interleaved over repetitions:
 
-* ``pocketpeft eager``     — torch backend, bf16 compute, frozen nf4 bytes dequantized on the GPU
-  inside each layer (eager PyTorch ops).
-* ``pocketpeft compiled``  — the same model under ``torch.compile``: inductor fuses each
-  dequantization (nibble split, code lookup, absmax scale) into one kernel and the forward and
-  backward into few; ``--cudagraphs`` adds ``mode="reduce-overhead"`` (CUDA graphs of both).
-* ``peft+bnb nf4``         — the baseline: transformers + peft with bitsandbytes ``Linear4bit``
+* ``pocketpeft eager``          — torch backend, bf16 compute, frozen nf4 bytes dequantized on the
+  GPU inside each layer, every kernel launched from Python (``step="eager"``).
+* ``pocketpeft graph``          — the torch backend's CUDA default: the same step (forward, loss,
+  backward, clipping, finite check, fused AdamW) captured once per batch shape as one CUDA
+  graph and replayed (``step="graph"``, see runtime/backends/step_graph.py).
+* ``pocketpeft compiled+graph`` — that graph over ``torch.compile``'d forward and backward:
+  inductor fuses each dequantization and the elementwise work around the matmuls.
+* ``peft+bnb nf4``              — the baseline: transformers + peft with bitsandbytes ``Linear4bit``
   (nf4, bf16 compute) over the same bytes (pocketpeft's ``peft`` backend).
-* ``peft bf16 base``       — peft over a plain bf16 base, for scale.
+* ``peft bf16 base``            — peft over a plain bf16 base, for scale.
 
 Same optimizer step everywhere (AdamW, clipping, warmup + cosine). The share of the GPU's bf16
 peak counts ~4 FLOPs per frozen weight per token (forward + input gradient) against a bf16
 matmul measured in the same run (and the spec-sheet figure where the GPU is known).
 
-    python -m benchmarks.gpu_train [--reps 3] [--steps 10] [--cudagraphs]   # on a GPU
-    python -m benchmarks.gpu_train --smoke                                  # CPU, tiny, seconds
+    python -m benchmarks.gpu_train [--reps 3] [--steps 10]   # on a GPU
+    python -m benchmarks.gpu_train --smoke                  # CPU, tiny, seconds
 """
 
 from __future__ import annotations
@@ -44,13 +46,15 @@ TINY = dict(SMOLLM2, vocab_size=512, hidden_size=64, intermediate_size=128, num_
 #: Dense bf16 tensor-core peak (TFLOP/s, spec sheets, no sparsity), matched on the device name.
 SPEC_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
                     "H100 NVL": 835.0, "A100": 312.0, "L4": 121.0, "A10G": 70.0}
-CONFIGS = {  # name -> (backend module, bundle quant, compile mode or None)
-    "pocketpeft eager": ("torch_backend", "nf4", None),
-    "pocketpeft compiled": ("torch_backend", "nf4", "default"),
-    "pocketpeft compiled+cudagraphs": ("torch_backend", "nf4", "reduce-overhead"),
-    "peft+bnb nf4": ("peft_backend", "nf4", None),
-    "peft bf16 base": ("peft_backend", "f16", None),
+CONFIGS = {  # name -> (backend module, bundle quant, backend options)
+    "pocketpeft eager": ("torch_backend", "nf4", {"step": "eager"}),
+    "pocketpeft graph": ("torch_backend", "nf4", {"step": "graph"}),
+    "pocketpeft compiled+graph": ("torch_backend", "nf4", {"step": "graph", "compile": True}),
+    "peft+bnb nf4": ("peft_backend", "nf4", {}),
+    "peft bf16 base": ("peft_backend", "f16", {}),
 }
+#: What runs without a GPU (--smoke, --device cpu): graphs need CUDA, compiling a CPU says nothing.
+CPU_CONFIGS = ["pocketpeft eager", "peft+bnb nf4", "peft bf16 base"]
 BASELINE = "peft+bnb nf4"
 
 
@@ -107,12 +111,10 @@ def worker(config: str, bundle: str, device: str, batches: list[int], steps: int
     from benchmarks.common import peak_rss_mib
     from pocketpeft.runtime import TrainConfig
 
-    mod_name, _, compile_mode = CONFIGS[config]
+    mod_name, _, options = CONFIGS[config]
     b = pp.Bundle(bundle)
-    be = importlib.import_module(f"pocketpeft.runtime.backends.{mod_name}").create(device, "bfloat16")
+    be = importlib.import_module(f"pocketpeft.runtime.backends.{mod_name}").create(device, "bfloat16", **options)
     be.load(b)
-    if compile_mode:
-        be.model.compile(mode=compile_mode, dynamic=False)  # one static graph per batch size
     vocab = b.manifest.arch.vocab_size
     rng = np.random.default_rng(0)
     out = {}
@@ -125,7 +127,7 @@ def worker(config: str, bundle: str, device: str, batches: list[int], steps: int
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         t_warm = time.perf_counter()
-        for i in range(warmup):  # compilation, autotuning, graph capture, allocator warm-up
+        for i in range(warmup):  # real steps: compilation, autotuning, graph capture, allocator warm-up
             be.train_step(x[i], y[i])
         _sync(device)
         t_warm = time.perf_counter() - t_warm
@@ -180,7 +182,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per batch size (default 10; smoke 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; smoke 1)")
     ap.add_argument("--configs", default=None, help=f"comma-separated subset of: {', '.join(CONFIGS)}")
-    ap.add_argument("--cudagraphs", action="store_true", help="also run the compiled+cudagraphs configuration")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds one configuration's process may take")
     ap.add_argument("--work", type=Path, default=None, help="folder for the random model and bundles (kept)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; smoke: a temp folder)")
     ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
@@ -194,6 +196,7 @@ def main() -> None:
         print(json.dumps(res))
         return
 
+    import numpy as np
     import torch
 
     from benchmarks.common import run_worker, summarize, write_result
@@ -214,10 +217,10 @@ def main() -> None:
         unknown = [c for c in names if c not in CONFIGS]
         if unknown:
             ap.error(f"unknown configuration(s) {unknown}; choose among {', '.join(CONFIGS)}")
-    elif smoke or not device.startswith("cuda"):  # compiling on a CPU takes minutes and says nothing about GPUs
-        names = ["pocketpeft eager", "peft+bnb nf4", "peft bf16 base"]
+    elif smoke or not device.startswith("cuda"):
+        names = list(CPU_CONFIGS)
     else:
-        names = [c for c in CONFIGS if args.cudagraphs or "cudagraphs" not in c]
+        names = list(CONFIGS)
     if BASELINE not in names:
         names.append(BASELINE)
     tmp = tempfile.TemporaryDirectory(prefix="pocketpeft-gpu-train-") if (smoke or args.work is None) else None
@@ -230,7 +233,10 @@ def main() -> None:
         for name in names:
             print(f"[{rep + 1}/{reps}] {name}", flush=True)
             wargs = [name, bundles[CONFIGS[name][1]], device, ",".join(map(str, batches)), str(steps), str(warmup)]
-            runs[name].append(run_worker("benchmarks.gpu_train", wargs, timeout=3600))
+            try:
+                runs[name].append(run_worker("benchmarks.gpu_train", wargs, timeout=args.timeout))
+            except Exception as e:  # a crash or a timeout of one configuration: report it, keep the rest
+                runs[name].append({"error": f"{type(e).__name__}: {str(e)[-2000:]}", "traceback": ""})
     n_params = frozen_params(arch)
     measured = bf16_matmul_tflops(device, 256 if smoke else 8192, 0.5 if smoke else 3.0)
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
@@ -260,13 +266,25 @@ def main() -> None:
             if batch in base and isinstance(r, dict) and "tokens_per_s" in r and "tokens_per_s" in base[batch]:
                 r["speed_vs_peft_bnb"] = r["tokens_per_s"]["median"] / base[batch]["tokens_per_s"]["median"]
                 r["memory_vs_peft_bnb"] = r["peak_mib"]["median"] / base[batch]["peak_mib"]["median"]
+                ours, theirs = np.array(r["losses_first_run"]), np.array(base[batch]["losses_first_run"])
+                r["loss_max_rel_diff_vs_peft_bnb"] = float(np.max(np.abs(ours - theirs) / np.abs(theirs)))
+    targets = {}
+    for batch, need in (("8", 5.0), ("64", 3.0)):
+        got = {n: per[batch]["speed_vs_peft_bnb"] for n, per in results.items()
+               if n.startswith("pocketpeft") and batch in per and "speed_vs_peft_bnb" in per[batch]}
+        if got:
+            best = max(got, key=got.get)
+            targets[f"batch {batch}"] = {"needed_speedup": need, "best_config": best, "speedup": got[best],
+                                         "met": got[best] >= need,
+                                         "loss_max_rel_diff": results[best][batch]["loss_max_rel_diff_vs_peft_bnb"]}
     payload = {"settings": {"model": "SmolLM2-135M-shaped, random weights" if not smoke else "tiny Llama, random weights",
                             "arch": arch, "frozen_matmul_params": n_params, "lora_r": RANK, "lora_alpha": 16,
                             "target_modules": MODULES, "seq_len": SEQ, "batches": batches, "repetitions": reps, "quick": args.quick,
                             "timed_steps": steps, "warmup_steps": warmup, "compute_dtype": "bfloat16",
                             "device": device, "gpu": gpu, "smoke": smoke},
                "bf16_matmul_tflops_measured": measured, "bf16_peak_tflops_spec": spec, "results": results,
-               "target": "pocketpeft's CUDA path >= 5x peft+bnb tokens/s at batch 8 and >= 3x at batch 64"}
+               "target": "pocketpeft's CUDA path >= 5x peft+bnb tokens/s at batch 8 and >= 3x at batch 64, "
+                         "with matching loss curves", "targets": targets}
     tag = "smoke_cpu" if smoke and not gpu else re.sub(r"[^A-Za-z0-9]+", "_", gpu or device).strip("_").lower()
     out_dir = args.out or (Path(tmp.name) / "results" if smoke else None)
     path = write_result(f"gpu_train_{tag}" + ("_quick" if args.quick and not smoke else ""), payload, out_dir)
@@ -280,6 +298,9 @@ def main() -> None:
             print(f"{name:<32}{batch:>6}{r['tokens_per_s']['median']:>11.0f}{r.get('speed_vs_peft_bnb', 0):>11.2f}x"
                   f"{r['peak_mib']['median']:>10.0f}{100 * share:>13.2f}%")
     print(f"bf16 matmul measured here: {measured:.3g} TFLOP/s" + (f"; spec peak {spec:.0f}" if spec else ""))
+    for batch, t in targets.items():
+        print(f"target at {batch}: {t['speedup']:.2f}x of {t['needed_speedup']:.0f}x needed ({t['best_config']}) "
+              f"-> {'met' if t['met'] else 'NOT met'}; losses within {100 * t['loss_max_rel_diff']:.2f}% of peft+bnb")
     print(f"written to {path}")
     if tmp is not None and args.out is None and not smoke:
         tmp.cleanup()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .config import QuantFormat
 from .errors import ConfigError, QuantizationError
 
-__all__ = ["BLOCK", "NF4_CODE", "QuantLinear", "dequantize", "from_bnb", "from_gguf_blocks",
+__all__ = ["BLOCK", "NF4_CODE", "QuantLinear", "dequantize", "dequantize_lut", "from_bnb", "from_gguf_blocks",
            "quantize", "storage_bytes", "to_bnb", "to_gguf_blocks"]
 
 #: Elements per block (along in_features) of each block format.
@@ -156,6 +156,37 @@ def dequantize(buffers: dict[str, torch.Tensor], fmt: QuantFormat | str, shape: 
     return w.reshape(out, inf).to(dtype)
 
 
+_PAIR_LUT: dict[tuple[QuantFormat, torch.device], torch.Tensor] = {}
+
+
+def _pair_lut(fmt: QuantFormat, device: torch.device) -> torch.Tensor:
+    """[256, 2] float32: the two values each packed byte holds, in storage order (nf4: code of
+    the high nibble, then the low; q4_0: low nibble - 8, high nibble - 8). One per device."""
+    lut = _PAIR_LUT.get((fmt, device))
+    if lut is None:
+        lo, hi = _nibbles(torch.arange(256, dtype=torch.uint8))
+        pair = NF4_CODE[torch.stack([hi, lo], -1)] if fmt is QuantFormat.NF4 else torch.stack([lo, hi], -1).float() - 8
+        lut = _PAIR_LUT[(fmt, device)] = pair.to(device)
+    return lut
+
+
+def dequantize_lut(buffers: dict[str, torch.Tensor], fmt: QuantFormat, shape: tuple[int, int],
+                   dtype: torch.dtype) -> torch.Tensor:
+    """:func:`dequantize` for eager GPU work: the same float32 values (bit for bit), in a few
+    kernels instead of a dozen, by looking each packed byte up in a 256-entry pair table.
+    4-bit formats only (the others are already a cast and a multiply); not for export (a graph
+    should keep the standard ops of :func:`dequantize`)."""
+    out, inf = shape
+    qw = buffers["qweight"]
+    pairs = _pair_lut(fmt, qw.device)[qw.reshape(-1).long()]  # [out*in/2, 2]
+    if fmt is QuantFormat.NF4:
+        w = pairs.view(-1, 64) * buffers["absmax"].reshape(-1, 1).to(torch.float32)
+    else:  # a q4_0 block's 16 bytes hold elements j (low nibble) and j + 16 (high nibble)
+        q = pairs.view(out, inf // 32, 16, 2).transpose(-1, -2)
+        w = buffers["scales"].reshape(out, inf // 32, 1, 1).to(torch.float32) * q
+    return w.reshape(out, inf).to(dtype)
+
+
 def _buffer_specs(fmt: QuantFormat, out: int, inf: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     if fmt is QuantFormat.F32:
         return {"weight": ((out, inf), torch.float32)}
@@ -255,8 +286,13 @@ class QuantLinear(torch.nn.Module):
         return {k: getattr(self, k) for k in _buffer_specs(self.fmt, self.out_features, self.in_features)}
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The ``[out, in]`` weight as ``dtype``."""
-        return dequantize(self._buffers_dict(), self.fmt, (self.out_features, self.in_features), dtype)
+        """The ``[out, in]`` weight as ``dtype``. Eager work on a GPU takes the pair-table path
+        (:func:`dequantize_lut`, same values); tracing and the CPU keep :func:`dequantize`."""
+        shape = (self.out_features, self.in_features)
+        if (self.fmt in (QuantFormat.Q4_0, QuantFormat.NF4) and self.qweight.is_cuda
+                and not torch.compiler.is_compiling()):
+            return dequantize_lut(self._buffers_dict(), self.fmt, shape, dtype)
+        return dequantize(self._buffers_dict(), self.fmt, shape, dtype)
 
     def cache_dequantized(self, enabled: bool = True, dtype: torch.dtype = torch.float32) -> None:
         """Keep (or drop) a dequantized copy of the weight for eager serving.

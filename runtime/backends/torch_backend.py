@@ -1,7 +1,9 @@
 """Backend ``torch``: the reference. Eager PyTorch over the quantized base (dequantized on the
 fly inside each frozen layer), LoRA tensors the only parameters; CPU, or CUDA when present.
 
-Every other backend is tested against this one.
+Every other backend is tested against this one. On CUDA the training step runs by default as one
+captured CUDA graph (``step="graph"``, see :mod:`.step_graph`): the same recipe, without the host
+launching each of its thousands of kernels.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from pocketpeft.manifest import Bundle
 from pocketpeft.model import CausalLM, build_quantized
 
 from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
+from .step_graph import DeviceStep, GraphStep
 
 WEIGHTS = "torch/model.safetensors"
+#: Training-step implementations, see :func:`create`.
+STEP_MODES = ("eager", "device", "graph")
 
 
 def probe() -> Probe:
@@ -41,15 +46,25 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, device: str = "cpu", dtype: str = "float32") -> None:
+    def __init__(self, device: str = "cpu", dtype: str = "float32", step: str | None = None,
+                 compile: bool = False) -> None:
         if dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"torch backend compute dtype {dtype!r} is not supported; expected float32 or bfloat16")
+        step = step or ("graph" if str(device).startswith("cuda") else "eager")
+        if step not in STEP_MODES:
+            raise ConfigError(f"torch backend step mode {step!r} is unknown; expected one of {', '.join(STEP_MODES)}")
+        if step == "graph" and not str(device).startswith("cuda"):
+            raise ConfigError(f"step='graph' captures a CUDA graph; device {device!r} is not a CUDA device")
         self.device = device
         self.dtype = dtype  # compute dtype; the frozen bytes stay quantized, LoRA tensors stay float32
+        self.step_mode, self.compile = step, compile
         self.model: CausalLM | None = None
         self.cfg = TrainConfig()
         self.step = 0
         self._opt: torch.optim.Optimizer | None = None
+        self._device_step: DeviceStep | None = None
+        self._graph: GraphStep | None = None
+        self._train_forward = None
 
     def capabilities(self) -> Capabilities:
         return probe().capabilities[self.device]
@@ -68,6 +83,7 @@ class TorchBackend:
                 if ".lora_" not in n:
                     p.data = p.data.to(getattr(torch, self.dtype))
         self.model = model
+        self._train_forward = torch.compile(model, dynamic=False) if self.compile else model
         self.configure(self.cfg)
 
     def _autocast(self):
@@ -77,8 +93,20 @@ class TorchBackend:
 
     def configure(self, cfg: TrainConfig) -> None:
         self.cfg, self.step = cfg, 0
-        self._opt = torch.optim.AdamW(lora_parameters(self._m), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                      weight_decay=cfg.weight_decay)
+        params = lora_parameters(self._m)
+        self._graph = None  # a captured graph holds the old optimizer: capture anew
+        if self.step_mode == "eager":
+            self._opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                          weight_decay=cfg.weight_decay)
+            return
+        self._device_step = DeviceStep(self._forward_train, params, cfg, self.device)
+        self._opt = self._device_step.opt
+        if self.step_mode == "graph":
+            self._graph = GraphStep(self._device_step, self.device)
+
+    def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self._train_forward(x)
 
     @property
     def _m(self) -> CausalLM:
@@ -93,19 +121,29 @@ class TorchBackend:
 
     def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
         model = self._m
-        ids, lab = self._tensors(input_ids, labels)
-
-        def forward(x):
-            with self._autocast():
-                return model(x)
-
         model.train()
         try:
-            r = lora_step(forward, self._opt, lora_parameters(model), self.cfg, self.step, ids, lab)
+            if self.step_mode == "eager":
+                ids, lab = self._tensors(input_ids, labels)
+                r = lora_step(self._forward_train, self._opt, lora_parameters(model), self.cfg, self.step, ids, lab)
+            else:
+                r = self._device_train_step(input_ids, labels)
         finally:
             model.eval()
         self.step += not r.skipped
         return r
+
+    def _device_train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
+        labels = np.asarray(labels, dtype=np.int64)
+        n_tok, lr = int((labels != -100).sum()), self.cfg.lr_at(self.step)
+        if self._graph is not None:
+            loss, norm = self._graph.run(torch.from_numpy(np.asarray(input_ids, dtype=np.int64)),
+                                         torch.from_numpy(labels), lr)
+        else:
+            ids, lab = self._tensors(input_ids, labels)
+            self._device_step.lr.fill_(lr)
+            loss, norm = (float(t) for t in self._device_step(ids, lab))
+        return StepResult(loss, not (np.isfinite(loss) and np.isfinite(norm)), norm, lr, n_tok)
 
     @torch.no_grad()
     def eval_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> EvalSums:
@@ -207,7 +245,13 @@ def eval_sums(logits, labels) -> EvalSums:
                     int((top == tg[:, None]).any(-1).sum()))
 
 
-def create(device: str = "cpu", dtype: str = "float32") -> TorchBackend:
+def create(device: str = "cpu", dtype: str = "float32", step: str | None = None,
+           compile: bool = False) -> TorchBackend:
     """A new, unloaded torch backend on ``device`` computing in ``dtype`` (``float32``, the
-    reference default, or ``bfloat16``, the fast choice on a GPU)."""
-    return TorchBackend(device, dtype)
+    reference default, or ``bfloat16``, the fast choice on a GPU).
+
+    ``step``: ``"eager"`` (the reference recipe, :func:`lora_step`; the CPU default), ``"device"``
+    (the same recipe with no host sync, :class:`~.step_graph.DeviceStep`) or ``"graph"`` (that step
+    captured as a CUDA graph; the CUDA default). ``compile=True`` runs the training forward and
+    backward through ``torch.compile`` (on a GPU it fuses each dequantization into one kernel)."""
+    return TorchBackend(device, dtype, step, compile)

@@ -128,6 +128,7 @@ def test_bad_limits_and_sequences(bundle):
         sess.logits([])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu(bundle):
     cpu = pp.runtime.open(bundle, backend="torch:cpu")

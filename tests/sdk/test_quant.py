@@ -186,3 +186,17 @@ def test_other_errors():
     with pytest.raises(QuantizationError, match="lack 'scales'"):
         dequantize({"qweight": torch.zeros(4, 32, dtype=torch.int8)}, "q8_0", (4, 32))
     assert quantize(torch.zeros(4, 48), "f16")["weight"].shape == (4, 48)  # no block constraint
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pair_table_dequantize_is_bit_identical(fmt, dtype):
+    """The GPU's eager path (a 256-entry byte table) gives exactly the exportable path's values."""
+    from pocketpeft.quant import dequantize_lut
+
+    torch.manual_seed(1)
+    w = torch.randn(48, 256) * torch.logspace(-3, 1, 48)[:, None]
+    bufs = quantize(w, fmt)
+    want = dequantize(bufs, fmt, tuple(w.shape), dtype)
+    assert torch.equal(dequantize_lut(bufs, QuantFormat.parse(fmt), tuple(w.shape), dtype), want)
+    assert not torch.equal(want, dequantize(quantize(w.flip(0), fmt), fmt, tuple(w.shape), dtype))

@@ -1,0 +1,124 @@
+"""The torch backend's training step with no host synchronization, and on CUDA as one graph.
+
+A SmolLM2-sized LoRA step at batch 8 x 64 is a few hundred GFLOP, well under a millisecond of a
+datacenter GPU's matrix units, yet an eager step launches thousands of small kernels one by one
+from Python (every frozen linear dequantizes its weight, then the LoRA matmuls, in the forward
+and again in the backward), so the GPU mostly waits on the host. peft + bitsandbytes spend their
+step the same way.
+
+:class:`DeviceStep` is the reference recipe (:func:`~.torch_backend.lora_step`) rewritten so that
+nothing in it waits on the host: the scored-token count, the loss, the gradient norm and the
+"skip this step" decision stay tensors on the device, the learning rate is a device tensor set
+before each step, and a non-finite loss or gradient skips AdamW through the fused optimizer's
+``found_inf`` input (the mechanism torch's GradScaler uses): weights, moments and step counts
+stay as they were. On the CPU it runs eagerly, which is how the tests hold it to ``lora_step``.
+
+:class:`GraphStep` captures one DeviceStep per batch shape with ``torch.cuda.graph`` (forward,
+loss, backward, clipping, the finite check and the optimizer update) and replays it: one launch
+per step, and the host syncs once, to read the loss and the gradient norm. Warm-up runs before
+the capture are forced to skip, so capturing never moves the adapter.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..protocol import TrainConfig
+
+#: Untimed steps on a side stream before a capture (lazy state: optimizer moments, lookup tables,
+#: cuBLAS workspaces). They are forced to skip, so they leave the adapter as it was.
+WARMUP_STEPS = 2
+
+
+class DeviceStep:
+    """One AdamW step over ``params`` computed entirely on their device; see the module docstring.
+
+    ``forward(ids) -> logits``. Call with int64 ``ids`` / ``labels`` tensors on the device;
+    returns ``(loss, grad_norm)`` as 0-d device tensors (reading them is the only sync).
+    """
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.nn.Parameter],
+                 cfg: TrainConfig, device: str | torch.device) -> None:
+        self.forward, self.params, self.cfg = forward, params, cfg
+        dev = torch.device(device)
+        self.lr = torch.tensor(cfg.lr, dtype=torch.float32, device=dev)
+        self.opt = torch.optim.AdamW(params, lr=self.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                     fused=True, capturable=dev.type == "cuda")
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=dev)
+        self.force_skip = torch.zeros((), dtype=torch.float32, device=dev)
+        self.opt.found_inf = self.found_inf  # fused AdamW leaves everything untouched where this is 1
+
+    def __call__(self, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        self.opt.zero_grad(set_to_none=True)  # captured: the first backward writes fresh gradients
+        n_tok = (labels != -100).sum().clamp(min=1)
+        total = None
+        for ids_c, lab_c in zip(ids.chunk(cfg.grad_accum), labels.chunk(cfg.grad_accum)):
+            logits = self.forward(ids_c)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), lab_c.reshape(-1),
+                                   ignore_index=-100, reduction="sum") / n_tok
+            loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
+                                              foreach=True)
+        bad = ~(torch.isfinite(total) & torch.isfinite(norm))
+        torch.maximum(bad.to(torch.float32), self.force_skip, out=self.found_inf)
+        self.opt.step()
+        return total, norm
+
+
+class _Captured:
+    def __init__(self, graph: torch.cuda.CUDAGraph, ids: torch.Tensor, labels: torch.Tensor,
+                 loss: torch.Tensor, norm: torch.Tensor) -> None:
+        self.graph, self.ids, self.labels, self.loss, self.norm = graph, ids, labels, loss, norm
+
+
+class GraphStep:
+    """A :class:`DeviceStep` captured as a CUDA graph per ``[batch, seq]`` shape and replayed.
+
+    Keeps the ``max_graphs`` most recently used shapes, each in its own memory pool (gradients and
+    activations of one graph must not share memory with another's, since shapes replay in any
+    order). ``run(ids, labels, lr)`` takes host arrays or tensors and returns python floats.
+    """
+
+    def __init__(self, step: DeviceStep, device: str | torch.device, max_graphs: int = 2) -> None:
+        self.step, self.device, self.max_graphs = step, torch.device(device), max_graphs
+        self._graphs: OrderedDict[tuple[int, ...], _Captured] = OrderedDict()
+
+    def run(self, ids, labels, lr: float) -> tuple[float, float]:
+        ids, labels = torch.as_tensor(ids), torch.as_tensor(labels)
+        shape = tuple(ids.shape)
+        g = self._graphs.get(shape)
+        if g is None:
+            g = self._capture(shape)
+        self._graphs.move_to_end(shape)
+        g.ids.copy_(ids)
+        g.labels.copy_(labels)
+        self.step.lr.fill_(lr)
+        g.graph.replay()
+        return float(g.loss), float(g.norm)
+
+    def _capture(self, shape: tuple[int, ...]) -> _Captured:
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+        ids = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        labels = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        self.step.force_skip.fill_(1.0)
+        try:
+            side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_STEPS):
+                    self.step(ids, labels)
+            main.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                loss, norm = self.step(ids, labels)
+        finally:
+            self.step.force_skip.fill_(0.0)
+        g = self._graphs[shape] = _Captured(graph, ids, labels, loss, norm)
+        return g
