@@ -286,13 +286,22 @@ class QuantLinear(torch.nn.Module):
         return {k: getattr(self, k) for k in _buffer_specs(self.fmt, self.out_features, self.in_features)}
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The ``[out, in]`` weight as ``dtype``. Eager work on a GPU takes the pair-table path
-        (:func:`dequantize_lut`, same values); tracing and the CPU keep :func:`dequantize`."""
+        """The ``[out, in]`` weight as ``dtype``. 4-bit formats on a GPU take the pair-table path
+        (:func:`dequantize_lut`, same values; see :meth:`prepare`); the CPU, and so every
+        exported graph, keeps :func:`dequantize`."""
         shape = (self.out_features, self.in_features)
-        if (self.fmt in (QuantFormat.Q4_0, QuantFormat.NF4) and self.qweight.is_cuda
-                and not torch.compiler.is_compiling()):
+        if self._gpu_table():
             return dequantize_lut(self._buffers_dict(), self.fmt, shape, dtype)
         return dequantize(self._buffers_dict(), self.fmt, shape, dtype)
+
+    def _gpu_table(self) -> bool:
+        return self.fmt in (QuantFormat.Q4_0, QuantFormat.NF4) and self.qweight.is_cuda
+
+    def prepare(self) -> None:
+        """Build the lookup table for the device the buffers are on, ahead of compiling or
+        capturing a graph (neither may copy a host tensor to the GPU). Idempotent."""
+        if self._gpu_table():
+            _pair_lut(self.fmt, self.qweight.device)
 
     def cache_dequantized(self, enabled: bool = True, dtype: torch.dtype = torch.float32) -> None:
         """Keep (or drop) a dequantized copy of the weight for eager serving.

@@ -19,6 +19,7 @@ from pocketpeft.errors import ConfigError
 from pocketpeft.lora import inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict
 from pocketpeft.manifest import Bundle
 from pocketpeft.model import CausalLM, build_quantized
+from pocketpeft.quant import QuantLinear
 
 from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
 from .step_graph import DeviceStep, GraphStep
@@ -78,6 +79,9 @@ class TorchBackend:
         inject_lora(model, m.lora, seed=None)
         load_lora_state_dict(model, bundle.initial_adapter().tensors)
         model = model.to(self.device)  # quantized buffers move as they are: dequantized on the device
+        for mod in model.modules():
+            if isinstance(mod, QuantLinear):
+                mod.prepare()
         if self.dtype != "float32":  # embeddings / norms in the compute dtype; LoRA masters stay fp32
             for n, p in model.named_parameters():
                 if ".lora_" not in n:
@@ -171,8 +175,6 @@ class TorchBackend:
         Serving one token at a time keeps a dequantized fp32 copy of the frozen linears (about
         4 bytes per weight) so no step re-dequantizes them; the quantized bytes stay the source.
         """
-        from pocketpeft.quant import QuantLinear
-
         for m in self._m.modules():
             if isinstance(m, QuantLinear) and m._dequant_cache is None:
                 m.cache_dequantized(True, getattr(torch, self.dtype))
