@@ -304,6 +304,30 @@ def _generic(obj: dict[str, Any]) -> list[str]:
                                             for c in cols]] for n, sc in rows])
 
 
+def section_gpu_train(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
+    st = obj.get("settings", {})
+    out.append(_title(obj, f"GPU training on {st.get('gpu') or st.get('device', '?')}"))
+    out.append(f"{st.get('model', '?')}, LoRA r={st.get('lora_r')} on {'/'.join(st.get('target_modules', []))}, "
+               f"{st.get('seq_len')}-token rows, bf16 compute, {st.get('repetitions')} interleaved repetitions x "
+               f"{st.get('timed_steps')} timed steps; each configuration in its own process.\n")
+    rows = []
+    for name, per in obj.get("results", {}).items():
+        if "error" in per:
+            rows.append([name, "failed", per["error"][:80], "", "", "", ""])
+            continue
+        for batch, r in per.items():
+            share = r.get("share_of_spec_bf16_peak") or r.get("share_of_measured_bf16_matmul")
+            rows.append([name, batch, _f(r.get("step_ms")), _f(r["tokens_per_s"]["median"], ".0f"),
+                         f"{_f(r.get('speed_vs_peft_bnb'), '.2f')}x", _f(r["peak_mib"]["median"], ".0f"),
+                         f"{_f(100 * share if share else None, '.2f')}%"])
+    out += _table(["config", "batch", "step ms", "tokens/s", "vs peft+bnb", "peak GPU MiB", "of bf16 peak"], rows)
+    for batch, t in obj.get("targets", {}).items():
+        out.append(f"\nTarget at {batch}: >= {t['needed_speedup']:.0f}x peft+bnb: {t['speedup']:.2f}x "
+                   f"({t['best_config']}), {_met(t['met'])}; its losses within "
+                   f"{100 * t['loss_max_rel_diff']:.3f}% of peft+bnb's.")
+    out.append("")
+
+
 SECTIONS = {"train_speed": section_train, "suggest_latency": section_suggest, "export_bench": section_export,
             "personalize": section_quality, "forward_only": section_forward_only}
 
@@ -327,6 +351,8 @@ def write_report(results_dir: Path, out_dir: Path | None = None) -> Path:
         obj = found[key]
         if key in SECTIONS:
             SECTIONS[key](obj, out_dir, lines)
+        elif key.startswith("gpu_train_") and not obj.get("settings", {}).get("smoke"):
+            section_gpu_train(obj, out_dir, lines)
         else:
             lines.append(_title(obj, key.replace("_", " ")))
             lines += _generic(obj)

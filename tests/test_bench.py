@@ -156,3 +156,25 @@ def test_latency_workers_against_torch_and_llamacpp(tiny_hf_dir, tmp_path):
     assert res["pocketpeft torch"]["latency_ms"]["p50"] == pytest.approx(float(np.median(torch_run["ms"])))
     assert "profile" not in res["llama raw"]
 
+
+
+def test_gpu_train_smoke_runs_and_the_report_renders_it(tmp_path):
+    """benchmarks.gpu_train --smoke (tiny model, CPU): every CPU configuration trains on the same
+    rows with the same losses as peft + bitsandbytes; the report's GPU section renders a result."""
+    from benchmarks.report import write_report
+
+    out = tmp_path / "results"
+    p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_train", "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((out / "gpu_train_smoke_cpu.json").read_text())
+    assert set(res["results"]) == {"pocketpeft eager", "peft+bnb nf4", "peft bf16 base"}
+    for batch in ("2", "4"):
+        ours, base = res["results"]["pocketpeft eager"][batch], res["results"]["peft+bnb nf4"][batch]
+        assert ours["tokens_per_s"]["median"] > 0 and len(ours["losses_first_run"]) == 2
+        assert ours["loss_max_rel_diff_vs_peft_bnb"] < 1e-2, (ours["losses_first_run"], base["losses_first_run"])
+    assert res["targets"] == {}  # the targets are stated at batch 8 and 64, which smoke does not run
+    res["settings"]["smoke"], res["benchmark"] = False, "gpu_train_test_gpu"
+    (out / "gpu_train_smoke_cpu.json").write_text(json.dumps(res))
+    text = write_report(out, tmp_path / "report").read_text()
+    assert "## GPU training on cpu" in text and "| pocketpeft eager | 2 |" in text
