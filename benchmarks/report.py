@@ -95,8 +95,9 @@ def run_suites(suites: list[str], quick: bool, out: Path, base: str | None = Non
 
 # ---------------------------------------------------------------------------- collecting
 def collect(results_dir: Path) -> dict[str, dict[str, Any]]:
-    """The newest result of each benchmark in ``results_dir``, keyed by its name without
-    ``_quick`` (the quick flavour is kept in ``_quick``)."""
+    """One result per benchmark in ``results_dir``, keyed by its name without ``_quick``: the
+    newest full-size run where there is one (a full run is the measurement; a later quick run
+    is a smoke check and does not replace it), else the newest quick one (flagged ``_quick``)."""
     best: dict[str, dict[str, Any]] = {}
     for p in sorted(Path(results_dir).glob("*.json")):
         try:
@@ -108,7 +109,8 @@ def collect(results_dir: Path) -> dict[str, dict[str, Any]]:
         name = str(obj["benchmark"])
         key = name.removesuffix("_quick")
         obj["_quick"], obj["_file"] = name.endswith("_quick"), p.name
-        if key not in best or str(obj.get("measured", "")) > str(best[key].get("measured", "")):
+        rank = (not obj["_quick"], str(obj.get("measured", "")))
+        if key not in best or rank > (not best[key]["_quick"], str(best[key].get("measured", ""))):
             best[key] = obj
     return best
 

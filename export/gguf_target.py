@@ -82,14 +82,15 @@ def _heads_for(name: str, arch: ModelConfig) -> int | None:
 
 
 # ---- tensors --------------------------------------------------------------------------------
-def _linear_tensor(layer: QuantLinear, nf4_as: str) -> tuple[np.ndarray, str]:
-    """(array for GGUFWriter, type name) of a frozen linear: our bytes for q4_0/q8_0/f16/f32."""
+def _linear_tensor(layer: QuantLinear, nf4_as: str, linear_as: str = "native") -> tuple[np.ndarray, str]:
+    """(array for GGUFWriter, type name) of a frozen linear: our bytes for q4_0/q8_0/f16/f32, or
+    with ``linear_as="f32"`` the exact float32 values they dequantize to."""
     fmt = layer.fmt
     bufs = {k: getattr(layer, k) for k in ("qweight", "scales", "weight", "absmax") if hasattr(layer, k)}
-    if fmt in (QuantFormat.Q4_0, QuantFormat.Q8_0):
+    if fmt in (QuantFormat.Q4_0, QuantFormat.Q8_0) and linear_as == "native":
         return to_gguf_blocks(bufs, fmt), fmt.value
     w = layer.dequantized_weight(torch.float32).detach().cpu()
-    if fmt is QuantFormat.F32:
+    if fmt is QuantFormat.F32 or linear_as == "f32":
         return w.numpy(), "f32"
     if fmt is QuantFormat.NF4 and nf4_as == "q8_0":
         return to_gguf_blocks(quantize(w, QuantFormat.Q8_0), QuantFormat.Q8_0), "q8_0"
@@ -108,7 +109,7 @@ def _embedding_tensor(w: torch.Tensor, linear_type: str, choice: str) -> tuple[n
     return w.to(torch.float16).numpy(), "f16"
 
 
-def _model_tensors(model: CausalLM, arch: ModelConfig, nf4_as: str, embedding: str):
+def _model_tensors(model: CausalLM, arch: ModelConfig, nf4_as: str, embedding: str, linear_as: str = "native"):
     """Yield (gguf name, array, type name) for every base tensor, Q/K rows permuted."""
     lin_type = None
     for hf in linear_names(arch):
@@ -116,7 +117,7 @@ def _model_tensors(model: CausalLM, arch: ModelConfig, nf4_as: str, embedding: s
         layer = getattr(mod, "base_layer", mod)
         if not isinstance(layer, QuantLinear):
             raise UnsupportedModelError(f"{hf} is a {type(layer).__name__}, expected a frozen QuantLinear")
-        arr, typ = _linear_tensor(layer, nf4_as)
+        arr, typ = _linear_tensor(layer, nf4_as, linear_as)
         lin_type = lin_type or typ
         name = gguf_name(hf)
         heads = _heads_for(name, arch)
@@ -320,14 +321,18 @@ def _add_tokenizer_from_json(w: Any, tok: Any, vocab_size: int) -> dict[str, Any
 # ---- the writer -----------------------------------------------------------------------------
 def write_base_gguf(model: CausalLM, out_path: "str | os.PathLike", *, tokenizer: Any = None,
                     source_gguf: "str | os.PathLike | None" = None, passthrough: bool = False,
-                    nf4_as: str = "f16", embedding: str = "auto", name: str = "pocketpeft-base") -> dict[str, Any]:
+                    nf4_as: str = "f16", embedding: str = "auto", name: str = "pocketpeft-base",
+                    linear_as: str = "native") -> dict[str, Any]:
     """Write ``model`` (a :class:`CausalLM`, LoRA-injected or not; LoRA is left out) as a llama.cpp
     GGUF at ``out_path``, atomically (written beside it, then renamed).
 
     ``tokenizer``: a :class:`pocketpeft.tokenizer.Tokenizer`, used unless ``source_gguf`` (the GGUF
     the base was loaded from) is given, whose tokenizer metadata is then copied verbatim.
     ``passthrough``: copy ``source_gguf``'s own quantized tensors through (see the module doc).
-    ``nf4_as``: ``"f16"`` or ``"q8_0"``, the GGUF type for nf4 linears. ``embedding``: ``"auto"``,
+    ``nf4_as``: ``"f16"`` or ``"q8_0"``, the GGUF type for nf4 linears. ``linear_as``: ``"native"``
+    (the bundle's own q4_0/q8_0 bytes) or ``"f32"`` (the exact values they dequantize to: llama.cpp
+    then multiplies in float32 rather than against 8-bit-quantized activations, as the torch
+    backend does, at 4-8x the bytes read per token). ``embedding``: ``"auto"``,
     ``"f32"``, ``"f16"`` or ``"q8_0"``. Returns the info recorded in ``gguf/info.json``: tensor
     types and counts, embedding / linear types, tokenizer origin, passthrough, permutation.
     Raises :class:`ConfigError` for bad options, :class:`UnsupportedModelError` for a model or
@@ -339,6 +344,8 @@ def write_base_gguf(model: CausalLM, out_path: "str | os.PathLike", *, tokenizer
 
     if nf4_as not in ("f16", "q8_0"):
         raise ConfigError(f"nf4_as must be 'f16' or 'q8_0', got {nf4_as!r}")
+    if linear_as not in ("native", "f32"):
+        raise ConfigError(f"linear_as must be 'native' or 'f32', got {linear_as!r}")
     if embedding not in ("auto", "f32", "f16", "q8_0"):
         raise ConfigError(f"embedding must be 'auto', 'f32', 'f16' or 'q8_0', got {embedding!r}")
     if passthrough and source_gguf is None:
@@ -355,7 +362,7 @@ def write_base_gguf(model: CausalLM, out_path: "str | os.PathLike", *, tokenizer
     w = _writer(tmp)
     try:
         w.add_name(name)
-        tensors = list(_model_tensors(model, arch, nf4_as, embedding))
+        tensors = list(_model_tensors(model, arch, nf4_as, embedding, linear_as))
         lin_type = tensors[0][2]
         _add_hparams(w, arch, lin_type if not extra else "")
         if source_gguf is not None:
@@ -427,20 +434,22 @@ class GgufTarget:
 
     def export(self, ctx: ExportContext) -> dict[str, str]:
         """Write ``gguf/base.<type>.gguf`` and ``gguf/info.json``; return the gguf-py version and
-        the GGUF types used. Env: ``POCKETPEFT_GGUF_PASSTHROUGH=1``, ``POCKETPEFT_GGUF_NF4=f16|q8_0``."""
+        the GGUF types used. Env: ``POCKETPEFT_GGUF_PASSTHROUGH=1``, ``POCKETPEFT_GGUF_NF4=f16|q8_0``,
+        ``POCKETPEFT_GGUF_LINEAR=native|f32`` (see :func:`write_base_gguf`)."""
         from importlib.metadata import version
 
         from pocketpeft.tokenizer import Tokenizer
 
         passthrough = os.environ.get("POCKETPEFT_GGUF_PASSTHROUGH", "").strip().lower() in ("1", "true", "yes")
         nf4_as = os.environ.get("POCKETPEFT_GGUF_NF4", "f16").strip().lower()
+        linear_as = os.environ.get("POCKETPEFT_GGUF_LINEAR", "native").strip().lower()
         source = _source_gguf(ctx)
         if passthrough and source is None:
             raise ConfigError("POCKETPEFT_GGUF_PASSTHROUGH=1 needs a base that came from a GGUF file")
         (ctx.stage / DIR).mkdir(parents=True, exist_ok=True)
         tmp = ctx.stage / DIR / "base.gguf"
         info = write_base_gguf(ctx.model, tmp, tokenizer=Tokenizer.from_file(ctx.stage / "tokenizer.json"),
-                               source_gguf=source, passthrough=passthrough, nf4_as=nf4_as)
+                               source_gguf=source, passthrough=passthrough, nf4_as=nf4_as, linear_as=linear_as)
         kind = "mixed" if passthrough else info["linear_type"]
         rel = f"{DIR}/base.{kind}.gguf"
         tmp.rename(ctx.stage / rel)

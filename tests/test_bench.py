@@ -76,11 +76,11 @@ def test_report_renders_tables_plots_and_targets(tmp_path):
     from benchmarks.report import collect, write_report
 
     out = tmp_path / "results"
-    # an older full run and a newer quick run: the newer one is reported
-    _write(out, "suggest_latency", _suggest_payload({"pocketpeft torch": 300.0, "pocketpeft llamacpp": 9.0}, 0.99),
+    # an older full run and a newer quick run: the full run is the measurement, so it is reported
+    _write(out, "suggest_latency", _suggest_payload({"pocketpeft torch": 300.0, "pocketpeft llamacpp": 120.0,
+                                                     "transformers eager": 200.0}, 0.80),
            "2026-01-01T00:00:00+00:00")
-    _write(out, "suggest_latency_quick", _suggest_payload({"pocketpeft torch": 300.0, "pocketpeft llamacpp": 120.0,
-                                                           "transformers eager": 200.0}, 0.80),
+    _write(out, "suggest_latency_quick", _suggest_payload({"pocketpeft torch": 300.0, "pocketpeft llamacpp": 9.0}, 0.99),
            "2026-02-01T00:00:00+00:00")
     _write(out, "train_speed_quick", {"results": {
         "peft+transformers eager f32": {"tokens_per_s": {"median": 200.0, "spread": 0.1}, "speed_vs_peft": 1.0,
@@ -92,11 +92,12 @@ def test_report_renders_tables_plots_and_targets(tmp_path):
         "ceiling": {"matmul_gflops": 170.0, "ceiling_tokens_per_s": 315.0}}, "2026-02-01T00:00:00+00:00")
     (out / "notes.json").write_text("[1, 2]")   # not a result: ignored
     found = collect(out)
-    assert set(found) == {"suggest_latency", "train_speed"} and found["suggest_latency"]["_quick"]
+    assert set(found) == {"suggest_latency", "train_speed"} and not found["suggest_latency"]["_quick"]
+    assert found["train_speed"]["_quick"]   # only a quick run of it: that one
 
     summary = write_report(out)
     text = summary.read_text()
-    assert "Suggestion latency per keystroke (suggest) (quick)" in text
+    assert "Suggestion latency per keystroke (suggest)\n" in text and "(suggest) (quick)" not in text
     row = next(line for line in text.splitlines() if line.startswith("| pocketpeft llamacpp |"))
     p50 = found["suggest_latency"]["results"]["pocketpeft llamacpp"]["latency_ms"]["p50"]
     assert row.split("|")[2].strip() == f"{p50:.1f}" and "80%" in row

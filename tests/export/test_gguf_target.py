@@ -178,6 +178,23 @@ def q4_1_gguf(tiny_gguf_path, tmp_path_factory):
     return path
 
 
+def test_linear_as_f32_writes_the_exact_dequantized_weights(tiny_loaded, tmp_path):
+    """linear_as="f32": every linear is the float32 its q4_0 bytes dequantize to (Q/K permuted)."""
+    cfg, sd, tok = tiny_loaded.config, tiny_loaded.state_dict, tiny_loaded.tokenizer
+    m4 = build_from_float(cfg, sd, "q4_0")
+    info = write_base_gguf(m4, tmp_path / "f32.gguf", tokenizer=tok, linear_as="f32")
+    assert info["linear_type"] == "f32" and info["tensor_types"]["f32"] >= 14
+    ts = _tensors(open_gguf(tmp_path / "f32.gguf"))
+    for hf, stem, heads in (("self_attn.q_proj", "attn_q", 4), ("self_attn.k_proj", "attn_k", 2),
+                            ("mlp.down_proj", "ffn_down", None)):
+        want = m4.get_submodule(f"model.layers.1.{hf}").dequantized_weight().numpy()
+        t = ts[f"blk.1.{stem}.weight"]
+        assert t.tensor_type == Q.F32
+        assert np.array_equal(np.asarray(t.data), permute_rows(want, heads) if heads else want)
+    with pytest.raises(ConfigError, match="linear_as"):
+        write_base_gguf(m4, tmp_path / "x.gguf", tokenizer=tok, linear_as="bf16")
+
+
 def test_gguf_source_tokenizer_copied_and_q4_1_passthrough(q4_1_gguf, tmp_path_factory, monkeypatch):
     """A GGUF source's tokenizer metadata is copied byte for byte; with passthrough its own Q4_1
     linears are copied verbatim (the default, the bundle's own bytes, is tested above)."""
