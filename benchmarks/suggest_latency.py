@@ -13,6 +13,10 @@ interleaved over repetitions, in one run:
   forward of the whole prefix per keystroke (next *token* only, no cache);
 - ``llama-cpp-python raw``: ``Llama.eval`` of the tokens not yet in its KV cache, one forward per
   keystroke (next token only), the adapter converted to GGUF LoRA;
+- ``pocketpeft llamacpp, f32 GGUF``: llama.cpp over a GGUF holding the exact float32 values of
+  the same q4_0 weights (``POCKETPEFT_GGUF_LINEAR=f32``), so it multiplies in float32 as torch
+  does instead of against 8-bit-quantized activations, at several times the bytes per token
+  (``--no-f32-gguf`` skips it);
 - ``pocketpeft <backend> + prefetch``: the same keystrokes typed with an idle gap between them
   (``--typing-gap-ms``, default 150 ms: a brisk phone typist), spent in ``Session.prefetch`` as
   a keyboard's idle loop would. A prefetch forward pass still running when the next key arrives
@@ -46,6 +50,7 @@ MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 TARGET_OF = {"torch": "torch", "executorch": "executorch", "onnxruntime": "onnx", "onnxruntime-infer": "onnx",
              "llamacpp": "gguf"}
 WARMUP = "see you at the game tonight"
+F32_GGUF = "pocketpeft llamacpp, f32 GGUF (exact weights)"
 
 
 def keystroke_prefixes(messages: list[str]) -> list[str]:
@@ -233,19 +238,28 @@ def percentiles(ms: list[float]) -> dict[str, float]:
             "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "max": float(a.max()), "n": int(a.size)}
 
 
-def ensure_bundle(base: str, backends: list[str], root: Path) -> Path:
-    """A q4_0 bundle of ``base`` with every target ``backends`` need (cached under ``root``)."""
+def ensure_bundle(base: str, backends: list[str], root: Path, gguf_linear: str = "native") -> Path:
+    """A q4_0 bundle of ``base`` with every target ``backends`` need (cached under ``root``);
+    ``gguf_linear="f32"`` writes its GGUF with the exact float32 weights (see the gguf target)."""
     import pocketpeft as pp
 
     targets = ["torch"] + sorted({TARGET_OF[b] for b in backends} - {"torch"})
     tag = base if base == "smollm2" else f"{Path(base).name}"
-    path = root / f"{tag}-q4_0-r{RANK}-{'-'.join(targets)}"
+    path = root / f"{tag}-q4_0-r{RANK}-{'-'.join(targets)}{'' if gguf_linear == 'native' else '-gguf' + gguf_linear}"
     try:
         pp.Bundle(path).verify()
     except pp.PocketPeftError:
         print(f"exporting {path.name} …", flush=True)
-        pp.export(base, path, quant="q4_0", targets=targets,
-                  lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES))
+        old = os.environ.get("POCKETPEFT_GGUF_LINEAR")
+        os.environ["POCKETPEFT_GGUF_LINEAR"] = gguf_linear
+        try:
+            pp.export(base, path, quant="q4_0", targets=targets,
+                      lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES))
+        finally:
+            if old is None:
+                os.environ.pop("POCKETPEFT_GGUF_LINEAR")
+            else:
+                os.environ["POCKETPEFT_GGUF_LINEAR"] = old
     return path
 
 
@@ -295,6 +309,8 @@ def main() -> None:
     ap.add_argument("--backends", default="torch,llamacpp", help="pocketpeft backends (torch always runs)")
     ap.add_argument("--prefetch-backends", default="llamacpp",
                     help="backends also measured with idle-time prefetch between keystrokes ('' for none)")
+    ap.add_argument("--no-f32-gguf", action="store_true",
+                    help="skip llama.cpp over the exact float32 GGUF of the same base (run when llamacpp is)")
     ap.add_argument("--typing-gap-ms", type=float, default=150.0, help="idle time between keystrokes for prefetch")
     ap.add_argument("--baselines", default="hf,llama_raw", help="hf (transformers eager + peft), llama_raw; '' for none")
     ap.add_argument("--adapter", type=Path, default=None, help="a PEFT adapter for the bundle (default: random nonzero lora_B)")
@@ -343,6 +359,9 @@ def main() -> None:
             raise ConfigError("--baselines hf needs --base smollm2 (it loads SmolLM2 as an HF folder)")
         folder = hf_folder(root / "smollm2-hf-f32")
         configs.append(("transformers eager + peft (full prefix per keystroke)", ["hf", str(folder), "-", str(adapter)]))
+    if "llamacpp" in backends and not args.no_f32_gguf:
+        exact = ensure_bundle(args.base, ["llamacpp"], root, gguf_linear="f32")
+        configs.append((F32_GGUF, ["session", str(exact), "llamacpp", str(adapter)]))
     if "llama_raw" in baselines:
         configs.append(("llama-cpp-python raw eval (next token)", ["llama_raw", str(bundle), "-", str(adapter)]))
     messages = held_out_messages(n_msgs, max_chars=48 if args.quick else 80)

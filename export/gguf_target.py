@@ -98,14 +98,15 @@ def _linear_tensor(layer: QuantLinear, nf4_as: str, linear_as: str = "native") -
 
 
 def _embedding_tensor(w: torch.Tensor, linear_type: str, choice: str) -> tuple[np.ndarray, str]:
-    """token_embd / output: exact q8_0 when lossless ("auto"), else f32 for f32 bundles, else f16."""
+    """token_embd / output: f32 beside f32 linears; otherwise exact q8_0 when lossless ("auto"), else
+    f16. (llama.cpp multiplies by a q8_0 output matrix with 8-bit activations: not for an f32 file.)"""
     w = w.detach().float().cpu().contiguous()
+    if choice == "f32" or (choice == "auto" and linear_type == "f32"):
+        return w.numpy(), "f32"
     if choice in ("auto", "q8_0") and w.shape[1] % 32 == 0:
         bufs = quantize(w, QuantFormat.Q8_0)
         if choice == "q8_0" or torch.equal(dequantize(bufs, QuantFormat.Q8_0, tuple(w.shape)), w):
             return to_gguf_blocks(bufs, QuantFormat.Q8_0), "q8_0"
-    if choice == "f32" or (choice == "auto" and linear_type == "f32"):
-        return w.numpy(), "f32"
     return w.to(torch.float16).numpy(), "f16"
 
 

@@ -180,11 +180,14 @@ class LlamaCppBackend:
         if raw.isdigit() and int(raw) > 0:
             n_ctx = min(int(raw), arch.max_position_embeddings)
         t = _threads()
+        # An f32 base (the gguf target's POCKETPEFT_GGUF_LINEAR=f32) is there to compute as torch
+        # does: keep the K/V cache in float32 too, rather than llama.cpp's default float16.
+        exact = {"type_k": 0, "type_v": 0, "flash_attn": False} if path.name.endswith(".f32.gguf") else {}
         with _llama_log() as log:
             try:
                 llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=_N_BATCH, n_ubatch=_N_BATCH,
                                       n_threads=t, n_threads_batch=t, n_gpu_layers=0, logits_all=False,
-                                      verbose=False)
+                                      verbose=False, **exact)
             except (ValueError, RuntimeError, OSError) as e:
                 raise CorruptFileError(f"llama.cpp cannot load {path}: {e} ({_errors(log)})") from e
         if llm.n_vocab() != arch.vocab_size:

@@ -183,7 +183,7 @@ def test_linear_as_f32_writes_the_exact_dequantized_weights(tiny_loaded, tmp_pat
     cfg, sd, tok = tiny_loaded.config, tiny_loaded.state_dict, tiny_loaded.tokenizer
     m4 = build_from_float(cfg, sd, "q4_0")
     info = write_base_gguf(m4, tmp_path / "f32.gguf", tokenizer=tok, linear_as="f32")
-    assert info["linear_type"] == "f32" and info["tensor_types"]["f32"] >= 14
+    assert info["linear_type"] == "f32" and info["embedding_type"] == "f32" and set(info["tensor_types"]) == {"f32"}
     ts = _tensors(open_gguf(tmp_path / "f32.gguf"))
     for hf, stem, heads in (("self_attn.q_proj", "attn_q", 4), ("self_attn.k_proj", "attn_k", 2),
                             ("mlp.down_proj", "ffn_down", None)):
