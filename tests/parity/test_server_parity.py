@@ -166,3 +166,26 @@ def test_cuda_torch_and_peft_train_alike(bundle, server, dtype, rtol):
         runs[be.name] = rep.losses
     np.testing.assert_allclose(runs["torch"], runs["peft"], rtol=rtol)
     np.testing.assert_allclose(runs["peft"], server["losses"], rtol=rtol)
+
+
+@pytest.mark.cuda
+@CUDA
+def test_adapters_move_between_a_cpu_device_and_a_cuda_server(bundle, reference, tmp_path):
+    """A torch adapter trained on the CPU serves the same logits from peft + bitsandbytes on the
+    GPU; an adapter trained there (written by peft's save_pretrained) does the same on the CPU."""
+    m = bundle.manifest
+    path = save_adapter(Adapter(m.lora, {k: torch.from_numpy(v) for k, v in reference["adapter"].items()},
+                                m.base_sha256), tmp_path / "from_cpu")
+    ids = reference["ids"]
+    device = pp.runtime.open(bundle, backend="torch", adapter=path).logits(ids)
+    on_gpu = pp.runtime.open(bundle, backend="peft:cuda:0", adapter=path)
+    assert on_gpu.backend.device == "cuda:0"
+    np.testing.assert_allclose(on_gpu.logits(ids), device, atol=LOGITS_ATOL * 10, rtol=0)
+    srv = _session(bundle, "peft:cuda:0")
+    rep = srv.train(CHAT, steps=5, seed=0)
+    assert rep.device == "cuda:0" and not rep.skipped_steps
+    srv.backend.model.save_pretrained(str(tmp_path / "from_gpu"))
+    back = pp.runtime.open(bundle, backend="torch", adapter=tmp_path / "from_gpu")
+    theirs = srv.logits(ids)
+    assert np.abs(theirs - reference["logits0"]).max() > 1e-3
+    np.testing.assert_allclose(back.logits(ids), theirs, atol=LOGITS_ATOL * 10, rtol=0)
