@@ -16,7 +16,7 @@ interleaved over repetitions, in one run:
 - ``pocketpeft llamacpp, f32 GGUF``: llama.cpp over a GGUF holding the exact float32 values of
   the same q4_0 weights (``POCKETPEFT_GGUF_LINEAR=f32``), so it multiplies in float32 as torch
   does instead of against 8-bit-quantized activations, at several times the bytes per token
-  (``--no-f32-gguf`` skips it);
+  (``--no-f32-gguf`` skips it), with and without prefetch;
 - ``pocketpeft <backend> + prefetch``: the same keystrokes typed with an idle gap between them
   (``--typing-gap-ms``, default 150 ms: a brisk phone typist), spent in ``Session.prefetch`` as
   a keyboard's idle loop would. A prefetch forward pass still running when the next key arrives
@@ -362,6 +362,9 @@ def main() -> None:
     if "llamacpp" in backends and not args.no_f32_gguf:
         exact = ensure_bundle(args.base, ["llamacpp"], root, gguf_linear="f32")
         configs.append((F32_GGUF, ["session", str(exact), "llamacpp", str(adapter)]))
+        if "llamacpp" in args.prefetch_backends.split(",") and gap > 0:
+            configs.append((f"{F32_GGUF} + prefetch ({gap:g} ms typing gap)",
+                            ["session", str(exact), "llamacpp", str(adapter)]))
     if "llama_raw" in baselines:
         configs.append(("llama-cpp-python raw eval (next token)", ["llama_raw", str(bundle), "-", str(adapter)]))
     messages = held_out_messages(n_msgs, max_chars=48 if args.quick else 80)
