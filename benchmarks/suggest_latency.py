@@ -241,6 +241,8 @@ def percentiles(ms: list[float]) -> dict[str, float]:
 def ensure_bundle(base: str, backends: list[str], root: Path, gguf_linear: str = "native") -> Path:
     """A q4_0 bundle of ``base`` with every target ``backends`` need (cached under ``root``);
     ``gguf_linear="f32"`` writes its GGUF with the exact float32 weights (see the gguf target)."""
+    from unittest import mock
+
     import pocketpeft as pp
 
     targets = ["torch"] + sorted({TARGET_OF[b] for b in backends} - {"torch"})
@@ -250,16 +252,9 @@ def ensure_bundle(base: str, backends: list[str], root: Path, gguf_linear: str =
         pp.Bundle(path).verify()
     except pp.PocketPeftError:
         print(f"exporting {path.name} …", flush=True)
-        old = os.environ.get("POCKETPEFT_GGUF_LINEAR")
-        os.environ["POCKETPEFT_GGUF_LINEAR"] = gguf_linear
-        try:
+        with mock.patch.dict(os.environ, {"POCKETPEFT_GGUF_LINEAR": gguf_linear}):  # the gguf target's option
             pp.export(base, path, quant="q4_0", targets=targets,
                       lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES))
-        finally:
-            if old is None:
-                os.environ.pop("POCKETPEFT_GGUF_LINEAR")
-            else:
-                os.environ["POCKETPEFT_GGUF_LINEAR"] = old
     return path
 
 

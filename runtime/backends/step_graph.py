@@ -22,7 +22,7 @@ the capture are forced to skip, so capturing never moves the adapter.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,21 @@ from ..protocol import TrainConfig
 #: Untimed steps on a side stream before a capture (lazy state: optimizer moments, lookup tables,
 #: cuBLAS workspaces). They are forced to skip, so they leave the adapter as it was.
 WARMUP_STEPS = 2
+
+
+def backward_loss(forward: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, labels: torch.Tensor,
+                  grad_accum: int, n_tok: int | torch.Tensor) -> torch.Tensor:
+    """The loss every torch-module backend trains on: summed next-token cross-entropy (float32,
+    -100 ignored) divided by ``n_tok``, over ``grad_accum`` chunks, each backpropagated as it goes.
+    Returns the loss as a detached 0-d tensor (no host sync)."""
+    total = None
+    for ids_c, lab_c in zip(ids.chunk(grad_accum), labels.chunk(grad_accum)):
+        logits = forward(ids_c)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), lab_c.reshape(-1),
+                               ignore_index=-100, reduction="sum") / n_tok
+        loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
 
 
 class DeviceStep:
@@ -55,14 +70,7 @@ class DeviceStep:
     def __call__(self, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         self.opt.zero_grad(set_to_none=True)  # captured: the first backward writes fresh gradients
-        n_tok = (labels != -100).sum().clamp(min=1)
-        total = None
-        for ids_c, lab_c in zip(ids.chunk(cfg.grad_accum), labels.chunk(cfg.grad_accum)):
-            logits = self.forward(ids_c)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), lab_c.reshape(-1),
-                                   ignore_index=-100, reduction="sum") / n_tok
-            loss.backward()
-            total = loss.detach() if total is None else total + loss.detach()
+        total = backward_loss(self.forward, ids, labels, cfg.grad_accum, (labels != -100).sum().clamp(min=1))
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
                                               foreach=True)
         bad = ~(torch.isfinite(total) & torch.isfinite(norm))
@@ -71,10 +79,14 @@ class DeviceStep:
         return total, norm
 
 
-class _Captured:
-    def __init__(self, graph: torch.cuda.CUDAGraph, ids: torch.Tensor, labels: torch.Tensor,
-                 loss: torch.Tensor, norm: torch.Tensor) -> None:
-        self.graph, self.ids, self.labels, self.loss, self.norm = graph, ids, labels, loss, norm
+class _Captured(NamedTuple):
+    """A captured step: the graph, its static inputs and its static outputs."""
+
+    graph: torch.cuda.CUDAGraph
+    ids: torch.Tensor
+    labels: torch.Tensor
+    loss: torch.Tensor
+    norm: torch.Tensor
 
 
 class GraphStep:

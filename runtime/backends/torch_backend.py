@@ -22,7 +22,7 @@ from pocketpeft.model import CausalLM, build_quantized
 from pocketpeft.quant import QuantLinear
 
 from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
-from .step_graph import DeviceStep, GraphStep
+from .step_graph import DeviceStep, GraphStep, backward_loss
 
 WEIGHTS = "torch/model.safetensors"
 #: Training-step implementations, see :func:`create`.
@@ -220,13 +220,7 @@ def lora_step(forward, opt, params, cfg: TrainConfig, step: int, ids, lab) -> St
     for g in opt.param_groups:
         g["lr"] = lr
     opt.zero_grad(set_to_none=True)
-    total = 0.0
-    for ids_c, lab_c in zip(ids.chunk(cfg.grad_accum), lab.chunk(cfg.grad_accum)):
-        logits = forward(ids_c)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), lab_c.reshape(-1),
-                               ignore_index=-100, reduction="sum") / max(n_tok, 1)
-        loss.backward()
-        total += float(loss.detach())
+    total = float(backward_loss(forward, ids, lab, cfg.grad_accum, max(n_tok, 1)))
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
     if not (np.isfinite(total) and np.isfinite(grad_norm)):
         opt.zero_grad(set_to_none=True)  # skip: weights and optimizer state stay as they were
