@@ -129,6 +129,8 @@ def worker_session(bundle: str, backend: str, adapter: str, prefixes: list[str],
         def decoder():
             d = make()
             d.extend = clock.wrap(d.extend)
+            if hasattr(d, "branch_logits"):
+                d.branch_logits = clock.wrap(d.branch_logits)
             return d
         be.decoder = decoder
     be.logits = clock.wrap(be.logits)

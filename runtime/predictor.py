@@ -13,6 +13,9 @@ decoder's KV cache is moved by common-prefix truncate/extend, so the next keystr
 word, and the next word once the space is typed, cost few or no forward passes.
 :meth:`Predictor.prefetch` spends the idle time between keystrokes searching the likely next
 keystrokes ahead, so that most keystrokes are answered from the memo with no forward pass.
+Where the decoder can evaluate several branches at once (``branch_logits``), a forward pass the
+search needs also evaluates the next paths it would explore: a 1-token pass on a CPU is bound by
+reading the weights, so a batch of 8 costs about twice one pass (f32 base, 2 cores).
 """
 
 from __future__ import annotations
@@ -200,6 +203,29 @@ class AdapterWatch:
         return self.version
 
 
+class _CostModel:
+    """Seconds a forward pass of ``n`` paths takes, fitted (least squares, ``a + b n``) to the
+    recent passes; used to keep prefetch passes inside the idle time they were given."""
+
+    def __init__(self, keep: int = 32) -> None:
+        self._obs: list[tuple[int, float]] = []
+        self._keep = keep
+
+    def add(self, n: int, seconds: float) -> None:
+        self._obs.append((n, seconds))
+        del self._obs[:-self._keep]
+
+    def predict(self, n: int) -> float:
+        if not self._obs:
+            return 0.0
+        ns = np.array([o[0] for o in self._obs], float)
+        ts = np.array([o[1] for o in self._obs], float)
+        if np.ptp(ns) == 0:                    # one batch size seen: scale it, pessimistically
+            return float(ts.mean() * max(1.0, n / ns[0]))
+        b, a = np.polyfit(ns, ts, 1)
+        return float(max(a + b * n, ts.min()))
+
+
 class Predictor:
     """Next-word suggestions from a backend's incremental decoder and the bundle's tokenizer.
 
@@ -207,7 +233,9 @@ class Predictor:
     word; ``max_forwards`` new forward passes per :meth:`suggest` call (caps latency; fewer than
     ``k`` words may come back when it runs out); ``min_ratio``: paths less likely than this
     fraction of the best word found are not explored; ``cache_size`` memoized next-token
-    distributions; ``adapter_version`` a callable whose value changes with the weights (the
+    distributions; ``batch``: where the decoder has ``branch_logits`` (llamacpp), a forward pass
+    that the search needs also evaluates up to ``batch - 1`` of the paths it would explore next,
+    all in one pass (each a separate branch of the K/V cache); ``adapter_version`` a callable whose value changes with the weights (the
     caches are then dropped; see :class:`AdapterWatch`).
 
     ``max_context`` bounds the tokens the model sees: a longer message keeps only its last whole
@@ -218,9 +246,11 @@ class Predictor:
 
     def __init__(self, backend, tokenizer, *, beam_width: int = 8, max_word_tokens: int = 4,
                  max_forwards: int = 16, min_ratio: float = 1e-3, max_context: int = 1024,
-                 cache_size: int = 128, adapter_version: Callable[[], object] | None = None) -> None:
+                 cache_size: int = 256, batch: int = 8,
+                 adapter_version: Callable[[], object] | None = None) -> None:
         for name, v, least in (("beam_width", beam_width, 1), ("max_word_tokens", max_word_tokens, 1),
                                ("max_forwards", max_forwards, 1), ("cache_size", cache_size, 1),
+                               ("batch", batch, 1),
                                ("max_context", max_context, max_word_tokens + 2)):
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 raise ConfigError(f"Predictor {name} must be an integer >= {least}, got {v!r}")
@@ -229,6 +259,7 @@ class Predictor:
         self.backend, self.tokenizer = backend, tokenizer
         self.beam_width, self.max_word_tokens, self.max_forwards = beam_width, max_word_tokens, max_forwards
         self.max_context, self.cache_size, self.min_ratio = max_context, cache_size, float(min_ratio)
+        self.batch = batch
         self._version_of = adapter_version
         self._version = adapter_version() if adapter_version else None
         self._vocab = _vocab_of(tokenizer)
@@ -239,7 +270,9 @@ class Predictor:
         self.last_trimmed = False          # the last prefix was longer than max_context
         self.last_forwards = 0             # forward passes (extend calls) of the last suggest
         self.last_forward_tokens = 0       # tokens those passes ran
-        self._deadline: float | None = None  # perf_counter() time after which no new forward starts
+        self._deadline: float | None = None  # perf_counter() time by which forwards must have ended
+        self._ahead: Callable[[], list[tuple]] | None = None  # the search's next paths, best first
+        self._cost = _CostModel()
 
     def reset(self) -> None:
         """Forget memoized distributions and the KV cache (after the weights changed)."""
@@ -282,8 +315,9 @@ class Predictor:
         words after ``prefix`` (a space where the word is already complete), most probable
         first; each is searched as :meth:`suggest` would, filling the memo and the KV cache, so
         when that keystroke comes its suggestions need few or no forward passes. No forward pass
-        starts after ``seconds``; one already running finishes (a keyboard calls this from its
-        idle loop, so at most one pass of latency is added to an early keystroke). The memo holds
+        starts unless it is expected to end within ``seconds`` (from the timings of recent passes;
+        batches shrink to fit), so a keyboard calling this from its idle loop rarely delays the
+        next keystroke, and by at most one pass when a pass runs longer than expected. The memo holds
         exact distributions, so suggestions don't depend on prefetching, except that a search
         that would have stopped at ``max_forwards`` can now go further. Returns the number of
         forward passes run. :attr:`last_forwards` and friends still describe the last
@@ -351,35 +385,64 @@ class Predictor:
         if hit is not None:
             self._memo.move_to_end(seq)
             return hit
-        if self.last_forwards >= self.max_forwards or (
-                self._deadline is not None and time.perf_counter() >= self._deadline):
+        if self.last_forwards >= self.max_forwards:
+            return None
+        if self._deadline is not None and time.perf_counter() + self._cost.predict(1) > self._deadline:
             return None
         if self._decoder is None:
             self._decoder, self._dec_ids = self._new_decoder(), []
-        n = 0
-        limit = min(len(self._dec_ids), len(seq) - 1)
-        while n < limit and self._dec_ids[n] == seq[n]:
-            n += 1
-        try:
-            self._decoder.truncate(n)
-            del self._dec_ids[n:]
-            logits = self._decoder.extend(list(seq[n:]))[-1]
-        except BaseException:
-            self._decoder, self._dec_ids = None, []
-            raise
-        self._dec_ids.extend(seq[n:])
+        branch = getattr(self._decoder, "branch_logits", None)
+        t0 = time.perf_counter()
+        if branch is not None:
+            seqs = [seq]
+            if self.batch > 1 and self._ahead is not None:
+                for cand in self._ahead():
+                    if len(seqs) >= self.batch:
+                        break
+                    if cand not in self._memo and cand not in seqs:
+                        seqs.append(cand)
+            if self._deadline is not None:
+                left = self._deadline - time.perf_counter()
+                while len(seqs) > 1 and self._cost.predict(len(seqs)) > left:
+                    seqs.pop()
+            try:
+                rows = branch([list(x) for x in seqs])
+            except BaseException:
+                self._decoder, self._dec_ids = None, []
+                raise
+            self.last_forward_tokens += int(getattr(self._decoder, "last_tokens", len(seqs)))
+        else:
+            n = 0
+            limit = min(len(self._dec_ids), len(seq) - 1)
+            while n < limit and self._dec_ids[n] == seq[n]:
+                n += 1
+            try:
+                self._decoder.truncate(n)
+                del self._dec_ids[n:]
+                rows = self._decoder.extend(list(seq[n:]))[-1:]
+            except BaseException:
+                self._decoder, self._dec_ids = None, []
+                raise
+            self._dec_ids.extend(seq[n:])
+            self.last_forward_tokens += len(seq) - n
+            seqs = [seq]
+        self._cost.add(len(seqs), time.perf_counter() - t0)
         self.last_forwards += 1
-        self.last_forward_tokens += len(seq) - n
+        for s, logits in reversed(list(zip(seqs, rows))):   # seq itself last: never evicted here
+            self._remember(s, logits)
+        return self._memo[seq]
+
+    def _remember(self, seq: tuple, logits: np.ndarray) -> None:
+        """Memoize (next-token log-probs, log P(boundary)) from the logits after ``seq``."""
         x = logits.astype(np.float32, copy=False)
         mx = x.max()
         lp = x - (mx + np.log(np.exp(x - mx).sum()))
         b = lp[self._vocab.boundary_ids]
         bm = b.max()
-        entry = (lp, float(bm + np.log(np.exp(b - bm).sum())))
-        self._memo[seq] = entry
-        if len(self._memo) > self.cache_size:
+        self._memo[seq] = (lp, float(bm + np.log(np.exp(b - bm).sum())))
+        self._memo.move_to_end(seq)
+        while len(self._memo) > self.cache_size:
             self._memo.popitem(last=False)
-        return entry
 
     def _new_decoder(self):
         make = getattr(self.backend, "decoder", None)
@@ -431,17 +494,37 @@ class Predictor:
             tick += 1
             heapq.heappush(heap, (-children[0][0], tick, path, low, raw, children, 0))
 
-        visit((), b"", b"", 0.0)
-        while heap:
-            neg, _, path, low, raw, children, i = heapq.heappop(heap)
-            bound, totals = float(np.exp(-neg)), sorted(w[0] for w in words.values())
-            if totals and (bound < totals[-1] * self.min_ratio or len(totals) >= k and bound <= totals[-k]):
-                break                     # no unexplored path can beat the k-th word (or matter)
-            if i + 1 < len(children):
-                tick += 1
-                heapq.heappush(heap, (-children[i + 1][0], tick, path, low, raw, children, i + 1))
-            logp, tok = children[i]
-            visit(path + (tok,), low + vocab.low[tok], raw + vocab.raw[tok], logp)
+        def ahead() -> list[tuple]:
+            """Sequences of the paths the search would visit next, best first, that can still
+            matter (the same cut-offs as the loop below)."""
+            totals = sorted(w[0] for w in words.values())
+            floor = max(totals[-1] * self.min_ratio if totals else 0.0, totals[-k] if len(totals) >= k else 0.0)
+            found = []
+            for _, _, path, low, _, children, i in heap:
+                for logp, tok in children[i:i + self.batch]:
+                    if np.exp(logp) <= floor:
+                        break
+                    child = path + (tok,)
+                    if len(child) < self.max_word_tokens or len(low) + len(vocab.low[tok]) >= len(required):
+                        found.append((-logp, context + child))
+            found.sort()
+            return [seq for _, seq in found]
+
+        self._ahead = ahead
+        try:
+            visit((), b"", b"", 0.0)
+            while heap:
+                neg, _, path, low, raw, children, i = heapq.heappop(heap)
+                bound, totals = float(np.exp(-neg)), sorted(w[0] for w in words.values())
+                if totals and (bound < totals[-1] * self.min_ratio or len(totals) >= k and bound <= totals[-k]):
+                    break                     # no unexplored path can beat the k-th word (or matter)
+                if i + 1 < len(children):
+                    tick += 1
+                    heapq.heappush(heap, (-children[i + 1][0], tick, path, low, raw, children, i + 1))
+                logp, tok = children[i]
+                visit(path + (tok,), low + vocab.low[tok], raw + vocab.raw[tok], logp)
+        finally:
+            self._ahead = None
         return words
 
 

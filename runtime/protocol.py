@@ -109,6 +109,10 @@ class Decoder(Protocol):
     def truncate(self, n: int) -> None:
         """Keep only the first ``n`` tokens."""
 
+    # Optional: ``branch_logits(seqs: list[list[int]]) -> np.ndarray`` [len(seqs), vocab], the
+    # logits after the last token of each full sequence, evaluated together in one forward pass
+    # (llamacpp: one K/V branch per sequence). The predictor batches its search through it.
+
 
 class Backend(Protocol):
     """Runs a bundle on one device. Backends share no implementation; see runtime/backends/."""

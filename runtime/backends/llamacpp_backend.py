@@ -9,7 +9,9 @@ attached, so it costs no compute.
 
 Decoding uses llama.cpp's KV cache (sequence 0). Logits for every position come from a batch
 whose tokens all request output (``llama_get_logits``), so no ``n_ctx x vocab`` score buffer is
-kept. One context serves ``logits`` and every :class:`LlamaCppDecoder`; the cache remembers
+kept. The cache is unified over ``_N_SEQ`` sequences: :meth:`LlamaCppBackend.branch_logits`
+evaluates many continuations of shared prefixes in one ``llama_decode``, each on its own
+sequence that shares the prefix's cells (the suggestion search batches through it). One context serves ``logits`` and every :class:`LlamaCppDecoder`; the cache remembers
 which tokens it holds, a decoder reuses the longest common prefix and re-evaluates the rest, so
 interleaving decoders and ``logits`` calls is correct (just slower). As in the torch backend,
 an adapter swap applies to tokens evaluated after it.
@@ -27,6 +29,7 @@ import json
 import os
 import tempfile
 import weakref
+from collections import OrderedDict
 from typing import Iterator, Mapping
 
 import numpy as np
@@ -40,6 +43,8 @@ from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
 NAME = "llamacpp"
 INFO = "gguf/info.json"
 _N_BATCH = 512
+_N_SEQ = 32           # K/V sequences in the (unified) cache: 0 for decoding, the rest for branches
+_BRANCH_KEEP = 16     # a branch is kept while at most this many of its tokens are not shared
 
 
 def _version() -> str:
@@ -140,6 +145,66 @@ def base_gguf_path(bundle: Bundle):
     return bundle.path_of(rel)
 
 
+def _common(a: "list[int]", b: "list[int]") -> int:
+    """Length of the common prefix of two token lists."""
+    n, lim = 0, min(len(a), len(b))
+    while n < lim and a[n] == b[n]:
+        n += 1
+    return n
+
+
+class _Context:
+    """A llama.cpp model and one context, through the C API (llama-cpp-python's ``Llama`` does
+    not expose the unified multi-sequence K/V cache that :meth:`LlamaCppBackend.branch_logits`
+    needs). ``exact``: keep the K/V cache in float32 and flash attention off (for an f32 base
+    that is there to compute as torch does)."""
+
+    def __init__(self, path, n_ctx: int, threads: int, exact: bool) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_backend_init()
+        try:   # as Llama(verbose=False) does, unless the application set the level itself
+            from llama_cpp._logger import logger, set_verbose
+            if logger.level == 0:
+                set_verbose(False)
+        except ImportError:  # pragma: no cover - a future llama-cpp-python without it
+            pass
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), mp)
+        if not self.model:
+            raise ValueError("llama_model_load_from_file failed")
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, _N_BATCH, _N_BATCH
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.n_seq_max, cp.kv_unified = _N_SEQ, True
+        cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        if exact:
+            cp.type_k = cp.type_v = 0                      # GGML_TYPE_F32
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise ValueError("llama_init_from_model failed")
+        self._vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+
+    def n_ctx(self) -> int:
+        import llama_cpp
+
+        return llama_cpp.llama_n_ctx(self.ctx)
+
+    def n_vocab(self) -> int:
+        return self._vocab
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self.ctx:
+            llama_cpp.llama_free(self.ctx)
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+        self.ctx = self.model = None
+
+
 class LlamaCppBackend:
     """llama.cpp inference backend; see the module docstring."""
 
@@ -149,13 +214,15 @@ class LlamaCppBackend:
         if device != "cpu":
             raise BackendUnavailableError(f"backend 'llamacpp' runs on 'cpu' only, not {device!r}")
         self.device = device
-        self.llm = None                      # llama_cpp.Llama, created once in load()
+        self.llm: _Context | None = None     # model + context, created once in load()
         self.bundle: Bundle | None = None
         self._adapter: dict[str, np.ndarray] = {}
         self._lora = None                    # the attached llama_adapter_lora pointer, or None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._batch = self._batch_free = None
         self._kv: list[int] = []             # tokens whose K/V sequence 0 of the cache holds
+        self._branches: OrderedDict[int, list[int]] = OrderedDict()  # sequence id -> its tokens, LRU first
+        self.last_branch_tokens = 0          # tokens the last branch_logits call evaluated
         self._swaps = 0
 
     def capabilities(self) -> Capabilities:
@@ -179,20 +246,14 @@ class LlamaCppBackend:
         raw = os.environ.get("POCKETPEFT_LLAMACPP_N_CTX", "").strip()
         if raw.isdigit() and int(raw) > 0:
             n_ctx = min(int(raw), arch.max_position_embeddings)
-        t = _threads()
-        # An f32 base (the gguf target's POCKETPEFT_GGUF_LINEAR=f32) is there to compute as torch
-        # does: keep the K/V cache in float32 too, rather than llama.cpp's default float16.
-        exact = {"type_k": 0, "type_v": 0, "flash_attn": False} if path.name.endswith(".f32.gguf") else {}
         with _llama_log() as log:
             try:
-                llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=_N_BATCH, n_ubatch=_N_BATCH,
-                                      n_threads=t, n_threads_batch=t, n_gpu_layers=0, logits_all=False,
-                                      verbose=False, **exact)
+                llm = _Context(path, n_ctx, _threads(), exact=path.name.endswith(".f32.gguf"))
             except (ValueError, RuntimeError, OSError) as e:
                 raise CorruptFileError(f"llama.cpp cannot load {path}: {e} ({_errors(log)})") from e
         if llm.n_vocab() != arch.vocab_size:
             raise CorruptFileError(f"{path} has a vocabulary of {llm.n_vocab()}, the manifest says {arch.vocab_size}")
-        self.llm, self.bundle, self._kv = llm, bundle, []
+        self.llm, self.bundle, self._kv, self._branches = llm, bundle, [], OrderedDict()
         self._n_ctx, self._vocab = llm.n_ctx(), llm.n_vocab()
         self._mem = llama_cpp.llama_get_memory(llm.ctx)
         self._batch = llama_cpp.llama_batch_init(_N_BATCH, 0, 1)
@@ -242,6 +303,7 @@ class LlamaCppBackend:
             rc = llama_cpp.llama_decode(self._llm.ctx, b)
             if rc != 0:
                 self._reset_kv()
+                self._drop_branches(lambda toks: True)
                 raise RuntimeError(f"llama_decode failed with code {rc}")
             self._kv.extend(chunk)
             if outputs:
@@ -250,14 +312,14 @@ class LlamaCppBackend:
         return np.concatenate(out) if outputs else None
 
     def _reset_kv(self, keep: int = 0) -> int:
-        """Drop cached tokens from position ``keep`` on; returns how many are kept (0 when
-        llama.cpp cannot cut this cache partially and it had to be cleared)."""
+        """Drop sequence 0's tokens from position ``keep`` on; returns how many are kept (0 when
+        llama.cpp cannot cut this cache partially and it had to be cleared, branches too)."""
         import llama_cpp
 
-        if keep <= 0:
+        keep = max(keep, 0)
+        if not llama_cpp.llama_memory_seq_rm(self._mem, 0, keep if keep else -1, -1):
             llama_cpp.llama_memory_clear(self._mem, True)
-        elif not llama_cpp.llama_memory_seq_rm(self._mem, 0, keep, -1):
-            llama_cpp.llama_memory_clear(self._mem, True)
+            self._branches.clear()
             keep = 0
         del self._kv[max(keep, 0):]
         return len(self._kv)
@@ -266,14 +328,97 @@ class LlamaCppBackend:
         """Logits of ``ids`` appended to ``prefix`` (which the caller holds as context): the cache
         keeps the longest common prefix it already has and evaluates the rest."""
         self._check_ids(ids, len(prefix))
-        n = 0
-        lim = min(len(self._kv), len(prefix))
-        while n < lim and self._kv[n] == prefix[n]:
-            n += 1
+        n = _common(self._kv, prefix)
         n = self._reset_kv(n)
         if n < len(prefix):
             self._decode(prefix[n:], n, outputs=False)
         return self._decode(ids, len(prefix), outputs=True)
+
+    # ---- branches: many continuations of a shared context in one forward pass -----------------
+    def branch_logits(self, seqs: "list[list[int]]") -> np.ndarray:
+        """float32 logits [len(seqs), vocab] after the last token of each full token sequence.
+
+        Each sequence gets its own K/V sequence in llama.cpp's unified cache, which starts as a
+        copy (shared cells, no compute) of the longest prefix held by sequence 0 or by an earlier
+        branch; only the rest is evaluated, and every sequence's new tokens go into one batch.
+        A 1-token forward on 2 cores reads every weight for little arithmetic, so 8 branches of
+        an f32 base cost about twice one. Up to ``_N_SEQ - 1`` branches stay cached (least
+        recently used dropped first, and those more than ``_BRANCH_KEEP`` tokens off the newest
+        request); an adapter swap drops them. :attr:`last_branch_tokens` counts the tokens
+        evaluated. Sequence 0 (``logits`` / :class:`LlamaCppDecoder`) is left as it was."""
+        seqs = [[int(t) for t in s] for s in seqs]
+        if not seqs or any(not s for s in seqs):
+            raise InputTextError("branch_logits needs one or more non-empty token sequences")
+        for s in seqs:
+            self._check_ids(s)
+        _ = self._llm  # raises unless loaded
+        self._drop_branches(lambda toks: len(toks) - _common(toks, seqs[0]) > _BRANCH_KEEP)
+        out = np.empty((len(seqs), self._vocab), np.float32)
+        self.last_branch_tokens = 0
+        group: list[int] = []
+        for i in range(len(seqs) + 1):
+            full = i == len(seqs) or len(group) == (_N_SEQ - 1) // 2 or \
+                sum(len(seqs[j]) for j in group) + len(seqs[i]) > _N_BATCH
+            if group and full:
+                todo = [seqs[j] for j in group]
+                shared = todo[0][:min(map(len, todo)) - 1]
+                for s in todo[1:]:
+                    shared = shared[:_common(shared, s)]
+                if len(todo) > 1 and shared and self._held(shared) < len(shared):
+                    self._branch_group([shared])     # evaluate the shared part once, then branch off it
+                out[group] = self._branch_group(todo)
+                group = []
+            if i < len(seqs):
+                group.append(i)
+        return out
+
+    def _source(self, s: "list[int]") -> tuple[int, int]:
+        """(the K/V sequence holding the longest prefix of ``s``, that length; at most len(s) - 1)."""
+        held = [(0, self._kv)] + list(self._branches.items())
+        return max(((sid, min(_common(toks, s), len(s) - 1)) for sid, toks in held), key=lambda x: x[1])
+
+    def _held(self, s: "list[int]") -> int:
+        return max([_common(self._kv, s)] + [_common(toks, s) for toks in self._branches.values()])
+
+    def _branch_group(self, seqs: "list[list[int]]", retry: bool = True) -> np.ndarray:
+        import llama_cpp
+
+        mem, b = self._mem, self._batch
+        plan = [self._source(s) for s in seqs]      # (source sequence, shared length) per request
+        sources = {src for src, _ in plan}
+        free = [sid for sid in range(1, _N_SEQ) if sid not in self._branches]
+        free += [sid for sid in self._branches if sid not in sources]       # then LRU first
+        n = 0
+        dests = free[:len(seqs)]
+        for (src, m), dst, s in zip(plan, dests, seqs):
+            llama_cpp.llama_memory_seq_rm(mem, dst, -1, -1)
+            if m:
+                llama_cpp.llama_memory_seq_cp(mem, src, dst, 0, m)
+            for j in range(m, len(s)):
+                b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = s[j], j, 1, j == len(s) - 1
+                b.seq_id[n][0] = dst
+                n += 1
+        for dst in dests:
+            self._branches.pop(dst, None)
+        b.n_tokens = n
+        rc = llama_cpp.llama_decode(self._llm.ctx, b)
+        if rc != 0:
+            self._drop_branches(lambda toks: True)
+            if rc == 1 and retry:                   # no room in the cache: retry from sequence 0 alone
+                return self._branch_group(seqs, retry=False)
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+        for dst, s in zip(dests, seqs):
+            self._branches[dst] = s
+        self.last_branch_tokens += n
+        ptr = llama_cpp.llama_get_logits(self._llm.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(len(seqs) * self._vocab,)).reshape(len(seqs), self._vocab).copy()
+
+    def _drop_branches(self, which) -> None:
+        import llama_cpp
+
+        for sid in [sid for sid, toks in self._branches.items() if which(toks)]:
+            llama_cpp.llama_memory_seq_rm(self._mem, sid, -1, -1)
+            del self._branches[sid]
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """float32 logits [B, T, vocab], each row evaluated from an empty cache."""
@@ -340,6 +485,7 @@ class LlamaCppBackend:
         if self._lora:
             llama_cpp.llama_adapter_lora_free(self._lora)  # detached above, so safe to free
         self._lora, self._adapter = new, arrays
+        self._drop_branches(lambda toks: True)        # their K/V came from the previous weights
 
     @property
     def adapter_attached(self) -> bool:
@@ -359,12 +505,14 @@ class LlamaCppBackend:
             if self._lora:
                 llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
                 llama_cpp.llama_adapter_lora_free(self._lora)
-            self.llm.close()
+            with _llama_log():
+                self.llm.close()
         if self._batch_free is not None:
             self._batch_free()
         if self._tmp is not None:
             self._tmp.cleanup()
         self.llm, self._lora, self._batch, self._batch_free, self._tmp, self._kv = None, None, None, None, None, []
+        self._branches = OrderedDict()
 
 
 class LlamaCppDecoder:
@@ -373,6 +521,7 @@ class LlamaCppDecoder:
     def __init__(self, backend: LlamaCppBackend) -> None:
         self.backend = backend
         self._ids: list[int] = []
+        self.last_tokens = 0                 # tokens the last branch_logits call evaluated
 
     @property
     def n_tokens(self) -> int:
@@ -385,6 +534,13 @@ class LlamaCppDecoder:
         logits = self.backend._evaluate(ids, self._ids)
         self._ids.extend(ids)
         return logits
+
+    def branch_logits(self, seqs: "list[list[int]]") -> np.ndarray:
+        """Logits after each of several full token sequences, in one forward pass (see
+        :meth:`LlamaCppBackend.branch_logits`); this decoder's own sequence is unchanged."""
+        out = self.backend.branch_logits(seqs)
+        self.last_tokens = self.backend.last_branch_tokens
+        return out
 
     def truncate(self, n: int) -> None:
         # The cache is trimmed lazily: the next extend keeps the common prefix (llama_memory_seq_rm).

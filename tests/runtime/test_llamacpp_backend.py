@@ -31,7 +31,7 @@ pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (pip install 'po
 import pocketpeft as pp  # noqa: E402
 from pocketpeft.data import pack_rows  # noqa: E402
 from pocketpeft.errors import (AdapterShapeError, BackendUnavailableError, CorruptFileError,  # noqa: E402
-                               ModelFileNotFoundError, SequenceTooLongError)
+                               InputTextError, ModelFileNotFoundError, SequenceTooLongError)
 from pocketpeft.manifest import Bundle  # noqa: E402
 from pocketpeft.runtime import TrainConfig  # noqa: E402
 from pocketpeft.runtime.backends import llamacpp_backend, torch_backend  # noqa: E402
@@ -196,6 +196,75 @@ def test_decoder_uses_the_kv_cache(lc, ref, ids):
     assert d.n_tokens == 16 and d.extend([]).shape == (0, 49152)
     with pytest.raises(SequenceTooLongError, match="POCKETPEFT_LLAMACPP_N_CTX"):
         lc.decoder().extend([1] * (lc._n_ctx + 1))
+
+
+def test_branch_logits_match_full_evaluation(bundle, lc, ids):
+    """Many continuations of shared contexts in one forward pass each: every row equals the
+    logits of evaluating that whole sequence alone; cached branches are reused across calls
+    (only new tokens are evaluated), survive other users of the context, are dropped on an
+    adapter swap, and more branches than K/V sequences still come out right."""
+    row = ids[0].tolist()
+    ctx = row[:8]
+
+    def alone(seq):
+        return lc.logits(np.array([seq]))[0, -1]
+
+    def check(seqs, got):
+        assert got.shape == (len(seqs), 49152) and got.dtype == np.float32
+        for s, g in zip(seqs, got):
+            want = alone(s)
+            np.testing.assert_allclose(g, want, atol=1e-3 * np.abs(want).max())
+
+    lc.logits(ids[1:2])                        # sequence 0 now holds another row
+    sib = [ctx + [t] for t in range(300, 308)]
+    got = lc.branch_logits(sib)
+    assert lc.last_branch_tokens == 8 + 8      # the shared context once, then one token per branch
+    check(sib, got)
+    deeper = [ctx + [303, t] for t in range(400, 404)] + [ctx + [300]]
+    got = lc.branch_logits(deeper)
+    assert lc.last_branch_tokens == 4 + 1      # each extends a cached branch by one token
+    check(deeper, got)
+    d = lc.decoder()                           # sequence 0 is independent of the branches
+    d.extend(row[:12])
+    np.testing.assert_allclose(lc.branch_logits([ctx + [303, 401]])[0], got[1], atol=1e-5)
+    many = [row[:3] + [t] for t in range(500, 540)] + [row[3:9] + [1, 2]]   # > _N_SEQ branches, 3 groups
+    got, pick = lc.branch_logits(many), list(range(0, len(many), 7)) + [len(many) - 1]
+    check([many[i] for i in pick], got[pick])
+    assert len(lc._branches) <= llamacpp_backend._N_SEQ - 1
+    lc.set_adapter(_random_adapter(bundle, 3))
+    try:
+        assert not lc._branches                # their K/V came from the old weights
+        check(sib[:3], lc.branch_logits(sib[:3]))
+    finally:
+        lc.set_adapter({k: v.numpy() for k, v in bundle.initial_adapter().tensors.items()})
+    with pytest.raises(SequenceTooLongError):
+        lc.branch_logits([[1] * (lc._n_ctx + 1)])
+    for bad in ([], [[]], [[1, 10 ** 6]]):
+        with pytest.raises(InputTextError):
+            lc.branch_logits(bad)
+
+
+def test_batched_suggestions_equal_sequential(bundle, lc):
+    """The predictor over branch_logits (batch 8) suggests what it does one path per pass
+    (batch 1), with fewer forward passes; prefetch keeps to its time box. (With the default
+    cap of 16 passes per call, batching can also find words the one-path search runs out before.)"""
+    from pocketpeft.runtime.predictor import Predictor
+
+    tok = bundle.tokenizer()
+    one, eight = (Predictor(lc, tok, batch=b, max_forwards=10 ** 6) for b in (1, 8))   # no pass cap: exact
+    text = "hello there, how are you doing today"
+    passes = {1: 0, 8: 0}
+    for i in range(1, len(text) + 1):
+        a, b = one.suggest_scored(text[:i], 3), eight.suggest_scored(text[:i], 3)
+        passes[1] += one.last_forwards
+        passes[8] += eight.last_forwards
+        assert [w for w, _ in a] == [w for w, _ in b], text[:i]
+        np.testing.assert_allclose([p for _, p in a], [p for _, p in b], rtol=1e-3)
+    print(f"\nforward passes: {passes[1]} one path each, {passes[8]} batched")
+    assert passes[8] < passes[1]
+    t = time.perf_counter()
+    eight.prefetch("hello there, how are", 3, seconds=0.3)
+    assert time.perf_counter() - t < 0.3 + 0.25   # one pass may overrun its estimate
 
 
 def test_inference_only_and_session(bundle, lc, ids):
