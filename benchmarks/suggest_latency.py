@@ -298,6 +298,18 @@ def summarize_runs(runs: dict[str, list[dict]], prefixes: list[str]) -> dict:
     return out
 
 
+def best_config(results: dict) -> tuple[str, dict]:
+    """The targets hold together on one configuration: the best is the fastest (p50) pocketpeft
+    configuration whose top-3 equals torch's on >= 95% of keystrokes (the fastest of all when none
+    does); returns its name and which targets it meets."""
+    ours = [n for n in results if n.startswith("pocketpeft") and n != "pocketpeft torch"] or \
+        [n for n in results if n.startswith("pocketpeft")]
+    agreeing = [n for n in ours if results[n].get("top3_equal_to_torch", 0.0) >= 0.95]
+    best = min(agreeing or ours, key=lambda n: results[n]["latency_ms"]["p50"])
+    return best, {"p50_le_10ms": results[best]["latency_ms"]["p50"] <= 10.0,
+                  "top3_agreement_ge_95": results[best].get("top3_equal_to_torch", 0.0) >= 0.95}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 short messages, 2 repetitions")
@@ -377,8 +389,7 @@ def main() -> None:
                 extra = [str(gap)] if "+ prefetch" in name else []
                 runs[name].append(run_worker("benchmarks.suggest_latency", [*wargs, str(pfile), *extra]))
     results = summarize_runs(runs, prefixes)
-    best = min((n for n in results if n.startswith("pocketpeft")), key=lambda n: results[n]["latency_ms"]["p50"])
-    agree = {n: r["top3_equal_to_torch"] for n, r in results.items() if "top3_equal_to_torch" in r}
+    best, met = best_config(results)
     payload = {
         "settings": {"model": f"{args.base} q4_0", "lora_r": RANK, "target_modules": MODULES,
                      "adapter": "given" if args.adapter else "random nonzero lora_B (std 0.02, seed 0)",
@@ -389,8 +400,7 @@ def main() -> None:
         "results": results,
         "best_backend": best,
         "targets": {"p50_ms_best_backend": 10.0, "top3_equal_to_torch": 0.95},
-        "targets_met": {"p50_le_10ms": results[best]["latency_ms"]["p50"] <= 10.0,
-                        "top3_agreement_ge_95": all(v >= 0.95 for v in agree.values())},
+        "targets_met": met,
     }
     path = write_result("suggest_latency_quick" if args.quick else "suggest_latency", payload, args.out)
     print(f"\n{'config':<56}{'p50':>8}{'p95':>9}{'p99':>9}{'RSS MiB':>9}{'top3=torch':>11}{'same set':>9}")

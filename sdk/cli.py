@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
+from unittest import mock
 
 from .errors import PocketPeftError
 
@@ -35,8 +36,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .export import export
 
     lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=args.target_modules)
-    b = export(args.base, args.out, quant=args.quant, lora=lora, targets=args.targets, seq_len=args.seq_len,
-               batch_size=args.batch, seed=args.seed, progress=_progress(args))
+    env = {"POCKETPEFT_GGUF_LINEAR": args.gguf_linear} if args.gguf_linear else {}
+    with mock.patch.dict(os.environ, env):
+        b = export(args.base, args.out, quant=args.quant, lora=lora, targets=args.targets, seq_len=args.seq_len,
+                   batch_size=args.batch, seed=args.seed, progress=_progress(args))
     m = b.manifest
     obj = {"bundle": str(b.root), "base": m.base_source, "base_sha256": m.base_sha256, "quant": m.quant.value,
            "targets": b.targets, "trainable_tensors": len(m.trainable),
@@ -224,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=64)
     e.add_argument("--batch", type=int, default=8)
     e.add_argument("--seed", type=int, default=0, help="seed of the initial LoRA weights")
+    e.add_argument("--gguf-linear", choices=["native", "f32"],
+                   help="gguf target: linears as the bundle's own q4_0/q8_0 bytes (native, the default) or their "
+                        "exact float32 values, so llama.cpp's suggestions match the torch backend's")
     e.set_defaults(fn=cmd_export)
 
     t = common(sub.add_parser("train", help="update the LoRA adapter on text (one message per line)"))

@@ -64,10 +64,29 @@ def _suggest_payload(p50s: dict[str, float], agree: float) -> dict:
         if name.startswith("pocketpeft"):
             r["top3_equal_to_torch"] = 1.0 if name == "pocketpeft torch" else agree
         results[name] = r
-    best = min((n for n in results if n.startswith("pocketpeft")), key=lambda n: results[n]["latency_ms"]["p50"])
+    from benchmarks.suggest_latency import best_config
+
+    best, met = best_config(results)
     return {"settings": {"keystrokes": 50, "repetitions": 1}, "results": results, "best_backend": best,
-            "targets_met": {"p50_le_10ms": results[best]["latency_ms"]["p50"] <= 10,
-                            "top3_agreement_ge_95": agree >= 0.95}}
+            "targets_met": met}
+
+
+def test_suggestion_targets_hold_together_on_one_configuration():
+    """The best configuration is the fastest one that agrees with torch (not the fastest one,
+    judged against another's agreement); torch, the reference, is not a candidate."""
+    from benchmarks.suggest_latency import best_config
+
+    def res(p50, agree):
+        return {"latency_ms": {"p50": p50}, "top3_equal_to_torch": agree}
+
+    results = {"pocketpeft torch": res(300, 1.0), "pocketpeft llamacpp + prefetch": res(2.0, 0.78),
+               "pocketpeft llamacpp, f32 GGUF": res(80, 0.99), "pocketpeft llamacpp, f32 GGUF + prefetch": res(3.0, 0.99)}
+    assert best_config(results) == ("pocketpeft llamacpp, f32 GGUF + prefetch",
+                                    {"p50_le_10ms": True, "top3_agreement_ge_95": True})
+    results["pocketpeft llamacpp, f32 GGUF + prefetch"] = res(30, 0.99)
+    assert best_config(results)[1] == {"p50_le_10ms": False, "top3_agreement_ge_95": True}
+    del results["pocketpeft llamacpp, f32 GGUF"], results["pocketpeft llamacpp, f32 GGUF + prefetch"]
+    assert best_config(results) == ("pocketpeft llamacpp + prefetch", {"p50_le_10ms": True, "top3_agreement_ge_95": False})
 
 
 def test_report_renders_tables_plots_and_targets(tmp_path):
@@ -101,7 +120,7 @@ def test_report_renders_tables_plots_and_targets(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| pocketpeft llamacpp |"))
     p50 = found["suggest_latency"]["results"]["pocketpeft llamacpp"]["latency_ms"]["p50"]
     assert row.split("|")[2].strip() == f"{p50:.1f}" and "80%" in row
-    assert "p50 <= 10 ms on the best backend (pocketpeft llamacpp): not met" in text
+    assert "keystrokes: pocketpeft llamacpp): p50 <= 10 ms: not met; top-3 agreement >= 95%: not met" in text
     assert "**met**" in text.split("## Update speed")[1].split("##")[0]       # 1.5x speed and 0.29x RSS
     assert "| update | pocketpeft torch q4_0 | 700 |" in text and "| serving | transformers eager | 500 |" in text
     for png in ("suggest_latency.png", "train_loss.png"):

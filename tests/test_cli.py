@@ -35,6 +35,15 @@ def test_export_train_eval_backends_json(tiny_hf_dir, tmp_path):
     assert "torch" in human and "*" in human
 
 
+def test_export_gguf_linear_f32(tiny_hf_dir, tmp_path):
+    pytest.importorskip("gguf")
+    out = json.loads(run("export", tiny_hf_dir, "--out", tmp_path / "b", "--quant", "q4_0", "--targets", "gguf",
+                         "--gguf-linear", "f32", "--json").stdout)
+    info = json.loads((tmp_path / "b" / "gguf" / "info.json").read_text())
+    assert "gguf" in out["targets"] and info["base"] == "gguf/base.f32.gguf" and info["linear_type"] == "f32"
+    assert run("export", tiny_hf_dir, "--out", tmp_path / "c", "--gguf-linear", "q2", check=False).returncode == 2
+
+
 def test_cli_errors_are_clear(tiny_hf_dir, tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"caf\xe9\n")
