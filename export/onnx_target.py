@@ -20,6 +20,14 @@ lists every name and shape:
   ``[batch, seq, vocab]``. The forward-only / NPU path.
 - ``io.json``: names, shapes, conventions, and the session config the training graph wants.
 
+Two export options trade speed for device memory (env, read at export; io.json records them):
+``POCKETPEFT_ONNX_ROWS=N``, the training graph's static rows (default the bundle's batch size;
+a bigger batch runs as micro-batches of N rows whose gradients accumulate exactly), and
+``POCKETPEFT_ONNX_Q4=int8``, q4_0 weights stored one int8 per weight instead of packed nibbles
+(twice the bytes, half the dequantization work; see :func:`_unpacked_q4`). SmolLM2, batch 8x64
+on 2 cores: the default (8 rows, packed) peaks at ~1.5 GB; ``ROWS=1`` + ``Q4=int8`` at ~0.8 GB,
+at ~75% of the speed.
+
 Frozen weights are dequantized in-graph with standard ops (Cast, BitwiseAnd, Div+Floor, and one
 Gather from a byte table for nf4), bit-identical to ``pocketpeft.quant.dequantize``. The backward
 pass recomputes them rather than keeping them (see :func:`_rematerialize_frozen`).
@@ -45,6 +53,7 @@ from .protocol import ExportContext
 DIR = "onnx"
 IO_JSON = "io.json"
 MAX_IR_VERSION = 10   # onnxruntime 1.19.2 rejects newer
+UNPACKED = "qweight_int8"   # the q4_0 buffer added for POCKETPEFT_ONNX_Q4=int8
 LOSS = "loss_sum"
 _PROTO_LIMIT = 2_000_000_000  # protobuf's 2 GB ceiling (with margin); external data is not implemented
 
@@ -80,6 +89,11 @@ def _export_dequant():
     original, table = QuantLinear.forward, _nf4_table()
 
     def forward(self, x):
+        if getattr(self, UNPACKED, None) is not None:   # q4_0 stored one int8 (nibble - 8) per weight
+            nb = self.in_features // 32
+            w = getattr(self, UNPACKED).reshape(-1, nb, 32).to(torch.float32) * \
+                self.scales.reshape(-1, nb, 1).to(torch.float32)
+            return F.linear(x, w.reshape(self.out_features, self.in_features).to(x.dtype))
         if self.fmt is not QuantFormat.NF4:
             return original(self, x)
         codes = F.embedding(self.qweight.reshape(-1, 32).to(torch.int32), table).reshape(-1, 64)
@@ -91,6 +105,50 @@ def _export_dequant():
         yield
     finally:
         QuantLinear.forward = original
+
+
+@contextlib.contextmanager
+def _unpacked_q4(model: torch.nn.Module, enabled: bool):
+    """With ``enabled``, every q4_0 layer gets a buffer of its weights as int8 ``nibble - 8``
+    (row-major, one per weight) for the export: the graph then dequantizes with a Cast and a
+    Mul instead of the bit arithmetic on packed nibbles, which matters when the training graph
+    runs a small micro-batch and dequantizes every weight twice per micro-batch. Twice the
+    bytes of the packed blocks, the same float32 values. Removed afterwards."""
+    from pocketpeft.config import QuantFormat
+    from pocketpeft.quant import QuantLinear, _nibbles
+
+    added = []
+    try:
+        for m in model.modules() if enabled else ():
+            if isinstance(m, QuantLinear) and m.fmt is QuantFormat.Q4_0:
+                lo, hi = _nibbles(m.qweight.reshape(m.out_features, m.in_features // 32, 16))
+                q = (torch.cat([lo, hi], -1).to(torch.int16) - 8).to(torch.int8)
+                m.register_buffer(UNPACKED, q.reshape(m.out_features, m.in_features))
+                added.append(m)
+        yield
+    finally:
+        for m in added:
+            del m._buffers[UNPACKED]
+
+
+def _options(ctx: ExportContext) -> tuple[int, str]:
+    """(rows of the static training graph, q4_0 storage) from ``POCKETPEFT_ONNX_ROWS`` (default the
+    bundle's batch size) and ``POCKETPEFT_ONNX_Q4`` (``packed``, the default, or ``int8``)."""
+    import os
+
+    from pocketpeft.errors import ConfigError
+
+    raw = os.environ.get("POCKETPEFT_ONNX_ROWS", "").strip()
+    try:
+        rows = int(raw) if raw else ctx.batch_size
+    except ValueError:
+        rows = 0
+    if rows < 1:
+        raise ConfigError(f"POCKETPEFT_ONNX_ROWS must be a positive integer (rows per training-graph run), got {raw!r}")
+    q4 = os.environ.get("POCKETPEFT_ONNX_Q4", "packed").strip().lower() or "packed"
+    if q4 not in ("packed", "int8"):
+        raise ConfigError(f"POCKETPEFT_ONNX_Q4 must be 'packed' or 'int8', got {q4!r}")
+    return rows, q4
 
 
 def _export_forward(ctx: ExportContext, train: bool):
@@ -325,7 +383,7 @@ def _write_training(fwd, ctx: ExportContext, lora: dict[str, str], out) -> None:
             # lower than with dynamic dims (same speed). The runtime pads short batches.
             for v in mp.graph.input:
                 if v.name in ("input_ids", "labels"):
-                    for dim, size in zip(v.type.tensor_type.shape.dim, (ctx.batch_size, ctx.seq_len)):
+                    for dim, size in zip(v.type.tensor_type.shape.dim, (_options(ctx)[0], ctx.seq_len)):
                         dim.Clear()
                         dim.dim_value = size
         elif name == "eval_model.onnx":   # logits too: top-k metrics and logits() run in eval mode
@@ -338,12 +396,15 @@ def _io_description(ctx: ExportContext, lora_shapes: dict[str, list[int]]) -> di
     """The content of io.json (see the module docstring)."""
     ids = {"input_ids": ["batch", "seq"]}
     logits = {"logits": ["batch", "seq", ctx.arch.vocab_size]}
-    static = [ctx.batch_size, ctx.seq_len]
+    rows, q4 = _options(ctx)
+    static = [rows, ctx.seq_len]
     return {
         "format_version": 1,
         "dims": {"batch": "dynamic", "seq": f"dynamic, 1..{ctx.arch.max_position_embeddings}"},
         "training_model": {"inputs": {"input_ids": static, "labels": static}, "outputs": {LOSS: []},
-                           "note": "static shapes: pad short batches/rows with label -100"},
+                           "note": "static shapes: pad short batches/rows with label -100; a batch of more "
+                                   "rows runs as micro-batches whose gradients accumulate"},
+        "q4_0_storage": q4 if ctx.quant.value == "q4_0" else None,
         "eval_model": {"inputs": {**ids, "labels": ["batch", "seq"]}, "outputs": {LOSS: [], **logits}},
         "infer": {"inputs": {**ids, **lora_shapes}, "outputs": logits},
         "loss": "sum of token cross-entropies over labels != -100 (divide by their count for the mean)",
@@ -379,6 +440,11 @@ class OnnxTarget:
             bar = tqdm(total=3, desc="onnx: export graph (torch.export)", unit="stage", leave=False)
 
         lora = lora_onnx_names(ctx.model)
+        rows, q4 = _options(ctx)
+        with _unpacked_q4(ctx.model, q4 == "int8"):
+            return self._export(ctx, lora, out, bar, onnx, onnxruntime)
+
+    def _export(self, ctx: ExportContext, lora: dict[str, str], out, bar, onnx, onnxruntime) -> dict[str, str]:
         fwd = _export_forward(ctx, train=False)
         missing = sorted(set(lora) - {t.name for t in fwd.graph.initializer})
         if missing:  # the exporter renamed parameters: the PEFT mapping would be lost

@@ -89,6 +89,17 @@ def test_suggestion_targets_hold_together_on_one_configuration():
     assert best_config(results) == ("pocketpeft llamacpp + prefetch", {"p50_le_10ms": True, "top3_agreement_ge_95": False})
 
 
+def test_update_targets_count_device_backends_only():
+    from benchmarks.train_speed import device_targets
+
+    res = {"peft+transformers eager f32": {"speed_vs_peft": 1.0, "rss_vs_peft": 1.0},
+           "pocketpeft torch q4_0": {"speed_vs_peft": 1.6, "rss_vs_peft": 0.2},
+           "pocketpeft onnxruntime q4_0": {"speed_vs_peft": 1.7, "rss_vs_peft": 0.55},
+           "pocketpeft onnxruntime q4_0, 1-row micro-batches, int8 4-bit": {"speed_vs_peft": 1.41, "rss_vs_peft": 0.29}}
+    assert device_targets(res) == {"pocketpeft onnxruntime q4_0": False,
+                                   "pocketpeft onnxruntime q4_0, 1-row micro-batches, int8 4-bit": True}
+
+
 def test_report_renders_tables_plots_and_targets(tmp_path):
     import matplotlib.image
 
@@ -107,7 +118,10 @@ def test_report_renders_tables_plots_and_targets(tmp_path):
                                         "losses_first_run": [4.0, 3.5, 3.2]},
         "pocketpeft torch q4_0": {"tokens_per_s": {"median": 300.0, "spread": 0.05}, "speed_vs_peft": 1.5,
                                   "peak_rss_mib": {"median": 700.0}, "rss_vs_peft": 0.29, "share_of_ceiling": 0.95,
-                                  "losses_first_run": [4.0, 3.4, 3.1]}},
+                                  "losses_first_run": [4.0, 3.4, 3.1]},
+        "pocketpeft onnxruntime q4_0": {"tokens_per_s": {"median": 290.0, "spread": 0.05}, "speed_vs_peft": 1.45,
+                                        "peak_rss_mib": {"median": 710.0}, "rss_vs_peft": 0.296, "share_of_ceiling": 0.92,
+                                        "losses_first_run": [4.0, 3.4, 3.1]}},
         "ceiling": {"matmul_gflops": 170.0, "ceiling_tokens_per_s": 315.0}}, "2026-02-01T00:00:00+00:00")
     (out / "notes.json").write_text("[1, 2]")   # not a result: ignored
     found = collect(out)
@@ -121,7 +135,7 @@ def test_report_renders_tables_plots_and_targets(tmp_path):
     p50 = found["suggest_latency"]["results"]["pocketpeft llamacpp"]["latency_ms"]["p50"]
     assert row.split("|")[2].strip() == f"{p50:.1f}" and "80%" in row
     assert "keystrokes: pocketpeft llamacpp): p50 <= 10 ms: not met; top-3 agreement >= 95%: not met" in text
-    assert "**met**" in text.split("## Update speed")[1].split("##")[0]       # 1.5x speed and 0.29x RSS
+    assert "**met**" in text.split("## Update speed")[1].split("##")[0]       # onnxruntime: 1.45x speed, 0.296x RSS
     assert "| update | pocketpeft torch q4_0 | 700 |" in text and "| serving | transformers eager | 500 |" in text
     for png in ("suggest_latency.png", "train_loss.png"):
         img = matplotlib.image.imread(summary.parent / png)

@@ -218,3 +218,40 @@ def test_non_finite_loss_skips_step_and_keeps_state(bundle, rows):
         assert np.array_equal(w1[k], w0[k], equal_nan=True), f"{k} changed on a skipped step"
     for k in m0:
         assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(m1[k], m0[k])), f"moments of {k} changed"
+
+
+def test_low_memory_export_options_train_as_torch(tiny_hf_dir, tmp_path, monkeypatch, rows):
+    """POCKETPEFT_ONNX_ROWS=1 (micro-batches of one row) with POCKETPEFT_ONNX_Q4=int8 (one int8
+    per 4-bit weight) trains with torch's numbers; the options are validated and recorded."""
+    from onnxruntime.training.api import CheckpointState
+
+    from pocketpeft.errors import ConfigError
+
+    monkeypatch.setenv("POCKETPEFT_ONNX_ROWS", "1")
+    monkeypatch.setenv("POCKETPEFT_ONNX_Q4", "int8")
+    b = pp.export(tiny_hf_dir, tmp_path / "b", quant="q4_0", lora=pp.LoraConfig(**LORA), targets=["torch", "onnx"],
+                  seq_len=32, batch_size=4)
+    io = json.loads((b.root / "onnx" / "io.json").read_text())
+    assert io["training_model"]["inputs"]["input_ids"] == [1, 32] and io["q4_0_storage"] == "int8"
+    state = CheckpointState.load_checkpoint(str(b.root / "onnx" / "checkpoint"))
+    names = {n for n, _ in state.parameters}
+    assert "model.layers.0.self_attn.q_proj.base_layer.qweight_int8" in names
+    assert not any(n.endswith(".qweight") for n in names)
+    cfg = TrainConfig(lr=1e-2, warmup_steps=0, total_steps=5)
+    t, o = _pair(b, cfg)
+    for be in (t.backend, o.backend):
+        be.configure(cfg)
+    inputs, labels = rows
+    for _ in range(3):
+        rt, ro = t.backend.train_step(inputs[:4], labels[:4]), o.backend.train_step(inputs[:4], labels[:4])
+        assert ro.loss == pytest.approx(rt.loss, rel=1e-5) and ro.grad_norm == pytest.approx(rt.grad_norm, rel=1e-4)
+    wt, wo = t.backend.get_adapter(), o.backend.get_adapter()
+    for k in wt:
+        np.testing.assert_allclose(wo[k], wt[k], atol=1e-5, err_msg=k)
+    np.testing.assert_allclose(o.backend.logits(inputs[:2, :9]), t.backend.logits(inputs[:2, :9]), atol=1e-4)
+    for env, bad in (("POCKETPEFT_ONNX_ROWS", "0"), ("POCKETPEFT_ONNX_Q4", "int4")):
+        monkeypatch.setenv(env, bad)
+        with pytest.raises(ConfigError, match=env):
+            pp.export(tiny_hf_dir, tmp_path / f"bad{bad}", quant="q4_0", lora=pp.LoraConfig(**LORA), targets=["onnx"],
+                      seq_len=32, batch_size=4)
+        monkeypatch.setenv(env, "1" if env.endswith("ROWS") else "int8")
