@@ -203,6 +203,9 @@ class AdapterWatch:
         return self.version
 
 
+_BATCH_COST = 2.5   # the most single passes' time one batched pass may take (see Predictor._dist)
+
+
 class _CostModel:
     """Seconds a forward pass of ``n`` paths takes, fitted (least squares, ``a + b n``) to the
     recent passes; used to keep prefetch passes inside the idle time they were given."""
@@ -235,7 +238,8 @@ class Predictor:
     fraction of the best word found are not explored; ``cache_size`` memoized next-token
     distributions; ``batch``: where the decoder has ``branch_logits`` (llamacpp), a forward pass
     that the search needs also evaluates up to ``batch - 1`` of the paths it would explore next,
-    all in one pass (each a separate branch of the K/V cache); ``adapter_version`` a callable whose value changes with the weights (the
+    all in one pass (each a separate branch of the K/V cache), as many as fit in 2.5x the time
+    of a single pass (fitted to the passes so far); ``adapter_version`` a callable whose value changes with the weights (the
     caches are then dropped; see :class:`AdapterWatch`).
 
     ``max_context`` bounds the tokens the model sees: a longer message keeps only its last whole
@@ -401,10 +405,15 @@ class Predictor:
                         break
                     if cand not in self._memo and cand not in seqs:
                         seqs.append(cand)
+            # a batch may cost up to _BATCH_COST single passes: on a weight-bound base (f32 on a
+            # CPU) that is 8 paths, on an arithmetic-bound one (q4_0) about 3
+            one = self._cost.predict(1)
+            limit = _BATCH_COST * one if one > 0 else None
             if self._deadline is not None:
                 left = self._deadline - time.perf_counter()
-                while len(seqs) > 1 and self._cost.predict(len(seqs)) > left:
-                    seqs.pop()
+                limit = left if limit is None else min(limit, left)
+            while limit is not None and len(seqs) > 1 and self._cost.predict(len(seqs)) > limit:
+                seqs.pop()
             try:
                 rows = branch([list(x) for x in seqs])
             except BaseException:
