@@ -78,7 +78,8 @@ def _nf4_table() -> torch.Tensor:
 
 @contextlib.contextmanager
 def _export_dequant():
-    """While exporting, nf4 layers dequantize with one Gather from :func:`_nf4_table` per byte:
+    """While exporting, q4_0 layers given int8 weights by :func:`_unpacked_q4` dequantize with a
+    Cast and a Mul, and nf4 layers with one Gather from :func:`_nf4_table` per byte:
     bit-identical to ``quant.dequantize``, whose ``NF4_CODE[idx]`` exports as a GatherND over
     every nibble, ~4x slower in ORT. (The table is built here, outside tracing, so it is
     exported as a constant.)"""
@@ -358,7 +359,7 @@ def _write_infer(fwd, lora: dict[str, str], path) -> dict[str, list[int]]:
     return shapes
 
 
-def _write_training(fwd, ctx: ExportContext, lora: dict[str, str], out) -> None:
+def _write_training(fwd, ctx: ExportContext, lora: dict[str, str], out, rows: int) -> None:
     """generate_artifacts over the forward graph (renamed to PEFT keys), then the fix-ups:
     training_model gets static ``[batch_size, seq_len]`` inputs and rematerialization,
     eval_model a logits output, every model ``ir_version`` <= 10."""
@@ -384,7 +385,7 @@ def _write_training(fwd, ctx: ExportContext, lora: dict[str, str], out) -> None:
             # lower than with dynamic dims (same speed). The runtime pads short batches.
             for v in mp.graph.input:
                 if v.name in ("input_ids", "labels"):
-                    for dim, size in zip(v.type.tensor_type.shape.dim, (_options(ctx)[0], ctx.seq_len)):
+                    for dim, size in zip(v.type.tensor_type.shape.dim, (rows, ctx.seq_len)):
                         dim.Clear()
                         dim.dim_value = size
         elif name == "eval_model.onnx":   # logits too: top-k metrics and logits() run in eval mode
@@ -393,11 +394,10 @@ def _write_training(fwd, ctx: ExportContext, lora: dict[str, str], out) -> None:
         _save(mp, out / name)
 
 
-def _io_description(ctx: ExportContext, lora_shapes: dict[str, list[int]]) -> dict:
+def _io_description(ctx: ExportContext, lora_shapes: dict[str, list[int]], rows: int, q4: str) -> dict:
     """The content of io.json (see the module docstring)."""
     ids = {"input_ids": ["batch", "seq"]}
     logits = {"logits": ["batch", "seq", ctx.arch.vocab_size]}
-    rows, q4 = _options(ctx)
     static = [rows, ctx.seq_len]
     return {
         "format_version": 1,
@@ -443,9 +443,10 @@ class OnnxTarget:
         lora = lora_onnx_names(ctx.model)
         rows, q4 = _options(ctx)
         with _unpacked_q4(ctx.model, q4 == "int8"):
-            return self._export(ctx, lora, out, bar, onnx, onnxruntime)
+            return self._export(ctx, lora, out, bar, onnx, onnxruntime, rows, q4)
 
-    def _export(self, ctx: ExportContext, lora: dict[str, str], out, bar, onnx, onnxruntime) -> dict[str, str]:
+    def _export(self, ctx: ExportContext, lora: dict[str, str], out, bar, onnx, onnxruntime, rows: int,
+                q4: str) -> dict[str, str]:
         fwd = _export_forward(ctx, train=False)
         missing = sorted(set(lora) - {t.name for t in fwd.graph.initializer})
         if missing:  # the exporter renamed parameters: the PEFT mapping would be lost
@@ -462,8 +463,8 @@ class OnnxTarget:
         if ctx.lora.lora_dropout > 0:   # the training graph keeps LoRA dropout; infer.onnx must not
             fwd = _export_forward(ctx, train=True)
             _portable_ops(fwd)
-        _write_training(fwd, ctx, lora, out)
-        (out / IO_JSON).write_text(json.dumps(_io_description(ctx, lora_shapes), indent=1) + "\n")
+        _write_training(fwd, ctx, lora, out, rows)
+        (out / IO_JSON).write_text(json.dumps(_io_description(ctx, lora_shapes, rows, q4), indent=1) + "\n")
         if bar is not None:
             bar.update()
             bar.close()

@@ -213,20 +213,23 @@ class _CostModel:
     def __init__(self, keep: int = 32) -> None:
         self._obs: list[tuple[int, float]] = []
         self._keep = keep
+        self._fit: tuple[float, float, float] | None = None   # (a, b, floor), refitted on add
 
     def add(self, n: int, seconds: float) -> None:
         self._obs.append((n, seconds))
         del self._obs[:-self._keep]
+        ns, ts = np.array(self._obs, float).T
+        if np.ptp(ns) == 0:                    # one batch size seen: scale it, pessimistically
+            self._fit = (0.0, float(ts.mean() / ns[0]), float(ts.mean()))
+        else:
+            b, a = np.polyfit(ns, ts, 1)
+            self._fit = (float(a), float(b), float(ts.min()))
 
     def predict(self, n: int) -> float:
-        if not self._obs:
+        if self._fit is None:
             return 0.0
-        ns = np.array([o[0] for o in self._obs], float)
-        ts = np.array([o[1] for o in self._obs], float)
-        if np.ptp(ns) == 0:                    # one batch size seen: scale it, pessimistically
-            return float(ts.mean() * max(1.0, n / ns[0]))
-        b, a = np.polyfit(ns, ts, 1)
-        return float(max(a + b * n, ts.min()))
+        a, b, floor = self._fit
+        return max(a + b * n, floor)
 
 
 class Predictor:
@@ -239,8 +242,8 @@ class Predictor:
     distributions; ``batch``: where the decoder has ``branch_logits`` (llamacpp), a forward pass
     that the search needs also evaluates up to ``batch - 1`` of the paths it would explore next,
     all in one pass (each a separate branch of the K/V cache), as many as fit in 2.5x the time
-    of a single pass (fitted to the passes so far); ``adapter_version`` a callable whose value changes with the weights (the
-    caches are then dropped; see :class:`AdapterWatch`).
+    of a single pass (fitted to the passes so far); ``adapter_version`` a callable whose value
+    changes with the weights (the caches are then dropped; see :class:`AdapterWatch`).
 
     ``max_context`` bounds the tokens the model sees: a longer message keeps only its last whole
     words that fit (``max_context - max_word_tokens - 1`` tokens, without the message-start

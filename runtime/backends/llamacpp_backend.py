@@ -11,7 +11,8 @@ Decoding uses llama.cpp's KV cache (sequence 0). Logits for every position come 
 whose tokens all request output (``llama_get_logits``), so no ``n_ctx x vocab`` score buffer is
 kept. The cache is unified over ``_N_SEQ`` sequences: :meth:`LlamaCppBackend.branch_logits`
 evaluates many continuations of shared prefixes in one ``llama_decode``, each on its own
-sequence that shares the prefix's cells (the suggestion search batches through it). One context serves ``logits`` and every :class:`LlamaCppDecoder`; the cache remembers
+sequence that shares the prefix's cells (the suggestion search batches through it). One
+context serves ``logits`` and every :class:`LlamaCppDecoder`; the cache remembers
 which tokens it holds, a decoder reuses the longest common prefix and re-evaluates the rest, so
 interleaving decoders and ``logits`` calls is correct (just slower). As in the torch backend,
 an adapter swap applies to tokens evaluated after it.
@@ -364,7 +365,7 @@ class LlamaCppBackend:
                 shared = todo[0][:min(map(len, todo)) - 1]
                 for s in todo[1:]:
                     shared = shared[:_common(shared, s)]
-                if len(todo) > 1 and shared and self._held(shared) < len(shared):
+                if len(todo) > 1 and shared and self._longest_held(shared)[1] < len(shared):
                     self._branch_group([shared])     # evaluate the shared part once, then branch off it
                 out[group] = self._branch_group(todo)
                 group = []
@@ -372,19 +373,17 @@ class LlamaCppBackend:
                 group.append(i)
         return out
 
-    def _source(self, s: "list[int]") -> tuple[int, int]:
-        """(the K/V sequence holding the longest prefix of ``s``, that length; at most len(s) - 1)."""
+    def _longest_held(self, s: "list[int]") -> tuple[int, int]:
+        """(the K/V sequence holding the longest prefix of ``s``, that prefix's length)."""
         held = [(0, self._kv)] + list(self._branches.items())
-        return max(((sid, min(_common(toks, s), len(s) - 1)) for sid, toks in held), key=lambda x: x[1])
-
-    def _held(self, s: "list[int]") -> int:
-        return max([_common(self._kv, s)] + [_common(toks, s) for toks in self._branches.values()])
+        return max(((sid, _common(toks, s)) for sid, toks in held), key=lambda x: x[1])
 
     def _branch_group(self, seqs: "list[list[int]]", retry: bool = True) -> np.ndarray:
         import llama_cpp
 
         mem, b = self._mem, self._batch
-        plan = [self._source(s) for s in seqs]      # (source sequence, shared length) per request
+        # (source sequence, shared length) per request; at least its last token is evaluated
+        plan = [(src, min(m, len(s) - 1)) for s, (src, m) in zip(seqs, map(self._longest_held, seqs))]
         sources = {src for src, _ in plan}
         free = [sid for sid in range(1, _N_SEQ) if sid not in self._branches]
         free += [sid for sid in self._branches if sid not in sources]       # then LRU first
