@@ -96,3 +96,21 @@ def peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def block_modules(*names: str) -> None:
+    """Make ``names`` (and their submodules) unimportable in this process, as on a device where
+    they aren't installed: a later ``import`` raises ``ModuleNotFoundError``. Call before
+    anything imports them (a worker's first line)."""
+    import importlib.abc
+
+    class _Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname.split(".")[0] in names:
+                raise ModuleNotFoundError(f"No module named {fullname!r} (not on this device)", name=fullname)
+            return None
+
+    already = sorted(m for m in sys.modules if m.split(".")[0] in names)
+    if already:
+        raise RuntimeError(f"block_modules: already imported: {already[:3]}")
+    sys.meta_path.insert(0, _Blocker())

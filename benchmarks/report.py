@@ -145,7 +145,12 @@ def section_train(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
     dev = {n: r for n, r in res.items() if "executorch" in n or "onnxruntime" in n}   # the device backends
     ok = any(r.get("speed_vs_peft", 0) >= 1.4 and r.get("rss_vs_peft", 9) <= 0.3 for r in dev.values()) if dev else None
     out.append(f"\nTarget: {obj.get('target', 'best device backend >= 1.4x PEFT tokens/s and <= 0.3x its RSS')}: {_met(ok)}. "
-               f"fp32 matmul {_f(ceil.get('matmul_gflops'), '.0f')} GFLOP/s -> ceiling {_f(ceil.get('ceiling_tokens_per_s'), '.0f')} tokens/s.\n")
+               f"fp32 matmul {_f(ceil.get('matmul_gflops'), '.0f')} GFLOP/s -> ceiling {_f(ceil.get('ceiling_tokens_per_s'), '.0f')} tokens/s"
+               + (f"; int8 matmul (ORT MatMulInteger) {_f(ceil['int8_matmul_gops'], '.0f')} GOP/s" if ceil.get("int8_matmul_gops") else "")
+               + ".\n")
+    free = [n for n, r in res.items() if r.get("torch_imported") is False]
+    if free:
+        out.append(f"Run without torch in the process, as on a device: {', '.join(free)}.\n")
     curves = {n: r["losses_first_run"] for n, r in res.items() if r.get("losses_first_run")}
     if curves and _plot_lines(curves, "loss curves per backend (first run)", "step", "loss", plots / "train_loss.png"):
         out.append("![loss curves](train_loss.png)\n")

@@ -92,7 +92,7 @@ def random_adapter(bundle_path: Path, out: Path, seed: int = 0, std: float = 0.0
 
     b = Bundle(bundle_path)
     gen = torch.Generator().manual_seed(seed)
-    tensors = {k: (torch.randn(v.shape, generator=gen) * std if ".lora_B" in k else v.clone())
+    tensors = {k: (torch.randn(v.shape, generator=gen) * std if ".lora_B" in k else torch.from_numpy(v.copy()))
                for k, v in b.initial_adapter().tensors.items()}
     m = b.manifest
     save_adapter(Adapter(m.lora, tensors, m.base_sha256, {"pocketpeft.bench": f"random lora_B seed {seed}"}), out)

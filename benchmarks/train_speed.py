@@ -2,7 +2,13 @@
 
 Every configuration runs in its own process (so its peak RSS is its own), interleaved over
 repetitions; PEFT + transformers eager at f32 is the baseline measured in the same run, and a
-fp32 matmul measurement gives the machine's FLOP ceiling for this step.
+fp32 matmul measurement gives the machine's FLOP ceiling for this step (an int8 one shows
+whether cheaper arithmetic would lift it here).
+
+The training rows are packed once, in the parent, and handed to every worker as an .npz, so no
+worker's memory includes the chat corpus. The onnxruntime workers run as on a device: torch is
+made unimportable in them (the ORT path needs none; :func:`benchmarks.common.block_modules`),
+while PEFT and the torch/executorch backends need it and import it.
 
     python -m benchmarks.train_speed [--quick] [--backends torch,executorch,onnxruntime]
 """
@@ -20,8 +26,12 @@ BATCH, SEQ, RANK = 8, 64, 8
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-LOW_MEMORY_ONNX = {"POCKETPEFT_ONNX_ROWS": "1", "POCKETPEFT_ONNX_Q4": "int8"}
-LOW_MEMORY_NAME = "pocketpeft onnxruntime q4_0, 1-row micro-batches, int8 4-bit"
+#: device-memory ONNX exports (see export/onnx_target.py): micro-batch rows, int8-stored 4-bit
+LOW_MEMORY_ROWS = (1, 2)
+
+
+def low_memory_name(rows: int) -> str:
+    return f"pocketpeft onnxruntime q4_0, {rows}-row micro-batches, int8 4-bit"
 
 
 def device_targets(results: dict) -> dict[str, bool]:
@@ -31,22 +41,40 @@ def device_targets(results: dict) -> dict[str, bool]:
             if "executorch" in n or "onnxruntime" in n}
 
 
-def _rows(tokenizer, n_rows: int):
+def pack_bench_rows(tokenizer_json: Path, n_rows: int, out: Path) -> Path:
+    """The top chitchat sender's first 4000 training messages packed into ``n_rows`` full rows of
+    ``SEQ`` tokens, written to ``out`` (.npz with ``x`` and ``y``)."""
+    import numpy as np
+
     from pocketpeft.data import pack_rows, sender_split, top_senders
+    from pocketpeft.tokenizer import Tokenizer
 
     train, _ = sender_split(top_senders()[0])
-    x, y = pack_rows(tokenizer, train[:4000], SEQ, pad_to_full=False)
-    return x[:n_rows], y[:n_rows]
+    x, y = pack_rows(Tokenizer.from_file(tokenizer_json), train[:4000], SEQ, pad_to_full=False)
+    np.savez(out, x=x[:n_rows], y=y[:n_rows])
+    return out
 
 
-def worker_pocketpeft(bundle: str, backend: str, steps: int) -> dict:
+def _rows(path: str):
+    import numpy as np
+
+    with np.load(path) as d:
+        return d["x"], d["y"]
+
+
+def worker_pocketpeft(bundle: str, backend: str, steps: int, rows: str) -> dict:
+    import sys
+
+    from benchmarks.common import block_modules, peak_rss_mib
+
+    if backend == "onnxruntime":   # as on a device, where torch isn't installed
+        block_modules("torch")
     import pocketpeft as pp
-    from benchmarks.common import peak_rss_mib
 
     t0 = time.perf_counter()
     sess = pp.runtime.open(bundle, backend=backend)
     load_s = time.perf_counter() - t0
-    x, y = _rows(sess.tokenizer, BATCH * (steps + 1))
+    x, y = _rows(rows)
     be = sess.backend
     from pocketpeft.runtime import TrainConfig
 
@@ -58,7 +86,8 @@ def worker_pocketpeft(bundle: str, backend: str, steps: int) -> dict:
         r = be.train_step(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH])
         times.append(time.perf_counter() - t)
         losses.append(r.loss)
-    return {"step_seconds": times, "losses": losses, "load_seconds": load_s, "peak_rss_mib": peak_rss_mib()}
+    return {"step_seconds": times, "losses": losses, "load_seconds": load_s, "peak_rss_mib": peak_rss_mib(),
+            "torch_imported": "torch" in sys.modules}
 
 
 def hf_folder(path: Path) -> Path:
@@ -78,21 +107,19 @@ def hf_folder(path: Path) -> Path:
     return path
 
 
-def worker_peft(folder: str, steps: int) -> dict:
+def worker_peft(folder: str, steps: int, rows: str) -> dict:
     import peft
     import torch
     import transformers
 
     from benchmarks.common import peak_rss_mib
-    from pocketpeft.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
-    tok = Tokenizer.from_file(Path(folder) / "tokenizer.json")
     model = peft.get_peft_model(hf, peft.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES, task_type="CAUSAL_LM"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     load_s = time.perf_counter() - t0
-    x, y = _rows(tok, BATCH * (steps + 1))
+    x, y = _rows(rows)
     model.train()
     times, losses = [], []
     for i in range(steps + 1):
@@ -108,7 +135,8 @@ def worker_peft(folder: str, steps: int) -> dict:
         if i:  # step 0 is the warm-up
             times.append(time.perf_counter() - t)
             losses.append(float(loss))
-    return {"step_seconds": times, "losses": losses, "load_seconds": load_s, "peak_rss_mib": peak_rss_mib()}
+    return {"step_seconds": times, "losses": losses, "load_seconds": load_s, "peak_rss_mib": peak_rss_mib(),
+            "torch_imported": True}
 
 
 def matmul_ceiling(n_params: int, seconds: float = 3.0) -> dict:
@@ -125,7 +153,38 @@ def matmul_ceiling(n_params: int, seconds: float = 3.0) -> dict:
         x @ w
         n += 1
     gflops = n * flop / (time.perf_counter() - t0) / 1e9
-    return {"matmul_gflops": gflops, "ceiling_tokens_per_s": gflops * 1e9 / (4 * n_params)}
+    return {"matmul_gflops": gflops, "ceiling_tokens_per_s": gflops * 1e9 / (4 * n_params),
+            "int8_matmul_gops": int8_matmul_gops(seconds)}
+
+
+def int8_matmul_gops(seconds: float = 3.0) -> float | None:
+    """int8 GOP/s of ONNX Runtime's ``MatMulInteger`` (u8 x s8, int32 accumulate) at the same
+    shapes: what quantized activations could buy on this CPU (None without onnxruntime)."""
+    try:
+        import numpy as np
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    m, k, n = BATCH * SEQ, 576, 1536
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.integers(-127, 128, (k, n), dtype=np.int8), "w")
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "mm",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feed = {"a": rng.integers(0, 256, (m, k), dtype=np.uint8)}
+    for _ in range(3):
+        sess.run(None, feed)
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        sess.run(None, feed)
+        count += 1
+    return count * 2 * m * k * n / (time.perf_counter() - t0) / 1e9
 
 
 def main() -> None:
@@ -138,7 +197,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker is not None:
         kind, *rest = args.worker
-        res = worker_peft(rest[0], int(rest[1])) if kind == "peft" else worker_pocketpeft(rest[0], rest[1], int(rest[2]))
+        res = (worker_peft(rest[0], int(rest[1]), rest[2]) if kind == "peft"
+               else worker_pocketpeft(rest[0], rest[1], int(rest[2]), rest[3]))
         print(json.dumps(res))
         return
 
@@ -152,7 +212,8 @@ def main() -> None:
     extra = [b for b in extra if probe(b).available]
     targets = {"executorch": "executorch", "onnxruntime": "onnx"}
     folder = hf_folder(cache_dir() / "bench" / "smollm2-hf-f32")
-    configs: list[tuple[str, list[str]]] = [("peft+transformers eager f32", ["peft", str(folder), str(steps)])]
+    rows = str(pack_bench_rows(folder / "tokenizer.json", BATCH * (steps + 1), cache_dir() / "bench" / "train_rows.npz"))
+    configs: list[tuple[str, list[str]]] = [("peft+transformers eager f32", ["peft", str(folder), str(steps), rows])]
     exports = {}
     for q in args.quants.split(","):
         tg = ["torch"] + ([targets[b] for b in extra] if q == "q4_0" else [])
@@ -166,20 +227,20 @@ def main() -> None:
             pp.export("smollm2", path, quant=q, targets=tg, seq_len=SEQ, batch_size=BATCH,
                       lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES))
             exports[path.name] = {t: i.get("export_seconds") for t, i in pp.Bundle(path).manifest.targets.items()}
-        configs.append((f"pocketpeft torch {q}", ["pp", str(path), "torch", str(steps)]))
+        configs.append((f"pocketpeft torch {q}", ["pp", str(path), "torch", str(steps), rows]))
         if q == "q4_0":
-            configs += [(f"pocketpeft {b} q4_0", ["pp", str(path), b, str(steps)]) for b in extra]
-        if q == "q4_0" and "onnxruntime" in extra:   # the device-memory export: 1-row micro-batches, int8 4-bit
-            low = cache_dir() / "bench" / f"smollm2-q4_0-r{RANK}-onnx-rows1-int8"
+            configs += [(f"pocketpeft {b} q4_0", ["pp", str(path), b, str(steps), rows]) for b in extra]
+        for n_rows in (LOW_MEMORY_ROWS if q == "q4_0" and "onnxruntime" in extra else ()):   # device-memory exports
+            low = cache_dir() / "bench" / f"smollm2-q4_0-r{RANK}-onnx-rows{n_rows}-int8"
             try:
                 pp.Bundle(low).verify()
             except pp.PocketPeftError:
                 print(f"exporting {low.name} …", flush=True)
-                with mock.patch.dict(os.environ, LOW_MEMORY_ONNX):
+                with mock.patch.dict(os.environ, {"POCKETPEFT_ONNX_ROWS": str(n_rows), "POCKETPEFT_ONNX_Q4": "int8"}):
                     pp.export("smollm2", low, quant=q, targets=["onnx"], seq_len=SEQ, batch_size=BATCH,
                               lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES))
                 exports[low.name] = {t: i.get("export_seconds") for t, i in pp.Bundle(low).manifest.targets.items()}
-            configs.append((LOW_MEMORY_NAME, ["pp", str(low), "onnxruntime", str(steps)]))
+            configs.append((low_memory_name(n_rows), ["pp", str(low), "onnxruntime", str(steps), rows]))
     runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
     for rep in range(reps):
         for name, wargs in configs:
@@ -193,6 +254,7 @@ def main() -> None:
         tps = [tokens / (sum(r["step_seconds"]) / len(r["step_seconds"])) for r in rs]
         results[name] = {"tokens_per_s": summarize(tps), "peak_rss_mib": summarize([r["peak_rss_mib"] for r in rs]),
                          "load_seconds": summarize([r["load_seconds"] for r in rs]),
+                         "torch_imported": any(r.get("torch_imported", True) for r in rs),
                          "losses_first_run": rs[0]["losses"]}
     base = results["peft+transformers eager f32"]
     for name, r in results.items():
@@ -201,7 +263,9 @@ def main() -> None:
         r["share_of_ceiling"] = r["tokens_per_s"]["median"] / ceiling["ceiling_tokens_per_s"]
     payload = {"settings": {"model": "SmolLM2-135M-Instruct (embedded GGUF, dequantized)", "lora_r": RANK,
                             "lora_alpha": 16, "target_modules": MODULES, "batch": BATCH, "seq_len": SEQ,
-                            "repetitions": reps, "timed_steps_per_run": steps, "quick": args.quick},
+                            "repetitions": reps, "timed_steps_per_run": steps, "quick": args.quick,
+                            "workers": "one process per run; rows packed once in the parent (.npz); onnxruntime "
+                                       "workers with torch unimportable, as on a device"},
                "ceiling": ceiling, "exports": exports, "results": results,
                "target": "best device backend >= 1.4x PEFT eager tokens/s and <= 0.3x its peak RSS",
                "targets_met": device_targets(results)}
@@ -210,7 +274,8 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:<32}{r['tokens_per_s']['median']:>10.0f}{r['speed_vs_peft']:>8.2f}x"
               f"{r['peak_rss_mib']['median']:>14.0f}{r['rss_vs_peft']:>8.2f}x{100 * r['share_of_ceiling']:>11.0f}%")
-    print(f"fp32 matmul here: {ceiling['matmul_gflops']:.0f} GFLOP/s -> ceiling {ceiling['ceiling_tokens_per_s']:.0f} tokens/s")
+    print(f"fp32 matmul here: {ceiling['matmul_gflops']:.0f} GFLOP/s -> ceiling {ceiling['ceiling_tokens_per_s']:.0f} tokens/s; "
+          f"int8 (ORT MatMulInteger): {ceiling['int8_matmul_gops'] or 0:.0f} GOP/s")
     print(f"written to {path}")
 
 

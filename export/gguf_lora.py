@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pocketpeft.adapter import Adapter, check_adapter_shapes, load_adapter
+from pocketpeft.adapter import Adapter, as_float32, check_adapter_shapes, load_adapter
 from pocketpeft.config import LoraConfig, ModelConfig
 from pocketpeft.errors import AdapterShapeError, ConfigError
 from pocketpeft.lora import PEFT_PREFIX
@@ -89,7 +89,7 @@ def adapter_to_gguf(adapter: "Adapter | str | os.PathLike | Mapping[str, Any]", 
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         for key in sorted(ad.tensors):
             t = ad.tensors[key]
-            a = (t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)).astype(np.float32)
+            a = as_float32(t)
             gname = gguf_lora_name(key)
             if gname.endswith((".attn_q.weight.lora_b", ".attn_k.weight.lora_b")):
                 a = permute_rows(a, arch.num_attention_heads if ".attn_q." in gname else arch.num_key_value_heads)

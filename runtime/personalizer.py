@@ -200,7 +200,7 @@ class Personalizer:
 
     def _serve(self, version: int) -> None:
         ad = self.adapters.load(version)          # read back from disk, hash-checked
-        tensors = {k: v.numpy() for k, v in ad.tensors.items()}
+        tensors = ad.tensors
         with self._serve_lock:
             self.serve_session.backend.set_adapter(tensors)
             self._serving_version = version

@@ -171,8 +171,7 @@ class Session:
     def save_adapter(self, path: "str | os.PathLike") -> Path:
         """Write the current adapter in PEFT format (atomic: an existing adapter is replaced only
         once the new one is complete)."""
-        tensors = {k: _torch_tensor(v) for k, v in self.backend.get_adapter().items()}
-        adapter = Adapter(self.manifest.lora, tensors, self.manifest.base_sha256,
+        adapter = Adapter(self.manifest.lora, self.backend.get_adapter(), self.manifest.base_sha256,
                           {"pocketpeft.backend": self.backend.name})
         return save_adapter(adapter, path, base_name=f"pocketpeft:{self.manifest.base_source}")
 
@@ -189,11 +188,11 @@ class Session:
             raise AdapterShapeError(f"adapter {path} has LoRA scaling {ad.config.scaling:g} "
                                     f"(r={ad.config.r}, alpha={ad.config.lora_alpha}), this bundle uses {mine.scaling:g}")
         check_adapter_shapes(ad, self.manifest.trainable, str(path))
-        self.backend.set_adapter({k: v.numpy() for k, v in ad.tensors.items()})
+        self.backend.set_adapter(ad.tensors)
 
     def reset_adapter(self) -> None:
         """Go back to the bundle's initial adapter."""
-        self.backend.set_adapter({k: v.numpy() for k, v in self.bundle.initial_adapter().tensors.items()})
+        self.backend.set_adapter(self.bundle.initial_adapter().tensors)
 
     # ------------------------------------------------------------------ suggestions
     def suggest(self, prefix: str, k: int = 3) -> list[str]:
@@ -231,12 +230,6 @@ class Session:
         from .keystrokes import keystroke_metrics
 
         return keystroke_metrics(self.suggest, texts, k=k, max_messages=max_messages)
-
-
-def _torch_tensor(a: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def _bar(total: int | None, desc: str, enabled: bool):

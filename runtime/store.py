@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pocketpeft.adapter import Adapter, load_adapter, save_adapter
+from pocketpeft.adapter import Adapter, as_float32, load_adapter, save_adapter
 from pocketpeft.config import LoraConfig
 from pocketpeft.data import validate_texts
 from pocketpeft.errors import (BaseModelMismatchError, ConfigError, CorruptFileError, InputTextError,
@@ -204,7 +204,7 @@ def tensors_sha256(tensors: Mapping[str, Any]) -> str:
     h = hashlib.sha256()
     for k in sorted(tensors):
         v = tensors[k]
-        a = np.ascontiguousarray(v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v), dtype=np.float32)
+        a = as_float32(v)
         h.update(k.encode())
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
@@ -296,15 +296,12 @@ class AdapterStore:
         atomically. Raises :class:`StoreError` (read-only directory, full disk, …); the previously
         current version is then untouched and stays current.
         """
-        import torch
-
         n = max(self._numbers(), default=0) + 1
         digest = tensors_sha256(tensors)
         meta = {"pocketpeft.tensors_sha256": digest, "pocketpeft.version": str(n),
                 "pocketpeft.created": repr(time.time()),
                 "pocketpeft.metrics": json.dumps(dict(metrics or {}), default=float)}
-        tt = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v, dtype=np.float32)))
-              for k, v in tensors.items()}
+        tt = {k: as_float32(v) for k, v in tensors.items()}
         path = self.versions_dir / str(n)
         try:
             self.versions_dir.mkdir(parents=True, exist_ok=True)

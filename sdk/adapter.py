@@ -4,6 +4,9 @@ Key names are exactly those ``peft`` writes for ``transformers.LlamaForCausalLM`
 adapters load with ``peft.PeftModel.from_pretrained`` and peft's load into pocketpeft. The base
 model's hash travels in the safetensors header metadata (peft ignores it) so an adapter for
 another base is refused.
+
+Tensors are float32 numpy arrays: this module is on the device runtime's path, which needs no
+torch (the ONNX Runtime and llama.cpp backends run without it). Saving also takes torch tensors.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
-import torch
+import numpy as np
 
 from .config import LoraConfig
 from .errors import BaseModelMismatchError, CorruptFileError, ModelFileNotFoundError
@@ -26,12 +29,19 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 @dataclass
 class Adapter:
-    """A LoRA adapter in memory: its config, PEFT-named float32 tensors and metadata."""
+    """A LoRA adapter in memory: its config, PEFT-named float32 arrays and metadata."""
 
     config: LoraConfig
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, np.ndarray]
     base_sha256: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+def as_float32(value: Any) -> np.ndarray:
+    """A contiguous float32 numpy copy-or-view of a numpy array, array-like or torch tensor."""
+    if hasattr(value, "detach"):   # a torch tensor; converted without importing torch here
+        value = value.detach().cpu().float().numpy()
+    return np.ascontiguousarray(value, dtype=np.float32)
 
 
 def peft_config_dict(cfg: LoraConfig, base_name: str | None = None) -> dict:
@@ -53,7 +63,7 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, base_name: str | Non
     Returns the path. Raises :class:`StoreError` if the location isn't writable; an existing
     adapter at ``path`` is only replaced once the new one is complete.
     """
-    from safetensors.torch import save_file
+    from safetensors.numpy import save_file
 
     meta = {"format": "pt", **{k: str(v) for k, v in adapter.metadata.items()}}
     if adapter.base_sha256:
@@ -61,7 +71,7 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, base_name: str | Non
     path = Path(path)
     with atomic_dir(path) as stage:
         (stage / CONFIG_NAME).write_text(json.dumps(peft_config_dict(adapter.config, base_name), indent=2) + "\n")
-        tensors = {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in adapter.tensors.items()}
+        tensors = {k: as_float32(v) for k, v in adapter.tensors.items()}
         save_file(tensors, str(stage / WEIGHTS_NAME), metadata=meta)
     return path
 
@@ -90,9 +100,11 @@ def load_adapter(path: str | os.PathLike, expect_base_sha256: str | None = None)
                                if isinstance(cfg_dict, dict) else f"{cfg_path} is not a JSON object")
     cfg = LoraConfig.from_dict(cfg_dict)
     try:
-        with safe_open(str(w_path), framework="pt") as f:
+        with safe_open(str(w_path), framework="numpy") as f:
             meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k).to(torch.float32) for k in f.keys()}
+            keys = list(f.keys())
+            bf16 = _bf16_entries(w_path, keys)
+            tensors = {k: bf16[k] if k in bf16 else as_float32(f.get_tensor(k)) for k in keys}
     except Exception as e:  # safetensors raises its own SafetensorError / OSError variants
         raise CorruptFileError(f"{w_path} is not a readable safetensors file: {e}") from e
     base = meta.pop("pocketpeft.base_sha256", None)
@@ -100,6 +112,25 @@ def load_adapter(path: str | os.PathLike, expect_base_sha256: str | None = None)
         raise BaseModelMismatchError(
             f"adapter {path} was trained on base {base[:12]}…, but this bundle's base is {expect_base_sha256[:12]}…")
     return Adapter(cfg, tensors, base, meta)
+
+
+def _bf16_entries(path: Path, keys: list[str]) -> dict[str, np.ndarray]:
+    """float32 arrays of the file's bfloat16 tensors, which numpy has no dtype for (peft writes
+    them for adapters trained in bf16). The header layout is safetensors' own: an 8-byte
+    little-endian length, a JSON header, then the data block its offsets point into."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        out = {}
+        for k in keys:
+            info = header[k]
+            if info["dtype"] != "BF16":
+                continue
+            start, end = info["data_offsets"]
+            f.seek(8 + n + start)
+            raw = np.frombuffer(f.read(end - start), dtype="<u2")
+            out[k] = (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+    return out
 
 
 def check_adapter_shapes(adapter: Adapter, expected: Mapping[str, list[int]], where: str) -> None:

@@ -133,7 +133,7 @@ class ExecuTorchBackend:
             raise CorruptFileError(f"{bundle.root / SIGNATURE} is malformed: {e}") from e
         self._bundle, self._train, self._infer = bundle, None, None
         init = bundle.initial_adapter().tensors
-        self._adapter = {k: init[k].detach().float().clone().contiguous() for k in self._keys}
+        self._adapter = {k: torch.from_numpy(np.array(init[k], dtype=np.float32)) for k in self._keys}
         self.configure(self.cfg)
 
     @staticmethod

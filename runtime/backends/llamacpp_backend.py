@@ -260,7 +260,7 @@ class LlamaCppBackend:
         self._batch = llama_cpp.llama_batch_init(_N_BATCH, 0, 1)
         self._batch_free = weakref.finalize(self, llama_cpp.llama_batch_free, self._batch)
         self._tmp = tempfile.TemporaryDirectory(prefix="pocketpeft-lora-")
-        self.set_adapter({k: v.numpy() for k, v in bundle.initial_adapter().tensors.items()})
+        self.set_adapter(bundle.initial_adapter().tensors)
 
     @property
     def _llm(self):

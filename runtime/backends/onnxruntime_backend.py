@@ -17,7 +17,9 @@ backward; the session config that needs (no common-subexpression elimination) is
 bundle's ``onnx/io.json``. The eval model is dynamic. The CUDA path is untested here (no GPU):
 weights and gradients cross to the host through ORT's own copies.
 
-Rides on onnxruntime-training 1.19.2, its last release.
+Rides on onnxruntime-training 1.19.2, its last release. Torch is not needed: where it isn't
+installed (a device), the training API loads without the wheel's torch-only helpers
+(:func:`training_api`), so neither this backend nor pocketpeft's runtime imports it.
 """
 
 from __future__ import annotations
@@ -64,12 +66,46 @@ def _cuda_usable() -> bool:
         return False
 
 
-def probe() -> Probe:
-    """Available iff ``onnxruntime.training`` imports; CPU always, ``cuda`` when usable."""
+def training_api():
+    """``(CheckpointState, Module)`` of ``onnxruntime.training.api``.
+
+    The training wheel's package ``__init__`` imports its ``optim``/``amp`` helpers, which import
+    torch (they serve ORTModule, the torch front end). The ``api`` classes are thin wrappers over
+    the C++ training API and need none of it, so where torch is not installed the ``api``
+    subpackage is loaded under a bare ``onnxruntime.training`` package instead. With torch
+    installed the normal import runs. Raises :class:`MissingDependencyError` when
+    onnxruntime-training isn't installed or fails to import.
+    """
+    import os
+    import sys
+    import types
+
     from pocketpeft._deps import require
 
+    require("onnxruntime", "onnx")
     try:
-        require("onnxruntime.training", "onnx")
+        from onnxruntime.training.api import CheckpointState, Module
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "torch":
+            raise MissingDependencyError(f"onnxruntime-training is not installed or broken ({e}); install it "
+                                         "with: pip install 'pocketpeft[onnx]'") from e
+        import onnxruntime
+
+        pkg_dir = os.path.join(os.path.dirname(onnxruntime.__file__), "training")
+        if not os.path.isdir(os.path.join(pkg_dir, "api")):
+            raise MissingDependencyError("onnxruntime has no training API (the inference wheel is installed); "
+                                         "install it with: pip install 'pocketpeft[onnx]'") from e
+        bare = types.ModuleType("onnxruntime.training")
+        bare.__path__ = [pkg_dir]
+        sys.modules["onnxruntime.training"] = bare
+        from onnxruntime.training.api import CheckpointState, Module
+    return CheckpointState, Module
+
+
+def probe() -> Probe:
+    """Available iff ONNX Runtime's training API loads; CPU always, ``cuda`` when usable."""
+    try:
+        training_api()
     except MissingDependencyError as e:
         return Probe("onnxruntime", False, (), str(e))
     import onnxruntime as ort
@@ -107,8 +143,8 @@ class OrtBackend:
         :class:`CorruptFileError` (hash mismatch, or a file ORT cannot read).
         """
         import onnxruntime as ort
-        from onnxruntime.training.api import CheckpointState, Module
 
+        CheckpointState, Module = training_api()
         if DIR not in bundle.manifest.targets:
             raise ModelFileNotFoundError(f"bundle {bundle.root} has no 'onnx' target (it has: "
                                          f"{', '.join(bundle.targets)}); re-export it with --targets onnx")
@@ -137,7 +173,7 @@ class OrtBackend:
             raise CorruptFileError(f"{paths[CHECKPOINT]}: its trainable tensors don't match the manifest's "
                                    f"({len(trainable)} vs {len(expected)} LoRA tensors)")
         self._state, self._module, self._shapes, self._static = state, module, expected, (rows, seq)
-        self.set_adapter({k: v.numpy() for k, v in bundle.initial_adapter().tensors.items()})
+        self.set_adapter(bundle.initial_adapter().tensors)
 
     def configure(self, cfg: TrainConfig) -> None:
         """Set the optimizer config; the step count and AdamW moments start from zero."""

@@ -122,7 +122,7 @@ class OrtInferBackend:
         if not set(self._shapes) <= graph_inputs:
             raise CorruptFileError(f"{path}: its inputs lack the manifest's LoRA tensors "
                                    f"(e.g. {sorted(set(self._shapes) - graph_inputs)[:2]})")
-        self.set_adapter({k: v.numpy() for k, v in bundle.initial_adapter().tensors.items()})
+        self.set_adapter(bundle.initial_adapter().tensors)
 
     def configure(self, cfg: TrainConfig) -> None:
         """Nothing to configure: this backend has no optimizer."""

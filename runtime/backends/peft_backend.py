@@ -170,7 +170,7 @@ class PeftBackend:
         if mine != {k: list(v) for k, v in expected.items()}:
             raise AdapterShapeError(f"peft built LoRA tensors {sorted(mine)[:2]}… that differ from the bundle's "
                                     f"trainable tensors {sorted(expected)[:2]}…")
-        self.set_adapter({k: v.numpy() for k, v in bundle.initial_adapter().tensors.items()})
+        self.set_adapter(bundle.initial_adapter().tensors)
 
     def configure(self, cfg: TrainConfig) -> None:
         import torch

@@ -152,7 +152,7 @@ def test_adapter_hot_swap_matches_torch_without_reloading(bundle, lc, ids):
     _assert_close(lc.logits(ids), t.logits(ids))
     lc.set_adapter(a1)   # and back: the same logits as the first time
     np.testing.assert_allclose(lc.logits(ids), got1, atol=1e-6)
-    initial = {k: v.numpy() for k, v in bundle.initial_adapter().tensors.items()}
+    initial = dict(bundle.initial_adapter().tensors)
     lc.set_adapter(initial)
     assert not lc.adapter_attached and lc.llm is llm
     np.testing.assert_allclose(lc.logits(ids), base, atol=1e-6)
@@ -174,7 +174,7 @@ def test_trained_adapter_matches_torch(bundle, lc, ids):
     e_t, e_l = t.eval_batch(inputs[:4], labels[:4]), lc.eval_batch(inputs[:4], labels[:4])
     assert e_l.tokens == e_t.tokens and e_l.loss_sum == pytest.approx(e_t.loss_sum, rel=2e-3)
     assert abs(e_l.top1 - e_t.top1) <= 1 and abs(e_l.top3 - e_t.top3) <= 1
-    lc.set_adapter({k: v.numpy() for k, v in bundle.initial_adapter().tensors.items()})
+    lc.set_adapter(dict(bundle.initial_adapter().tensors))
 
 
 def test_decoder_uses_the_kv_cache(lc, ref, ids):
@@ -236,7 +236,7 @@ def test_branch_logits_match_full_evaluation(bundle, lc, ids):
         assert not lc._branches                # their K/V came from the old weights
         check(sib[:3], lc.branch_logits(sib[:3]))
     finally:
-        lc.set_adapter({k: v.numpy() for k, v in bundle.initial_adapter().tensors.items()})
+        lc.set_adapter(dict(bundle.initial_adapter().tensors))
     with pytest.raises(SequenceTooLongError):
         lc.branch_logits([[1] * (lc._n_ctx + 1)])
     for bad in ([], [[]], [[1, 10 ** 6]]):

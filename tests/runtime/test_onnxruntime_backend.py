@@ -8,6 +8,7 @@ different order, nothing more).
 
 import json
 import math
+import pathlib
 import shutil
 
 import numpy as np
@@ -255,3 +256,35 @@ def test_low_memory_export_options_train_as_torch(tiny_hf_dir, tmp_path, monkeyp
             pp.export(tiny_hf_dir, tmp_path / f"bad{bad}", quant="q4_0", lora=pp.LoraConfig(**LORA), targets=["onnx"],
                       seq_len=32, batch_size=4)
         monkeypatch.setenv(env, "1" if env.endswith("ROWS") else "int8")
+
+
+def test_trains_without_torch(bundle, tmp_path):
+    """On a device torch isn't installed: the onnxruntime backend must train and save an adapter
+    with torch unimportable (a child process blocks it), and match the torch backend's losses and
+    adapter in this process."""
+    import subprocess
+    import sys
+
+    (tmp_path / "texts.json").write_text(json.dumps(CHAT))
+    child = (
+        "import json, sys\n"
+        "from benchmarks.common import block_modules\n"
+        "block_modules('torch')\n"
+        "import pocketpeft as pp\n"
+        "sess = pp.runtime.open(sys.argv[1], backend='onnxruntime')\n"
+        "rep = sess.train(json.load(open(sys.argv[2])), steps=3, seed=0)\n"
+        "sess.save_adapter(sys.argv[3])\n"
+        "print(json.dumps({'losses': rep.losses, 'torch': sorted(m for m in sys.modules if m.split('.')[0] == 'torch')}))\n")
+    p = subprocess.run([sys.executable, "-c", child, str(bundle.root), str(tmp_path / "texts.json"),
+                        str(tmp_path / "ad")], capture_output=True, text=True, timeout=600,
+                       cwd=str(pathlib.Path(__file__).resolve().parents[2]))
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["torch"] == []
+    ref = pp.runtime.open(bundle, backend="torch")
+    rep = ref.train(CHAT, steps=3, seed=0)
+    np.testing.assert_allclose(out["losses"], rep.losses, rtol=1e-5)
+    ids = bundle.tokenizer().encode(PROMPTS[0])
+    want = ref.logits(ids)
+    ref.load_adapter(tmp_path / "ad")
+    np.testing.assert_allclose(ref.logits(ids), want, atol=1e-4)

@@ -154,7 +154,7 @@ def _assert_v1_intact(st, tensors):
 
 def test_full_disk_keeps_previous_version(tmp_path, peft_parts, monkeypatch):
     """ENOSPC from the tensor file write (injected: no small filesystem can be mounted here)."""
-    import safetensors.torch
+    import safetensors.numpy
 
     lora, tensors = peft_parts
     st = AdapterStore(tmp_path / "ad", BASE, lora)
@@ -165,7 +165,7 @@ def test_full_disk_keeps_previous_version(tmp_path, peft_parts, monkeypatch):
             fh.write(b"\x00" * 100)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(safetensors.numpy, "save_file", full)
     with pytest.raises(StoreError, match="version 1 stays current.*disk is full"):
         st.commit(_rand(tensors, 2))
     monkeypatch.undo()
