@@ -143,14 +143,17 @@ def section_train(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
              f"{_f(r.get('rss_vs_peft'), '.2f')}x", f"{_f(100 * r.get('share_of_ceiling', 0), '.0f')}%"] for n, r in res.items()]
     out += _table(["config", "tokens/s (spread)", "vs PEFT", "peak RSS MiB", "vs PEFT", "of fp32 ceiling"], rows)
     dev = {n: r for n, r in res.items() if "executorch" in n or "onnxruntime" in n}   # the device backends
+    peft = next((r["tokens_per_s"]["median"] for n, r in res.items() if n.startswith("peft")), None)
     ok = any(r.get("speed_vs_peft", 0) >= 1.4 and r.get("rss_vs_peft", 9) <= 0.3 for r in dev.values()) if dev else None
     out.append(f"\nTarget: {obj.get('target', 'best device backend >= 1.4x PEFT tokens/s and <= 0.3x its RSS')}: {_met(ok)}. "
                f"fp32 matmul {_f(ceil.get('matmul_gflops'), '.0f')} GFLOP/s -> ceiling {_f(ceil.get('ceiling_tokens_per_s'), '.0f')} tokens/s"
+               + (f" ({ceil['ceiling_tokens_per_s'] / peft:.2f}x PEFT: a step doing nothing but its matmuls)"
+                  if ceil.get("ceiling_tokens_per_s") and peft else "")
                + (f"; int8 matmul (ORT MatMulInteger) {_f(ceil['int8_matmul_gops'], '.0f')} GOP/s" if ceil.get("int8_matmul_gops") else "")
                + ".\n")
     free = [n for n, r in res.items() if r.get("torch_imported") is False]
     if free:
-        out.append(f"Run without torch in the process, as on a device: {', '.join(free)}.\n")
+        out.append("Run without torch in the process, as on a device: " + "; ".join(f"`{n}`" for n in free) + ".\n")
     curves = {n: r["losses_first_run"] for n, r in res.items() if r.get("losses_first_run")}
     if curves and _plot_lines(curves, "loss curves per backend (first run)", "step", "loss", plots / "train_loss.png"):
         out.append("![loss curves](train_loss.png)\n")

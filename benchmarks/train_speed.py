@@ -270,9 +270,10 @@ def main() -> None:
                "target": "best device backend >= 1.4x PEFT eager tokens/s and <= 0.3x its peak RSS",
                "targets_met": device_targets(results)}
     path = write_result("train_speed_quick" if args.quick else "train_speed", payload, args.out)
-    print(f"\n{'config':<32}{'tokens/s':>10}{'vs PEFT':>9}{'peak RSS MiB':>14}{'vs PEFT':>9}{'of ceiling':>12}")
+    w = max(map(len, results)) + 2
+    print(f"\n{'config':<{w}}{'tokens/s':>10}{'vs PEFT':>9}{'peak RSS MiB':>14}{'vs PEFT':>9}{'of ceiling':>12}")
     for name, r in results.items():
-        print(f"{name:<32}{r['tokens_per_s']['median']:>10.0f}{r['speed_vs_peft']:>8.2f}x"
+        print(f"{name:<{w}}{r['tokens_per_s']['median']:>10.0f}{r['speed_vs_peft']:>8.2f}x"
               f"{r['peak_rss_mib']['median']:>14.0f}{r['rss_vs_peft']:>8.2f}x{100 * r['share_of_ceiling']:>11.0f}%")
     print(f"fp32 matmul here: {ceiling['matmul_gflops']:.0f} GFLOP/s -> ceiling {ceiling['ceiling_tokens_per_s']:.0f} tokens/s; "
           f"int8 (ORT MatMulInteger): {ceiling['int8_matmul_gops'] or 0:.0f} GOP/s")

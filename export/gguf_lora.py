@@ -19,12 +19,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pocketpeft.adapter import Adapter, as_float32, check_adapter_shapes, load_adapter
+from pocketpeft.adapter import PEFT_PREFIX, Adapter, as_float32, check_adapter_shapes, load_adapter
 from pocketpeft.config import LoraConfig, ModelConfig
 from pocketpeft.errors import AdapterShapeError, ConfigError
-from pocketpeft.lora import PEFT_PREFIX
 
-from .gguf_target import ARCH, HF_TO_GGUF, permute_rows
+from .gguf_names import ARCH, HF_TO_GGUF, permute_rows
 
 _PEFT_KEY = re.compile(re.escape(PEFT_PREFIX)
                        + r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight")

@@ -25,9 +25,9 @@ Two export options trade speed for device memory (env, read at export; io.json r
 a bigger batch runs as micro-batches of N rows whose gradients accumulate exactly), and
 ``POCKETPEFT_ONNX_Q4=int8``, q4_0 weights stored one int8 per weight instead of packed nibbles
 (twice the bytes, half the dequantization work; see :func:`_unpacked_q4`). SmolLM2, batch 8x64
-on 2 cores, ORT alone: the default (8 rows, packed) peaks at ~1.5 GB; ``ROWS=1`` + ``Q4=int8``
-at ~0.8 GB, at ~75% of the speed (benchmarks/results/train_speed.json, whole process: 1775 vs
-1011 MiB).
+on 2 cores, a training process without torch (benchmarks/results/train_speed.json): the
+default (8 rows, packed) peaks at 1388 MiB; ``ROWS=2`` + ``Q4=int8`` at 734 MiB with 95% of its
+speed; ``ROWS=1`` + ``Q4=int8`` at 624 MiB with 76%.
 
 Frozen weights are dequantized in-graph with standard ops (Cast, BitwiseAnd, Div+Floor, and one
 Gather from a byte table for nf4), bit-identical to ``pocketpeft.quant.dequantize``. The backward

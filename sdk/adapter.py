@@ -23,6 +23,8 @@ from .config import LoraConfig
 from .errors import BaseModelMismatchError, CorruptFileError, ModelFileNotFoundError
 from .fsutil import atomic_dir
 
+#: peft's key prefix for a LoRA tensor of a ``PeftModel`` around a causal LM
+PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 

@@ -33,10 +33,15 @@ def cache_dir() -> Path:
 # ---------------------------------------------------------------------------- commands
 def cmd_export(args: argparse.Namespace) -> None:
     from .config import LoraConfig
+    from .errors import ConfigError
     from .export import export
 
+    if args.onnx_rows is not None and args.onnx_rows < 1:
+        raise ConfigError(f"--onnx-rows must be a positive integer (rows per training-graph run), got {args.onnx_rows}")
     lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=args.target_modules)
-    env = {"POCKETPEFT_GGUF_LINEAR": args.gguf_linear} if args.gguf_linear else {}
+    env = {name: str(value) for name, value in (("POCKETPEFT_GGUF_LINEAR", args.gguf_linear),
+                                                ("POCKETPEFT_ONNX_ROWS", args.onnx_rows),
+                                                ("POCKETPEFT_ONNX_Q4", args.onnx_q4)) if value is not None}
     with mock.patch.dict(os.environ, env):
         b = export(args.base, args.out, quant=args.quant, lora=lora, targets=args.targets, seq_len=args.seq_len,
                    batch_size=args.batch, seed=args.seed, progress=_progress(args))
@@ -230,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gguf-linear", choices=["native", "f32"],
                    help="gguf target: linears as the bundle's own q4_0/q8_0 bytes (native, the default) or their "
                         "exact float32 values, so llama.cpp's suggestions match the torch backend's")
+    e.add_argument("--onnx-rows", type=int, metavar="N",
+                   help="onnx target: rows of the training graph (default --batch); a batch then runs as "
+                        "micro-batches of N rows, less device memory (1 or 2 for a phone-sized budget)")
+    e.add_argument("--onnx-q4", choices=["packed", "int8"],
+                   help="onnx target, q4_0: weights as packed nibbles (default) or one int8 each "
+                        "(twice the bytes, cheaper to dequantize; pairs with --onnx-rows 1 or 2)")
     e.set_defaults(fn=cmd_export)
 
     t = common(sub.add_parser("train", help="update the LoRA adapter on text (one message per line)"))

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapter import PEFT_PREFIX
 from .config import LoraConfig
 from .errors import AdapterShapeError
 
-PEFT_PREFIX = "base_model.model."
 
 
 class LoraLinear(nn.Module):

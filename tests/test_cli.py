@@ -44,6 +44,16 @@ def test_export_gguf_linear_f32(tiny_hf_dir, tmp_path):
     assert run("export", tiny_hf_dir, "--out", tmp_path / "c", "--gguf-linear", "q2", check=False).returncode == 2
 
 
+def test_export_onnx_device_memory_options(tiny_hf_dir, tmp_path):
+    pytest.importorskip("onnxruntime.training")
+    run("export", tiny_hf_dir, "--out", tmp_path / "b", "--quant", "q4_0", "--targets", "onnx", "--r", "4",
+        "--seq-len", "16", "--batch", "4", "--onnx-rows", "2", "--onnx-q4", "int8", "--json")
+    io = json.loads((tmp_path / "b" / "onnx" / "io.json").read_text())
+    assert io["training_model"]["inputs"]["input_ids"] == [2, 16] and io["q4_0_storage"] == "int8"
+    bad = run("export", tiny_hf_dir, "--out", tmp_path / "c", "--targets", "onnx", "--onnx-rows", "0", check=False)
+    assert bad.returncode != 0 and "--onnx-rows" in bad.stderr and not (tmp_path / "c").exists()
+
+
 def test_cli_errors_are_clear(tiny_hf_dir, tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"caf\xe9\n")

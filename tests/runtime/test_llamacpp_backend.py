@@ -35,7 +35,7 @@ from pocketpeft.errors import (AdapterShapeError, BackendUnavailableError, Corru
 from pocketpeft.manifest import Bundle  # noqa: E402
 from pocketpeft.runtime import TrainConfig  # noqa: E402
 from pocketpeft.runtime.backends import llamacpp_backend, torch_backend  # noqa: E402
-from tests.helpers import CHAT  # noqa: E402
+from tests.helpers import CHAT, run_without_torch  # noqa: E402
 
 LORA = dict(r=4, lora_alpha=8)
 REL_TOL = 0.025   # max |dlogit| / max |torch logit| on a q8_0 base (measured ~0.004)
@@ -350,3 +350,28 @@ def test_smollm2_q4_0_parity_and_token_latency(tmp_path_factory):
         print(f"{name} decoder: {1000 * np.median(times):.1f} ms per incremental token (median of {len(times)}, "
               f"threads={os.environ.get('POCKETPEFT_THREADS', '2') if name == 'llamacpp' else 'torch default'})")
     lc.close()
+
+
+def test_serves_without_torch(bundle, lc, ids, tmp_path):
+    """On a device torch isn't installed: opening the bundle on llama.cpp with a PEFT adapter
+    (converted to a GGUF LoRA there) and computing logits must work with torch unimportable,
+    and give this process's llama.cpp logits for the same adapter."""
+    from pocketpeft.adapter import Adapter, save_adapter
+
+    tensors = _random_adapter(bundle, seed=3)
+    save_adapter(Adapter(bundle.manifest.lora, tensors, bundle.manifest.base_sha256), tmp_path / "ad")
+    np.save(tmp_path / "ids.npy", ids[:1])
+    out = run_without_torch(
+        "import os, numpy as np, pocketpeft as pp\n"
+        "os.environ['POCKETPEFT_THREADS'] = sys.argv[4]\n"
+        "sess = pp.runtime.open(sys.argv[1], backend='llamacpp', adapter=sys.argv[2], need_train=False)\n"
+        "lg = sess.backend.logits(np.load(sys.argv[3]))\n"
+        "np.save(sys.argv[3] + '.out.npy', lg)\n"
+        "print(json.dumps({'torch': [m for m in sys.modules if m.split('.')[0] == 'torch']}))\n",
+        str(bundle.root), str(tmp_path / "ad"), str(tmp_path / "ids.npy"), _threads())
+    assert out["torch"] == []
+    lc.set_adapter(tensors)
+    try:
+        np.testing.assert_allclose(np.load(tmp_path / "ids.npy.out.npy"), lc.logits(ids[:1]), atol=1e-5)
+    finally:
+        lc.set_adapter(dict(bundle.initial_adapter().tensors))

@@ -8,7 +8,6 @@ different order, nothing more).
 
 import json
 import math
-import pathlib
 import shutil
 
 import numpy as np
@@ -21,7 +20,7 @@ from pocketpeft.data import pack_rows  # noqa: E402
 from pocketpeft.errors import (AdapterShapeError, CorruptFileError, ModelFileNotFoundError,  # noqa: E402
                                SequenceTooLongError)
 from pocketpeft.runtime import TrainConfig  # noqa: E402
-from tests.helpers import CHAT  # noqa: E402
+from tests.helpers import CHAT, run_without_torch  # noqa: E402
 
 LORA = dict(r=4, lora_alpha=8)
 PROMPTS = ["see you at the game tonight", "did you finish the homework"]
@@ -262,24 +261,14 @@ def test_trains_without_torch(bundle, tmp_path):
     """On a device torch isn't installed: the onnxruntime backend must train and save an adapter
     with torch unimportable (a child process blocks it), and match the torch backend's losses and
     adapter in this process."""
-    import subprocess
-    import sys
-
     (tmp_path / "texts.json").write_text(json.dumps(CHAT))
-    child = (
-        "import json, sys\n"
-        "from benchmarks.common import block_modules\n"
-        "block_modules('torch')\n"
+    out = run_without_torch(
         "import pocketpeft as pp\n"
         "sess = pp.runtime.open(sys.argv[1], backend='onnxruntime')\n"
         "rep = sess.train(json.load(open(sys.argv[2])), steps=3, seed=0)\n"
         "sess.save_adapter(sys.argv[3])\n"
-        "print(json.dumps({'losses': rep.losses, 'torch': sorted(m for m in sys.modules if m.split('.')[0] == 'torch')}))\n")
-    p = subprocess.run([sys.executable, "-c", child, str(bundle.root), str(tmp_path / "texts.json"),
-                        str(tmp_path / "ad")], capture_output=True, text=True, timeout=600,
-                       cwd=str(pathlib.Path(__file__).resolve().parents[2]))
-    assert p.returncode == 0, p.stderr[-3000:]
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+        "print(json.dumps({'losses': rep.losses, 'torch': [m for m in sys.modules if m.split('.')[0] == 'torch']}))\n",
+        str(bundle.root), str(tmp_path / "texts.json"), str(tmp_path / "ad"))
     assert out["torch"] == []
     ref = pp.runtime.open(bundle, backend="torch")
     rep = ref.train(CHAT, steps=3, seed=0)

@@ -109,3 +109,26 @@ def test_corrupt_or_missing_adapter_keeps_current_weights(trained, tmp_path):
         sess.load_adapter(bad)
     after = sess.backend.get_adapter()
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_bf16_and_fp16_adapters_load_as_float32(bundle, tmp_path):
+    """peft saves adapters trained in bf16/fp16 in that dtype; numpy has no bfloat16, so those
+    tensors are read from their raw bytes. The reference is safetensors' own torch reader."""
+    from safetensors.torch import load_file
+
+    sess = pp.runtime.open(bundle, backend="torch")
+    hf = hf_model_from_backend(sess.backend)
+    torch.manual_seed(2)
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                                 init_lora_weights=False, task_type="CAUSAL_LM"))
+    for i, (name, p) in enumerate((n, p) for n, p in pm.named_parameters() if "lora_" in n):
+        p.data = p.data.to(torch.bfloat16 if i % 2 else torch.float16)
+    pm.save_pretrained(str(tmp_path / "half"))
+    want = {k: v.float().numpy() for k, v in load_file(str(tmp_path / "half" / WEIGHTS_NAME)).items()}
+    assert {str(v.dtype) for v in load_file(str(tmp_path / "half" / WEIGHTS_NAME)).values()} == {"torch.bfloat16", "torch.float16"}
+    ad = load_adapter(tmp_path / "half")
+    assert set(ad.tensors) == set(want)
+    for k, v in want.items():
+        assert ad.tensors[k].dtype == np.float32
+        np.testing.assert_array_equal(ad.tensors[k], v)
+    sess.load_adapter(tmp_path / "half")   # and the session takes it
