@@ -142,9 +142,11 @@ def section_train(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
              f"{_f(r.get('speed_vs_peft'), '.2f')}x", _f(r['peak_rss_mib']['median'], '.0f'),
              f"{_f(r.get('rss_vs_peft'), '.2f')}x", f"{_f(100 * r.get('share_of_ceiling', 0), '.0f')}%"] for n, r in res.items()]
     out += _table(["config", "tokens/s (spread)", "vs PEFT", "peak RSS MiB", "vs PEFT", "of fp32 ceiling"], rows)
-    dev = {n: r for n, r in res.items() if "executorch" in n or "onnxruntime" in n}   # the device backends
+    from benchmarks.train_speed import device_targets
+
+    met = device_targets(res)   # per device-backend configuration
     peft = next((r["tokens_per_s"]["median"] for n, r in res.items() if n.startswith("peft")), None)
-    ok = any(r.get("speed_vs_peft", 0) >= 1.4 and r.get("rss_vs_peft", 9) <= 0.3 for r in dev.values()) if dev else None
+    ok = any(met.values()) if met else None
     out.append(f"\nTarget: {obj.get('target', 'best device backend >= 1.4x PEFT tokens/s and <= 0.3x its RSS')}: {_met(ok)}. "
                f"fp32 matmul {_f(ceil.get('matmul_gflops'), '.0f')} GFLOP/s -> ceiling {_f(ceil.get('ceiling_tokens_per_s'), '.0f')} tokens/s"
                + (f" ({ceil['ceiling_tokens_per_s'] / peft:.2f}x PEFT: a step doing nothing but its matmuls)"

@@ -145,14 +145,7 @@ def matmul_ceiling(n_params: int, seconds: float = 3.0) -> dict:
     import torch
 
     x, w = torch.randn(BATCH * SEQ, 576), torch.randn(576, 1536)
-    flop = 2 * x.shape[0] * 576 * 1536
-    for _ in range(3):
-        x @ w
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        x @ w
-        n += 1
-    gflops = n * flop / (time.perf_counter() - t0) / 1e9
+    gflops = _rate(lambda: x @ w, 2 * x.shape[0] * 576 * 1536, seconds)
     return {"matmul_gflops": gflops, "ceiling_tokens_per_s": gflops * 1e9 / (4 * n_params),
             "int8_matmul_gops": int8_matmul_gops(seconds)}
 
@@ -178,13 +171,34 @@ def int8_matmul_gops(seconds: float = 3.0) -> float | None:
     so.intra_op_num_threads = 2
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     feed = {"a": rng.integers(0, 256, (m, k), dtype=np.uint8)}
+    return _rate(lambda: sess.run(None, feed), 2 * m * k * n, seconds)
+
+
+def _rate(run, ops: int, seconds: float) -> float:
+    """Giga-ops per second of ``run()`` (``ops`` each) over ``seconds``, after 3 warm-up calls."""
     for _ in range(3):
-        sess.run(None, feed)
+        run()
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        sess.run(None, feed)
+        run()
         count += 1
-    return count * 2 * m * k * n / (time.perf_counter() - t0) / 1e9
+    return count * ops / (time.perf_counter() - t0) / 1e9
+
+
+def _bundle(path: Path, quant: str, targets: list[str], env: dict[str, str], exports: dict) -> Path:
+    """The cached bench bundle at ``path``, exported (under the export options ``env``) when it is
+    missing or fails verification; a fresh export's per-target seconds go to ``exports``."""
+    import pocketpeft as pp
+
+    try:
+        pp.Bundle(path).verify()
+    except pp.PocketPeftError:
+        print(f"exporting {path.name} …", flush=True)
+        with mock.patch.dict(os.environ, env):
+            pp.export("smollm2", path, quant=quant, targets=targets, seq_len=SEQ, batch_size=BATCH,
+                      lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES))
+        exports[path.name] = {t: i.get("export_seconds") for t, i in pp.Bundle(path).manifest.targets.items()}
+    return path
 
 
 def main() -> None:
@@ -217,29 +231,13 @@ def main() -> None:
     exports = {}
     for q in args.quants.split(","):
         tg = ["torch"] + ([targets[b] for b in extra] if q == "q4_0" else [])
-        path = cache_dir() / "bench" / f"smollm2-{q}-r{RANK}-{'-'.join(tg)}"
-        t0 = time.perf_counter()
-        try:
-            b = pp.Bundle(path)
-            b.verify()
-        except pp.PocketPeftError:
-            print(f"exporting {path.name} …", flush=True)
-            pp.export("smollm2", path, quant=q, targets=tg, seq_len=SEQ, batch_size=BATCH,
-                      lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES))
-            exports[path.name] = {t: i.get("export_seconds") for t, i in pp.Bundle(path).manifest.targets.items()}
+        path = _bundle(cache_dir() / "bench" / f"smollm2-{q}-r{RANK}-{'-'.join(tg)}", q, tg, {}, exports)
         configs.append((f"pocketpeft torch {q}", ["pp", str(path), "torch", str(steps), rows]))
         if q == "q4_0":
             configs += [(f"pocketpeft {b} q4_0", ["pp", str(path), b, str(steps), rows]) for b in extra]
         for n_rows in (LOW_MEMORY_ROWS if q == "q4_0" and "onnxruntime" in extra else ()):   # device-memory exports
-            low = cache_dir() / "bench" / f"smollm2-q4_0-r{RANK}-onnx-rows{n_rows}-int8"
-            try:
-                pp.Bundle(low).verify()
-            except pp.PocketPeftError:
-                print(f"exporting {low.name} …", flush=True)
-                with mock.patch.dict(os.environ, {"POCKETPEFT_ONNX_ROWS": str(n_rows), "POCKETPEFT_ONNX_Q4": "int8"}):
-                    pp.export("smollm2", low, quant=q, targets=["onnx"], seq_len=SEQ, batch_size=BATCH,
-                              lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES))
-                exports[low.name] = {t: i.get("export_seconds") for t, i in pp.Bundle(low).manifest.targets.items()}
+            low = _bundle(cache_dir() / "bench" / f"smollm2-q4_0-r{RANK}-onnx-rows{n_rows}-int8", q, ["onnx"],
+                          {"POCKETPEFT_ONNX_ROWS": str(n_rows), "POCKETPEFT_ONNX_Q4": "int8"}, exports)
             configs.append((low_memory_name(n_rows), ["pp", str(low), "onnxruntime", str(steps), rows]))
     runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
     for rep in range(reps):

@@ -104,9 +104,9 @@ def load_adapter(path: str | os.PathLike, expect_base_sha256: str | None = None)
     try:
         with safe_open(str(w_path), framework="numpy") as f:
             meta = dict(f.metadata() or {})
-            keys = list(f.keys())
-            bf16 = _bf16_entries(w_path, keys)
-            tensors = {k: bf16[k] if k in bf16 else as_float32(f.get_tensor(k)) for k in keys}
+            bf16 = [k for k in f.keys() if f.get_slice(k).get_dtype() == "BF16"]
+            tensors = _bf16_entries(w_path, bf16) if bf16 else {}
+            tensors.update({k: as_float32(f.get_tensor(k)) for k in f.keys() if k not in tensors})
     except Exception as e:  # safetensors raises its own SafetensorError / OSError variants
         raise CorruptFileError(f"{w_path} is not a readable safetensors file: {e}") from e
     base = meta.pop("pocketpeft.base_sha256", None)
@@ -117,7 +117,7 @@ def load_adapter(path: str | os.PathLike, expect_base_sha256: str | None = None)
 
 
 def _bf16_entries(path: Path, keys: list[str]) -> dict[str, np.ndarray]:
-    """float32 arrays of the file's bfloat16 tensors, which numpy has no dtype for (peft writes
+    """float32 arrays of the file's bfloat16 tensors ``keys``, which numpy has no dtype for (peft writes
     them for adapters trained in bf16). The header layout is safetensors' own: an 8-byte
     little-endian length, a JSON header, then the data block its offsets point into."""
     with open(path, "rb") as f:
@@ -126,8 +126,6 @@ def _bf16_entries(path: Path, keys: list[str]) -> dict[str, np.ndarray]:
         out = {}
         for k in keys:
             info = header[k]
-            if info["dtype"] != "BF16":
-                continue
             start, end = info["data_offsets"]
             f.seek(8 + n + start)
             raw = np.frombuffer(f.read(end - start), dtype="<u2")
