@@ -44,7 +44,8 @@ def _peak_mib() -> float:
 
 
 def _data(tokenizer, sender: str, n_test_rows: int):
-    from pocketpeft.data import pack_rows, sender_split
+    from pocketpeft.corpus import sender_split
+    from pocketpeft.text import pack_rows
 
     train, test = sender_split(sender)
     x, y = pack_rows(tokenizer, train, SEQ)
@@ -121,7 +122,7 @@ def worker(bundle: str, backend: str, mode: str, sender: str, seconds: float, ch
 
 def _bundle() -> Path:
     import pocketpeft as pp
-    from pocketpeft.cli import cache_dir
+    from pocketpeft.fsutil import cache_dir
 
     path = cache_dir() / "bench" / f"smollm2-q4_0-r{RANK}-torch-onnx"
     try:
@@ -158,7 +159,7 @@ def main() -> None:
         return
 
     from benchmarks.common import run_worker, write_result
-    from pocketpeft.data import top_senders
+    from pocketpeft.corpus import top_senders
 
     senders, secs, cps = (1, 30.0, 2) if args.quick else (args.senders, args.seconds, 4)
     bb, fb = args.batch, args.batch_forward_only

@@ -5,7 +5,7 @@ the perplexity of other people's messages, each against the base model measured 
 Suggestions are scored four ways from the same model passes: the base model; LoRA alone; the
 base model mixed with the sender's word counts alone; and both, which is what the Personalizer
 serves (``top3_gain_points``).
-For scale, a word trigram keyboard model alone (pocketpeft.runtime.wordcounts) is scored on the same keystrokes: built
+For scale, a word trigram keyboard model alone (pocketpeft.runtime.keyboard.wordcounts) is scored on the same keystrokes: built
 from other people's messages, then personalized by adding the sender's same training messages.
 
 Targets (issue 5): mean gain >= +5 points next-word top-3 after <= 60 s of updates on 2 CPU
@@ -33,11 +33,11 @@ def _gain(a: dict, b: dict, key: str) -> float:
 def run(n_senders: int, seconds: float, ks_messages: int, loss_messages: int, quant: str, others_messages: int = 200,
         word_weight: float = 0.2, log=print) -> dict:
     from pocketpeft import runtime
-    from pocketpeft.cli import cache_dir
-    from pocketpeft.data import general_texts, sender_split, top_senders
-    from pocketpeft.demo import _serve_backend, cached_bundle
+    from pocketpeft.fsutil import cache_dir
+    from pocketpeft.corpus import general_texts, sender_split, top_senders
+    from pocketpeft.apps.demo import _serve_backend, cached_bundle
     from pocketpeft.runtime.keystrokes import keystroke_metrics
-    from pocketpeft.runtime.wordcounts import WordCounts, keystrokes_with_words
+    from pocketpeft.runtime.keyboard.wordcounts import WordCounts, keystrokes_with_words
 
     serve_backend = _serve_backend() or "torch"   # as the demo: llama.cpp serves when it runs here
     bundle, export_s = cached_bundle(cache_dir(), quant, False, log, gguf=serve_backend == "llamacpp")

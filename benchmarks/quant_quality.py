@@ -40,10 +40,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="150 messages instead of 600")
     args = ap.parse_args()
     from benchmarks.common import write_result
-    from pocketpeft.data import general_texts, pack_rows
-    from pocketpeft.loading import load_base
-    from pocketpeft.model import build_from_float
-    from pocketpeft.quant import storage_bytes
+    from pocketpeft.corpus import general_texts
+    from pocketpeft.text import pack_rows
+    from pocketpeft.reference.loading import load_base
+    from pocketpeft.reference.model import build_from_float
+    from pocketpeft.reference.quant import storage_bytes
 
     base = load_base("smollm2")
     texts = general_texts(n=150 if args.quick else 600, seed=1)

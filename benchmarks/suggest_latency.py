@@ -66,7 +66,7 @@ def keystroke_prefixes(messages: list[str]) -> list[str]:
 def held_out_messages(n_messages: int, max_chars: int = 80, n_senders: int = 4) -> list[str]:
     """The latest (test-split) messages of the most prolific chitchat senders, round robin,
     those of 8..``max_chars`` characters."""
-    from pocketpeft.data import sender_split, top_senders
+    from pocketpeft.corpus import sender_split, top_senders
 
     pools = []
     for s in top_senders()[:n_senders]:
@@ -202,7 +202,7 @@ def worker_llama_raw(bundle: str, adapter: str, prefixes: list[str]) -> dict:
     import llama_cpp
 
     from benchmarks.common import peak_rss_mib
-    from pocketpeft.export.gguf_lora import adapter_to_gguf
+    from pocketpeft.formats.gguf_lora import adapter_to_gguf
     from pocketpeft.manifest import Bundle
     from pocketpeft.runtime.backends.llamacpp_backend import base_gguf_path
 
@@ -338,7 +338,7 @@ def main() -> None:
     import tempfile
 
     from benchmarks.common import run_worker, write_result
-    from pocketpeft.cli import cache_dir
+    from pocketpeft.fsutil import cache_dir
     from pocketpeft.errors import ConfigError
     from pocketpeft.runtime.selection import probe
 

@@ -46,7 +46,9 @@ def pack_bench_rows(tokenizer_json: Path, n_rows: int, out: Path) -> Path:
     ``SEQ`` tokens, written to ``out`` (.npz with ``x`` and ``y``)."""
     import numpy as np
 
-    from pocketpeft.data import pack_rows, sender_split, top_senders
+    from pocketpeft.corpus import sender_split, top_senders
+
+    from pocketpeft.text import pack_rows
     from pocketpeft.tokenizer import Tokenizer
 
     train, _ = sender_split(top_senders()[0])
@@ -96,7 +98,7 @@ def hf_folder(path: Path) -> Path:
     if not (path / "config.json").is_file():
         import transformers
 
-        from pocketpeft.loading import load_base
+        from pocketpeft.reference.loading import load_base
 
         base = load_base("smollm2")
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**base.config.to_hf_dict()))
@@ -218,7 +220,7 @@ def main() -> None:
 
     import pocketpeft as pp
     from benchmarks.common import run_worker, summarize, write_result
-    from pocketpeft.cli import cache_dir
+    from pocketpeft.fsutil import cache_dir
     from pocketpeft.runtime.selection import probe
 
     reps, steps = (1, 3) if args.quick else (3, 6)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import sys
 import time
+import types
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -51,9 +53,9 @@ def export(base: "str | os.PathLike", out: "str | os.PathLike", quant: "str | Qu
 
     from pocketpeft.adapter import Adapter, save_adapter
     from pocketpeft.fsutil import atomic_dir, sha256_file
-    from pocketpeft.loading import load_base
-    from pocketpeft.lora import inject_lora, lora_shapes, lora_state_dict
-    from pocketpeft.model import build_from_float
+    from pocketpeft.reference.loading import load_base
+    from pocketpeft.reference.lora import inject_lora, lora_shapes, lora_state_dict
+    from pocketpeft.reference.model import build_from_float
 
     from .protocol import ExportContext
 
@@ -113,3 +115,13 @@ def _toolchain_versions(target_info: dict[str, dict[str, Any]]) -> dict[str, str
 def available_targets() -> list[str]:
     """Names of every registered export target."""
     return list(TARGETS)
+
+
+class _ExportModule(types.ModuleType):
+    """``pocketpeft.export`` is both this package and the function: calling the module calls
+    :func:`export`, so ``pp.export(...)`` works without ``import pocketpeft`` loading the exporter."""
+
+    __call__ = staticmethod(export)
+
+
+sys.modules[__name__].__class__ = _ExportModule

@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from pocketpeft.errors import CorruptFileError, UnsupportedModelError
-from pocketpeft.lora import lora_shapes
-from pocketpeft.quant import NF4_CODE, QuantLinear
+from pocketpeft.reference.lora import lora_shapes
+from pocketpeft.reference.quant import NF4_CODE, QuantLinear
 
 from .executorch_target import _InferNet, peft_key, trainable_copy
 from .protocol import ExportContext
@@ -221,7 +221,7 @@ def convert(ctx: ExportContext):
     spec.description.metadata.shortDescription = (
         f"pocketpeft: {ctx.arch.model_type} base, {ctx.quant.value} weights, LoRA tensors as inputs")
     ml = ct.models.MLModel(spec, weights_dir=ml.weights_dir, skip_model_load=True)
-    ml.user_defined_metadata["pocketpeft.quant"] = ctx.quant.value
+    ml.user_defined_metadata["pocketpeft.reference.quant"] = ctx.quant.value
     ml.user_defined_metadata["pocketpeft.seq_len"] = str(ctx.seq_len)
     return ml, keys
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pocketpeft.lora import PEFT_PREFIX
+from pocketpeft.reference.lora import PEFT_PREFIX
 
 from .protocol import ExportContext
 

@@ -6,12 +6,12 @@ What the file holds (``gguf/info.json`` records it per bundle):
   source's ``tokenizer.*`` metadata copied verbatim, otherwise rebuilt from ``tokenizer.json``
   (gpt2 byte-level BPE: tokens, merges, token types, pre-tokenizer, special ids).
 - frozen linears in the bundle's own quantization where GGUF has it: ``q4_0`` / ``q8_0`` are
-  *our* buffers laid out by :func:`pocketpeft.quant.to_gguf_blocks` (byte-identical blocks, so
+  *our* buffers laid out by :func:`pocketpeft.reference.quant.to_gguf_blocks` (byte-identical blocks, so
   llama.cpp and the torch backend run the same frozen bytes); ``f16`` / ``f32`` as such.
   ``nf4`` has no GGUF type: its dequantized weights are written as ``f16`` (default, closest to
   the torch backend's values) or ``q8_0`` (``POCKETPEFT_GGUF_NF4=q8_0``: half the size).
 - Q and K rows permuted back into llama.cpp's interleaved-pair RoPE order (the inverse of what
-  :mod:`pocketpeft.loading` undoes on load), also on quantized rows: blocks run along a row.
+  :mod:`pocketpeft.reference.loading` undoes on load), also on quantized rows: blocks run along a row.
 - ``token_embd`` (and ``output`` when untied; tied models have no ``output.weight``):
   ``q8_0`` when that reproduces our float32 embedding exactly (a base that came from a q8_0
   GGUF, like SmolLM2), else ``f32`` for f32 bundles and ``f16`` otherwise. Norms are ``f32``.
@@ -20,7 +20,7 @@ What the file holds (``gguf/info.json`` records it per bundle):
   tensors (e.g. SmolLM2's Q4_1) are copied through verbatim instead. llama.cpp then runs the
   source's bytes, no longer the bundle's, so llama.cpp/torch parity becomes approximate.
 
-LoRA adapters are not part of the base: :func:`pocketpeft.export.gguf_lora.adapter_to_gguf`
+LoRA adapters are not part of the base: :func:`pocketpeft.formats.gguf_lora.adapter_to_gguf`
 converts a PEFT adapter to a GGUF LoRA adapter, and the llamacpp backend hot-swaps those.
 """
 
@@ -36,10 +36,10 @@ import torch
 
 from pocketpeft.config import ModelConfig, QuantFormat
 from pocketpeft.errors import ConfigError, UnsupportedModelError
-from pocketpeft.model import CausalLM, linear_names
-from pocketpeft.quant import QuantLinear, dequantize, quantize, to_gguf_blocks
+from pocketpeft.reference.model import CausalLM, linear_names
+from pocketpeft.reference.quant import QuantLinear, dequantize, quantize, to_gguf_blocks
 
-from .gguf_names import ARCH, HF_TO_GGUF, PERMUTATION, gguf_name, permute_rows  # noqa: F401 (re-exported)
+from pocketpeft.formats.gguf import ARCH, HF_TO_GGUF, PERMUTATION, gguf_name, permute_rows  # noqa: F401 (re-exported)
 from .protocol import ExportContext
 
 DIR = "gguf"
@@ -113,7 +113,7 @@ def _passthrough_tensors(reader: Any, arch: ModelConfig) -> dict[str, Any]:
     """Quantized source tensors that can stand in for ours verbatim (already in llama.cpp's layout)."""
     import gguf
 
-    from pocketpeft.loading import expected_shapes
+    from pocketpeft.reference.loading import expected_shapes
 
     float_types = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
     ours = {}
@@ -316,7 +316,7 @@ def write_base_gguf(model: CausalLM, out_path: "str | os.PathLike", *, tokenizer
     """
     import gguf
 
-    from pocketpeft.loading import open_gguf
+    from pocketpeft.reference.loading import open_gguf
 
     if nf4_as not in ("f16", "q8_0"):
         raise ConfigError(f"nf4_as must be 'f16' or 'q8_0', got {nf4_as!r}")
@@ -380,7 +380,7 @@ def _source_gguf(ctx: ExportContext) -> Path | None:
     initial adapter records the source and its sha256."""
     from safetensors import safe_open
 
-    from pocketpeft.loading import default_model_path, sha256_files
+    from pocketpeft.reference.loading import default_model_path, sha256_files
 
     src = getattr(ctx, "source", None)
     want = None
@@ -430,7 +430,7 @@ class GgufTarget:
         rel = f"{DIR}/base.{kind}.gguf"
         tmp.rename(ctx.stage / rel)
         info = {"base": rel, "bundle_quant": ctx.quant.value, **info,
-                "adapters": "PEFT adapters convert with pocketpeft.export.gguf_lora.adapter_to_gguf"}
+                "adapters": "PEFT adapters convert with pocketpeft.formats.gguf_lora.adapter_to_gguf"}
         if ctx.quant is QuantFormat.NF4:
             info["note"] = (f"nf4 has no GGUF type: linears are the nf4 weights dequantized and stored as "
                             f"{info['linear_type']}")

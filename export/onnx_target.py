@@ -30,7 +30,7 @@ default (8 rows, packed) peaks at 1388 MiB; ``ROWS=2`` + ``Q4=int8`` at 734 MiB 
 speed; ``ROWS=1`` + ``Q4=int8`` at 624 MiB with 76%.
 
 Frozen weights are dequantized in-graph with standard ops (Cast, BitwiseAnd, Div+Floor, and one
-Gather from a byte table for nf4), bit-identical to ``pocketpeft.quant.dequantize``. The backward
+Gather from a byte table for nf4), bit-identical to ``pocketpeft.reference.quant.dequantize``. The backward
 pass recomputes them rather than keeping them (see :func:`_rematerialize_frozen`).
 
 Rides on ORT training 1.19.2 (its last release) and the dynamo exporter with ``optimize=False``
@@ -47,7 +47,7 @@ import warnings
 import torch
 
 from pocketpeft.errors import UnsupportedModelError
-from pocketpeft.lora import PEFT_PREFIX, lora_modules
+from pocketpeft.reference.lora import PEFT_PREFIX, lora_modules
 
 from .protocol import ExportContext
 
@@ -70,7 +70,7 @@ def lora_onnx_names(model: torch.nn.Module) -> dict[str, str]:
 
 def _nf4_table() -> torch.Tensor:
     """[256, 2] float32: the two nf4 code values packed in each byte (high nibble first)."""
-    from pocketpeft.quant import NF4_CODE
+    from pocketpeft.reference.quant import NF4_CODE
 
     b = torch.arange(256)
     return torch.stack([NF4_CODE[b // 16], NF4_CODE[b % 16]], dim=-1)
@@ -86,7 +86,7 @@ def _export_dequant():
     import torch.nn.functional as F
 
     from pocketpeft.config import QuantFormat
-    from pocketpeft.quant import QuantLinear
+    from pocketpeft.reference.quant import QuantLinear
 
     original, table = QuantLinear.forward, _nf4_table()
 
@@ -117,7 +117,7 @@ def _unpacked_q4(model: torch.nn.Module, enabled: bool):
     runs a small micro-batch and dequantizes every weight twice per micro-batch. Twice the
     bytes of the packed blocks, the same float32 values. Removed afterwards."""
     from pocketpeft.config import QuantFormat
-    from pocketpeft.quant import QuantLinear, _nibbles
+    from pocketpeft.reference.quant import QuantLinear, _nibbles
 
     added = []
     try:

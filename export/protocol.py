@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Protocol
 
 from pocketpeft.config import LoraConfig, ModelConfig, QuantFormat
-from pocketpeft.model import CausalLM
+from pocketpeft.reference.model import CausalLM
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from pocketpeft.lora import LoraLinear
+from pocketpeft.reference.lora import LoraLinear
 
 from .protocol import ExportContext
 

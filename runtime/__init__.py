@@ -13,8 +13,8 @@ from .forward_only import ForwardOnlyConfig, ForwardOnlyTrainer
 from .protocol import Backend, Capabilities, EvalSums, Probe, StepResult, TrainConfig
 from .selection import explain, resolve
 from .session import EvalReport, Session, TrainReport
-from .personalizer import Personalizer, UpdateReport
-from .store import AdapterStore, TextStore
+from .keyboard.personalizer import Personalizer, UpdateReport
+from .keyboard.store import AdapterStore, TextStore
 
 __all__ = ["open", "Session", "TrainReport", "EvalReport", "TrainConfig", "Backend", "Capabilities",
            "Probe", "StepResult", "EvalSums", "explain", "resolve", "ForwardOnlyConfig", "ForwardOnlyTrainer"]

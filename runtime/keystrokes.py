@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Iterable
 
-from pocketpeft.data import validate_texts
+from pocketpeft.text import validate_texts
 from pocketpeft.errors import ConfigError
 
 from .predictor import is_word_char

@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from pocketpeft.data import as_text
+from pocketpeft.text import as_text
 from pocketpeft.errors import ConfigError
 
 APOSTROPHES = "'\u2019"

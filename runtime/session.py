@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from pocketpeft.adapter import Adapter, check_adapter_shapes, load_adapter, save_adapter
-from pocketpeft.data import pack_rows, validate_texts
+from pocketpeft.text import pack_rows, validate_texts
 from pocketpeft.errors import AdapterShapeError, ConfigError, InputTextError, SequenceTooLongError
 from pocketpeft.manifest import Bundle
 

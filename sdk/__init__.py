@@ -18,18 +18,15 @@ __version__ = "0.1.0"
 from .config import LoraConfig, ModelConfig, QuantFormat
 from .errors import *  # noqa: F401,F403
 from .errors import PocketPeftError
-from .export import export as _export_function
-
-# The subpackage ``pocketpeft.export`` and the function ``pocketpeft.export(...)`` share a name;
-# the function wins as an attribute (``from pocketpeft.export import ...`` still reaches the package).
-export = _export_function
 
 __all__ = ["LoraConfig", "ModelConfig", "QuantFormat", "PocketPeftError", "export", "runtime", "Bundle",
            "load_adapter", "save_adapter", "__version__"]
 
 _LAZY = {"Bundle": ("pocketpeft.manifest", "Bundle"),
          "load_adapter": ("pocketpeft.adapter", "load_adapter"), "save_adapter": ("pocketpeft.adapter", "save_adapter"),
-         "runtime": ("pocketpeft.runtime", None)}
+         "runtime": ("pocketpeft.runtime", None),
+         # the exporter package, callable as the function: ``pp.export(base, out, ...)``
+         "export": ("pocketpeft.export", None)}
 
 
 def __getattr__(name: str) -> Any:

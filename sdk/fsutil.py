@@ -1,17 +1,18 @@
-"""Atomic file and directory writes: build aside, fsync, rename. A failure never leaves a
-half-written file or directory in place of a good one."""
+"""Atomic file and directory writes (build aside, fsync, rename: a failure never leaves a
+half-written file or directory in place of a good one), checked JSON reads, and the cache directory."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-from .errors import StoreError
+from .errors import CorruptFileError, StoreError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -93,3 +94,21 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, ``{}`` if the file is absent; :class:`CorruptFileError` if bad."""
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"cannot parse {path}: {e}") from e
+    if not isinstance(d, dict):
+        raise CorruptFileError(f"{path} does not hold a JSON object")
+    return d
+
+
+def cache_dir() -> Path:
+    """Where cached bundles and benchmark files live: ``$POCKETPEFT_CACHE`` or ``~/.cache/pocketpeft``."""
+    return Path(os.environ.get("POCKETPEFT_CACHE") or Path.home() / ".cache" / "pocketpeft")

@@ -19,6 +19,8 @@ from .errors import CorruptFileError, ModelFileNotFoundError, UnsupportedModelEr
 from .fsutil import sha256_file
 
 MANIFEST_NAME = "manifest.json"
+#: other people's messages for the Personalizer's general-text check (optional)
+GENERAL_TEXT = "general.txt"
 FORMAT = "pocketpeft-bundle"
 FORMAT_VERSION = 1
 
@@ -40,6 +42,8 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     format_version: int = FORMAT_VERSION
+    #: per-target export options as written (e.g. ``{"onnx": {"rows": 2, "q4": "int8"}}``)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -48,7 +52,7 @@ class Manifest:
             "base": {"source": self.base_source, "sha256": self.base_sha256},
             "arch": self.arch.to_dict(), "quant": self.quant.value, "lora": self.lora.to_dict(),
             "trainable": self.trainable, "seq_len": self.seq_len, "batch_size": self.batch_size,
-            "targets": self.targets, "files": self.files,
+            "targets": self.targets, "files": self.files, "options": self.options,
         }
 
     @classmethod
@@ -65,7 +69,7 @@ class Manifest:
                        seq_len=int(d["seq_len"]), batch_size=int(d["batch_size"]),
                        files=dict(d.get("files", {})), targets=dict(d.get("targets", {})),
                        versions=dict(d.get("versions", {})), created=d.get("created", ""),
-                       format_version=d["format_version"])
+                       format_version=d["format_version"], options=dict(d.get("options", {})))
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptFileError(f"{where} is missing or has a malformed field: {e}") from e
 
@@ -148,6 +152,16 @@ class Bundle:
         self.path_of("adapter/adapter_model.safetensors")
         self.path_of("adapter/adapter_config.json")
         return load_adapter(self.root / "adapter", expect_base_sha256=self.manifest.base_sha256)
+
+    def general_texts(self) -> list[str]:
+        """Other people's messages shipped in the bundle (``general.txt``, one per line) for the
+        Personalizer's general-text check; ``[]`` for a bundle exported without them."""
+        from .text import validate_texts
+
+        if GENERAL_TEXT not in self.manifest.files:
+            return []
+        raw = self.path_of(GENERAL_TEXT).read_bytes()
+        return validate_texts(raw.decode("utf-8", errors="strict").splitlines(), what=f"{self.root}/{GENERAL_TEXT}")
 
     def __repr__(self) -> str:
         m = self.manifest

@@ -17,6 +17,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .errors import CorruptFileError, InputTextError, ModelFileNotFoundError, UnsupportedModelError
+from .fsutil import read_json
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
@@ -104,7 +105,7 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception; also UnicodeDecodeError
             raise CorruptFileError(f"cannot parse tokenizer file {p}: {e}") from e
         ids: dict[str, int | None] = {"bos": bos_id, "eos": eos_id, "pad": pad_id, "unk": None}
-        tcfg, mcfg = (_read_json(p.parent / n) for n in ("tokenizer_config.json", "config.json"))
+        tcfg, mcfg = (read_json(p.parent / n) for n in ("tokenizer_config.json", "config.json"))
         for k in ids:
             if ids[k] is None:
                 content = _special_content(tcfg.get(f"{k}_token"))
@@ -123,7 +124,7 @@ class Tokenizer:
         :class:`UnsupportedModelError` naming any other tokenizer model or pre-tokenizer,
         :class:`CorruptFileError` when the metadata is missing or inconsistent.
         """
-        from .loading import gguf_field, open_gguf
+        from .formats.gguf import gguf_field, open_gguf
 
         reader = open_gguf(reader_or_path) if isinstance(reader_or_path, (str, os.PathLike)) else reader_or_path
         kind = gguf_field(reader, "tokenizer.ggml.model")
@@ -171,7 +172,7 @@ class Tokenizer:
 
         Raises :class:`InputTextError` for non-text input or text that is not valid UTF-8.
         """
-        from .data import as_text
+        from pocketpeft.text import as_text
 
         text = as_text(text)
         ids = self.hf.encode(text, add_special_tokens=False).ids
@@ -232,7 +233,7 @@ class Tokenizer:
             p = p / "tokenizer.json"
         write_bytes_atomic(p, self.to_json_str().encode("utf-8"))
         cfg_path = p.parent / "tokenizer_config.json"
-        cfg = _read_json(cfg_path)
+        cfg = read_json(cfg_path)
         for k, v in (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id), ("unk", self.unk_id)):
             cfg[f"{k}_token"] = self.hf.id_to_token(v) if v is not None else None
         cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
@@ -242,16 +243,3 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
                 f"eos_id={self.eos_id}, pad_id={self.pad_id})")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``, ``{}`` if the file is absent; :class:`CorruptFileError` if bad."""
-    if not path.is_file():
-        return {}
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFileError(f"cannot parse {path}: {e}") from e
-    if not isinstance(d, dict):
-        raise CorruptFileError(f"{path} does not hold a JSON object")
-    return d

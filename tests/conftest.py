@@ -43,7 +43,7 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_reader(smollm2_path):
     """A GGUFReader over SmolLM2 (parsing its metadata takes ~2 s, so it is shared)."""
-    from pocketpeft.loading import open_gguf
+    from pocketpeft.reference.loading import open_gguf
 
     return open_gguf(smollm2_path)
 
@@ -83,7 +83,7 @@ def write_gguf(smollm2_reader) -> Callable[..., Path]:
     ``cfg`` holds HF LlamaConfig fields (see ``tiny_config``)."""
     import gguf
 
-    from pocketpeft.loading import gguf_field
+    from pocketpeft.reference.loading import gguf_field
 
     tok = {k: gguf_field(smollm2_reader, f"tokenizer.ggml.{k}") for k in ("tokens", "merges", "token_type")}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from pocketpeft.model import dequantized_state_dict
+from pocketpeft.reference.model import dequantized_state_dict
 
 CHAT = [
     "hey are you coming to the game tonight?",

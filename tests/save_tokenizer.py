@@ -5,7 +5,7 @@ there (see ``smollm2_tokenizer`` in conftest.py)."""
 import sys
 from pathlib import Path
 
-from pocketpeft.loading import open_gguf
+from pocketpeft.reference.loading import open_gguf
 from pocketpeft.tokenizer import Tokenizer
 from tests.conftest import find_smollm2
 

@@ -21,7 +21,7 @@ def test_bench_export_suite_writes_json_and_report(tiny_hf_dir, tmp_path):
     import pocketpeft as pp
 
     out = tmp_path / "results"
-    p = subprocess.run([sys.executable, "-m", "pocketpeft.cli", "bench", "--quick", "--suite", "export",
+    p = subprocess.run([sys.executable, "-m", "pocketpeft.apps.cli", "bench", "--quick", "--suite", "export",
                         "--base", str(tiny_hf_dir), "--targets", "gguf", "--out", str(out), "--json"],
                        capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -10,7 +10,7 @@ from tests.helpers import CHAT
 
 
 def run(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "pocketpeft.cli", *map(str, args)], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "pocketpeft.apps.cli", *map(str, args)], capture_output=True, text=True,
                        timeout=600)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr}")
@@ -78,7 +78,7 @@ def kb_bundle(tiny_hf_dir, tmp_path_factory):
 
 def _main_json(capsys, *args):
     """Run the CLI in-process with --json; (exit status, the JSON object it printed)."""
-    from pocketpeft.cli import main
+    from pocketpeft.apps.cli import main
 
     code = main([*map(str, args), "--json"])
     return code, json.loads(capsys.readouterr().out)
@@ -96,7 +96,7 @@ def test_suggest_matches_the_session_api(kb_bundle, capsys):
     for prefix in ("hey ", ""):   # the next word; the first word of a new message
         code, out = _main_json(capsys, "suggest", kb_bundle.root, prefix, "--backend", "torch")
         assert code == 0 and out["suggestions"] == sess.suggest(prefix, 3), prefix
-    from pocketpeft.cli import main
+    from pocketpeft.apps.cli import main
 
     assert main(["suggest", str(kb_bundle.root), "see you at th", "-k", "2"]) == 0
     human = capsys.readouterr().out
@@ -134,7 +134,7 @@ def test_eval_reports_keyboard_metrics(kb_bundle, tmp_path, capsys):
     want = pp.runtime.open(kb_bundle.root, backend="torch").eval_keystrokes(CHAT[:4], k=3, max_messages=2)
     assert out["keyboard"] == want and want["messages"] == 2 and want["words"] > 5
     assert 0 <= want["next_word_top1"] <= want["next_word_top3"] <= 1 and 0 <= want["keystroke_savings"] < 1
-    from pocketpeft.cli import main
+    from pocketpeft.apps.cli import main
 
     assert main(["eval", str(kb_bundle.root), "--text", str(text), "--keystrokes", "1"]) == 0
     human = capsys.readouterr().out

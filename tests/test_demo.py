@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pocketpeft.demo import run_demo
+from pocketpeft.apps.demo import run_demo
 
 
 @pytest.mark.slow

@@ -450,7 +450,7 @@ class LlamaCppBackend:
         import llama_cpp
 
         from pocketpeft.adapter import Adapter, check_adapter_shapes
-        from pocketpeft.export.gguf_lora import adapter_to_gguf
+        from pocketpeft.formats.gguf_lora import adapter_to_gguf
 
         llm, m = self._llm, self.bundle.manifest
         arrays = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."):

@@ -100,8 +100,8 @@ def build_hf_model(bundle: Bundle, dtype: str = "float32"):
 
     transformers = require("transformers", extra="peft")
     from pocketpeft.config import QuantFormat
-    from pocketpeft.model import build_quantized
-    from pocketpeft.quant import QuantLinear
+    from pocketpeft.reference.model import build_quantized
+    from pocketpeft.reference.quant import QuantLinear
 
     tdt = _torch_dtype(dtype)
     m = bundle.manifest

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from pocketpeft.errors import ConfigError
-from pocketpeft.lora import inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict
+from pocketpeft.reference.lora import inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict
 from pocketpeft.manifest import Bundle
-from pocketpeft.model import CausalLM, build_quantized
-from pocketpeft.quant import QuantLinear
+from pocketpeft.reference.model import CausalLM, build_quantized
+from pocketpeft.reference.quant import QuantLinear
 
 from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
 from .step_graph import DeviceStep, GraphStep, backward_loss

@@ -1,6 +1,6 @@
 """The coreml target: the .mlpackage's spec (inputs by PEFT key, logits output, quantized weight
 ops), and the weights Core ML stores, read back with coremltools' own MIL loader and dequantized
-here in numpy, against the bundle's buffers dequantized by pocketpeft.quant. Running the
+here in numpy, against the bundle's buffers dequantized by pocketpeft.reference.quant. Running the
 package needs macOS; that test skips elsewhere."""
 
 import json
@@ -14,7 +14,7 @@ import pytest
 import pocketpeft as pp
 from pocketpeft.config import LINEAR_MODULES
 from pocketpeft.manifest import Bundle
-from pocketpeft.quant import dequantize
+from pocketpeft.reference.quant import dequantize
 
 ct = pytest.importorskip("coremltools")
 
@@ -95,7 +95,7 @@ def test_package_spec_inputs_outputs_and_quantized_ops(bundles):
     assert d["inputs"] == expected and len(m.trainable) == 8
     assert d["outputs"] == {"logits": ([1, SEQ, m.arch.vocab_size], "FLOAT16")}
     assert d["ops"].get("constexpr_blockwise_shift_scale") == N_LINEAR
-    assert d["metadata"]["pocketpeft.quant"] == "q4_0" and d["spec_version"] >= 9   # iOS 18
+    assert d["metadata"]["pocketpeft.reference.quant"] == "q4_0" and d["spec_version"] >= 9   # iOS 18
     sig = json.loads(b.path_of(SIGNATURE).read_text())
     assert {v["peft_key"] for n, v in sig["inputs"].items() if n != "input_ids"} == set(m.trainable)
     assert all(coreml_name(v["peft_key"]) == n for n, v in sig["inputs"].items() if n != "input_ids")
@@ -146,7 +146,7 @@ def test_stored_weights_are_the_bundles_quantized_weights(bundles, quant):
 @pytest.mark.slow
 def test_f16_bundle_has_float_weights(tiny_hf_dir, tmp_path):
     d = describe(_export(tiny_hf_dir, tmp_path / "b", "f16").root / PACKAGE)
-    assert not set(d["ops"]) & set(QUANT_OPS) and d["metadata"]["pocketpeft.quant"] == "f16"
+    assert not set(d["ops"]) & set(QUANT_OPS) and d["metadata"]["pocketpeft.reference.quant"] == "f16"
 
 
 @pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction needs macOS")

@@ -13,11 +13,11 @@ import torch
 
 import pocketpeft as pp
 from pocketpeft.errors import AdapterShapeError, ConfigError
-from pocketpeft.export.gguf_lora import adapter_to_gguf, gguf_lora_name
+from pocketpeft.formats.gguf_lora import adapter_to_gguf, gguf_lora_name
 from pocketpeft.export.gguf_target import permute_rows, write_base_gguf
-from pocketpeft.loading import gguf_field, load_base, open_gguf
-from pocketpeft.model import build_from_float, dequantized_state_dict
-from pocketpeft.quant import from_gguf_blocks, to_gguf_blocks
+from pocketpeft.reference.loading import gguf_field, load_base, open_gguf
+from pocketpeft.reference.model import build_from_float, dequantized_state_dict
+from pocketpeft.reference.quant import from_gguf_blocks, to_gguf_blocks
 from tests.conftest import llamacpp_permute
 
 LORA = dict(r=4, lora_alpha=8)
@@ -46,7 +46,7 @@ def _info(bundle):
 def _torch_model(bundle):
     from safetensors.torch import load_file
 
-    from pocketpeft.model import build_quantized
+    from pocketpeft.reference.model import build_quantized
 
     m = bundle.manifest
     return build_quantized(m.arch, m.quant, load_file(str(bundle.path_of("torch/model.safetensors"))))

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("executorch.extension.training", reason="executorch is not installed (pip install 'pocketpeft[executorch]')")
 
 import pocketpeft as pp  # noqa: E402
-from pocketpeft.data import pack_rows  # noqa: E402
+from pocketpeft.text import pack_rows  # noqa: E402
 from pocketpeft.errors import (AdapterShapeError, CorruptFileError, ModelFileNotFoundError,  # noqa: E402
                                SequenceTooLongError)
 from pocketpeft.fsutil import sha256_file  # noqa: E402

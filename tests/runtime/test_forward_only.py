@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import pocketpeft as pp
-from pocketpeft.data import pack_rows
+from pocketpeft.text import pack_rows
 from pocketpeft.errors import AdapterShapeError, BackendUnavailableError, ConfigError
-from pocketpeft.lora import load_lora_state_dict, lora_parameters
+from pocketpeft.reference.lora import load_lora_state_dict, lora_parameters
 from pocketpeft.runtime import ForwardOnlyConfig, ForwardOnlyTrainer, TrainConfig
 from pocketpeft.runtime.forward_only import direction, directional_derivative
 from tests.helpers import CHAT
@@ -53,7 +53,7 @@ def _torch(bundle, adapter=None):
 
 def _autograd_grad(model, ids, labels):
     """PEFT key -> d(mean token CE)/d(tensor) by backprop through the torch reference."""
-    from pocketpeft.lora import lora_state_dict
+    from pocketpeft.reference.lora import lora_state_dict
 
     for p in lora_parameters(model):
         p.grad = None
@@ -82,7 +82,7 @@ def test_estimator_matches_autograd_directional_derivative_float64(bundle, rows,
 
     The reference's RMSNorm computes in float32 (like transformers'); its float32 rounding would
     swamp a float64 central difference, so here it keeps its input's dtype."""
-    from pocketpeft.model import RMSNorm
+    from pocketpeft.reference.model import RMSNorm
 
     monkeypatch.setattr(RMSNorm, "forward",
                         lambda self, x: self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)))
@@ -243,7 +243,7 @@ def test_explicit_backend_and_update(bundle):
 
 
 def test_cli_train_forward_only(bundle, tmp_path, capsys):
-    from pocketpeft.cli import main
+    from pocketpeft.apps.cli import main
 
     text = tmp_path / "msgs.txt"
     text.write_text("\n".join(CHAT[:8]) + "\n", encoding="utf-8")

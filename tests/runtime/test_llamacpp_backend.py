@@ -29,7 +29,7 @@ import pytest
 pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (pip install 'pocketpeft[llamacpp]')")
 
 import pocketpeft as pp  # noqa: E402
-from pocketpeft.data import pack_rows  # noqa: E402
+from pocketpeft.text import pack_rows  # noqa: E402
 from pocketpeft.errors import (AdapterShapeError, BackendUnavailableError, CorruptFileError,  # noqa: E402
                                InputTextError, ModelFileNotFoundError, SequenceTooLongError)
 from pocketpeft.manifest import Bundle  # noqa: E402
@@ -110,7 +110,7 @@ def test_f32_base_matches_torch_exactly(bundle, ref, tmp_path, ids):
     import torch
 
     from pocketpeft.export.gguf_target import write_base_gguf
-    from pocketpeft.model import build_from_float, dequantized_state_dict
+    from pocketpeft.reference.model import build_from_float, dequantized_state_dict
 
     sd = dequantized_state_dict(ref.model)
     sd.pop("lm_head.weight")

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("onnxruntime.training", reason="needs onnxruntime-training (pip install 'pocketpeft[onnx]')")
 
 import pocketpeft as pp  # noqa: E402
-from pocketpeft.data import pack_rows  # noqa: E402
+from pocketpeft.text import pack_rows  # noqa: E402
 from pocketpeft.errors import (AdapterShapeError, CorruptFileError, ModelFileNotFoundError,  # noqa: E402
                                SequenceTooLongError)
 from pocketpeft.runtime import TrainConfig  # noqa: E402

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pocketpeft as pp
-from pocketpeft.data import pack_rows
+from pocketpeft.text import pack_rows
 from pocketpeft.errors import AdapterShapeError, ConfigError
 from pocketpeft.registry import BACKENDS
 from pocketpeft.runtime import TrainConfig

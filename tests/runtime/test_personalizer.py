@@ -18,12 +18,12 @@ import pytest
 import torch
 
 import pocketpeft as pp
-from pocketpeft.data import general_texts, sender_split, top_senders
+from pocketpeft.corpus import general_texts, sender_split, top_senders
 from pocketpeft.errors import BaseModelMismatchError, ConfigError, InputTextError
 from pocketpeft.runtime import TrainConfig
-from pocketpeft.runtime.personalizer import Personalizer
-from pocketpeft.runtime.store import AdapterStore, TextStore, tensors_sha256
-from pocketpeft.runtime.wordcounts import keystrokes_with_words
+from pocketpeft.runtime.keyboard.personalizer import Personalizer
+from pocketpeft.runtime.keyboard.store import AdapterStore, TextStore, tensors_sha256
+from pocketpeft.runtime.keyboard.wordcounts import keystrokes_with_words
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -162,7 +162,7 @@ CHILD = textwrap.dedent("""
     torch.set_num_threads(1)
     import pocketpeft as pp
     from pocketpeft.runtime import TrainConfig
-    from pocketpeft.runtime.personalizer import Personalizer
+    from pocketpeft.runtime.keyboard.personalizer import Personalizer
     bundle, store, data = sys.argv[1:4]
     d = json.load(open(data))
     sess = pp.runtime.open(bundle, backend="torch", train_config=TrainConfig(lr=5e-2, warmup_steps=1))
@@ -233,7 +233,7 @@ def test_sigkill_at_random_moments_keeps_last_commit(bundle, user, tmp_path, kil
 
 
 def test_interactive_loop_suggests_and_learns(bundle, user, tmp_path):
-    from pocketpeft.demo import interactive_loop
+    from pocketpeft.apps.demo import interactive_loop
 
     train, general = user
     p = Personalizer(_open(bundle), tmp_path, general=general, holdout_fraction=0.0, max_general_increase=1.0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pocketpeft as pp
-from pocketpeft.data import pack_rows
+from pocketpeft.text import pack_rows
 from pocketpeft.errors import ConfigError
 from pocketpeft.runtime import TrainConfig
 from pocketpeft.runtime.backends import torch_backend

@@ -14,7 +14,7 @@ import torch
 
 import pocketpeft as pp
 from pocketpeft.errors import BaseModelMismatchError, CorruptFileError, InputTextError, ModelFileNotFoundError, StoreError
-from pocketpeft.runtime.store import NEW, REJECTED, TRAINED, AdapterStore, TextStore, tensors_sha256
+from pocketpeft.runtime.keyboard.store import NEW, REJECTED, TRAINED, AdapterStore, TextStore, tensors_sha256
 
 BASE = "a" * 64
 
@@ -195,7 +195,7 @@ def test_read_only_dir_keeps_previous_version(tmp_path, peft_parts, monkeypatch)
 
 
 def test_pointer_write_failure_keeps_previous_current(tmp_path, peft_parts, monkeypatch):
-    import pocketpeft.runtime.store as store_mod
+    import pocketpeft.runtime.keyboard.store as store_mod
 
     lora, tensors = peft_parts
     st = AdapterStore(tmp_path / "ad", BASE, lora)

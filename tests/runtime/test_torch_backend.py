@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pocketpeft as pp
-from pocketpeft.data import pack_rows
+from pocketpeft.text import pack_rows
 from pocketpeft.errors import ConfigError, InputTextError, SequenceTooLongError
 from pocketpeft.runtime import TrainConfig
 from tests.helpers import CHAT

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from pocketpeft.runtime.keystrokes import keystroke_metrics
-from pocketpeft.runtime.wordcounts import WordCounts, mix_scored
+from pocketpeft.runtime.keyboard.wordcounts import WordCounts, mix_scored
 
 CROWD = ["see you later", "see you soon", "see you soon!", "thank you so much", "So, what's up?"]
 

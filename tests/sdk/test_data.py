@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from pocketpeft.data import IGNORE, pack_rows, read_text_file, sender_split, top_senders, validate_texts
+from pocketpeft.corpus import sender_split, top_senders
+
+from pocketpeft.text import IGNORE, pack_rows, read_text_file, validate_texts
 from pocketpeft.errors import InputTextError, ModelFileNotFoundError
 
 
@@ -45,7 +47,7 @@ def test_chitchat_split_is_by_time():
     assert len(senders) >= 10
     train, test = sender_split(senders[0])
     assert train and test and len(test) == pytest.approx(0.2 * (len(train) + len(test)), abs=1)
-    from pocketpeft.data import chitchat_messages
+    from pocketpeft.corpus import chitchat_messages
 
     msgs = chitchat_messages()[senders[0]]
     assert msgs[len(train) - 1].timestamp <= msgs[len(train)].timestamp

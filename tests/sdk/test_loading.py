@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pocketpeft.errors import CorruptFileError, ModelFileNotFoundError, UnsupportedModelError
-from pocketpeft.loading import LoadedBase, default_model_path, load_base, sha256_files
+from pocketpeft.reference.loading import LoadedBase, default_model_path, load_base, sha256_files
 
 CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings", "head_dim",

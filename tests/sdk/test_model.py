@@ -6,7 +6,7 @@ import transformers
 
 from pocketpeft.config import ModelConfig, QuantFormat
 from pocketpeft.errors import SequenceTooLongError, UnsupportedModelError
-from pocketpeft.model import build_from_float, build_quantized, dequantized_state_dict
+from pocketpeft.reference.model import build_from_float, build_quantized, dequantized_state_dict
 
 
 def _tiny_hf(tie: bool, seed: int = 0):
@@ -84,7 +84,7 @@ def test_smollm2_logits_match_transformers_gguf_loader(smollm2_path):
     """SmolLM2 through our GGUF loader and model vs transformers loading the same GGUF."""
     import os
 
-    from pocketpeft.loading import load_base
+    from pocketpeft.reference.loading import load_base
 
     base = load_base("smollm2")
     ours = build_from_float(base.config, base.state_dict, "f32")

@@ -1,4 +1,4 @@
-"""pocketpeft.quant against the real references: gguf.quants (q8_0, q4_0) and bitsandbytes' CPU nf4."""
+"""pocketpeft.reference.quant against the real references: gguf.quants (q8_0, q4_0) and bitsandbytes' CPU nf4."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pocketpeft.config import QuantFormat
 from pocketpeft.errors import QuantizationError
-from pocketpeft.quant import (BLOCK, NF4_CODE, QuantLinear, dequantize, from_bnb, from_gguf_blocks, quantize,
+from pocketpeft.reference.quant import (BLOCK, NF4_CODE, QuantLinear, dequantize, from_bnb, from_gguf_blocks, quantize,
                               storage_bytes, to_bnb, to_gguf_blocks)
 
 gguf = pytest.importorskip("gguf")
@@ -192,7 +192,7 @@ def test_other_errors():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pair_table_dequantize_is_bit_identical(fmt, dtype):
     """The GPU's eager path (a 256-entry byte table) gives exactly the exportable path's values."""
-    from pocketpeft.quant import dequantize_lut
+    from pocketpeft.reference.quant import dequantize_lut
 
     torch.manual_seed(1)
     w = torch.randn(48, 256) * torch.logspace(-3, 1, 48)[:, None]

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Callable
 from unittest import mock
 
-from .errors import PocketPeftError
+from pocketpeft.errors import PocketPeftError
+from pocketpeft.fsutil import cache_dir
 
 
 def _emit(args: argparse.Namespace, obj: dict[str, Any], text: Callable[[dict[str, Any]], str]) -> None:
@@ -25,16 +26,11 @@ def _progress(args: argparse.Namespace) -> bool:
     return not args.json and not args.quiet and sys.stderr.isatty() or getattr(args, "progress", False)
 
 
-def cache_dir() -> Path:
-    """Where cached bundles live: ``$POCKETPEFT_CACHE`` or ``~/.cache/pocketpeft``."""
-    return Path(os.environ.get("POCKETPEFT_CACHE", Path.home() / ".cache" / "pocketpeft"))
-
-
 # ---------------------------------------------------------------------------- commands
 def cmd_export(args: argparse.Namespace) -> None:
-    from .config import LoraConfig
-    from .errors import ConfigError
-    from .export import export
+    from pocketpeft.config import LoraConfig
+    from pocketpeft.errors import ConfigError
+    from pocketpeft.export import export
 
     if args.onnx_rows is not None and args.onnx_rows < 1:
         raise ConfigError(f"--onnx-rows must be a positive integer (rows per training-graph run), got {args.onnx_rows}")
@@ -56,14 +52,14 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def _open(args: argparse.Namespace, need_train: bool):
-    from . import runtime
+    from pocketpeft import runtime
 
     return runtime.open(args.bundle, backend=args.backend, adapter=getattr(args, "adapter", None), need_train=need_train,
                         update=getattr(args, "update", "auto"))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .data import read_text_file
+    from pocketpeft.text import read_text_file
 
     texts = read_text_file(args.text)
     sess = _open(args, need_train=True)
@@ -81,9 +77,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .data import read_text_file
+    from pocketpeft.text import read_text_file
 
-    from .errors import ConfigError
+    from pocketpeft.errors import ConfigError
 
     if args.keystrokes < 0:
         raise ConfigError(f"--keystrokes must be >= 0 (messages to type; 0 skips), got {args.keystrokes}")
@@ -110,8 +106,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_suggest(args: argparse.Namespace) -> None:
     import time
 
-    from .data import as_text
-    from .errors import ConfigError
+    from pocketpeft.text import as_text
+    from pocketpeft.errors import ConfigError
 
     if args.k < 1:
         raise ConfigError(f"-k must be a positive integer, got {args.k}")
@@ -151,8 +147,8 @@ def cmd_suggest(args: argparse.Namespace) -> None:
 def cmd_backends(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
-    from .registry import BACKENDS
-    from .runtime.selection import explain
+    from pocketpeft.registry import BACKENDS
+    from pocketpeft.runtime.selection import explain
 
     rows = explain(need_train=not args.infer_only, update=args.update)
     obj = {"order": "gpu → npu → cpu, registry order within a tier", "need_train": not args.infer_only,
@@ -188,9 +184,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .errors import MissingDependencyError
+    from pocketpeft.errors import MissingDependencyError
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if not (root / "benchmarks" / "report.py").is_file():
         raise MissingDependencyError("`pocketpeft bench` runs the benchmarks/ folder of a source checkout of pocketpeft "
                                      "(pip install -e . from a clone, with the 'bench' extra)")
@@ -208,7 +204,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from pocketpeft import __version__
 
     p = argparse.ArgumentParser(prog="pocketpeft", description="On-device LoRA personalization of small LMs.")
     p.add_argument("--version", action="version", version=f"pocketpeft {__version__}")

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import QuantFormat
-from .errors import ConfigError, QuantizationError
+from pocketpeft.config import QuantFormat
+from pocketpeft.errors import ConfigError, QuantizationError
 
 __all__ = ["BLOCK", "NF4_CODE", "QuantLinear", "dequantize", "dequantize_lut", "from_bnb", "from_gguf_blocks",
            "quantize", "storage_bytes", "to_bnb", "to_gguf_blocks"]

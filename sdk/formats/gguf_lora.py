@@ -23,7 +23,7 @@ from pocketpeft.adapter import PEFT_PREFIX, Adapter, as_float32, check_adapter_s
 from pocketpeft.config import LoraConfig, ModelConfig
 from pocketpeft.errors import AdapterShapeError, ConfigError
 
-from .gguf_names import ARCH, HF_TO_GGUF, permute_rows
+from .gguf import ARCH, HF_TO_GGUF, permute_rows
 
 _PEFT_KEY = re.compile(re.escape(PEFT_PREFIX)
                        + r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight")

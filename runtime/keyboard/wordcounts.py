@@ -24,8 +24,8 @@ import heapq
 from collections import Counter, defaultdict
 from typing import Iterable
 
-from .keystrokes import keystroke_metrics, message_words
-from .predictor import _PARTIAL, _recase
+from ..keystrokes import keystroke_metrics, message_words
+from ..predictor import _PARTIAL, _recase
 
 BOS = "<s>"
 WEIGHTS = (0.6, 0.3, 0.1)   # trigram, bigram, unigram interpolation

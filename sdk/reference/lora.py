@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import PEFT_PREFIX
-from .config import LoraConfig
-from .errors import AdapterShapeError
+from pocketpeft.adapter import PEFT_PREFIX
+from pocketpeft.config import LoraConfig
+from pocketpeft.errors import AdapterShapeError
 
 
 

@@ -21,14 +21,15 @@ import torch
 from gguf.quants import dequantize
 from tqdm.auto import tqdm
 
-from .config import ModelConfig
-from .errors import CorruptFileError, ModelFileNotFoundError, UnsupportedModelError
-from .tokenizer import Tokenizer, _read_json
+from pocketpeft.config import ModelConfig
+from pocketpeft.errors import CorruptFileError, ModelFileNotFoundError, UnsupportedModelError
+from pocketpeft.formats.gguf import _MISSING, gguf_field, open_gguf
+from pocketpeft.fsutil import read_json
+from pocketpeft.tokenizer import Tokenizer
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_ARCHS = ("llama",)  # llama.cpp writes Mistral models as "llama" too
 HF_MODEL_TYPES = ("llama", "mistral")
-_MISSING = object()
 
 
 @dataclass
@@ -89,49 +90,6 @@ def load_base(source: str | os.PathLike, progress: bool = False) -> LoadedBase:
 
 
 # ---- GGUF ---------------------------------------------------------------------------------
-class _FastGGUFReader(gguf.GGUFReader):
-    # Parsing ~100k vocabulary strings slices the file map ~700k times; plain ndarray views skip
-    # np.memmap's per-slice bookkeeping (5.5 s -> 2.3 s for SmolLM2).
-    @property
-    def data(self) -> np.ndarray:
-        return self._data
-
-    @data.setter
-    def data(self, value: np.ndarray) -> None:
-        self._data = value.view(np.ndarray)
-
-
-def open_gguf(path: str | os.PathLike) -> Any:
-    """A ``gguf.GGUFReader`` over ``path``. Raises :class:`ModelFileNotFoundError` or
-    :class:`CorruptFileError` (bad magic, truncated metadata or tensor data)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileNotFoundError(f"GGUF file {path} does not exist")
-    try:
-        reader = _FastGGUFReader(path)
-        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as e:
-        raise CorruptFileError(f"GGUF file {path} is truncated or corrupt: {e}") from e
-    if end > path.stat().st_size or any(t.data.nbytes != t.n_bytes for t in reader.tensors):
-        raise CorruptFileError(f"GGUF file {path} is truncated: its tensors need {end} bytes, "
-                               f"it has {path.stat().st_size}")
-    return reader
-
-
-def gguf_field(reader: Any, key: str, default: Any = _MISSING) -> Any:
-    """Value of metadata ``key`` as Python (str, int, float, bool or list); ``default`` when
-    absent, else :class:`CorruptFileError` naming the key."""
-    f = reader.fields.get(key)
-    if f is None:
-        if default is _MISSING:
-            raise CorruptFileError(f"GGUF metadata has no {key!r}")
-        return default
-    try:
-        return f.contents()
-    except (UnicodeDecodeError, IndexError, ValueError) as e:
-        raise CorruptFileError(f"GGUF metadata {key!r} is unreadable: {e}") from e
-
-
 def _gguf_config(reader: Any, arch: str, tokenizer: Tokenizer) -> ModelConfig:
     get = lambda k, d=_MISSING: gguf_field(reader, f"{arch}.{k}", d)  # noqa: E731
     if get("expert_count", 0):
@@ -250,12 +208,12 @@ def _load_hf_dir(folder: Path, progress: bool) -> LoadedBase:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise ModelFileNotFoundError(f"model folder {folder} has no config.json")
-    config = _hf_config(_read_json(cfg_path), cfg_path)
+    config = _hf_config(read_json(cfg_path), cfg_path)
     index = folder / "model.safetensors.index.json"
     if (folder / "model.safetensors").is_file():
         files = [folder / "model.safetensors"]
     elif index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CorruptFileError(f"{index} has no weight_map")
         files = sorted({folder / f for f in weight_map.values()})

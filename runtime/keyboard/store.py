@@ -27,7 +27,7 @@ import numpy as np
 
 from pocketpeft.adapter import Adapter, as_float32, load_adapter, save_adapter
 from pocketpeft.config import LoraConfig
-from pocketpeft.data import validate_texts
+from pocketpeft.text import validate_texts
 from pocketpeft.errors import (BaseModelMismatchError, ConfigError, CorruptFileError, InputTextError,
                                ModelFileNotFoundError, StoreError)
 from pocketpeft.fsutil import write_bytes_atomic

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .fsutil import write_bytes_atomic
+from pocketpeft.fsutil import cache_dir, write_bytes_atomic
 
 Log = Callable[[str], None]
 
@@ -21,7 +21,7 @@ def _serve_backend() -> str | None:
     """``llamacpp`` when it runs here: one token costs a fraction of the torch decoder's, and the
     keystroke metrics type every character of the held-out messages; otherwise ``None`` (the
     Personalizer then serves from a torch session)."""
-    from .runtime.selection import probe
+    from pocketpeft.runtime.selection import probe
 
     return "llamacpp" if probe("llamacpp").available else None
 
@@ -29,9 +29,9 @@ def _serve_backend() -> str | None:
 def cached_bundle(cache: Path, quant: str, progress: bool, log: Log | None, gguf: bool = False):
     """The demo bundle (SmolLM2, ``quant``, LoRA r=8 on q/k/v/o; with the llama.cpp target when
     ``gguf``), exported once and cached."""
-    from .errors import PocketPeftError
-    from .export import export
-    from .manifest import Bundle
+    from pocketpeft.errors import PocketPeftError
+    from pocketpeft.export import export
+    from pocketpeft.manifest import Bundle
 
     targets = ["torch", "gguf"] if gguf else ["torch"]
     path = cache / "bundles" / f"smollm2-{quant}-r8{'-gguf' if gguf else ''}"
@@ -50,7 +50,7 @@ def cached_bundle(cache: Path, quant: str, progress: bool, log: Log | None, gguf
 
 def default_sender() -> str:
     """A sender with >= 5k words whose history is long but quick to load: the 6th most prolific."""
-    from .data import top_senders
+    from pocketpeft.corpus import top_senders
 
     senders = top_senders()
     return senders[min(5, len(senders) - 1)]
@@ -111,14 +111,14 @@ def run_demo(sender: str | None = None, seconds: float = 60.0, quant: str = "q4_
     more than ``keystroke_seconds`` per pass (a torch-served demo on 2 cores types a few, a
     llama.cpp-served one several times more; ``python -m benchmarks.personalize`` types hundreds
     of words); before and after type the same messages."""
-    from . import runtime
-    from .data import general_texts, sender_split
-    from .runtime.session import peak_rss_mb
-    from .runtime.wordcounts import WordCounts, keystrokes_with_words
+    from pocketpeft import runtime
+    from pocketpeft.corpus import general_texts, sender_split
+    from pocketpeft.runtime.session import peak_rss_mb
+    from pocketpeft.runtime.keyboard.wordcounts import WordCounts, keystrokes_with_words
 
     t_start = time.perf_counter()
     say = log or (lambda s: None)
-    cache = cache or Path.home() / ".cache" / "pocketpeft"
+    cache = cache or cache_dir()
     serve_backend = _serve_backend()
     bundle, export_s = cached_bundle(Path(cache), quant, progress, log, gguf=serve_backend is not None)
     sender = sender or default_sender()
@@ -212,8 +212,8 @@ def interactive_loop(personalizer, read_line: Callable[[], str | None], log: Log
     ``:restore N``, ``:wipe``, ``:quit``. Returns the reports of the updates run (after waiting
     for the last one).
     """
-    from .errors import PocketPeftError
-    from .runtime.keystrokes import message_words
+    from pocketpeft.errors import PocketPeftError
+    from pocketpeft.runtime.keystrokes import message_words
 
     reports: list[dict] = []
     worker: threading.Thread | None = None
@@ -266,9 +266,9 @@ def run_interactive(quant: str = "q4_0", out_dir: str | Path = "pocketpeft-demo"
                     update_seconds: float = 15.0, progress: bool = False, log: Log = print) -> list[dict]:
     """``pocketpeft demo --interactive``: type messages, see suggestions, and the model learns from
     them in the background (stored in ``out_dir/interactive-store``, kept between runs)."""
-    from . import runtime
+    from pocketpeft import runtime
 
-    cache = cache or Path.home() / ".cache" / "pocketpeft"
+    cache = cache or cache_dir()
     bundle, _ = cached_bundle(Path(cache), quant, progress, log)
     p = runtime.Personalizer(runtime.open(bundle), Path(out_dir) / "interactive-store")
     log(f"serving version {p.version}. Type a message and press enter (:versions, :restore N, :wipe, :quit).")

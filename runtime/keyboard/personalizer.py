@@ -34,11 +34,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pocketpeft.data import as_text
+from pocketpeft.text import as_text
 from pocketpeft.errors import ConfigError
 
-from .keystrokes import keystroke_metrics
-from .session import Session
+from ..keystrokes import keystroke_metrics
+from ..session import Session
 from .store import NEW, REJECTED, TRAINED, AdapterStore, AdapterVersion, TextStore
 from .wordcounts import WORD_POOL, WordCounts, mix_scored
 
@@ -113,7 +113,7 @@ class Personalizer:
         self.adapters = AdapterStore(self.store_dir / "adapters", m.base_sha256, m.lora,
                                      base_name=f"pocketpeft:{m.base_source}")
         if general is None:
-            from pocketpeft.data import general_texts
+            from pocketpeft.corpus import general_texts
 
             general = general_texts(n=120, seed=7)
         self.general = list(general)
@@ -127,7 +127,7 @@ class Personalizer:
         self._serve_lock = threading.RLock()      # suggest() vs swapping the serving adapter
         self._general_cache: tuple[int | None, float, float] | None = None   # (version, loss, eval seconds)
         if serve_session is None:
-            from . import open as open_session
+            from .. import open as open_session
 
             be = session.backend
             serve_session = open_session(session.bundle, backend=f"{be.name}:{be.device}", need_train=False)
@@ -333,7 +333,7 @@ class Personalizer:
         return self._finish(rep, t0, tell)
 
     def _finish(self, rep: UpdateReport, t0: float, tell) -> UpdateReport:
-        from .session import peak_rss_mb
+        from ..session import peak_rss_mb
 
         rep.seconds = time.perf_counter() - t0
         rep.peak_rss_mb = peak_rss_mb()

@@ -3,7 +3,7 @@
 RMSNorm, RoPE (HF's rotate-half convention), SwiGLU, grouped-query attention, tied or untied
 embeddings. No data-dependent control flow in ``forward``, so the same module traces with
 ``torch.export`` for every target. The frozen linear layers are :class:`QuantLinear` (any
-:class:`QuantFormat`); LoRA is injected on top by :mod:`pocketpeft.lora`.
+:class:`QuantFormat`); LoRA is injected on top by :mod:`pocketpeft.reference.lora`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LINEAR_MODULES, ModelConfig, QuantFormat
-from .errors import SequenceTooLongError, UnsupportedModelError
+from pocketpeft.config import LINEAR_MODULES, ModelConfig, QuantFormat
+from pocketpeft.errors import SequenceTooLongError, UnsupportedModelError
 from .quant import QuantLinear
 
 #: A factory for the frozen linear layers: (in_features, out_features, hf_name) -> module.
