@@ -1,7 +1,10 @@
-"""Shared benchmark plumbing: machine description, subprocess workers, result files."""
+"""Shared benchmark plumbing: machine description, subprocess workers, result files, and the
+suite runner every ``python -m benchmarks.<suite>`` goes through (:class:`Suite`, :func:`main`,
+:func:`print_table`)."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -11,7 +14,9 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
+
+from pocketpeft.procinfo import peak_rss_mib  # noqa: F401  (re-exported: the one measurement of peak RSS)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,8 +43,9 @@ def machine() -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
-    info = {"load_average_1_5_15": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "logical_cores": os.cpu_count(), "memory_gib": mem, "versions": versions}
+    info = {"load_average_1_5_15": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform(),
+            "python": platform.python_version(), "cpu": cpu, "logical_cores": os.cpu_count(), "memory_gib": mem,
+            "versions": versions}
     try:
         import torch
 
@@ -81,23 +87,6 @@ def write_result(name: str, payload: dict[str, Any], out_dir: Path | None = None
     return path
 
 
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process, MiB.
-
-    Read from ``VmHWM`` where the kernel has it: ``ru_maxrss`` survives fork + exec, so a worker
-    started by a large parent would report the parent's peak as its own.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError, IndexError):
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def block_modules(*names: str) -> None:
     """Make ``names`` (and their submodules) unimportable in this process, as on a device where
     they aren't installed: a later ``import`` raises ``ModuleNotFoundError``. Call before
@@ -114,3 +103,99 @@ def block_modules(*names: str) -> None:
     if already:
         raise RuntimeError(f"block_modules: already imported: {already[:3]}")
     sys.meta_path.insert(0, _Blocker())
+
+
+# ---------------------------------------------------------------------------- tables
+Column = tuple[str, str]   # (header, format spec of its values, e.g. ".0f"; "" for text)
+
+
+def print_table(rows: Sequence[Sequence[Any]], columns: Sequence[Column], out: Callable[[str], None] = print) -> None:
+    """Print ``rows`` under ``columns`` (``(header, format spec)`` pairs): the first column
+    left-aligned, the others right-aligned, each as wide as its widest cell. ``None`` prints as
+    ``-``; a string is printed as it is, whatever the column's format."""
+    def cell(v: Any, fmt: str) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, str) or not fmt:
+            return str(v)
+        return format(v, fmt)
+
+    text = [[cell(v, fmt) for v, (_, fmt) in zip(row, columns)] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in text if i < len(r)]) for i, (h, _) in enumerate(columns)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "".join(c.ljust(widths[0] + 2) if i == 0 else c.rjust(widths[i] + 2)
+                       for i, c in enumerate(cells)).rstrip()
+
+    out("")
+    out(line([h for h, _ in columns]))
+    for r in text:
+        out(line(r))
+
+
+# ---------------------------------------------------------------------------- suites
+class Suite:
+    """One benchmark suite, run by :func:`main` as ``python -m benchmarks.<module>``.
+
+    A suite names its result (``name``; ``_quick`` is appended under ``--quick``), adds its own
+    options (:meth:`add_arguments`: ``--quick``, ``--out`` and the hidden ``--worker`` are
+    the runner's), measures (:meth:`run` returns the result payload, or ``None`` when nothing was
+    measured), answers worker processes (:meth:`worker`: ``python -m MODULE --worker ARGS``
+    started by :meth:`run_worker`, its dict printed as JSON), and says how its payload reads as
+    a table (:meth:`table`) and in closing lines (:meth:`summary`)."""
+
+    name: str = ""
+    module: str = ""           #: ``benchmarks.<module>``, what :meth:`run_worker` starts
+    description: str | None = None
+    quick_help: str = "sizes that finish in minutes"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        pass
+
+    def run(self, args: argparse.Namespace) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def worker(self, argv: list[str]) -> dict[str, Any]:
+        raise NotImplementedError(f"{self.module} has no worker processes")
+
+    def result_name(self, args: argparse.Namespace, payload: dict[str, Any]) -> str:
+        return f"{self.name}_quick" if getattr(args, "quick", False) else self.name
+
+    def out_dir(self, args: argparse.Namespace) -> Path | None:
+        return args.out
+
+    def table(self, payload: dict[str, Any], args: argparse.Namespace) -> tuple[list[list[Any]], list[Column]] | None:
+        return None
+
+    def summary(self, payload: dict[str, Any], args: argparse.Namespace) -> list[str]:
+        return []
+
+    def run_worker(self, args: list[str], timeout: float = 1800) -> dict[str, Any]:
+        return run_worker(self.module, args, timeout=timeout)
+
+
+def main(suite: Suite, argv: list[str] | None = None) -> Path | None:
+    """The command line of every suite: parse (the suite's options plus ``--quick``, ``--out`` and
+    ``--worker``), answer a worker call, or run the suite, write its result with
+    :func:`write_result` and print its table and summary. Returns the result file's path."""
+    ap = argparse.ArgumentParser(prog=f"python -m {suite.module}", description=suite.description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=suite.quick_help)
+    suite.add_arguments(ap)
+    ap.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
+    ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(suite.worker(list(args.worker))))
+        return None
+    payload = suite.run(args)
+    if payload is None:
+        return None
+    path = write_result(suite.result_name(args, payload), payload, suite.out_dir(args))
+    table = suite.table(payload, args)
+    if table is not None:
+        print_table(*table)
+    for line in suite.summary(payload, args):
+        print(line)
+    print(f"written to {path}")
+    return path

@@ -26,6 +26,8 @@ import json
 import time
 from pathlib import Path
 
+from benchmarks.common import Suite, main, peak_rss_mib
+
 SEQ, RANK = 64, 8
 BATCH = 8   # rows per step; --batch changes it (the bundle is exported at 8 x 64)
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -34,13 +36,6 @@ MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 def _reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-
-
-def _peak_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _data(tokenizer, sender: str, n_test_rows: int):
@@ -67,7 +62,6 @@ def worker(bundle: str, backend: str, mode: str, sender: str, seconds: float, ch
     import numpy as np
 
     import pocketpeft as pp
-    from benchmarks.common import peak_rss_mib
     from pocketpeft.runtime import ForwardOnlyConfig, TrainConfig
 
     t0 = time.perf_counter()
@@ -93,7 +87,7 @@ def worker(bundle: str, backend: str, mode: str, sender: str, seconds: float, ch
         while time.perf_counter() - t < min(20.0, seconds / 4) or i < 2:
             infer(order[(i * BATCH + np.arange(BATCH)) % len(order)])
             i += 1
-        inference_peak = _peak_mib()
+        inference_peak = peak_rss_mib()
         forward_s = (time.perf_counter() - t) / i
     phase_peak, spent, step = 0.0, 0.0, 0
     if mode == "backprop":
@@ -111,7 +105,7 @@ def worker(bundle: str, backend: str, mode: str, sender: str, seconds: float, ch
                 be.train_step(x[idx], y[idx])
             step += 1
         spent += time.perf_counter() - t
-        phase_peak = max(phase_peak, _peak_mib())
+        phase_peak = max(phase_peak, peak_rss_mib())
         if mode != "inference":
             curve.append({"seconds": spent, "steps": step, **_held_out(be, tx, ty)})
     return {"curve": curve, "load_seconds": load_s, "steps": step, "seconds": spent,
@@ -134,31 +128,53 @@ def _bundle() -> Path:
     return path
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1 sender, 30 s backprop budget, 2 checkpoints")
-    ap.add_argument("--batch", type=int, default=8, help="rows of 64 tokens per backprop step (default 8, as the Personalizer)")
-    ap.add_argument("--batch-forward-only", type=int, default=2,
-                    help="rows per SPSA step (default 2: the estimate's noise is dominated by the random direction, "
-                         "not the data, so smaller batches buy more directions per second)")
-    ap.add_argument("--senders", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=60.0, help="backprop update budget per sender (the demo's 60 s)")
-    ap.add_argument("--ratio", type=float, default=4.0, help="forward-only budget = ratio x backprop's")
-    ap.add_argument("--lr-backprop", type=float, default=2e-3)
-    ap.add_argument("--lr-forward-only", type=float, default=2e-3,
-                    help="SGD peak lr of the SPSA update (ForwardOnlyConfig's default, tuned on SmolLM2)")
-    ap.add_argument("--test-rows", type=int, default=None, help="held-out rows of 64 tokens per sender (16; quick: 8)")
-    ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
-    if args.worker is not None:
-        b, be, mode, sender, secs, cps, lr, seed, rows, batch = args.worker
-        global BATCH
-        BATCH = int(batch)
-        print(json.dumps(worker(b, be, mode, sender, float(secs), int(cps), float(lr), int(seed), int(rows))))
-        return
+class ForwardOnly(Suite):
+    name, module, description = "forward_only", "benchmarks.forward_only", __doc__
+    quick_help = "1 sender, 30 s backprop budget, 2 checkpoints"
 
-    from benchmarks.common import run_worker, write_result
+    def add_arguments(self, ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--batch", type=int, default=8,
+                        help="rows of 64 tokens per backprop step (default 8, as the Personalizer)")
+        ap.add_argument("--batch-forward-only", type=int, default=2,
+                        help="rows per SPSA step (default 2: the estimate's noise is dominated by the random "
+                             "direction, not the data, so smaller batches buy more directions per second)")
+        ap.add_argument("--senders", type=int, default=3)
+        ap.add_argument("--seconds", type=float, default=60.0,
+                        help="backprop update budget per sender (the demo's 60 s)")
+        ap.add_argument("--ratio", type=float, default=4.0, help="forward-only budget = ratio x backprop's")
+        ap.add_argument("--lr-backprop", type=float, default=2e-3)
+        ap.add_argument("--lr-forward-only", type=float, default=2e-3,
+                        help="SGD peak lr of the SPSA update (ForwardOnlyConfig's default, tuned on SmolLM2)")
+        ap.add_argument("--test-rows", type=int, default=None,
+                        help="held-out rows of 64 tokens per sender (16; quick: 8)")
+
+    def worker(self, argv: list[str]) -> dict:
+        global BATCH
+        b, be, mode, sender, secs, cps, lr, seed, rows, batch = argv
+        BATCH = int(batch)
+        return worker(b, be, mode, sender, float(secs), int(cps), float(lr), int(seed), int(rows))
+
+    def run(self, args: argparse.Namespace) -> dict:
+        return _run(self, args)
+
+    def table(self, payload: dict, args: argparse.Namespace):
+        rows = []
+        for sender, per in payload["results"].items():
+            for name, r in per.items():
+                if name == "summary":
+                    continue
+                c = r["curve"]
+                rows.append([sender, name, f"{c[0]['loss']:.3f} → {c[-1]['loss']:.3f}",
+                             f"{c[0]['top3']:.3f} → {c[-1]['top3']:.3f}", r["seconds"], r["steps"],
+                             r["phase_peak_rss_mib"]])
+        return rows, [("sender", ""), ("config", ""), ("loss start→end", ""), ("top-3", ""), ("s", ".0f"),
+                      ("steps", "d"), ("peak MiB", ".0f")]
+
+    def summary(self, payload: dict, args: argparse.Namespace) -> list[str]:
+        return [f"{sender}: {json.dumps(per['summary'], indent=1)}" for sender, per in payload["results"].items()]
+
+
+def _run(suite: Suite, args: argparse.Namespace) -> dict:
     from pocketpeft.corpus import top_senders
 
     senders, secs, cps = (1, 30.0, 2) if args.quick else (args.senders, args.seconds, 4)
@@ -175,7 +191,7 @@ def main() -> None:
         per = results[sender] = {}
         for name, backend, mode, budget, lr, batch in configs:
             print(f"[{sender}] {name} ({budget:.0f} s, batch {batch})", flush=True)
-            per[name] = run_worker("benchmarks.forward_only", [bundle, backend, mode, sender, str(budget),
+            per[name] = suite.run_worker([bundle, backend, mode, sender, str(budget),
                                                                str(cps if mode != "inference" else 1), str(lr), "0",
                                                                str(test_rows), str(batch)], timeout=7200)
         bp, fo = per["backprop torch"], per["forward-only onnxruntime-infer"]
@@ -210,18 +226,8 @@ def main() -> None:
                            "held_out_loss": "reduced on every sender"},
                "targets_met": targets_met,
                "results": results}
-    path = write_result("forward_only_quick" if args.quick else "forward_only", payload, args.out)
-    print(f"\n{'sender':<10}{'config':<34}{'loss start→end':>18}{'top-3':>14}{'s':>6}{'steps':>7}{'peak MiB':>10}")
-    for sender, per in results.items():
-        for name, r in per.items():
-            if name == "summary":
-                continue
-            c = r["curve"]
-            print(f"{sender:<10}{name:<34}{c[0]['loss']:>8.3f} → {c[-1]['loss']:<7.3f}{c[0]['top3']:>6.3f}→{c[-1]['top3']:<6.3f}"
-                  f"{r['seconds']:>6.0f}{r['steps']:>7}{r['phase_peak_rss_mib']:>10.0f}")
-        print(json.dumps(per["summary"], indent=1))
-    print(f"written to {path}")
+    return payload
 
 
 if __name__ == "__main__":
-    main()
+    main(ForwardOnly())

@@ -27,12 +27,13 @@ matmul measured in the same run (and the spec-sheet figure where the GPU is know
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import tempfile
 import time
 import traceback
 from pathlib import Path
+
+from benchmarks.common import Suite, main, peak_rss_mib, summarize
 
 SEQ, RANK = 64, 8
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -108,7 +109,6 @@ def worker(config: str, bundle: str, device: str, batches: list[int], steps: int
     import torch
 
     import pocketpeft as pp
-    from benchmarks.common import peak_rss_mib
     from pocketpeft.runtime import TrainConfig
 
     mod_name, _, options = CONFIGS[config]
@@ -171,41 +171,79 @@ def frozen_params(arch: dict) -> int:
     return layers * (attn + 3 * h * i) + arch["vocab_size"] * h
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 2 steps, eager configs: checks it runs")
-    ap.add_argument("--quick", action="store_true", help="1 repetition, batches 8 and 64, 5 timed steps")
-    ap.add_argument("--device", default=None,
-                    help="cuda:0 when available; without CUDA nothing is measured unless --smoke or --device cpu")
-    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 8,32,64; smoke 2,4)")
-    ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3; smoke 1)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per batch size (default 10; smoke 2)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; smoke 1)")
-    ap.add_argument("--configs", default=None, help=f"comma-separated subset of: {', '.join(CONFIGS)}")
-    ap.add_argument("--timeout", type=float, default=3600, help="seconds one configuration's process may take")
-    ap.add_argument("--work", type=Path, default=None, help="folder for the random model and bundles (kept)")
-    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; smoke: a temp folder)")
-    ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker is not None:
-        config, bundle, device, batches, steps, warmup = args.worker
-        try:
-            res = worker(config, bundle, device, [int(b) for b in batches.split(",")], int(steps), int(warmup))
-        except Exception as e:  # one failing configuration must not sink the others' numbers
-            res = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
-        print(json.dumps(res))
-        return
+class GpuTrain(Suite):
+    name, module, description = "gpu_train", "benchmarks.gpu_train", __doc__
+    quick_help = "1 repetition, batches 8 and 64, 5 timed steps"
+    tmp: tempfile.TemporaryDirectory | None = None
 
+    def add_arguments(self, ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--smoke", action="store_true",
+                        help="tiny model on the CPU, 2 steps, eager configs: checks it runs (results: --out, "
+                             "default a temp folder)")
+        ap.add_argument("--device", default=None,
+                        help="cuda:0 when available; without CUDA nothing is measured unless --smoke or --device cpu")
+        ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 8,32,64; smoke 2,4)")
+        ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3; smoke 1)")
+        ap.add_argument("--steps", type=int, default=None, help="timed steps per batch size (default 10; smoke 2)")
+        ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; smoke 1)")
+        ap.add_argument("--configs", default=None, help=f"comma-separated subset of: {', '.join(CONFIGS)}")
+        ap.add_argument("--timeout", type=float, default=3600, help="seconds one configuration's process may take")
+        ap.add_argument("--work", type=Path, default=None, help="folder for the random model and bundles (kept)")
+
+    def worker(self, argv: list[str]) -> dict:
+        config, bundle, device, batches, steps, warmup = argv
+        try:
+            return worker(config, bundle, device, [int(b) for b in batches.split(",")], int(steps), int(warmup))
+        except Exception as e:  # one failing configuration must not sink the others' numbers
+            return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+
+    def run(self, args: argparse.Namespace) -> dict | None:
+        return _run(self, args)
+
+    def result_name(self, args: argparse.Namespace, payload: dict) -> str:
+        st = payload["settings"]
+        smoke, gpu = st["smoke"], st["gpu"]
+        tag = ("smoke_cpu" if smoke and not gpu
+               else re.sub(r"[^A-Za-z0-9]+", "_", gpu or st["device"]).strip("_").lower())
+        return f"gpu_train_{tag}" + ("_quick" if args.quick and not smoke else "")
+
+    def out_dir(self, args: argparse.Namespace) -> Path | None:
+        if args.out is None and args.smoke and self.tmp is not None:
+            return Path(self.tmp.name) / "results"
+        return args.out
+
+    def table(self, payload: dict, args: argparse.Namespace):
+        rows = []
+        for name, per in payload["results"].items():
+            if "error" in per:
+                rows.append([name, None, f"FAILED: {per['error'][:120]}", None, None, None])
+                continue
+            for batch, r in per.items():
+                share = r["share_of_spec_bf16_peak"] or r["share_of_measured_bf16_matmul"]
+                rows.append([name, batch, r["tokens_per_s"]["median"], f"{r.get('speed_vs_peft_bnb', 0):.2f}x",
+                             r["peak_mib"]["median"], f"{100 * share:.2f}%"])
+        return rows, [("config", ""), ("batch", ""), ("tokens/s", ".0f"), ("vs peft+bnb", ""), ("peak MiB", ".0f"),
+                      ("of bf16 peak", "")]
+
+    def summary(self, payload: dict, args: argparse.Namespace) -> list[str]:
+        spec, measured = payload["bf16_peak_tflops_spec"], payload["bf16_matmul_tflops_measured"]
+        lines = [f"bf16 matmul measured here: {measured:.3g} TFLOP/s" + (f"; spec peak {spec:.0f}" if spec else "")]
+        for batch, t in payload["targets"].items():
+            lines.append(f"target at {batch}: {t['speedup']:.2f}x of {t['needed_speedup']:.0f}x needed "
+                         f"({t['best_config']}) -> {'met' if t['met'] else 'NOT met'}; losses within "
+                         f"{100 * t['loss_max_rel_diff']:.2f}% of peft+bnb")
+        return lines
+
+
+def _run(suite: GpuTrain, args: argparse.Namespace) -> dict | None:
     import numpy as np
     import torch
-
-    from benchmarks.common import run_worker, summarize, write_result
 
     smoke = args.smoke
     if args.device is None and not smoke and not torch.cuda.is_available():
         print("no CUDA device here: nothing measured (a GPU benchmark; --smoke checks it on the CPU, "
               "--device cpu measures the CPU anyway)")
-        return
+        return None
     device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     arch = TINY if smoke else SMOLLM2
     batches = [int(b) for b in (args.batches or ("2,4" if smoke else "8,64" if args.quick else "8,32,64")).split(",")]
@@ -216,7 +254,7 @@ def main() -> None:
         names = [c.strip() for c in args.configs.split(",") if c.strip()]
         unknown = [c for c in names if c not in CONFIGS]
         if unknown:
-            ap.error(f"unknown configuration(s) {unknown}; choose among {', '.join(CONFIGS)}")
+            raise SystemExit(f"--configs: unknown configuration(s) {unknown}; choose among {', '.join(CONFIGS)}")
     elif smoke or not device.startswith("cuda"):
         names = list(CPU_CONFIGS)
     else:
@@ -224,6 +262,7 @@ def main() -> None:
     if BASELINE not in names:
         names.append(BASELINE)
     tmp = tempfile.TemporaryDirectory(prefix="pocketpeft-gpu-train-") if (smoke or args.work is None) else None
+    suite.tmp = tmp
     work = args.work or Path(tmp.name)
     work.mkdir(parents=True, exist_ok=True)
     print(f"exporting the random {'tiny' if smoke else 'SmolLM2-shaped'} model to {work} …", flush=True)
@@ -234,7 +273,7 @@ def main() -> None:
             print(f"[{rep + 1}/{reps}] {name}", flush=True)
             wargs = [name, bundles[CONFIGS[name][1]], device, ",".join(map(str, batches)), str(steps), str(warmup)]
             try:
-                runs[name].append(run_worker("benchmarks.gpu_train", wargs, timeout=args.timeout))
+                runs[name].append(suite.run_worker(wargs, timeout=args.timeout))
             except Exception as e:  # a crash or a timeout of one configuration: report it, keep the rest
                 runs[name].append({"error": f"{type(e).__name__}: {str(e)[-2000:]}", "traceback": ""})
     n_params = frozen_params(arch)
@@ -285,26 +324,10 @@ def main() -> None:
                "bf16_matmul_tflops_measured": measured, "bf16_peak_tflops_spec": spec, "results": results,
                "target": "pocketpeft's CUDA path >= 5x peft+bnb tokens/s at batch 8 and >= 3x at batch 64, "
                          "with matching loss curves", "targets": targets}
-    tag = "smoke_cpu" if smoke and not gpu else re.sub(r"[^A-Za-z0-9]+", "_", gpu or device).strip("_").lower()
-    out_dir = args.out or (Path(tmp.name) / "results" if smoke else None)
-    path = write_result(f"gpu_train_{tag}" + ("_quick" if args.quick and not smoke else ""), payload, out_dir)
-    print(f"\n{'config':<32}{'batch':>6}{'tokens/s':>11}{'vs peft+bnb':>12}{'peak MiB':>10}{'of bf16 peak':>14}")
-    for name, per in results.items():
-        if "error" in per:
-            print(f"{name:<32} FAILED: {per['error'][:120]}")
-            continue
-        for batch, r in per.items():
-            share = r["share_of_spec_bf16_peak"] or r["share_of_measured_bf16_matmul"]
-            print(f"{name:<32}{batch:>6}{r['tokens_per_s']['median']:>11.0f}{r.get('speed_vs_peft_bnb', 0):>11.2f}x"
-                  f"{r['peak_mib']['median']:>10.0f}{100 * share:>13.2f}%")
-    print(f"bf16 matmul measured here: {measured:.3g} TFLOP/s" + (f"; spec peak {spec:.0f}" if spec else ""))
-    for batch, t in targets.items():
-        print(f"target at {batch}: {t['speedup']:.2f}x of {t['needed_speedup']:.0f}x needed ({t['best_config']}) "
-              f"-> {'met' if t['met'] else 'NOT met'}; losses within {100 * t['loss_max_rel_diff']:.2f}% of peft+bnb")
-    print(f"written to {path}")
-    if tmp is not None and args.out is None and not smoke:
+    if tmp is not None and not smoke:   # the random model and its bundles; a smoke result is written into it
         tmp.cleanup()
+    return payload
 
 
 if __name__ == "__main__":
-    main()
+    main(GpuTrain())

@@ -21,7 +21,8 @@ import math
 import statistics
 import tempfile
 import time
-from pathlib import Path
+
+from benchmarks.common import Suite, main
 
 NGRAM_GENERAL = 20000   # other people's messages the n-gram baseline counts
 
@@ -33,13 +34,14 @@ def _gain(a: dict, b: dict, key: str) -> float:
 def run(n_senders: int, seconds: float, ks_messages: int, loss_messages: int, quant: str, others_messages: int = 200,
         word_weight: float = 0.2, log=print) -> dict:
     from pocketpeft import runtime
-    from pocketpeft.fsutil import cache_dir
+    from pocketpeft.apps.demo import cached_bundle, demo_personalizer, evaluate_personalization
+    from pocketpeft.apps.demo import serve_backend as demo_serve_backend
     from pocketpeft.corpus import general_texts, sender_split, top_senders
-    from pocketpeft.apps.demo import _serve_backend, cached_bundle
+    from pocketpeft.fsutil import cache_dir
+    from pocketpeft.runtime.keyboard.wordcounts import WordCounts
     from pocketpeft.runtime.keystrokes import keystroke_metrics
-    from pocketpeft.runtime.keyboard.wordcounts import WordCounts, keystrokes_with_words
 
-    serve_backend = _serve_backend() or "torch"   # as the demo: llama.cpp serves when it runs here
+    serve_backend = demo_serve_backend() or "torch"   # as the demo: llama.cpp serves when it runs here
     bundle, export_s = cached_bundle(cache_dir(), quant, False, log, gguf=serve_backend == "llamacpp")
     senders = top_senders()[:n_senders]
     train_sess = runtime.open(bundle, backend="torch")
@@ -54,17 +56,17 @@ def run(n_senders: int, seconds: float, ks_messages: int, loss_messages: int, qu
         words = WordCounts(train)   # what the Personalizer counts once it has observed `train`
         train_sess.reset_adapter()
         serve.reset_adapter()
-        base = {"loss": serve.eval(test).loss, "others_loss": serve.eval(others).loss}
-        base_ks, words_ks = keystrokes_with_words(serve.predictor, words, ks, word_weight)
+        ev = evaluate_personalization(serve, words, test, ks, word_weight, general=others)   # the demo's scoring
+        base = {"loss": ev["heldout"]["loss"], "others_loss": ev["general_loss"], **ev["model"]}
+        words_ks = ev["with_words"]
         with tempfile.TemporaryDirectory() as store:
-            p = runtime.Personalizer(train_sess, store, serve_session=serve, holdout_max=40,   # the demo's gate
-                                     general=general_texts(exclude=[sender], n=40, seed=7), word_weight=word_weight)
+            p = demo_personalizer(train_sess, store, sender, serve_session=serve, word_weight=word_weight)
             p.observe(train)
             upd = p.update(max_seconds=seconds)
-            after = {"loss": serve.eval(test).loss, "others_loss": serve.eval(others).loss}
-            lora_ks, both_ks = keystrokes_with_words(serve.predictor, words, ks, word_weight)
+            ev = evaluate_personalization(serve, words, test, ks, word_weight, general=others)
+            after = {"loss": ev["heldout"]["loss"], "others_loss": ev["general_loss"]}
+            lora_ks, both_ks = ev["model"], ev["with_words"]
             p.close()
-        base.update(base_ks)
         ngram_base = WordCounts(general_texts(exclude=[sender], n=NGRAM_GENERAL, seed=11))
         ngram = {"base": keystroke_metrics(ngram_base.suggest, ks),
                  "personalized": keystroke_metrics(ngram_base.personalized(train).suggest, ks)}
@@ -108,32 +110,40 @@ def run(n_senders: int, seconds: float, ks_messages: int, loss_messages: int, qu
             "per_sender": rows}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="2 senders, 30 s updates, 15 keystroke messages and 60 loss messages each")
-    ap.add_argument("--senders", type=int, help="how many senders (default 10; quick 2)")
-    ap.add_argument("--seconds", type=float, help="update time box per sender (default 60; quick 30)")
-    ap.add_argument("--quant", default="q4_0")
-    ap.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
-    args = ap.parse_args()
-    from benchmarks.common import write_result
+class Personalize(Suite):
+    name, module, description = "personalize", "benchmarks.personalize", __doc__
+    quick_help = "2 senders, 30 s updates, 15 keystroke messages and 60 loss messages each"
 
-    n = args.senders or (2 if args.quick else 10)
-    secs = args.seconds or (30.0 if args.quick else 60.0)
-    t0 = time.perf_counter()
-    res = run(n, secs, ks_messages=15 if args.quick else 20, loss_messages=60 if args.quick else 100, quant=args.quant,
-              others_messages=60 if args.quick else 80)
-    res["wall_seconds"] = time.perf_counter() - t0
-    name = "personalize_quick" if args.quick else "personalize"
-    path = write_result(name, {"quick": args.quick, **res}, args.out)
-    m = res["mean"]
-    print(f"{res['senders']} senders ({res['accepted']} updates accepted): mean top-3 {m['top3_gain_points']:+.2f} points "
-          f"(LoRA alone {m['lora_top3_gain_points']:+.2f}, word counts alone {m['words_top3_gain_points']:+.2f}), "
-          f"KSR {m['ksr_gain_points']:+.2f} points, other people's perplexity {m['others_ppl_change_pct']:+.2f}% "
-          f"(n-gram baseline top-3 {m['ngram_top3_gain_points']:+.2f} points); "
-          f"targets {res['targets']}; written to {Path(path).name}")
+    def add_arguments(self, ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--senders", type=int, help="how many senders (default 10; quick 2)")
+        ap.add_argument("--seconds", type=float, help="update time box per sender (default 60; quick 30)")
+        ap.add_argument("--quant", default="q4_0")
+
+    def run(self, args: argparse.Namespace) -> dict:
+        n = args.senders or (2 if args.quick else 10)
+        secs = args.seconds or (30.0 if args.quick else 60.0)
+        t0 = time.perf_counter()
+        res = run(n, secs, ks_messages=15 if args.quick else 20, loss_messages=60 if args.quick else 100,
+                  quant=args.quant, others_messages=60 if args.quick else 80)
+        res["wall_seconds"] = time.perf_counter() - t0
+        return {"quick": args.quick, **res}
+
+    def table(self, payload: dict, args: argparse.Namespace):
+        rows = [[r["sender"][:8], r["steps"], "yes" if r["accepted"] else "no", 100 * r["base"]["next_word_top3"],
+                 100 * r["lora"]["next_word_top3"], 100 * r["words"]["next_word_top3"],
+                 100 * r["personalized"]["next_word_top3"], r["ksr_gain_points"], r["others_ppl_change_pct"]]
+                for r in payload["per_sender"]]
+        return rows, [("sender", ""), ("steps", "d"), ("accepted", ""), ("base top-3 %", ".1f"), ("LoRA", ".1f"),
+                      ("word counts", ".1f"), ("both", ".1f"), ("KSR gain", "+.2f"), ("others' ppl %", "+.2f")]
+
+    def summary(self, payload: dict, args: argparse.Namespace) -> list[str]:
+        m = payload["mean"]
+        return [f"{payload['senders']} senders ({payload['accepted']} updates accepted): mean top-3 "
+                f"{m['top3_gain_points']:+.2f} points (LoRA alone {m['lora_top3_gain_points']:+.2f}, word counts alone "
+                f"{m['words_top3_gain_points']:+.2f}), KSR {m['ksr_gain_points']:+.2f} points, other people's "
+                f"perplexity {m['others_ppl_change_pct']:+.2f}% (n-gram baseline top-3 "
+                f"{m['ngram_top3_gain_points']:+.2f} points); targets {payload['targets']}"]
 
 
 if __name__ == "__main__":
-    main()
+    main(Personalize())

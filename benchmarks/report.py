@@ -13,7 +13,7 @@ that does not exist yet is skipped with a message):
 Every module writes ``<name>.json`` (or ``<name>_quick.json``) into the results directory; the
 report (``summary.md`` + PNG plots) is built from whatever results are there, newest first.
 
-    python -m benchmarks.report [--suite all] [--quick] [--out DIR] [--report-only]
+    python -m benchmarks.report [--suite all] [--quick] [--out DIR] [--report-only] [--json-out FILE]
 """
 
 from __future__ import annotations
@@ -469,7 +469,10 @@ def bench(suite: str = "all", quick: bool = False, out: Path | None = None, base
             "failed": [m["module"] for m in ran if m["status"] == "failed"]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.report``: progress on stderr, the summary dict on stdout (or, with
+    ``--json-out FILE``, written to FILE: how ``pocketpeft bench`` runs it); exit status 1 when a
+    module failed."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", default="all", choices=[*ALL, "all"])
     ap.add_argument("--quick", action="store_true")
@@ -477,9 +480,16 @@ def main() -> None:
     ap.add_argument("--base", default=None, help="base model for the suites that take one (default smollm2)")
     ap.add_argument("--targets", default=None, help="export targets for the export suite (default: every registered one)")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the report from existing results")
-    args = ap.parse_args()
-    res = bench(args.suite, args.quick, args.out, args.base, args.targets, run=not args.report_only)
-    print(json.dumps(res, indent=2))
+    ap.add_argument("--json-out", type=Path, default=None, help="write the summary as JSON to this file")
+    args = ap.parse_args(argv)
+    res = bench(args.suite, args.quick, args.out, args.base, args.targets, run=not args.report_only,
+                log=lambda m: print(m, file=sys.stderr, flush=True))
+    if args.json_out is not None:
+        from pocketpeft.fsutil import write_bytes_atomic
+
+        write_bytes_atomic(args.json_out, (json.dumps(res, default=str) + "\n").encode("utf-8"))
+    else:
+        print(json.dumps(res, indent=2, default=str))
     sys.exit(1 if res["failed"] else 0)
 
 

@@ -14,7 +14,7 @@ interleaved over repetitions, in one run:
 - ``llama-cpp-python raw``: ``Llama.eval`` of the tokens not yet in its KV cache, one forward per
   keystroke (next token only), the adapter converted to GGUF LoRA;
 - ``pocketpeft llamacpp, f32 GGUF``: llama.cpp over a GGUF holding the exact float32 values of
-  the same q4_0 weights (``POCKETPEFT_GGUF_LINEAR=f32``), so it multiplies in float32 as torch
+  the same q4_0 weights (``GgufOptions(linear="f32")``), so it multiplies in float32 as torch
   does instead of against 8-bit-quantized activations, at several times the bytes per token
   (``--no-f32-gguf`` skips it), with and without prefetch;
 - ``pocketpeft <backend> + prefetch``: the same keystrokes typed with an idle gap between them
@@ -45,10 +45,12 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from benchmarks.common import Suite, main, peak_rss_mib, summarize  # noqa: E402
+
 RANK = 8
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
-TARGET_OF = {"torch": "torch", "executorch": "executorch", "onnxruntime": "onnx", "onnxruntime-infer": "onnx",
-             "llamacpp": "gguf"}
+#: backends this suite serves suggestions from
+SERVING = ("torch", "executorch", "onnxruntime", "onnxruntime-infer", "llamacpp")
 WARMUP = "see you at the game tonight"
 F32_GGUF = "pocketpeft llamacpp, f32 GGUF (exact weights)"
 
@@ -118,7 +120,6 @@ class _Timed:
 
 def worker_session(bundle: str, backend: str, adapter: str, prefixes: list[str], gap_ms: float = 0.0) -> dict:
     import pocketpeft as pp
-    from benchmarks.common import peak_rss_mib
 
     t0 = time.perf_counter()
     sess = pp.runtime.open(bundle, backend=backend, adapter=adapter, need_train=False)
@@ -177,7 +178,6 @@ def worker_hf(folder: str, adapter: str, prefixes: list[str]) -> dict:
     import torch
     import transformers
 
-    from benchmarks.common import peak_rss_mib
     from pocketpeft.tokenizer import Tokenizer
 
     torch.set_num_threads(int(os.environ.get("POCKETPEFT_THREADS", "2")))
@@ -201,7 +201,6 @@ def worker_llama_raw(bundle: str, adapter: str, prefixes: list[str]) -> dict:
 
     import llama_cpp
 
-    from benchmarks.common import peak_rss_mib
     from pocketpeft.formats.gguf_lora import adapter_to_gguf
     from pocketpeft.manifest import Bundle
     from pocketpeft.runtime.backends.llamacpp_backend import base_gguf_path
@@ -243,28 +242,25 @@ def percentiles(ms: list[float]) -> dict[str, float]:
 def ensure_bundle(base: str, backends: list[str], root: Path, gguf_linear: str = "native") -> Path:
     """A q4_0 bundle of ``base`` with every target ``backends`` need (cached under ``root``);
     ``gguf_linear="f32"`` writes its GGUF with the exact float32 weights (see the gguf target)."""
-    from unittest import mock
-
     import pocketpeft as pp
+    from pocketpeft.export import GgufOptions
+    from pocketpeft.registry import backend_target
 
-    targets = ["torch"] + sorted({TARGET_OF[b] for b in backends} - {"torch"})
+    targets = ["torch"] + sorted({backend_target(b) for b in backends} - {"torch"})
     tag = base if base == "smollm2" else f"{Path(base).name}"
     path = root / f"{tag}-q4_0-r{RANK}-{'-'.join(targets)}{'' if gguf_linear == 'native' else '-gguf' + gguf_linear}"
     try:
         pp.Bundle(path).verify()
     except pp.PocketPeftError:
         print(f"exporting {path.name} …", flush=True)
-        with mock.patch.dict(os.environ, {"POCKETPEFT_GGUF_LINEAR": gguf_linear}):  # the gguf target's option
-            pp.export(base, path, quant="q4_0", targets=targets,
-                      lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES))
+        pp.export(base, path, quant="q4_0", targets=targets, gguf=GgufOptions(linear=gguf_linear),
+                  lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES))
     return path
 
 
 def summarize_runs(runs: dict[str, list[dict]], prefixes: list[str]) -> dict:
     """Per configuration: latency percentiles over all keystrokes of all repetitions, the spread
     of per-repetition p50s, model/overhead split, forwards per keystroke, agreement with torch."""
-    from benchmarks.common import summarize
-
     ref = runs.get("pocketpeft torch", [{}])[0].get("top3")
     out = {}
     for name, rs in runs.items():
@@ -310,44 +306,73 @@ def best_config(results: dict) -> tuple[str, dict]:
                   "top3_agreement_ge_95": results[best].get("top3_equal_to_torch", 0.0) >= 0.95}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="3 short messages, 2 repetitions")
-    ap.add_argument("--messages", type=int, default=None, help="held-out messages to type (default 3 quick, 16 full)")
-    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 2 quick, 3 full)")
-    ap.add_argument("--backends", default="torch,llamacpp", help="pocketpeft backends (torch always runs)")
-    ap.add_argument("--prefetch-backends", default="llamacpp",
-                    help="backends also measured with idle-time prefetch between keystrokes ('' for none)")
-    ap.add_argument("--no-f32-gguf", action="store_true",
-                    help="skip llama.cpp over the exact float32 GGUF of the same base (run when llamacpp is)")
-    ap.add_argument("--typing-gap-ms", type=float, default=150.0, help="idle time between keystrokes for prefetch")
-    ap.add_argument("--baselines", default="hf,llama_raw", help="hf (transformers eager + peft), llama_raw; '' for none")
-    ap.add_argument("--adapter", type=Path, default=None, help="a PEFT adapter for the bundle (default: random nonzero lora_B)")
-    ap.add_argument("--base", default="smollm2", help="base model (default the embedded SmolLM2)")
-    ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
-    args = ap.parse_args()
-    if args.worker is not None:
-        kind, a, b, c, prefix_file, *gap = args.worker
-        prefixes = json.loads(Path(prefix_file).read_text(encoding="utf-8"))
-        res = {"session": lambda: worker_session(a, b, c, prefixes, float(gap[0]) if gap else 0.0), "hf": lambda: worker_hf(a, c, prefixes),
-               "llama_raw": lambda: worker_llama_raw(a, c, prefixes)}[kind]()
-        print(json.dumps(res))
-        return
+class SuggestLatency(Suite):
+    name, module, description = "suggest_latency", "benchmarks.suggest_latency", __doc__
+    quick_help = "3 short messages, 2 repetitions"
 
+    def add_arguments(self, ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--messages", type=int, default=None,
+                        help="held-out messages to type (default 3 quick, 16 full)")
+        ap.add_argument("--reps", type=int, default=None, help="repetitions (default 2 quick, 3 full)")
+        ap.add_argument("--backends", default="torch,llamacpp", help="pocketpeft backends (torch always runs)")
+        ap.add_argument("--prefetch-backends", default="llamacpp",
+                        help="backends also measured with idle-time prefetch between keystrokes ('' for none)")
+        ap.add_argument("--no-f32-gguf", action="store_true",
+                        help="skip llama.cpp over the exact float32 GGUF of the same base (run when llamacpp is)")
+        ap.add_argument("--typing-gap-ms", type=float, default=150.0, help="idle time between keystrokes for prefetch")
+        ap.add_argument("--baselines", default="hf,llama_raw",
+                        help="hf (transformers eager + peft), llama_raw; '' for none")
+        ap.add_argument("--adapter", type=Path, default=None,
+                        help="a PEFT adapter for the bundle (default: random nonzero lora_B)")
+        ap.add_argument("--base", default="smollm2", help="base model (default the embedded SmolLM2)")
+
+    def worker(self, argv: list[str]) -> dict:
+        kind, a, b, c, prefix_file, *gap = argv
+        prefixes = json.loads(Path(prefix_file).read_text(encoding="utf-8"))
+        if kind == "session":
+            return worker_session(a, b, c, prefixes, float(gap[0]) if gap else 0.0)
+        return {"hf": lambda: worker_hf(a, c, prefixes), "llama_raw": lambda: worker_llama_raw(a, c, prefixes)}[kind]()
+
+    def run(self, args: argparse.Namespace) -> dict:
+        return _run(self, args)
+
+    def table(self, payload: dict, args: argparse.Namespace):
+        rows = []
+        for name, r in payload["results"].items():
+            lat = r["latency_ms"]
+            ag = f"{100 * r['top3_equal_to_torch']:.0f}%" if "top3_equal_to_torch" in r else None
+            ag_set = f"{100 * r['top3_same_words_any_order']:.0f}%" if "top3_same_words_any_order" in r else None
+            rows.append([name, lat["p50"], lat["p95"], lat["p99"], r["peak_rss_mib"]["median"], ag, ag_set])
+        return rows, [("config", ""), ("p50", ".1f"), ("p95", ".1f"), ("p99", ".1f"), ("RSS MiB", ".0f"),
+                      ("top3=torch", ""), ("same set", "")]
+
+    def summary(self, payload: dict, args: argparse.Namespace) -> list[str]:
+        lines = []
+        for name, r in payload["results"].items():
+            if "profile" in r:
+                pr = r["profile"]
+                lines.append(f"{name}: model {pr['model_ms_mean']:.1f} ms + overhead "
+                             f"{pr['overhead_ms_mean']:.1f} ms per keystroke; "
+                             f"{pr['forwards_per_keystroke_mean']:.2f} forwards "
+                             f"({pr['forward_tokens_per_keystroke_mean']:.2f} tokens) per keystroke, "
+                             f"{pr['model_ms_per_forward']:.1f} ms per forward")
+        lines += [f"skipped {b}: {why}" for b, why in payload["settings"]["skipped"].items()]
+        return lines
+
+
+def _run(suite: Suite, args: argparse.Namespace) -> dict:
     import tempfile
 
-    from benchmarks.common import run_worker, write_result
-    from pocketpeft.fsutil import cache_dir
     from pocketpeft.errors import ConfigError
+    from pocketpeft.fsutil import cache_dir
     from pocketpeft.runtime.selection import probe
 
     n_msgs = args.messages or (3 if args.quick else 16)
     reps = args.reps or (2 if args.quick else 3)
     backends = ["torch"] + [b for b in dict.fromkeys(args.backends.split(",")) if b and b != "torch"]
-    unknown = [b for b in backends if b not in TARGET_OF]
+    unknown = [b for b in backends if b not in SERVING]
     if unknown:
-        raise ConfigError(f"--backends: unknown backend {unknown[0]!r}; expected some of {', '.join(TARGET_OF)}")
+        raise ConfigError(f"--backends: unknown backend {unknown[0]!r}; expected some of {', '.join(SERVING)}")
     skipped = {b: probe(b).reason for b in backends if not probe(b).available}
     backends = [b for b in backends if b not in skipped]
     baselines = [x for x in args.baselines.split(",") if x]
@@ -387,7 +412,7 @@ def main() -> None:
             for name, wargs in order:
                 print(f"[{rep + 1}/{reps}] {name} ({len(prefixes)} keystrokes)", flush=True)
                 extra = [str(gap)] if "+ prefetch" in name else []
-                runs[name].append(run_worker("benchmarks.suggest_latency", [*wargs, str(pfile), *extra]))
+                runs[name].append(suite.run_worker([*wargs, str(pfile), *extra]))
     results = summarize_runs(runs, prefixes)
     best, met = best_config(results)
     payload = {
@@ -402,23 +427,8 @@ def main() -> None:
         "targets": {"p50_ms_best_backend": 10.0, "top3_equal_to_torch": 0.95},
         "targets_met": met,
     }
-    path = write_result("suggest_latency_quick" if args.quick else "suggest_latency", payload, args.out)
-    print(f"\n{'config':<56}{'p50':>8}{'p95':>9}{'p99':>9}{'RSS MiB':>9}{'top3=torch':>11}{'same set':>9}")
-    for name, r in results.items():
-        lat = r["latency_ms"]
-        ag = f"{100 * r['top3_equal_to_torch']:.0f}%" if "top3_equal_to_torch" in r else "-"
-        ag_set = f"{100 * r['top3_same_words_any_order']:.0f}%" if "top3_same_words_any_order" in r else "-"
-        print(f"{name:<56}{lat['p50']:>8.1f}{lat['p95']:>9.1f}{lat['p99']:>9.1f}{r['peak_rss_mib']['median']:>9.0f}"
-              f"{ag:>11}{ag_set:>9}")
-        if "profile" in r:
-            pr = r["profile"]
-            print(f"    model {pr['model_ms_mean']:.1f} ms + overhead {pr['overhead_ms_mean']:.1f} ms per keystroke; "
-                  f"{pr['forwards_per_keystroke_mean']:.2f} forwards ({pr['forward_tokens_per_keystroke_mean']:.2f} tokens) "
-                  f"per keystroke, {pr['model_ms_per_forward']:.1f} ms per forward")
-    for b, why in skipped.items():
-        print(f"skipped {b}: {why}")
-    print(f"written to {path}")
+    return payload
 
 
 if __name__ == "__main__":
-    main()
+    main(SuggestLatency())

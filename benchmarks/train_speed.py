@@ -16,11 +16,10 @@ while PEFT and the torch/executorch backends need it and import it.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
-from unittest import mock
+
+from benchmarks.common import Suite, block_modules, main, peak_rss_mib, summarize
 
 BATCH, SEQ, RANK = 8, 64, 8
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -47,7 +46,6 @@ def pack_bench_rows(tokenizer_json: Path, n_rows: int, out: Path) -> Path:
     import numpy as np
 
     from pocketpeft.corpus import sender_split, top_senders
-
     from pocketpeft.text import pack_rows
     from pocketpeft.tokenizer import Tokenizer
 
@@ -66,8 +64,6 @@ def _rows(path: str):
 
 def worker_pocketpeft(bundle: str, backend: str, steps: int, rows: str) -> dict:
     import sys
-
-    from benchmarks.common import block_modules, peak_rss_mib
 
     if backend == "onnxruntime":   # as on a device, where torch isn't installed
         block_modules("torch")
@@ -113,8 +109,6 @@ def worker_peft(folder: str, steps: int, rows: str) -> dict:
     import peft
     import torch
     import transformers
-
-    from benchmarks.common import peak_rss_mib
 
     t0 = time.perf_counter()
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
@@ -187,8 +181,9 @@ def _rate(run, ops: int, seconds: float) -> float:
     return count * ops / (time.perf_counter() - t0) / 1e9
 
 
-def _bundle(path: Path, quant: str, targets: list[str], env: dict[str, str], exports: dict) -> Path:
-    """The cached bench bundle at ``path``, exported (under the export options ``env``) when it is
+def _bundle(path: Path, quant: str, targets: list[str], onnx, exports: dict) -> Path:
+    """The cached bench bundle at ``path``, exported (with the onnx target's ``OnnxOptions`` ``onnx``,
+    None for the defaults) when it is
     missing or fails verification; a fresh export's per-target seconds go to ``exports``."""
     import pocketpeft as pp
 
@@ -196,30 +191,43 @@ def _bundle(path: Path, quant: str, targets: list[str], env: dict[str, str], exp
         pp.Bundle(path).verify()
     except pp.PocketPeftError:
         print(f"exporting {path.name} …", flush=True)
-        with mock.patch.dict(os.environ, env):
-            pp.export("smollm2", path, quant=quant, targets=targets, seq_len=SEQ, batch_size=BATCH,
-                      lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES))
+        pp.export("smollm2", path, quant=quant, targets=targets, seq_len=SEQ, batch_size=BATCH,
+                  lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES), onnx=onnx)
         exports[path.name] = {t: i.get("export_seconds") for t, i in pp.Bundle(path).manifest.targets.items()}
     return path
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1 repetition x 3 steps")
-    ap.add_argument("--backends", default="torch", help="pocketpeft backends to measure at q4_0 besides torch")
-    ap.add_argument("--quants", default="f32,q8_0,q4_0", help="quant formats for the torch backend")
-    ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
-    if args.worker is not None:
-        kind, *rest = args.worker
-        res = (worker_peft(rest[0], int(rest[1]), rest[2]) if kind == "peft"
-               else worker_pocketpeft(rest[0], rest[1], int(rest[2]), rest[3]))
-        print(json.dumps(res))
-        return
+class TrainSpeed(Suite):
+    name, module, description = "train_speed", "benchmarks.train_speed", __doc__
+    quick_help = "1 repetition x 3 steps"
 
-    import pocketpeft as pp
-    from benchmarks.common import run_worker, summarize, write_result
+    def add_arguments(self, ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--backends", default="torch", help="pocketpeft backends to measure at q4_0 besides torch")
+        ap.add_argument("--quants", default="f32,q8_0,q4_0", help="quant formats for the torch backend")
+
+    def worker(self, argv: list[str]) -> dict:
+        kind, *rest = argv
+        return (worker_peft(rest[0], int(rest[1]), rest[2]) if kind == "peft"
+                else worker_pocketpeft(rest[0], rest[1], int(rest[2]), rest[3]))
+
+    def run(self, args: argparse.Namespace) -> dict:
+        return _run(self, args)
+
+    def table(self, payload: dict, args: argparse.Namespace):
+        rows = [[name, r["tokens_per_s"]["median"], f"{r['speed_vs_peft']:.2f}x", r["peak_rss_mib"]["median"],
+                 f"{r['rss_vs_peft']:.2f}x", f"{100 * r['share_of_ceiling']:.0f}%"]
+                for name, r in payload["results"].items()]
+        return rows, [("config", ""), ("tokens/s", ".0f"), ("vs PEFT", ""), ("peak RSS MiB", ".0f"), ("vs PEFT", ""),
+                      ("of ceiling", "")]
+
+    def summary(self, payload: dict, args: argparse.Namespace) -> list[str]:
+        c = payload["ceiling"]
+        return [f"fp32 matmul here: {c['matmul_gflops']:.0f} GFLOP/s -> ceiling {c['ceiling_tokens_per_s']:.0f} "
+                f"tokens/s; int8 (ORT MatMulInteger): {c['int8_matmul_gops'] or 0:.0f} GOP/s"]
+
+
+def _run(suite: Suite, args: argparse.Namespace) -> dict:
+    from pocketpeft.export import OnnxOptions
     from pocketpeft.fsutil import cache_dir
     from pocketpeft.runtime.selection import probe
 
@@ -233,19 +241,19 @@ def main() -> None:
     exports = {}
     for q in args.quants.split(","):
         tg = ["torch"] + ([targets[b] for b in extra] if q == "q4_0" else [])
-        path = _bundle(cache_dir() / "bench" / f"smollm2-{q}-r{RANK}-{'-'.join(tg)}", q, tg, {}, exports)
+        path = _bundle(cache_dir() / "bench" / f"smollm2-{q}-r{RANK}-{'-'.join(tg)}", q, tg, None, exports)
         configs.append((f"pocketpeft torch {q}", ["pp", str(path), "torch", str(steps), rows]))
         if q == "q4_0":
             configs += [(f"pocketpeft {b} q4_0", ["pp", str(path), b, str(steps), rows]) for b in extra]
         for n_rows in (LOW_MEMORY_ROWS if q == "q4_0" and "onnxruntime" in extra else ()):   # device-memory exports
             low = _bundle(cache_dir() / "bench" / f"smollm2-q4_0-r{RANK}-onnx-rows{n_rows}-int8", q, ["onnx"],
-                          {"POCKETPEFT_ONNX_ROWS": str(n_rows), "POCKETPEFT_ONNX_Q4": "int8"}, exports)
+                          OnnxOptions(rows=n_rows, q4="int8"), exports)
             configs.append((low_memory_name(n_rows), ["pp", str(low), "onnxruntime", str(steps), rows]))
     runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
     for rep in range(reps):
         for name, wargs in configs:
             print(f"[{rep + 1}/{reps}] {name}", flush=True)
-            runs[name].append(run_worker("benchmarks.train_speed", wargs))
+            runs[name].append(suite.run_worker(wargs))
     n_params = 134_515_008
     ceiling = matmul_ceiling(n_params)
     tokens = BATCH * SEQ
@@ -257,7 +265,7 @@ def main() -> None:
                          "torch_imported": any(r.get("torch_imported", True) for r in rs),
                          "losses_first_run": rs[0]["losses"]}
     base = results["peft+transformers eager f32"]
-    for name, r in results.items():
+    for r in results.values():
         r["speed_vs_peft"] = r["tokens_per_s"]["median"] / base["tokens_per_s"]["median"]
         r["rss_vs_peft"] = r["peak_rss_mib"]["median"] / base["peak_rss_mib"]["median"]
         r["share_of_ceiling"] = r["tokens_per_s"]["median"] / ceiling["ceiling_tokens_per_s"]
@@ -269,16 +277,8 @@ def main() -> None:
                "ceiling": ceiling, "exports": exports, "results": results,
                "target": "best device backend >= 1.4x PEFT eager tokens/s and <= 0.3x its peak RSS",
                "targets_met": device_targets(results)}
-    path = write_result("train_speed_quick" if args.quick else "train_speed", payload, args.out)
-    w = max(map(len, results)) + 2
-    print(f"\n{'config':<{w}}{'tokens/s':>10}{'vs PEFT':>9}{'peak RSS MiB':>14}{'vs PEFT':>9}{'of ceiling':>12}")
-    for name, r in results.items():
-        print(f"{name:<{w}}{r['tokens_per_s']['median']:>10.0f}{r['speed_vs_peft']:>8.2f}x"
-              f"{r['peak_rss_mib']['median']:>14.0f}{r['rss_vs_peft']:>8.2f}x{100 * r['share_of_ceiling']:>11.0f}%")
-    print(f"fp32 matmul here: {ceiling['matmul_gflops']:.0f} GFLOP/s -> ceiling {ceiling['ceiling_tokens_per_s']:.0f} tokens/s; "
-          f"int8 (ORT MatMulInteger): {ceiling['int8_matmul_gops'] or 0:.0f} GOP/s")
-    print(f"written to {path}")
+    return payload
 
 
 if __name__ == "__main__":
-    main()
+    main(TrainSpeed())

@@ -4,6 +4,9 @@
 with a fixed seed, writes the shared files (manifest, tokenizer, initial adapter) and each
 target's files into a staging directory, then renames it into place: an export that fails or
 is interrupted never leaves a half-written bundle where a good one was.
+
+Target options are typed: ``export(..., onnx=OnnxOptions(rows=2, q4="int8"),
+gguf=GgufOptions(linear="f32"))``; the manifest records them under ``options``.
 """
 
 from __future__ import annotations
@@ -15,15 +18,20 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from pocketpeft import __version__
 from pocketpeft.config import LoraConfig, QuantFormat, as_lora_config
-from pocketpeft.errors import ConfigError
-from pocketpeft.manifest import MANIFEST_NAME, Bundle, Manifest
+from pocketpeft.errors import ConfigError, MissingDependencyError
+from pocketpeft.formats.gguf import GgufOptions
+from pocketpeft.formats.onnx import OnnxOptions
+from pocketpeft.manifest import GENERAL_TEXT, MANIFEST_NAME, Bundle, Manifest
 from pocketpeft.registry import TARGETS, load_module, target_entry
 
-__all__ = ["export", "parse_targets"]
+__all__ = ["GgufOptions", "OnnxOptions", "export", "parse_targets"]
+
+#: the chitchat sample shipped as ``general.txt`` when the caller gives none
+GENERAL_TEXT_SAMPLE = {"n": 120, "seed": 7}
 
 
 def parse_targets(targets: "str | Iterable[str] | None") -> list[str]:
@@ -42,11 +50,20 @@ def parse_targets(targets: "str | Iterable[str] | None") -> list[str]:
 
 def export(base: "str | os.PathLike", out: "str | os.PathLike", quant: "str | QuantFormat" = "q4_0",
            lora: "LoraConfig | Any | None" = None, targets: "str | Iterable[str] | None" = None,
-           seq_len: int = 64, batch_size: int = 8, seed: int = 0, progress: bool = False) -> Bundle:
+           seq_len: int = 64, batch_size: int = 8, seed: int = 0, progress: bool = False, *,
+           onnx: OnnxOptions | None = None, gguf: GgufOptions | None = None,
+           general_text: Sequence[str] | None = None) -> Bundle:
     """Export ``base`` (``"smollm2"``, an HF model folder or a .gguf) to a bundle at ``out``.
 
+    ``onnx`` / ``gguf``: those targets' options (defaults when ``None``), recorded in the
+    manifest's ``options`` for the targets exported. ``general_text``: other people's messages
+    shipped as ``general.txt`` for the Personalizer's general-text check; ``None`` takes a fixed
+    sample of the chitchat corpus when it is installed (nothing otherwise), an empty sequence
+    ships none.
+
     Returns the opened :class:`Bundle`. Raises :class:`ConfigError` for bad options (unknown
-    quant/target, sequence length beyond the context), the loader's errors for a bad base, and
+    quant/target, sequence length beyond the context, options of the wrong type),
+    :class:`InputTextError` for unusable ``general_text``, the loader's errors for a bad base, and
     leaves any existing bundle at ``out`` untouched if anything fails.
     """
     import torch
@@ -62,6 +79,8 @@ def export(base: "str | os.PathLike", out: "str | os.PathLike", quant: "str | Qu
     qfmt = QuantFormat.parse(quant)
     lcfg = as_lora_config(lora)
     names = parse_targets(targets)
+    onnx_opts, gguf_opts = _option(onnx, OnnxOptions, "onnx"), _option(gguf, GgufOptions, "gguf")
+    general = _general_lines(general_text)
     if not (isinstance(seq_len, int) and seq_len > 1) or not (isinstance(batch_size, int) and batch_size > 0):
         raise ConfigError(f"seq_len must be an integer > 1 and batch_size > 0, got {seq_len!r}, {batch_size!r}")
     t0 = time.perf_counter()
@@ -76,10 +95,12 @@ def export(base: "str | os.PathLike", out: "str | os.PathLike", quant: "str | Qu
     out = Path(out)
     with atomic_dir(out) as stage:
         loaded.tokenizer.save(stage / "tokenizer.json")
+        if general:
+            (stage / GENERAL_TEXT).write_text("\n".join(general) + "\n", encoding="utf-8")
         adapter = Adapter(lcfg, lora_state_dict(model), loaded.source_sha256, {"pocketpeft.seed": str(seed)})
         save_adapter(adapter, stage / "adapter", base_name=f"pocketpeft:{loaded.source}")
         ctx = ExportContext(model=model, arch=loaded.config, quant=qfmt, lora=lcfg, seq_len=seq_len,
-                            batch_size=batch_size, stage=stage, progress=progress)
+                            batch_size=batch_size, stage=stage, progress=progress, onnx=onnx_opts, gguf=gguf_opts)
         target_info: dict[str, dict[str, Any]] = {}
         for name in names:
             t1 = time.perf_counter()
@@ -100,9 +121,40 @@ def export(base: "str | os.PathLike", out: "str | os.PathLike", quant: "str | Qu
             lora=lcfg, trainable=lora_shapes(model), seq_len=seq_len, batch_size=batch_size, files=files,
             targets=target_info, versions={"pocketpeft": __version__, **_toolchain_versions(target_info)},
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            options={t: o.to_dict() for t, o in (("onnx", onnx_opts), ("gguf", gguf_opts)) if t in target_info},
         )
         (stage / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     return Bundle(out)
+
+
+def _option(value: Any, kind: type, name: str) -> Any:
+    """``value`` if it is a ``kind`` (already validated), the defaults for ``None``."""
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        raise ConfigError(f"export(..., {name}=...) must be a {kind.__name__} or None, got {type(value).__name__}")
+    return value
+
+
+def _general_lines(texts: "Sequence[str] | None") -> list[str]:
+    """The lines of ``general.txt``: one message per line (line breaks inside a message become
+    spaces), blank messages dropped. ``None``: the chitchat sample when installed, else none."""
+    from pocketpeft.text import validate_texts
+
+    if texts is None:
+        try:
+            from pocketpeft.corpus import general_texts
+
+            texts = general_texts(**GENERAL_TEXT_SAMPLE)
+        except MissingDependencyError:
+            return []
+    elif isinstance(texts, (str, bytes)):
+        raise ConfigError("export(..., general_text=...) takes a sequence of messages, not one string")
+    texts = list(texts)
+    if not texts:
+        return []
+    lines = [" ".join(t.splitlines()) for t in validate_texts(texts, what="general_text")]
+    return [t for t in lines if t.strip()]
 
 
 def _toolchain_versions(target_info: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -110,11 +162,6 @@ def _toolchain_versions(target_info: dict[str, dict[str, Any]]) -> dict[str, str
     for info in target_info.values():
         versions.update(info.get("toolchain", {}))
     return versions
-
-
-def available_targets() -> list[str]:
-    """Names of every registered export target."""
-    return list(TARGETS)
 
 
 class _ExportModule(types.ModuleType):

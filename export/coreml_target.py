@@ -49,26 +49,19 @@ import torch
 import torch.nn.functional as F
 
 from pocketpeft.errors import CorruptFileError, UnsupportedModelError
+from pocketpeft.formats.coreml import DIR, PACKAGE, SIGNATURE, coreml_name  # noqa: F401 (re-exported)
 from pocketpeft.reference.lora import lora_shapes
 from pocketpeft.reference.quant import NF4_CODE, QuantLinear
 
 from .executorch_target import _InferNet, peft_key, trainable_copy
 from .protocol import ExportContext
 
-DIR = "coreml"
-PACKAGE = "coreml/model.mlpackage"
-SIGNATURE = "coreml/signature.json"
 #: The ops a compressed frozen weight is stored with (iOS 18 names; iOS 16's for older packages).
 QUANT_OPS = ("constexpr_blockwise_shift_scale", "constexpr_lut_to_dense", "constexpr_affine_dequantize")
 _STORAGE = {"q4_0": "constexpr_blockwise_shift_scale(uint4 q, fp16 d, offset 8), block 32",
             "q8_0": "constexpr_blockwise_shift_scale(int8 q, fp16 d), block 32",
             "nf4": "constexpr_lut_to_dense(uint4, NF4 code fp16) -> constexpr_blockwise_shift_scale(fp16 absmax), block 64",
             "f16": "float16 const", "f32": "float16 const"}
-
-
-def coreml_name(key: str) -> str:
-    """The Core ML feature name of a PEFT key (identifiers only: ``.`` -> ``_``)."""
-    return key.replace(".", "_")
 
 
 @contextlib.contextmanager

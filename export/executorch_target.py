@@ -30,15 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pocketpeft.formats import executorch as fmt
+from pocketpeft.formats.executorch import INFER, SIGNATURE, TRAIN, TRAIN_PREFIX  # noqa: F401 (re-exported)
 from pocketpeft.reference.lora import PEFT_PREFIX
 
 from .protocol import ExportContext
-
-TRAIN = "executorch/train.pte"
-INFER = "executorch/infer.pte"
-SIGNATURE = "executorch/signature.json"
-#: The train program's parameter names are the wrapper's attribute (``model.``) + the HF name.
-TRAIN_PREFIX = "model."
 
 
 def export_forward_backward(ep):
@@ -214,7 +210,7 @@ class ExecuTorchTarget:
         from pocketpeft._deps import require
 
         require("executorch.exir", "executorch")
-        out = ctx.stage / "executorch"
+        out = ctx.stage / fmt.DIR
         out.mkdir(parents=True, exist_ok=True)
         bar = None
         if ctx.progress:
@@ -233,13 +229,15 @@ class ExecuTorchTarget:
             bar.close()
         keys = [peft_key(n) for n in names]
         sig = {
-            "train": {"method": "forward", "batch_size": ctx.batch_size, "seq_len": ctx.seq_len,
-                      "inputs": ["input_ids", "labels"],
-                      "outputs": ["loss"] + [f"grad:{k}" for k in keys] + [f"param:{k}" for k in keys],
-                      "parameters": {TRAIN_PREFIX + n: peft_key(n) for n in names}},
-            "infer": {"method": "forward", "max_batch": ctx.batch_size, "max_seq_len": ctx.seq_len,
-                      "inputs": ["input_ids"] + [peft_key(n) for n in infer_names], "outputs": ["logits"]},
-            "delegates": {"xnnpack": ["aten.mm", "aten.bmm"]},
+            fmt.SIG_TRAIN: {fmt.SIG_METHOD: "forward", fmt.SIG_BATCH_SIZE: ctx.batch_size, fmt.SIG_SEQ_LEN: ctx.seq_len,
+                            fmt.SIG_INPUTS: ["input_ids", "labels"],
+                            fmt.SIG_OUTPUTS: (["loss"] + [f"grad:{k}" for k in keys]
+                                              + [f"param:{k}" for k in keys]),
+                            fmt.SIG_PARAMETERS: {TRAIN_PREFIX + n: peft_key(n) for n in names}},
+            fmt.SIG_INFER: {fmt.SIG_METHOD: "forward", fmt.SIG_MAX_BATCH: ctx.batch_size, fmt.SIG_MAX_SEQ_LEN: ctx.seq_len,
+                            fmt.SIG_INPUTS: ["input_ids"] + [peft_key(n) for n in infer_names],
+                            fmt.SIG_OUTPUTS: ["logits"]},
+            fmt.SIG_DELEGATES: {"xnnpack": ["aten.mm", "aten.bmm"]},
         }
         (ctx.stage / SIGNATURE).write_text(json.dumps(sig, indent=2) + "\n")
         return {"executorch": version("executorch")}

@@ -9,13 +9,13 @@ What the file holds (``gguf/info.json`` records it per bundle):
   *our* buffers laid out by :func:`pocketpeft.reference.quant.to_gguf_blocks` (byte-identical blocks, so
   llama.cpp and the torch backend run the same frozen bytes); ``f16`` / ``f32`` as such.
   ``nf4`` has no GGUF type: its dequantized weights are written as ``f16`` (default, closest to
-  the torch backend's values) or ``q8_0`` (``POCKETPEFT_GGUF_NF4=q8_0``: half the size).
+  the torch backend's values) or ``q8_0`` (``GgufOptions(nf4="q8_0")``: half the size).
 - Q and K rows permuted back into llama.cpp's interleaved-pair RoPE order (the inverse of what
   :mod:`pocketpeft.reference.loading` undoes on load), also on quantized rows: blocks run along a row.
 - ``token_embd`` (and ``output`` when untied; tied models have no ``output.weight``):
   ``q8_0`` when that reproduces our float32 embedding exactly (a base that came from a q8_0
   GGUF, like SmolLM2), else ``f32`` for f32 bundles and ``f16`` otherwise. Norms are ``f32``.
-- optional passthrough (``POCKETPEFT_GGUF_PASSTHROUGH=1`` at export, or
+- optional passthrough (``export(..., gguf=GgufOptions(passthrough=True))``, or
   ``write_base_gguf(..., passthrough=True)``): when the base came from a GGUF, its own quantized
   tensors (e.g. SmolLM2's Q4_1) are copied through verbatim instead. llama.cpp then runs the
   source's bytes, no longer the bundle's, so llama.cpp/torch parity becomes approximate.
@@ -36,14 +36,24 @@ import torch
 
 from pocketpeft.config import ModelConfig, QuantFormat
 from pocketpeft.errors import ConfigError, UnsupportedModelError
+from pocketpeft.formats.gguf import (  # noqa: F401 (re-exported)
+    ARCH,
+    DIR,
+    HF_TO_GGUF,
+    INFO,
+    INFO_BASE,
+    PERMUTATION,
+    GgufOptions,
+    base_path,
+    gguf_name,
+    permute_rows,
+    writing_gguf,
+)
 from pocketpeft.reference.model import CausalLM, linear_names
 from pocketpeft.reference.quant import QuantLinear, dequantize, quantize, to_gguf_blocks
 
-from pocketpeft.formats.gguf import ARCH, HF_TO_GGUF, PERMUTATION, gguf_name, permute_rows  # noqa: F401 (re-exported)
 from .protocol import ExportContext
 
-DIR = "gguf"
-INFO = f"{DIR}/info.json"
 _FILE_TYPE = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5
 
@@ -332,11 +342,9 @@ def write_base_gguf(model: CausalLM, out_path: "str | os.PathLike", *, tokenizer
     arch = model.config
     extra = _passthrough_tensors(open_gguf(source_gguf), arch) if passthrough else {}
     out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".partial")
     counts: dict[str, int] = {}
     types: dict[str, str] = {}
-    w = _writer(tmp)
-    try:
+    with writing_gguf(out_path, make=_writer) as w:
         w.add_name(name)
         tensors = list(_model_tensors(model, arch, nf4_as, embedding, linear_as))
         lin_type = tensors[0][2]
@@ -357,15 +365,6 @@ def write_base_gguf(model: CausalLM, out_path: "str | os.PathLike", *, tokenizer
                 w.add_tensor(tname, np.ascontiguousarray(arr))
             types[tname] = typ
             counts[typ] = counts.get(typ, 0) + 1
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
     embd = types["token_embd.weight"]
     return {"architecture": ARCH, "linear_type": lin_type if not extra else "passthrough",
             "embedding_type": embd, "output": "tied" if arch.tie_word_embeddings else types["output.weight"],
@@ -410,26 +409,25 @@ class GgufTarget:
 
     def export(self, ctx: ExportContext) -> dict[str, str]:
         """Write ``gguf/base.<type>.gguf`` and ``gguf/info.json``; return the gguf-py version and
-        the GGUF types used. Env: ``POCKETPEFT_GGUF_PASSTHROUGH=1``, ``POCKETPEFT_GGUF_NF4=f16|q8_0``,
-        ``POCKETPEFT_GGUF_LINEAR=native|f32`` (see :func:`write_base_gguf`)."""
+        the GGUF types used. Options: ``ctx.gguf`` (:class:`GgufOptions`: ``linear``, ``nf4``,
+        ``passthrough``; see :func:`write_base_gguf`)."""
         from importlib.metadata import version
 
         from pocketpeft.tokenizer import Tokenizer
 
-        passthrough = os.environ.get("POCKETPEFT_GGUF_PASSTHROUGH", "").strip().lower() in ("1", "true", "yes")
-        nf4_as = os.environ.get("POCKETPEFT_GGUF_NF4", "f16").strip().lower()
-        linear_as = os.environ.get("POCKETPEFT_GGUF_LINEAR", "native").strip().lower()
+        opts = getattr(ctx, "gguf", None) or GgufOptions()
+        passthrough, nf4_as, linear_as = opts.passthrough, opts.nf4.value, opts.linear.value
         source = _source_gguf(ctx)
         if passthrough and source is None:
-            raise ConfigError("POCKETPEFT_GGUF_PASSTHROUGH=1 needs a base that came from a GGUF file")
+            raise ConfigError("GgufOptions.passthrough=True needs a base that came from a GGUF file")
         (ctx.stage / DIR).mkdir(parents=True, exist_ok=True)
         tmp = ctx.stage / DIR / "base.gguf"
         info = write_base_gguf(ctx.model, tmp, tokenizer=Tokenizer.from_file(ctx.stage / "tokenizer.json"),
                                source_gguf=source, passthrough=passthrough, nf4_as=nf4_as, linear_as=linear_as)
         kind = "mixed" if passthrough else info["linear_type"]
-        rel = f"{DIR}/base.{kind}.gguf"
+        rel = base_path(kind)
         tmp.rename(ctx.stage / rel)
-        info = {"base": rel, "bundle_quant": ctx.quant.value, **info,
+        info = {INFO_BASE: rel, "bundle_quant": ctx.quant.value, **info,
                 "adapters": "PEFT adapters convert with pocketpeft.formats.gguf_lora.adapter_to_gguf"}
         if ctx.quant is QuantFormat.NF4:
             info["note"] = (f"nf4 has no GGUF type: linears are the nf4 weights dequantized and stored as "

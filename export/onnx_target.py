@@ -16,18 +16,23 @@ lists every name and shape:
 - ``optimizer_model.onnx``: ORT's AdamW, for other ORT clients (pocketpeft's runtime runs a
   torch-exact AdamW on the host; see the onnxruntime backend).
 - ``infer.onnx``: forward only, base embedded as initializers; inputs ``input_ids`` plus one
-  float32 input per LoRA tensor (named by PEFT key, fixed shape); output ``logits``
-  ``[batch, seq, vocab]``. The forward-only / NPU path.
+  float32 input per LoRA tensor (named by PEFT key, fixed shape), and an optional ``labels``
+  (int64 ``[batch, seq]``, -100 ignored; it defaults to a ``[1, 1]`` -100 broadcast to
+  ``input_ids``' shape, so a client that feeds only ``input_ids`` and the LoRA tensors still
+  runs); outputs ``logits`` ``[batch, seq, vocab]`` and ``loss_sum`` (the summed token
+  cross-entropy, the training graphs' convention; 0 without labels). The forward-only / NPU path:
+  a loss costs one run and no logits copy.
 - ``io.json``: names, shapes, conventions, and the session config the training graph wants.
 
-Two export options trade speed for device memory (env, read at export; io.json records them):
-``POCKETPEFT_ONNX_ROWS=N``, the training graph's static rows (default the bundle's batch size;
+Two export options trade speed for device memory (:class:`pocketpeft.formats.onnx.OnnxOptions`,
+``export(..., onnx=OnnxOptions(rows=N, q4="int8"))``; io.json and the manifest record them):
+``rows=N``, the training graph's static rows (default the bundle's batch size;
 a bigger batch runs as micro-batches of N rows whose gradients accumulate exactly), and
-``POCKETPEFT_ONNX_Q4=int8``, q4_0 weights stored one int8 per weight instead of packed nibbles
+``q4="int8"``, q4_0 weights stored one int8 per weight instead of packed nibbles
 (twice the bytes, half the dequantization work; see :func:`_unpacked_q4`). SmolLM2, batch 8x64
 on 2 cores, a training process without torch (benchmarks/results/train_speed.json): the
-default (8 rows, packed) peaks at 1388 MiB; ``ROWS=2`` + ``Q4=int8`` at 734 MiB with 95% of its
-speed; ``ROWS=1`` + ``Q4=int8`` at 624 MiB with 76%.
+default (8 rows, packed) peaks at 1388 MiB; ``rows=2`` + ``q4="int8"`` at 734 MiB with 95% of its
+speed; ``rows=1`` + ``q4="int8"`` at 624 MiB with 76%.
 
 Frozen weights are dequantized in-graph with standard ops (Cast, BitwiseAnd, Div+Floor, and one
 Gather from a byte table for nf4), bit-identical to ``pocketpeft.reference.quant.dequantize``. The backward
@@ -47,15 +52,14 @@ import warnings
 import torch
 
 from pocketpeft.errors import UnsupportedModelError
+from pocketpeft.formats import onnx as fmt
+from pocketpeft.formats.onnx import DIR, IO_JSON, LOSS, OnnxOptions, OnnxQ4  # noqa: F401 (re-exported)
 from pocketpeft.reference.lora import PEFT_PREFIX, lora_modules
 
 from .protocol import ExportContext
 
-DIR = "onnx"
-IO_JSON = "io.json"
 MAX_IR_VERSION = 10   # onnxruntime 1.19.2 rejects newer
-UNPACKED = "qweight_int8"   # the q4_0 buffer added for POCKETPEFT_ONNX_Q4=int8
-LOSS = "loss_sum"
+UNPACKED = "qweight_int8"   # the q4_0 buffer added for OnnxOptions(q4="int8")
 _PROTO_LIMIT = 2_000_000_000  # protobuf's 2 GB ceiling (with margin); external data is not implemented
 
 
@@ -134,23 +138,10 @@ def _unpacked_q4(model: torch.nn.Module, enabled: bool):
 
 
 def _options(ctx: ExportContext) -> tuple[int, str]:
-    """(rows of the static training graph, q4_0 storage) from ``POCKETPEFT_ONNX_ROWS`` (default the
-    bundle's batch size) and ``POCKETPEFT_ONNX_Q4`` (``packed``, the default, or ``int8``)."""
-    import os
-
-    from pocketpeft.errors import ConfigError
-
-    raw = os.environ.get("POCKETPEFT_ONNX_ROWS", "").strip()
-    try:
-        rows = int(raw) if raw else ctx.batch_size
-    except ValueError:
-        rows = 0
-    if rows < 1:
-        raise ConfigError(f"POCKETPEFT_ONNX_ROWS must be a positive integer (rows per training-graph run), got {raw!r}")
-    q4 = os.environ.get("POCKETPEFT_ONNX_Q4", "packed").strip().lower() or "packed"
-    if q4 not in ("packed", "int8"):
-        raise ConfigError(f"POCKETPEFT_ONNX_Q4 must be 'packed' or 'int8', got {q4!r}")
-    return rows, q4
+    """(rows of the static training graph, q4_0 storage) from ``ctx.onnx`` (:class:`OnnxOptions`,
+    validated at construction; rows default to the bundle's batch size)."""
+    opts = getattr(ctx, "onnx", None) or OnnxOptions()
+    return opts.rows_for(ctx.batch_size), opts.q4.value
 
 
 def _export_forward(ctx: ExportContext, train: bool):
@@ -342,8 +333,38 @@ def _save(mp, path) -> None:
     onnx.save(mp, str(path))
 
 
+def _append_loss(mp) -> None:
+    """Give a forward graph (``input_ids`` -> ``logits``) an optional ``labels`` input and a
+    ``loss_sum`` output, the summed token cross-entropy of its logits (-100 ignored): what the
+    onnxruntime-infer backend and forward-only training read, so a loss costs one run and no
+    logits copy. ``labels`` is an initializer-backed input (ONNX's optional input with a default):
+    a ``[1, 1]`` -100 broadcast to ``input_ids``' shape, so clients feeding only ``input_ids`` and
+    the LoRA tensors run unchanged (``loss_sum`` is then 0)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = mp.graph
+    logits = next((o for o in g.output if o.name == fmt.LOGITS), None)
+    if logits is None or not any(i.name == fmt.INPUT_IDS for i in g.input):
+        raise UnsupportedModelError("onnx export: the forward graph has no input_ids input / logits output")
+    vocab = logits.type.tensor_type.shape.dim[-1].dim_value
+    g.input.append(helper.make_tensor_value_info(fmt.LABELS, TensorProto.INT64, ["labels_batch", "labels_seq"]))
+    g.initializer.extend([
+        numpy_helper.from_array(np.full((1, 1), fmt.IGNORE_INDEX, np.int64), fmt.LABELS),
+        numpy_helper.from_array(np.array([-1, vocab], np.int64), "fo.flat_logits"),
+        numpy_helper.from_array(np.array([-1], np.int64), "fo.flat_labels")])
+    g.node.extend([helper.make_node("Shape", [fmt.INPUT_IDS], ["fo.ids_shape"], name="fo.ids_shape"),
+                   helper.make_node("Expand", [fmt.LABELS, "fo.ids_shape"], ["fo.labels"], name="fo.labels"),
+                   helper.make_node("Reshape", [fmt.LOGITS, "fo.flat_logits"], ["fo.scores"], name="fo.scores"),
+                   helper.make_node("Reshape", ["fo.labels", "fo.flat_labels"], ["fo.targets"], name="fo.targets"),
+                   helper.make_node("SoftmaxCrossEntropyLoss", ["fo.scores", "fo.targets"], [LOSS],
+                                    reduction="sum", ignore_index=fmt.IGNORE_INDEX, name="fo.ce")])
+    g.output.append(helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []))
+
+
 def _write_infer(fwd, lora: dict[str, str], path) -> dict[str, list[int]]:
-    """infer.onnx: the forward graph with the LoRA initializers turned into graph inputs."""
+    """infer.onnx: the forward graph with the LoRA initializers turned into graph inputs, and the
+    optional labels -> ``loss_sum`` of :func:`_append_loss`."""
     from onnx import helper
 
     mp = copy.deepcopy(fwd)
@@ -355,6 +376,7 @@ def _write_infer(fwd, lora: dict[str, str], path) -> dict[str, list[int]]:
     del mp.graph.initializer[:]
     mp.graph.initializer.extend(kept)
     mp.graph.input.extend(helper.make_tensor_value_info(k, inits[k].data_type, shapes[k]) for k in lora.values())
+    _append_loss(mp)
     _save(mp, path)
     return shapes
 
@@ -377,42 +399,44 @@ def _write_training(fwd, ctx: ExportContext, lora: dict[str, str], out, rows: in
             # torch.optim.AdamW's defaults, for ORT clients that use this model; pocketpeft doesn't
             optimizer=onnxblock.optim.AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
             artifact_directory=str(out))
-    for name in ("training_model.onnx", "optimizer_model.onnx", "eval_model.onnx"):
+    for name in (fmt.TRAIN, fmt.OPTIMIZER, fmt.EVAL):
         mp = onnx.load(str(out / name))
-        if name == "training_model.onnx":
+        if name == fmt.TRAIN:
             _rematerialize_frozen(mp, set(frozen))
             # Static shapes let ORT plan all activation memory ahead: SmolLM2 at 8x64 peaks 0.6 GB
             # lower than with dynamic dims (same speed). The runtime pads short batches.
             for v in mp.graph.input:
-                if v.name in ("input_ids", "labels"):
+                if v.name in (fmt.INPUT_IDS, fmt.LABELS):
                     for dim, size in zip(v.type.tensor_type.shape.dim, (rows, ctx.seq_len)):
                         dim.Clear()
                         dim.dim_value = size
-        elif name == "eval_model.onnx":   # logits too: top-k metrics and logits() run in eval mode
+        elif name == fmt.EVAL:   # logits too: top-k metrics and logits() run in eval mode
             mp.graph.output.append(helper.make_tensor_value_info(
-                "logits", TensorProto.FLOAT, ["batch", "seq", ctx.arch.vocab_size]))
+                fmt.LOGITS, TensorProto.FLOAT, ["batch", "seq", ctx.arch.vocab_size]))
         _save(mp, out / name)
 
 
 def _io_description(ctx: ExportContext, lora_shapes: dict[str, list[int]], rows: int, q4: str) -> dict:
     """The content of io.json (see the module docstring)."""
-    ids = {"input_ids": ["batch", "seq"]}
-    logits = {"logits": ["batch", "seq", ctx.arch.vocab_size]}
+    ids = {fmt.INPUT_IDS: ["batch", "seq"]}
+    logits = {fmt.LOGITS: ["batch", "seq", ctx.arch.vocab_size]}
     static = [rows, ctx.seq_len]
     return {
-        "format_version": 1,
+        fmt.IO_FORMAT_VERSION: 1,
         "dims": {"batch": "dynamic", "seq": f"dynamic, 1..{ctx.arch.max_position_embeddings}"},
-        "training_model": {"inputs": {"input_ids": static, "labels": static}, "outputs": {LOSS: []},
-                           "note": "static shapes: pad short batches/rows with label -100; a batch of more "
-                                   "rows runs as micro-batches whose gradients accumulate"},
-        "q4_0_storage": q4 if ctx.quant.value == "q4_0" else None,
-        "eval_model": {"inputs": {**ids, "labels": ["batch", "seq"]}, "outputs": {LOSS: [], **logits}},
-        "infer": {"inputs": {**ids, **lora_shapes}, "outputs": logits},
+        fmt.IO_TRAINING_MODEL: {fmt.IO_INPUTS: {fmt.INPUT_IDS: static, fmt.LABELS: static}, fmt.IO_OUTPUTS: {LOSS: []},
+                                "note": "static shapes: pad short batches/rows with label -100; a batch of more "
+                                        "rows runs as micro-batches whose gradients accumulate"},
+        fmt.IO_Q4_STORAGE: q4 if ctx.quant.value == "q4_0" else None,
+        fmt.IO_EVAL_MODEL: {fmt.IO_INPUTS: {**ids, fmt.LABELS: ["batch", "seq"]}, fmt.IO_OUTPUTS: {LOSS: [], **logits}},
+        fmt.IO_INFER: {fmt.IO_INPUTS: {**ids, **lora_shapes}, fmt.IO_OUTPUTS: {**logits, LOSS: []},
+                       "optional_inputs": {fmt.LABELS: ["batch", "seq"]}, fmt.IO_INFER_LOSS: True,
+                       "note": "labels is optional (default: none scored, loss_sum 0)"},
         "loss": "sum of token cross-entropies over labels != -100 (divide by their count for the mean)",
-        "lora": {k: k for k in lora_shapes},   # PEFT key -> ONNX name: identical, nothing needed sanitizing
+        fmt.IO_LORA: {k: k for k in lora_shapes},   # PEFT key -> ONNX name: identical, nothing needed sanitizing
         "lora_dropout_in_training_graph": ctx.lora.lora_dropout > 0,
         # training_model recomputes dequantized weights in backward; CSE would merge that back
-        "session_config": {"optimization.disable_specified_optimizers": "CommonSubexpressionElimination"},
+        fmt.IO_SESSION_CONFIG: {"optimization.disable_specified_optimizers": "CommonSubexpressionElimination"},
     }
 
 
@@ -456,7 +480,7 @@ class OnnxTarget:
         if bar is not None:
             bar.update()
             bar.set_description("onnx: infer.onnx")
-        lora_shapes = _write_infer(fwd, lora, out / "infer.onnx")
+        lora_shapes = _write_infer(fwd, lora, out / fmt.INFER)
         if bar is not None:
             bar.update()
             bar.set_description("onnx: training artifacts")

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from pocketpeft.config import LoraConfig, ModelConfig, QuantFormat
+from pocketpeft.formats.gguf import GgufOptions
+from pocketpeft.formats.onnx import OnnxOptions
 from pocketpeft.reference.model import CausalLM
 
 
 @dataclass
 class ExportContext:
     """What every target gets: the quantized model with LoRA injected (initial adapter loaded),
-    the shapes to export for, and the staging directory to write into."""
+    the shapes to export for, the staging directory to write into, and each target's options
+    (validated dataclasses; the defaults when the caller gave none)."""
 
     model: CausalLM
     arch: ModelConfig
@@ -23,6 +26,8 @@ class ExportContext:
     batch_size: int
     stage: Path
     progress: bool = False
+    onnx: OnnxOptions = field(default_factory=OnnxOptions)
+    gguf: GgufOptions = field(default_factory=GgufOptions)
 
 
 class Target(Protocol):

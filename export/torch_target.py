@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from pocketpeft.formats.torch import DIR, WEIGHTS
 from pocketpeft.reference.lora import LoraLinear
 
 from .protocol import ExportContext
 
-WEIGHTS = "torch/model.safetensors"
+__all__ = ["TARGET", "WEIGHTS", "base_state_dict"]
 
 
 def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -33,7 +34,7 @@ class TorchTarget:
         from safetensors.torch import save_file
 
         assert any(isinstance(m, LoraLinear) for m in ctx.model.modules())
-        (ctx.stage / "torch").mkdir(parents=True, exist_ok=True)
+        (ctx.stage / DIR).mkdir(parents=True, exist_ok=True)
         save_file(base_state_dict(ctx.model), str(ctx.stage / WEIGHTS), metadata={"format": "pt"})
         return {"torch": torch.__version__.split("+")[0]}
 

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import os
 
+from pocketpeft.errors import ModelFileNotFoundError
 from pocketpeft.manifest import Bundle
+from pocketpeft.registry import backend_target
 
 from .forward_only import ForwardOnlyConfig, ForwardOnlyTrainer
+from .keyboard.personalizer import Personalizer, UpdateReport
+from .keyboard.store import AdapterStore, TextStore
 from .protocol import Backend, Capabilities, EvalSums, Probe, StepResult, TrainConfig
 from .selection import explain, resolve
 from .session import EvalReport, Session, TrainReport
-from .keyboard.personalizer import Personalizer, UpdateReport
-from .keyboard.store import AdapterStore, TextStore
 
 __all__ = ["open", "Session", "TrainReport", "EvalReport", "TrainConfig", "Backend", "Capabilities",
            "Probe", "StepResult", "EvalSums", "explain", "resolve", "ForwardOnlyConfig", "ForwardOnlyTrainer"]
@@ -33,14 +35,14 @@ def open(bundle: "str | os.PathLike | Bundle", backend: str = "auto", adapter: "
     :mod:`.forward_only`): the backend is then wrapped in a :class:`ForwardOnlyTrainer`.
 
     Raises :class:`BackendNotFoundError` / :class:`BackendUnavailableError` for a backend that
-    doesn't exist or can't run here, the bundle's file errors, and the adapter's errors.
+    doesn't exist or can't run here, :class:`ModelFileNotFoundError` for a bundle exported
+    without the target the backend reads, the bundle's file errors, and the adapter's errors.
     """
-    from .selection import create
-
-    from .selection import resolve_update
+    from .selection import create, resolve_update
 
     name, device, mode = resolve_update(backend, need_train=need_train, update=update)
     b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+    _check_target(b, name)
     be = create(name, device)
     be.load(b)
     if mode == "forward-only":
@@ -49,3 +51,13 @@ def open(bundle: "str | os.PathLike | Bundle", backend: str = "auto", adapter: "
     if adapter is not None:
         sess.load_adapter(adapter)
     return sess
+
+
+def _check_target(bundle: Bundle, backend: str) -> None:
+    """Raise :class:`ModelFileNotFoundError` unless ``bundle`` was exported with the target that
+    ``backend`` reads (checked once here, before the backend loads anything)."""
+    target = backend_target(backend)
+    if target not in bundle.targets:
+        raise ModelFileNotFoundError(
+            f"bundle {bundle.root} has no '{target}' target, which backend {backend!r} reads; it has: "
+            f"{', '.join(bundle.targets) or 'none'} (re-export with --targets {target})")

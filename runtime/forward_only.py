@@ -18,7 +18,7 @@ regenerated, tensor by tensor, from a counter-based generator (numpy's Philox) k
 :meth:`Session.train <pocketpeft.runtime.session.Session.train>` works unchanged; every other
 verb (eval, logits, decoding) goes to the wrapped backend with the current adapter set.
 A backend may offer ``loss_sum(input_ids, labels) -> float`` (summed token cross-entropy, no
-top-k); the trainer then uses it instead of ``eval_batch``.
+top-k: :class:`~.protocol.SupportsLossSum`); the trainer then uses it instead of ``eval_batch``.
 
 The learning rate follows :class:`TrainConfig`'s warmup + cosine schedule, scaled so its peak is
 :attr:`ForwardOnlyConfig.lr` (SGD on a zeroth-order estimate wants a far smaller step than
@@ -38,7 +38,7 @@ import numpy as np
 
 from pocketpeft.errors import ConfigError
 
-from .protocol import Backend, Capabilities, EvalSums, StepResult, TrainConfig
+from .protocol import Backend, Capabilities, EvalSums, StepResult, SupportsDecoder, SupportsLossSum, TrainConfig
 
 UPDATE_MODES = ("auto", "backprop", "forward-only")
 
@@ -137,8 +137,9 @@ class ForwardOnlyTrainer:
 
     def _loss(self, tensors: Mapping[str, np.ndarray], ids: np.ndarray, labels: np.ndarray) -> float:
         self.inner.set_adapter(tensors)
-        f = getattr(self.inner, "loss_sum", None)
-        return float(f(ids, labels)) if f is not None else float(self.inner.eval_batch(ids, labels).loss_sum)
+        if isinstance(self.inner, SupportsLossSum):
+            return float(self.inner.loss_sum(ids, labels))
+        return float(self.inner.eval_batch(ids, labels).loss_sum)
 
     def _shifted(self, k: int, scale: float) -> dict[str, np.ndarray]:
         """theta + scale * z_k, built tensor by tensor (z_k regenerated, never kept whole)."""
@@ -199,6 +200,10 @@ class ForwardOnlyTrainer:
         self._shapes = {k: v.shape for k, v in self._theta.items()}
 
     def decoder(self):
+        """The wrapped backend's decoder; ``NotImplementedError`` where it has none (the predictor
+        then recomputes over ``logits``, see :class:`~.predictor.RecomputeDecoder`)."""
+        if not isinstance(self.inner, SupportsDecoder):
+            raise NotImplementedError(f"backend {self.inner.name} has no incremental decoder")
         return self.inner.decoder()
 
 

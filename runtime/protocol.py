@@ -7,7 +7,7 @@ PEFT-named tensors, so no backend depends on another's internals.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from typing import Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -19,7 +19,8 @@ TIERS = ("gpu", "npu", "cpu")
 @dataclass(frozen=True)
 class Capabilities:
     """What a backend can do on a device. ``tier`` orders auto-selection (gpu → npu → cpu);
-    ``train`` means backpropagation."""
+    ``train`` means backpropagation; ``kv_cache``: its decoder keeps a KV cache (without one,
+    each suggestion pass recomputes the whole message); shown by ``pocketpeft backends``."""
 
     train: bool
     infer: bool
@@ -109,10 +110,6 @@ class Decoder(Protocol):
     def truncate(self, n: int) -> None:
         """Keep only the first ``n`` tokens."""
 
-    # Optional: ``branch_logits(seqs: list[list[int]]) -> np.ndarray`` [len(seqs), vocab], the
-    # logits after the last token of each full sequence, evaluated together in one forward pass
-    # (llamacpp: one K/V branch per sequence). The predictor batches its search through it.
-
 
 class Backend(Protocol):
     """Runs a bundle on one device. Backends share no implementation; see runtime/backends/."""
@@ -142,5 +139,35 @@ class Backend(Protocol):
     def set_adapter(self, tensors: Mapping[str, np.ndarray]) -> None:
         """Replace the LoRA tensors (shapes checked); optimizer state is reset."""
 
+
+# ---------------------------------------------------------------------- optional abilities
+# Checked with ``isinstance`` (runtime_checkable: only the method's presence is checked).
+
+
+@runtime_checkable
+class SupportsDecoder(Protocol):
+    """A backend with its own incremental decoder (a KV cache, typically). Backends without one
+    get the predictor's recomputing decoder (:class:`~.predictor.RecomputeDecoder`)."""
+
     def decoder(self) -> Decoder:
-        """A fresh incremental decoder using the current adapter."""
+        """A fresh incremental decoder using the current adapter (may raise
+        ``NotImplementedError`` where the loaded files can't decode incrementally)."""
+
+
+@runtime_checkable
+class SupportsBranchLogits(Protocol):
+    """A decoder that evaluates several branches at once (llamacpp: one K/V branch per sequence);
+    the predictor batches its search through it."""
+
+    def branch_logits(self, seqs: "list[list[int]]") -> np.ndarray:
+        """float32 logits [len(seqs), vocab] after the last token of each full sequence,
+        evaluated together in one forward pass."""
+
+
+@runtime_checkable
+class SupportsLossSum(Protocol):
+    """A backend that computes the summed token loss alone (no logits, no top-k), cheaper than
+    ``eval_batch``; forward-only training uses it."""
+
+    def loss_sum(self, input_ids: np.ndarray, labels: np.ndarray) -> float:
+        """Summed token cross-entropy over [B, T] inputs and aligned labels (-100 ignored)."""

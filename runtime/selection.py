@@ -33,6 +33,7 @@ class Choice:
     reason: str
     forward_only: bool = False
     update: str = ""   # how the picked row would train: "backprop" or "forward-only"
+    kv_cache: bool = False   # Capabilities.kv_cache: suggestions reuse a KV cache across passes
 
 
 def probe(name: str) -> Probe:
@@ -61,7 +62,8 @@ def explain(need_train: bool = True, update: str = "auto") -> list[Choice]:
             continue
         for dev in p.devices:
             c = p.capabilities[dev]
-            rows.append(Choice(name, dev, c.tier, c.train, c.infer, True, False, c.notes, c.forward_only))
+            rows.append(Choice(name, dev, c.tier, c.train, c.infer, True, False, c.notes, c.forward_only,
+                              kv_cache=c.kv_cache))
     order = {t: i for i, t in enumerate(TIERS)}
     rows.sort(key=lambda r: (order.get(r.tier, len(TIERS)),))
     mode = ""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,16 +13,15 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from pocketpeft.adapter import Adapter, check_adapter_shapes, load_adapter, save_adapter
-from pocketpeft.text import pack_rows, validate_texts
 from pocketpeft.errors import AdapterShapeError, ConfigError, InputTextError, SequenceTooLongError
 from pocketpeft.manifest import Bundle
+from pocketpeft.procinfo import peak_rss_mib
+from pocketpeft.text import pack_rows, validate_texts
 
 from .protocol import Backend, TrainConfig
 
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+#: Former name of :func:`pocketpeft.procinfo.peak_rss_mib` (``sdk/apps/demo.py`` imports it from here).
+peak_rss_mb = peak_rss_mib
 
 
 @dataclass
@@ -71,6 +69,10 @@ class Session:
         self.manifest = bundle.manifest
         self.tokenizer = bundle.tokenizer()
         self.train_config = train_config or TrainConfig()
+        #: Moves whenever this session changes the adapter's weights (each train step,
+        #: ``load_adapter``, ``reset_adapter``, ``set_adapter_tensors``); the predictor drops its
+        #: caches when it moves. Weights changed on ``backend`` directly go unnoticed.
+        self.adapter_version = 0
 
     def __repr__(self) -> str:
         return f"Session({self.bundle!r}, backend={self.backend.name}:{self.backend.device})"
@@ -116,7 +118,10 @@ class Session:
             if pos >= len(order):
                 order, pos = rng.permutation(len(inputs)), 0
             ts = time.perf_counter()
-            r = self.backend.train_step(inputs[idx], labels[idx])
+            try:
+                r = self.backend.train_step(inputs[idx], labels[idx])
+            finally:
+                self.adapter_version += 1
             step_times.append(time.perf_counter() - ts)
             losses.append(r.loss)
             tokens += r.tokens
@@ -130,7 +135,7 @@ class Session:
             bar.close()
         secs = time.perf_counter() - t0
         return TrainReport(self.backend.name, self.backend.device, i, skipped, losses, secs, tokens,
-                           tokens / secs if secs > 0 else 0.0, peak_rss_mb(), stopped_by)
+                           tokens / secs if secs > 0 else 0.0, peak_rss_mib(), stopped_by)
 
     # ------------------------------------------------------------------ evaluation
     def eval(self, texts: "str | Iterable[str]", batch_size: int | None = None, progress: bool = False) -> EvalReport:
@@ -188,11 +193,23 @@ class Session:
             raise AdapterShapeError(f"adapter {path} has LoRA scaling {ad.config.scaling:g} "
                                     f"(r={ad.config.r}, alpha={ad.config.lora_alpha}), this bundle uses {mine.scaling:g}")
         check_adapter_shapes(ad, self.manifest.trainable, str(path))
-        self.backend.set_adapter(ad.tensors)
+        self.set_adapter_tensors(ad.tensors)
 
     def reset_adapter(self) -> None:
         """Go back to the bundle's initial adapter."""
-        self.backend.set_adapter(self.bundle.initial_adapter().tensors)
+        self.set_adapter_tensors(self.bundle.initial_adapter().tensors)
+
+    def get_adapter_tensors(self) -> dict[str, np.ndarray]:
+        """The current LoRA tensors under PEFT key names."""
+        return self.backend.get_adapter()
+
+    def set_adapter_tensors(self, tensors: "dict[str, np.ndarray]") -> None:
+        """Replace the LoRA tensors (PEFT key names; the backend checks names, shapes and
+        finiteness and keeps the current adapter if they are wrong). Moves :attr:`adapter_version`."""
+        try:
+            self.backend.set_adapter(tensors)
+        finally:
+            self.adapter_version += 1
 
     # ------------------------------------------------------------------ suggestions
     def suggest(self, prefix: str, k: int = 3) -> list[str]:
@@ -200,9 +217,8 @@ class Session:
         after its last whitespace is completed), best first. See :class:`~.predictor.Predictor`.
 
         One Predictor is built on first use and kept, so its KV cache and memoized distributions
-        carry over between keystrokes. To notice adapter changes without touching the other verbs,
-        first use wraps this session's ``backend.train_step`` / ``backend.set_adapter`` with a
-        counter (:class:`~.predictor.AdapterWatch`); when it moves, the caches are dropped.
+        carry over between keystrokes; when :attr:`adapter_version` moves (this session changed
+        the weights), the caches are dropped.
         Raises :class:`InputTextError` for non-text / non-UTF-8 input, :class:`ConfigError` for bad ``k``.
         """
         return self.predictor.suggest(prefix, k)
@@ -216,10 +232,10 @@ class Session:
     @property
     def predictor(self):
         """The session's :class:`~.predictor.Predictor`, built on first use and kept."""
-        from .predictor import AdapterWatch, Predictor
+        from .predictor import Predictor
 
         if getattr(self, "_predictor", None) is None:
-            self._predictor = Predictor(self.backend, self.tokenizer, adapter_version=AdapterWatch(self.backend),
+            self._predictor = Predictor(self.backend, self.tokenizer, adapter_version=lambda: self.adapter_version,
                                         max_context=min(1024, self.manifest.arch.max_position_embeddings))
         return self._predictor
 

@@ -133,12 +133,17 @@ def _bf16_entries(path: Path, keys: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
+def peft_key(key: str) -> str:
+    """A LoRA tensor key as peft saves it: the ``.default.`` adapter-name infix of a live
+    ``PeftModel``'s state dict (``...lora_A.default.weight``) dropped."""
+    return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+
+
 def check_adapter_shapes(adapter: Adapter, expected: Mapping[str, list[int]], where: str) -> None:
     """Raise :class:`AdapterShapeError` unless ``adapter`` has exactly the expected PEFT keys and shapes."""
     from .errors import AdapterShapeError
 
-    given = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): list(v.shape)
-             for k, v in adapter.tensors.items()}
+    given = {peft_key(k): list(v.shape) for k, v in adapter.tensors.items()}
     missing = sorted(set(expected) - set(given))
     extra = sorted(set(given) - set(expected))
     if missing or extra:

@@ -96,8 +96,7 @@ class LoraConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LoraConfig":
         """Build from a dict such as a PEFT ``adapter_config.json``; unknown keys are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
+        kw = _known_fields(cls, d)
         tm = kw.get("target_modules")
         if isinstance(tm, (set, tuple)):
             kw["target_modules"] = sorted(tm)
@@ -191,8 +190,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         """Build from our dict or an HF ``config.json`` dict (unknown keys ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
+        kw = _known_fields(cls, d)
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = kw["eos_token_id"][0] if kw["eos_token_id"] else None
         if "rope_theta" not in kw:
@@ -207,3 +205,10 @@ class ModelConfig:
         d.pop("model_type")
         d.update(attention_bias=False, mlp_bias=False, hidden_act="silu")
         return d
+
+
+def _known_fields(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
+    """The items of ``d`` that are fields of the dataclass ``cls`` (others, e.g. peft's or HF's
+    extra keys, are ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}

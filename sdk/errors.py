@@ -63,9 +63,5 @@ class MissingDependencyError(PocketPeftError, ImportError):
     """An optional dependency is not installed; the message names the extra."""
 
 
-class NonFiniteLossError(PocketPeftError, FloatingPointError):
-    """A loss or gradient became NaN/inf (raised only where a skip is impossible)."""
-
-
 class StoreError(PocketPeftError, OSError):
     """The adapter store or text store cannot be read or written."""

@@ -15,27 +15,31 @@ from .errors import BackendNotFoundError, ConfigError
 
 @dataclass(frozen=True)
 class Entry:
-    """One registered implementation: its module and the pip extra it needs (None: core)."""
+    """One registered implementation: its module, the pip extra it needs (None: core), and for a
+    backend the bundle ``target`` it reads (None for export targets: they are their own target)."""
 
     name: str
     module: str
     extra: str | None
     summary: str
+    target: str | None = None
 
 
 #: Runtime backends, in order of preference within a device tier (see runtime.selection).
 BACKENDS: dict[str, Entry] = {
     "torch": Entry("torch", "pocketpeft.runtime.backends.torch_backend", None,
-                   "reference backend: eager PyTorch, CPU or CUDA, train + infer"),
+                   "reference backend: eager PyTorch, CPU or CUDA, train + infer", "torch"),
     "executorch": Entry("executorch", "pocketpeft.runtime.backends.executorch_backend", "executorch",
-                        "ExecuTorch training module (.pte): on-device train + infer"),
+                        "ExecuTorch training module (.pte): on-device train + infer", "executorch"),
     "onnxruntime": Entry("onnxruntime", "pocketpeft.runtime.backends.onnxruntime_backend", "onnx",
-                         "ONNX Runtime training artifacts: on-device train + infer (CPU/CUDA providers)"),
-    "llamacpp": Entry("llamacpp", "pocketpeft.runtime.backends.llamacpp_backend", "llamacpp", "llama.cpp over the GGUF base, adapters hot-swapped as GGUF LoRA: infer only"),
+                         "ONNX Runtime training artifacts: on-device train + infer (CPU/CUDA providers)", "onnx"),
+    "llamacpp": Entry("llamacpp", "pocketpeft.runtime.backends.llamacpp_backend", "llamacpp",
+                      "llama.cpp over the GGUF base, adapters hot-swapped as GGUF LoRA: infer only", "gguf"),
     "peft": Entry("peft", "pocketpeft.runtime.backends.peft_backend", "peft,bnb",
-                  "server side: transformers + peft + bitsandbytes (nf4 base as Linear4bit), CUDA or CPU"),
+                  "server side: transformers + peft + bitsandbytes (nf4 base as Linear4bit), CUDA or CPU", "torch"),
     "onnxruntime-infer": Entry("onnxruntime-infer", "pocketpeft.runtime.backends.onnxruntime_infer_backend", "onnx",
-                               "ONNX Runtime InferenceSession on infer.onnx (LoRA as inputs): infer + forward-only updates"),
+                               "ONNX Runtime InferenceSession on infer.onnx (LoRA as inputs): infer + forward-only updates",
+                               "onnx"),
 }
 
 #: Export targets.
@@ -58,6 +62,16 @@ def backend_entry(name: str) -> Entry:
         raise BackendNotFoundError(f"unknown backend {name!r}; registered backends: {', '.join(BACKENDS)} "
                                    "(`pocketpeft backends` shows which of them run on this machine)")
     return BACKENDS[name]
+
+
+def backend_target(name: str) -> str:
+    """The bundle target backend ``name`` reads (``llamacpp`` -> ``gguf``, ``peft`` -> ``torch``, ...).
+
+    ``name`` may carry a device (``NAME:DEVICE``). Raises :class:`BackendNotFoundError` for an
+    unknown backend."""
+    entry = backend_entry(name.partition(":")[0])
+    assert entry.target is not None, f"backend {entry.name} names no bundle target"
+    return entry.target
 
 
 def target_entry(name: str) -> Entry:

@@ -142,6 +142,39 @@ def test_report_renders_tables_plots_and_targets(tmp_path):
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
 
 
+def test_suite_runner_parses_answers_workers_writes_and_prints_a_table(tmp_path, capsys):
+    from benchmarks.common import Suite, main
+
+    class Toy(Suite):
+        name, module = "toy", "benchmarks.toy"
+
+        def add_arguments(self, ap):
+            ap.add_argument("--n", type=int, default=2)
+
+        def run(self, args):
+            return {"results": {"a": {"x": args.n * 1.5}, "longer name": {"x": None}}}
+
+        def worker(self, argv):
+            return {"argv": argv}
+
+        def table(self, payload, args):
+            return [[k, r["x"]] for k, r in payload["results"].items()], [("config", ""), ("x", ".2f")]
+
+        def summary(self, payload, args):
+            return ["done"]
+
+    path = main(Toy(), ["--quick", "--n", "3", "--out", str(tmp_path)])
+    assert path == tmp_path / "toy_quick.json"
+    obj = json.loads(path.read_text())
+    assert obj["benchmark"] == "toy_quick" and obj["results"]["a"] == {"x": 4.5} and "machine" in obj
+    lines = capsys.readouterr().out.splitlines()
+    # first column left-aligned, the others right-aligned, each as wide as its widest cell (+2); None is "-"
+    assert lines[1:4] == [f"{'config':<13}{'x':>6}", f"{'a':<13}{'4.50':>6}", f"{'longer name':<13}{'-':>6}"]
+    assert lines[4:] == ["done", f"written to {path}"]
+    assert main(Toy(), ["--worker", "p", "q"]) is None
+    assert json.loads(capsys.readouterr().out) == {"argv": ["p", "q"]}
+
+
 def test_bench_rejects_an_unknown_suite(tmp_path):
     from benchmarks.report import bench
     from pocketpeft.errors import ConfigError

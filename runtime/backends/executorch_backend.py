@@ -3,7 +3,8 @@
 ExecuTorch computes the loss and the LoRA gradients (the frozen 4/8-bit base is dequantized
 inside the program); the optimizer runs here on the host, over the LoRA tensors the training
 module exposes in place: AdamW with the same arithmetic as ``torch.optim.AdamW``, global-norm
-clipping as ``torch.nn.utils.clip_grad_norm_``, the same skip rule as the torch backend.
+clipping as ``torch.nn.utils.clip_grad_norm_`` (both in :mod:`.host_adamw`, float32 numpy, shared
+with the onnxruntime backend), the same skip rule as the torch backend.
 
 Shapes are fixed at export: a train call takes ``batch_size`` rows of ``seq_len`` tokens. Fewer
 rows are padded with rows whose labels are all ignored; more rows (or ``grad_accum > 1``) run as
@@ -23,15 +24,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pocketpeft.errors import (AdapterShapeError, ConfigError, CorruptFileError, ModelFileNotFoundError,
-                               SequenceTooLongError)
+from pocketpeft.adapter import peft_key
+from pocketpeft.errors import (
+    AdapterShapeError,
+    ConfigError,
+    CorruptFileError,
+    ModelFileNotFoundError,
+    SequenceTooLongError,
+)
+from pocketpeft.formats.executorch import (
+    INFER,
+    SIG_INFER,
+    SIG_INPUTS,
+    SIG_MAX_BATCH,
+    SIG_MAX_SEQ_LEN,
+    SIG_PARAMETERS,
+    SIG_TRAIN,
+    SIGNATURE,
+    TRAIN,
+)
 from pocketpeft.manifest import Bundle
 
 from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
+from .host_adamw import HostAdamW, clip_coef
 
-TRAIN = "executorch/train.pte"
-INFER = "executorch/infer.pte"
-SIGNATURE = "executorch/signature.json"
 _EXTRA = "pip install 'pocketpeft[executorch]'"
 
 
@@ -42,7 +58,7 @@ def _runtime():
 
     with warnings.catch_warnings():  # "experimental API" warnings on import
         warnings.simplefilter("ignore")
-        from executorch.extension.pybindings.portable_lib import _load_for_executorch, _load_program, Verification
+        from executorch.extension.pybindings.portable_lib import Verification, _load_for_executorch, _load_program
         from executorch.extension.training import _load_for_executorch_for_training
 
     def check(path: str) -> None:  # header, size and flatbuffer; methods and weights load lazily
@@ -62,39 +78,6 @@ def probe() -> Probe:
     return Probe("executorch", True, ("cpu",), "", {"cpu": caps})
 
 
-class _AdamW:
-    """``torch.optim.AdamW`` (single-tensor path, amsgrad off) step for step, over plain tensors
-    updated in place, so the arithmetic is the reference's to the last bit."""
-
-    def __init__(self, params: list[torch.Tensor], cfg: TrainConfig) -> None:
-        self.params, self.cfg = params, cfg
-        self.exp_avg = [torch.zeros_like(p) for p in params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
-        self.steps = 0
-
-    @torch.no_grad()
-    def step(self, grads: list[torch.Tensor], lr: float) -> None:
-        (beta1, beta2), eps, wd = self.cfg.betas, self.cfg.eps, self.cfg.weight_decay
-        self.steps += 1
-        bias1, bias2 = 1 - beta1 ** self.steps, 1 - beta2 ** self.steps
-        for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
-            if wd != 0:
-                p.mul_(1 - lr * wd)
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (v.sqrt() / bias2 ** 0.5).add_(eps)
-            p.addcdiv_(m, denom, value=-(lr / bias1))
-
-
-def _clip_(grads: list[torch.Tensor], max_norm: float) -> float:
-    """Global L2 norm of ``grads``, scaling them in place to ``max_norm`` as clip_grad_norm_ does."""
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(coef)
-    return float(total)
-
-
 class ExecuTorchBackend:
     """ExecuTorch backend; see the module docstring."""
 
@@ -110,7 +93,7 @@ class ExecuTorchBackend:
         self._train = self._infer = None
         self._keys: list[str] = []                     # PEFT keys, in train-output order
         self._adapter: dict[str, torch.Tensor] = {}   # PEFT key -> tensor (aliases ExecuTorch's once training ran)
-        self._opt: _AdamW | None = None
+        self._opt = HostAdamW(self.cfg)   # the host optimizer (numpy, shared with the onnxruntime backend)
 
     def capabilities(self) -> Capabilities:
         return probe().capabilities[self.device]
@@ -128,7 +111,7 @@ class ExecuTorchBackend:
             self._load_pte(bundle, rel, _runtime()[2])
         try:
             self._sig = json.loads(bundle.path_of(SIGNATURE).read_text(encoding="utf-8"))
-            self._keys = list(self._sig["train"]["parameters"].values())
+            self._keys = list(self._sig[SIG_TRAIN][SIG_PARAMETERS].values())
         except (ValueError, KeyError, TypeError) as e:
             raise CorruptFileError(f"{bundle.root / SIGNATURE} is malformed: {e}") from e
         self._bundle, self._train, self._infer = bundle, None, None
@@ -154,7 +137,7 @@ class ExecuTorchBackend:
         if not isinstance(cfg.grad_accum, int) or cfg.grad_accum < 1:
             raise ConfigError(f"TrainConfig.grad_accum must be a positive integer, got {cfg.grad_accum!r}")
         self.cfg, self.step = cfg, 0
-        self._opt = _AdamW([self._adapter[k] for k in self._keys], cfg)
+        self._opt = HostAdamW(cfg)
 
     # ------------------------------------------------------------------ running the programs
     def _pad(self, input_ids: np.ndarray, labels: np.ndarray | None, rows: int, what: str):
@@ -182,16 +165,15 @@ class ExecuTorchBackend:
         fresh = tm.named_params is None
         loss = tm.forward_backward("forward", (ids, lab))[0]
         if fresh:  # first call: from now on the program's own LoRA tensors are the adapter
-            params = [tm.named_parameters()[f] for f in self._sig["train"]["parameters"]]
+            params = [tm.named_parameters()[f] for f in self._sig[SIG_TRAIN][SIG_PARAMETERS]]
             stale = any(not torch.equal(p, self._adapter[k]) for p, k in zip(params, self._keys))
             for p, k in zip(params, self._keys):
                 p.copy_(self._adapter[k])
                 self._adapter[k] = p
-            self._opt.params = params
             if stale:  # the program ran with its baked adapter, not ours: run again
                 loss = tm.forward_backward("forward", (ids, lab))[0]
         grads = tm.named_gradients()
-        return float(loss), [grads[f] for f in self._sig["train"]["parameters"]]
+        return float(loss), [grads[f] for f in self._sig[SIG_TRAIN][SIG_PARAMETERS]]
 
     def _infer_module(self):
         if self._infer is None:
@@ -200,7 +182,7 @@ class ExecuTorchBackend:
 
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 logits for one call of at most batch_size x seq_len tokens."""
-        lora = [self._adapter[k] for k in self._sig["infer"]["inputs"][1:]]
+        lora = [self._adapter[k] for k in self._sig[SIG_INFER][SIG_INPUTS][1:]]
         # ExecuTorch refuses strided inputs (e.g. a row slice of a batch): pass contiguous tensors
         return self._infer_module().forward((ids.contiguous(), *(t.contiguous() for t in lora)))[0]
 
@@ -222,10 +204,13 @@ class ExecuTorchBackend:
             total += loss * w
             for acc, gi in zip(grads, g):
                 acc.add_(gi * w)
-        grad_norm = _clip_(grads, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        g_np = {k: g.numpy() for k, g in zip(self._keys, grads)}
+        norm, coef = clip_coef(g_np.values(), cfg.grad_clip)   # torch.nn.utils.clip_grad_norm_
+        grad_norm = float(norm)
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             return StepResult(total, True, grad_norm, lr, n_tok)  # skip: weights and moments untouched
-        self._opt.step(grads, lr)
+        # in place on the LoRA tensors (ExecuTorch's own memory once training ran: numpy views alias it)
+        self._opt.step({k: self._adapter[k].detach().numpy() for k in self._keys}, g_np, coef, lr)
         self.step += 1
         return StepResult(total, False, grad_norm, lr, n_tok)
 
@@ -246,13 +231,13 @@ class ExecuTorchBackend:
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(input_ids, dtype=np.int64)
-        sig, m = self._sig["infer"], self._b.manifest
-        if ids.ndim != 2 or ids.shape[1] > sig["max_seq_len"] or ids.shape[1] < 1:
+        sig, m = self._sig[SIG_INFER], self._b.manifest
+        if ids.ndim != 2 or ids.shape[1] > sig[SIG_MAX_SEQ_LEN] or ids.shape[1] < 1:
             raise SequenceTooLongError(
-                f"input_ids of shape {ids.shape}: infer.pte of {self._b.root} takes 1..{sig['max_seq_len']} tokens "
+                f"input_ids of shape {ids.shape}: infer.pte of {self._b.root} takes 1..{sig[SIG_MAX_SEQ_LEN]} tokens "
                 f"per row (re-export with --seq-len up to the model's context of {m.arch.max_position_embeddings})")
-        parts = [self._logits(torch.from_numpy(ids[s:s + sig["max_batch"]]))
-                 for s in range(0, len(ids), sig["max_batch"])]
+        parts = [self._logits(torch.from_numpy(ids[s:s + sig[SIG_MAX_BATCH]]))
+                 for s in range(0, len(ids), sig[SIG_MAX_BATCH])]
         return torch.cat(parts).numpy()
 
     def get_adapter(self) -> dict[str, np.ndarray]:
@@ -261,7 +246,7 @@ class ExecuTorchBackend:
     def set_adapter(self, tensors: Mapping[str, np.ndarray]) -> None:
         """Replace the LoRA tensors (PEFT keys, ``.default.`` infixes accepted); nothing changes
         unless every key and shape matches. Optimizer state is reset."""
-        given = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+        given = {peft_key(k): v
                  for k, v in tensors.items()}
         missing, unexpected = sorted(set(self._keys) - set(given)), sorted(set(given) - set(self._keys))
         if missing or unexpected:

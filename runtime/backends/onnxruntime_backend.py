@@ -31,14 +31,21 @@ from typing import Mapping
 
 import numpy as np
 
-from pocketpeft.errors import (AdapterShapeError, ConfigError, CorruptFileError, MissingDependencyError,
-                               ModelFileNotFoundError, SequenceTooLongError)
+from pocketpeft.adapter import peft_key
+from pocketpeft.errors import (
+    AdapterShapeError,
+    ConfigError,
+    CorruptFileError,
+    MissingDependencyError,
+    ModelFileNotFoundError,
+    SequenceTooLongError,
+)
+from pocketpeft.formats import onnx as fmt
+from pocketpeft.formats.onnx import CHECKPOINT, DIR, EVAL, IO_JSON, TRAIN
 from pocketpeft.manifest import Bundle
 
 from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
-
-DIR = "onnx"
-TRAIN, EVAL, CHECKPOINT, IO_JSON = "training_model.onnx", "eval_model.onnx", "checkpoint", "io.json"
+from .host_adamw import HostAdamW, clip_coef
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,7 +138,7 @@ class OrtBackend:
         self._state = self._module = None
         self._shapes: dict[str, tuple[int, ...]] = {}   # PEFT key -> shape
         self._static = (0, 0)   # the training model's [rows, seq_len]
-        self._moments: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._opt = HostAdamW(self.cfg)   # the host optimizer: AdamW moments per PEFT key
 
     def capabilities(self) -> Capabilities:
         return probe().capabilities[self.device]
@@ -151,8 +158,8 @@ class OrtBackend:
         paths = {f: bundle.path_of(f"{DIR}/{f}") for f in (TRAIN, EVAL, CHECKPOINT, IO_JSON)}
         try:
             io = json.loads(paths[IO_JSON].read_text(encoding="utf-8"))
-            config = dict(io.get("session_config", {}))
-            rows, seq = (int(x) for x in io["training_model"]["inputs"]["input_ids"])
+            config = dict(io.get(fmt.IO_SESSION_CONFIG, {}))
+            rows, seq = (int(x) for x in io[fmt.IO_TRAINING_MODEL][fmt.IO_INPUTS][fmt.INPUT_IDS])
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
             raise CorruptFileError(f"{paths[IO_JSON]} is not a valid io.json: {e}") from e
         so = ort.SessionOptions()
@@ -179,7 +186,7 @@ class OrtBackend:
         """Set the optimizer config; the step count and AdamW moments start from zero."""
         if not isinstance(cfg.grad_accum, int) or cfg.grad_accum < 1:
             raise ConfigError(f"TrainConfig.grad_accum must be a positive integer, got {cfg.grad_accum!r}")
-        self.cfg, self.step, self._moments = cfg, 0, {}
+        self.cfg, self.step, self._opt = cfg, 0, HostAdamW(cfg)
 
     @property
     def _mod(self):
@@ -197,7 +204,7 @@ class OrtBackend:
         rows, seq = self._static
         if ids.shape == (rows, seq):
             return ids, labels
-        pid, plab = np.zeros((rows, seq), np.int64), np.full((rows, seq), -100, np.int64)
+        pid, plab = np.zeros((rows, seq), np.int64), np.full((rows, seq), fmt.IGNORE_INDEX, np.int64)
         pid[:ids.shape[0], :ids.shape[1]], plab[:ids.shape[0], :ids.shape[1]] = ids, labels
         return pid, plab
 
@@ -224,37 +231,15 @@ class OrtBackend:
         for s in range(0, len(ids), rows):
             total += float(np.float32(self._run(True, *self._padded(ids[s:s + rows], lab[s:s + rows]))) / denom)
         grads = {k: state.parameters[k].grad / denom for k in self._shapes}
-        # torch.nn.utils.clip_grad_norm_: norm of per-tensor norms, coef clamped at 1, always applied
-        norms = np.array([np.sqrt(np.dot(g.ravel(), g.ravel())) for g in grads.values()], dtype=np.float32)
-        grad_norm = np.float32(np.sqrt(np.dot(norms, norms)))
-        max_norm = np.float32(cfg.grad_clip if cfg.grad_clip > 0 else np.inf)
-        with np.errstate(all="ignore"):
-            coef = np.float32(min(max_norm / (grad_norm + np.float32(1e-6)), np.float32(1.0)))
+        grad_norm, coef = clip_coef(grads.values(), cfg.grad_clip)   # torch.nn.utils.clip_grad_norm_
         if not (math.isfinite(total) and math.isfinite(float(grad_norm))):
             return StepResult(total, True, float(grad_norm), lr, n_tok)
-        self._adamw(grads, coef, lr)
+        params = {k: state.parameters[k].data.copy() for k in grads}   # ORT's buffers: update copies
+        self._opt.step(params, grads, coef, lr)                          # torch.optim.AdamW, in float32
+        for k, p in params.items():
+            state.parameters[k] = p
         self.step += 1
         return StepResult(total, False, float(grad_norm), lr, n_tok)
-
-    def _adamw(self, grads: dict[str, np.ndarray], coef: np.float32, lr: float) -> None:
-        """torch.optim.AdamW's single-tensor update (its CPU default), in float32."""
-        cfg, state = self.cfg, self._state
-        b1, b2 = cfg.betas
-        t = self.step + 1
-        step_size = lr / (1 - b1 ** t)
-        bc2_sqrt = np.float32(math.sqrt(1 - b2 ** t))
-        for k, g in grads.items():
-            g = g * coef
-            p = state.parameters[k].data.copy()
-            m, v = self._moments.get(k) or (np.zeros_like(p), np.zeros_like(p))
-            if cfg.weight_decay:
-                p *= np.float32(1 - lr * cfg.weight_decay)
-            m += np.float32(1 - b1) * (g - m)                       # exp_avg.lerp_(grad, 1 - beta1)
-            v *= np.float32(b2)
-            v += np.float32(1 - b2) * g * g                          # exp_avg_sq.addcmul_(g, g, 1 - beta2)
-            p += np.float32(-step_size) * (m / (np.sqrt(v) / bc2_sqrt + np.float32(cfg.eps)))
-            self._moments[k] = (m, v)
-            state.parameters[k] = p
 
     def eval_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> EvalSums:
         """Summed loss, scored-token count, top-1 and top-3 hits over labels != -100."""
@@ -283,7 +268,7 @@ class OrtBackend:
         """
         if self._state is None:
             raise RuntimeError("backend not loaded: call load(bundle) first")
-        given = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."):
+        given = {peft_key(k):
                  np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
         missing, extra = sorted(set(self._shapes) - set(given)), sorted(set(given) - set(self._shapes))
         if missing or extra:

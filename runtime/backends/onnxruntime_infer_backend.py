@@ -7,10 +7,11 @@ with forward-only (SPSA) updates (:mod:`pocketpeft.runtime.forward_only`); its c
 so (``forward_only=True``). Here the CPU provider stands in for them (the same graph runs on
 them; an ``npu`` device is listed when onnxruntime offers one of those providers, untested here).
 
-At load, a summed cross-entropy is appended to the graph (a ``labels`` input, a ``loss_sum``
-output, the convention of the ``onnx`` target's training graphs), so a loss costs one run and no
-logits copy; logits stay an output for eval and decoding. No ``onnxruntime.training`` import and
-no gradient graph: memory is the inference graph's plus the LoRA tensors. Constant folding is
+The exporter wrote infer.onnx with a summed cross-entropy (an optional ``labels`` input, a
+``loss_sum`` output, the convention of the ``onnx`` target's training graphs), so a loss costs
+one run and no logits copy; logits stay an output for eval and decoding. Nothing here edits the
+graph (no ``onnx`` import). No ``onnxruntime.training`` import and no gradient graph: memory is
+the inference graph's plus the LoRA tensors. Constant folding is
 off, so the frozen weights stay 4-bit and are dequantized inside each run (see ``load``).
 """
 
@@ -20,15 +21,22 @@ from typing import Mapping
 
 import numpy as np
 
-from pocketpeft.errors import (AdapterShapeError, BackendUnavailableError, ConfigError, CorruptFileError,
-                               MissingDependencyError, ModelFileNotFoundError)
+from pocketpeft.adapter import peft_key
+from pocketpeft.errors import (
+    AdapterShapeError,
+    BackendUnavailableError,
+    ConfigError,
+    CorruptFileError,
+    MissingDependencyError,
+    ModelFileNotFoundError,
+)
+from pocketpeft.formats.onnx import IGNORE_INDEX, INPUT_IDS, LABELS, LOGITS, LOSS
+from pocketpeft.formats.onnx import INFER_PATH as INFER
 from pocketpeft.manifest import Bundle
 
 from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
 
 NAME = "onnxruntime-infer"
-INFER = "onnx/infer.onnx"
-LOSS = "loss_sum"
 _NPU_PROVIDERS = ("QNNExecutionProvider", "NnapiExecutionProvider", "CoreMLExecutionProvider")
 
 
@@ -52,32 +60,6 @@ def probe() -> Probe:
     return Probe(NAME, True, tuple(caps), "", caps)
 
 
-def _with_loss(path) -> bytes:
-    """infer.onnx plus a ``labels`` input ([batch, seq] int64, -100 ignored) and a ``loss_sum``
-    output: the summed token cross-entropy of its logits."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    try:
-        mp = onnx.load(str(path))
-    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
-        raise CorruptFileError(f"{path} is not a readable ONNX model: {e}") from e
-    g = mp.graph
-    logits = next((o for o in g.output if o.name == "logits"), None)
-    if logits is None or not any(i.name == "input_ids" for i in g.input):
-        raise CorruptFileError(f"{path} has no input_ids input / logits output; re-export the bundle")
-    vocab = logits.type.tensor_type.shape.dim[-1].dim_value
-    g.input.append(helper.make_tensor_value_info("labels", TensorProto.INT64, ["batch", "seq"]))
-    g.initializer.extend([numpy_helper.from_array(np.array([-1, vocab], np.int64), "fo.flat_logits"),
-                          numpy_helper.from_array(np.array([-1], np.int64), "fo.flat_labels")])
-    g.node.extend([helper.make_node("Reshape", ["logits", "fo.flat_logits"], ["fo.scores"]),
-                   helper.make_node("Reshape", ["labels", "fo.flat_labels"], ["fo.targets"]),
-                   helper.make_node("SoftmaxCrossEntropyLoss", ["fo.scores", "fo.targets"], [LOSS],
-                                    reduction="sum", ignore_index=-100)])
-    g.output.append(helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []))
-    return mp.SerializeToString()
-
-
 class OrtInferBackend:
     """Inference-only ONNX Runtime backend; see the module docstring."""
 
@@ -93,10 +75,12 @@ class OrtInferBackend:
         return probe().capabilities[self.device]
 
     def load(self, bundle: Bundle) -> None:
-        """Open ``onnx/infer.onnx`` (with the appended loss) and the bundle's initial adapter.
+        """Open ``onnx/infer.onnx`` (with its ``labels`` input and ``loss_sum`` output) and the
+        bundle's initial adapter.
 
         Raises :class:`ModelFileNotFoundError` without an ``onnx`` target and
-        :class:`CorruptFileError` for a file that fails its hash or ONNX Runtime can't load.
+        :class:`CorruptFileError` for a file that fails its hash or ONNX Runtime can't load, or an
+        infer.onnx exported before it carried the loss (re-export the bundle).
         """
         import onnxruntime as ort
 
@@ -114,11 +98,16 @@ class OrtInferBackend:
         if self.device == "npu":
             providers.insert(0, next(p for p in _NPU_PROVIDERS if p in ort.get_available_providers()))
         try:
-            self.session = ort.InferenceSession(_with_loss(path), so, providers=providers)
+            self.session = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own pybind classes
             raise CorruptFileError(f"ONNX Runtime cannot load {path}: {e}") from e
         self._shapes = {k: tuple(v) for k, v in bundle.manifest.trainable.items()}
-        graph_inputs = {i.name for i in self.session.get_inputs()}
+        graph_inputs = {i.name for i in (*self.session.get_inputs(), *self.session.get_overridable_initializers())}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if not ({INPUT_IDS, LABELS} <= graph_inputs and {LOGITS, LOSS} <= outputs):
+            self.session = None
+            raise CorruptFileError(f"{path} has no {LABELS!r} input / {LOSS!r} output (exported by an older "
+                                   f"pocketpeft); re-export the bundle: pocketpeft export ... --targets onnx")
         if not set(self._shapes) <= graph_inputs:
             raise CorruptFileError(f"{path}: its inputs lack the manifest's LoRA tensors "
                                    f"(e.g. {sorted(set(self._shapes) - graph_inputs)[:2]})")
@@ -137,8 +126,10 @@ class OrtInferBackend:
         if self.session is None:
             raise RuntimeError("backend not loaded: call load(bundle) first")
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        lab = np.full(ids.shape, -100, np.int64) if labels is None else np.ascontiguousarray(labels, dtype=np.int64)
-        return self.session.run(outputs, {"input_ids": ids, "labels": lab, **self._lora})
+        feed = {INPUT_IDS: ids, **self._lora}
+        if labels is not None:   # without: infer.onnx's default scores nothing
+            feed[LABELS] = np.ascontiguousarray(labels, dtype=np.int64)
+        return self.session.run(outputs, feed)
 
     def loss_sum(self, input_ids: np.ndarray, labels: np.ndarray) -> float:
         """Summed cross-entropy over labels != -100 (no logits leave the session)."""
@@ -146,14 +137,14 @@ class OrtInferBackend:
 
     def eval_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> EvalSums:
         lab = np.asarray(labels, dtype=np.int64)
-        loss_sum, logits = self._run([LOSS, "logits"], input_ids, lab)
-        valid = lab != -100
+        loss_sum, logits = self._run([LOSS, LOGITS], input_ids, lab)
+        valid = lab != IGNORE_INDEX
         lg, tg = logits[valid], lab[valid]
         above = (lg > lg[np.arange(len(tg)), tg][:, None]).sum(-1)   # the target's rank
         return EvalSums(float(loss_sum), int(tg.size), int((lg.argmax(-1) == tg).sum()), int((above < 3).sum()))
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
-        return self._run(["logits"], input_ids)[0]
+        return self._run([LOGITS], input_ids)[0]
 
     def get_adapter(self) -> dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self._lora.items()}
@@ -162,7 +153,7 @@ class OrtInferBackend:
         """Replace every LoRA tensor (PEFT keys, ``.default.`` accepted). Raises
         :class:`AdapterShapeError` for a missing, unexpected, misshapen or non-finite tensor;
         nothing changes unless all of them fit."""
-        given = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+        given = {peft_key(k): v
                  for k, v in tensors.items()}
         if set(given) != set(self._shapes):
             missing, extra = sorted(set(self._shapes) - set(given)), sorted(set(given) - set(self._shapes))
@@ -176,31 +167,6 @@ class OrtInferBackend:
                                         "or NaN/inf values")
             new[k] = a.copy() if a is given[k] else a
         self._lora = new
-
-    def decoder(self) -> "RecomputeDecoder":
-        """A decoder without KV cache: each ``extend`` runs the whole sequence so far (the
-        inference graph has no cache inputs)."""
-        return RecomputeDecoder(self)
-
-
-class RecomputeDecoder:
-    """protocol.Decoder by recomputation (see :meth:`OrtInferBackend.decoder`)."""
-
-    def __init__(self, backend: OrtInferBackend) -> None:
-        self.backend, self._ids = backend, []
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self._ids)
-
-    def extend(self, ids: list[int]) -> np.ndarray:
-        self._ids.extend(int(i) for i in ids)
-        if not ids:
-            return np.zeros((0, self.backend.session.get_outputs()[0].shape[-1]), np.float32)
-        return self.backend.logits(np.asarray([self._ids], np.int64))[0, -len(ids):]
-
-    def truncate(self, n: int) -> None:
-        self._ids = self._ids[:n]
 
 
 def create(device: str = "cpu") -> OrtInferBackend:

@@ -23,6 +23,7 @@ from typing import Mapping
 import numpy as np
 
 from pocketpeft._deps import available, require
+from pocketpeft.adapter import peft_key
 from pocketpeft.errors import AdapterShapeError, ConfigError, UnsupportedModelError
 from pocketpeft.manifest import Bundle
 
@@ -164,7 +165,7 @@ class PeftBackend:
         self._params = {}
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                self._params[name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")] = p
+                self._params[peft_key(name)] = p
         expected = bundle.manifest.trainable
         mine = {k: list(p.shape) for k, p in self._params.items()}
         if mine != {k: list(v) for k, v in expected.items()}:
@@ -237,7 +238,7 @@ class PeftBackend:
 
         peft = require("peft", extra="peft")
         expected = self._p
-        given = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+        given = {peft_key(k): v
                  for k, v in tensors.items()}
         missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
         if missing or extra:

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from pocketpeft.errors import ConfigError
-from pocketpeft.reference.lora import inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict
 from pocketpeft.manifest import Bundle
+from pocketpeft.reference.lora import inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict
 from pocketpeft.reference.model import CausalLM, build_quantized
 from pocketpeft.reference.quant import QuantLinear
 

@@ -8,7 +8,8 @@ passes the result through a quality gate before committing it to the
 - the newest slice of the user's text is held out (not trained on in this update); the new
   adapter must lower its loss (by more than ``min_heldout_gain``, relative);
 - a general-text check (other people's messages) must not get worse by more than
-  ``max_general_increase`` (relative loss, default +2%);
+  ``max_general_increase`` (relative loss, default +2%); it is skipped, and the report's reason
+  says so, when there is no general text (a bundle exported without ``general.txt``);
 - otherwise the previous adapter is put back and nothing is committed.
 
 Suggestions also use the user's own words at once: :class:`~.wordcounts.WordCounts` counts the
@@ -34,8 +35,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pocketpeft.text import as_text
 from pocketpeft.errors import ConfigError
+from pocketpeft.procinfo import peak_rss_mib
+from pocketpeft.text import as_text
 
 from ..keystrokes import keystroke_metrics
 from ..session import Session
@@ -43,6 +45,8 @@ from .store import NEW, REJECTED, TRAINED, AdapterStore, AdapterVersion, TextSto
 from .wordcounts import WORD_POOL, WordCounts, mix_scored
 
 Progress = Callable[[dict], None]
+
+_NO_GENERAL = "general-text check skipped (no general text: the bundle has no general.txt and none was given)"
 
 
 @dataclass
@@ -79,8 +83,9 @@ class Personalizer:
 
     - ``serve_session``: the session suggestions come from; by default a second session of the
       same bundle on the same backend (inference only).
-    - ``general``: other people's messages for the general-text check (default: a fixed sample of
-      the chitchat corpus, :func:`pocketpeft.data.general_texts`).
+    - ``general``: other people's messages for the general-text check (default: the bundle's own,
+      :meth:`Bundle.general_texts <pocketpeft.manifest.Bundle.general_texts>`; empty: the check
+      is skipped and every :class:`UpdateReport` reason says so).
     - ``holdout_fraction`` / ``holdout_max``: size of the newest slice held out for the gate.
     - ``replay_fraction``: replayed older messages per new message (sampled from trained ones).
     - ``max_general_increase``: allowed relative rise of the general-text loss (0.02 = +2%).
@@ -113,9 +118,7 @@ class Personalizer:
         self.adapters = AdapterStore(self.store_dir / "adapters", m.base_sha256, m.lora,
                                      base_name=f"pocketpeft:{m.base_source}")
         if general is None:
-            from pocketpeft.corpus import general_texts
-
-            general = general_texts(n=120, seed=7)
+            general = session.bundle.general_texts()   # [] for a bundle exported without general.txt
         self.general = list(general)
         self.holdout_fraction, self.holdout_max = holdout_fraction, holdout_max
         self.replay_fraction = replay_fraction
@@ -196,13 +199,13 @@ class Personalizer:
     def serving(self) -> tuple[int | None, dict[str, np.ndarray]]:
         """(version, copy of the tensors) the serving session holds right now, read atomically."""
         with self._serve_lock:
-            return self._serving_version, {k: np.array(v) for k, v in self.serve_session.backend.get_adapter().items()}
+            return self._serving_version, {k: np.array(v) for k, v in self.serve_session.get_adapter_tensors().items()}
 
     def _serve(self, version: int) -> None:
         ad = self.adapters.load(version)          # read back from disk, hash-checked
         tensors = ad.tensors
         with self._serve_lock:
-            self.serve_session.backend.set_adapter(tensors)
+            self.serve_session.set_adapter_tensors(tensors)
             self._serving_version = version
 
     def versions(self) -> list[AdapterVersion]:
@@ -271,12 +274,15 @@ class Personalizer:
             rep.reason = "no new text to learn from"
             return self._finish(rep, t0, tell)
         hold_texts = [r.text for r in hold]
-        prev = {k: np.array(v) for k, v in self.session.backend.get_adapter().items()}
+        prev = {k: np.array(v) for k, v in self.session.get_adapter_tensors().items()}
         ho_before, ho_secs = self._eval(hold_texts) if hold_texts else (None, 0.0)
-        if self._general_cache is None or self._general_cache[0] != version:
-            g, g_secs = self._eval(self.general)
-            self._general_cache = (version, g, g_secs)
-        _, gen_before, gen_secs = self._general_cache
+        if not self.general:
+            gen_before, gen_secs = None, 0.0
+        else:
+            if self._general_cache is None or self._general_cache[0] != version:
+                g, g_secs = self._eval(self.general)
+                self._general_cache = (version, g, g_secs)
+            _, gen_before, gen_secs = self._general_cache
         rep.heldout_loss_before, rep.general_loss_before = ho_before, gen_before
         tell({"stage": "eval-before", "heldout_loss": ho_before, "general_loss": gen_before})
         seconds = None
@@ -294,22 +300,24 @@ class Personalizer:
               "loss_first": tr.losses[0] if tr.losses else None, "loss_last": tr.losses[-1] if tr.losses else None})
         applied = tr.steps - len(tr.skipped_steps)
         ho_after = self._eval(hold_texts)[0] if hold_texts else None
-        gen_after = self._eval(self.general)[0]
+        gen_after = self._eval(self.general)[0] if self.general else None
         rep.heldout_loss_after, rep.general_loss_after = ho_after, gen_after
         tell({"stage": "eval-after", "heldout_loss": ho_after, "general_loss": gen_after})
-        limit = gen_before * (1 + self.max_general_increase)
+        limit = gen_before * (1 + self.max_general_increase) if gen_before is not None else None
         if applied == 0:
             rep.reason = "no training step was applied (time box too short or every step non-finite)"
         elif ho_before is not None and not ho_after < ho_before * (1 - self.min_heldout_gain):
             rep.reason = f"held-out loss did not improve ({ho_before:.4f} -> {ho_after:.4f})"
-        elif not gen_after <= limit:
+        elif limit is not None and not gen_after <= limit:
             rep.reason = (f"general-text loss rose {100 * (gen_after / gen_before - 1):+.1f}% "
                           f"({gen_before:.4f} -> {gen_after:.4f}), more than the allowed "
                           f"+{100 * self.max_general_increase:g}%")
         else:
             rep.accepted = True
         if not rep.accepted:
-            self.session.backend.set_adapter(prev)
+            if gen_before is None:
+                rep.reason += f"; {_NO_GENERAL}"
+            self.session.set_adapter_tensors(prev)
             if applied:
                 self.texts.mark([r.id for r in new], REJECTED)
             return self._finish(rep, t0, tell)
@@ -319,24 +327,26 @@ class Personalizer:
         metrics["train_seconds"] = round(tr.seconds, 3)
         t_commit = time.perf_counter()
         try:
-            v = self.adapters.commit(self.session.backend.get_adapter(), metrics)
+            v = self.adapters.commit(self.session.get_adapter_tensors(), metrics)
         except Exception:
-            self.session.backend.set_adapter(prev)
+            self.session.set_adapter_tensors(prev)
             raise
         self.texts.mark([r.id for r in new], TRAINED)
-        self._general_cache = (v.version, gen_after, gen_secs)
+        self._general_cache = (v.version, gen_after, gen_secs) if gen_after is not None else None
         self._serve(v.version)
         self._commit_secs = 1.2 * (time.perf_counter() - t_commit)
         rep.version = v.version
         rep.reason = (f"held-out loss {ho_before:.4f} -> {ho_after:.4f}" if ho_before is not None else "no held-out text")
-        rep.reason += f", general-text loss {100 * (gen_after / gen_before - 1):+.1f}% (limit +{100 * self.max_general_increase:g}%)"
+        if gen_before is not None:
+            rep.reason += (f", general-text loss {100 * (gen_after / gen_before - 1):+.1f}% "
+                           f"(limit +{100 * self.max_general_increase:g}%)")
+        else:
+            rep.reason += f", {_NO_GENERAL}"
         return self._finish(rep, t0, tell)
 
     def _finish(self, rep: UpdateReport, t0: float, tell) -> UpdateReport:
-        from ..session import peak_rss_mb
-
         rep.seconds = time.perf_counter() - t0
-        rep.peak_rss_mb = peak_rss_mb()
+        rep.peak_rss_mb = peak_rss_mib()
         tell({"stage": "done", **rep.to_dict()})
         return rep
 

@@ -9,7 +9,6 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
-from unittest import mock
 
 from pocketpeft.errors import PocketPeftError
 from pocketpeft.fsutil import cache_dir
@@ -30,17 +29,15 @@ def _progress(args: argparse.Namespace) -> bool:
 def cmd_export(args: argparse.Namespace) -> None:
     from pocketpeft.config import LoraConfig
     from pocketpeft.errors import ConfigError
-    from pocketpeft.export import export
+    from pocketpeft.export import GgufOptions, OnnxOptions, export
 
     if args.onnx_rows is not None and args.onnx_rows < 1:
         raise ConfigError(f"--onnx-rows must be a positive integer (rows per training-graph run), got {args.onnx_rows}")
     lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=args.target_modules)
-    env = {name: str(value) for name, value in (("POCKETPEFT_GGUF_LINEAR", args.gguf_linear),
-                                                ("POCKETPEFT_ONNX_ROWS", args.onnx_rows),
-                                                ("POCKETPEFT_ONNX_Q4", args.onnx_q4)) if value is not None}
-    with mock.patch.dict(os.environ, env):
-        b = export(args.base, args.out, quant=args.quant, lora=lora, targets=args.targets, seq_len=args.seq_len,
-                   batch_size=args.batch, seed=args.seed, progress=_progress(args))
+    onnx = OnnxOptions(rows=args.onnx_rows, q4=args.onnx_q4 or "packed")
+    gguf = GgufOptions(linear=args.gguf_linear or "native")
+    b = export(args.base, args.out, quant=args.quant, lora=lora, targets=args.targets, seq_len=args.seq_len,
+               batch_size=args.batch, seed=args.seed, progress=_progress(args), onnx=onnx, gguf=gguf)
     m = b.manifest
     obj = {"bundle": str(b.root), "base": m.base_source, "base_sha256": m.base_sha256, "quant": m.quant.value,
            "targets": b.targets, "trainable_tensors": len(m.trainable),
@@ -184,18 +181,34 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from pocketpeft.errors import MissingDependencyError
+    """Runs ``python -m benchmarks.report`` of the source checkout in a child process (the
+    package never imports ``benchmarks``); the child writes its summary as JSON, re-emitted here."""
+    import subprocess
+    import tempfile
+
+    from pocketpeft.errors import MissingDependencyError, PocketPeftError
 
     root = Path(__file__).resolve().parents[2]
     if not (root / "benchmarks" / "report.py").is_file():
         raise MissingDependencyError("`pocketpeft bench` runs the benchmarks/ folder of a source checkout of pocketpeft "
                                      "(pip install -e . from a clone, with the 'bench' extra)")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from benchmarks.report import bench
-
-    obj = bench(args.suite, quick=args.quick, out=Path(args.out) if args.out else None, base=args.base,
-                targets=args.targets, run=not args.report_only, log=lambda m: print(m, file=sys.stderr, flush=True))
+    with tempfile.TemporaryDirectory(prefix="pocketpeft-bench-") as tmp:
+        summary = Path(tmp) / "summary.json"
+        cmd = [sys.executable, "-m", "benchmarks.report", "--suite", args.suite, "--json-out", str(summary)]
+        cmd += ["--quick"] if args.quick else []
+        cmd += ["--out", str(Path(args.out).resolve())] if args.out else []
+        if args.base:   # the child runs in the checkout: a model path given relative to here is resolved
+            cmd += ["--base", str(Path(args.base).resolve()) if Path(args.base).exists() else args.base]
+        cmd += ["--targets", args.targets] if args.targets else []
+        cmd += ["--report-only"] if args.report_only else []
+        # progress (the child's stderr) streams through; its stdout joins it, so ours holds the one JSON object
+        p = subprocess.run(cmd, cwd=root, stdout=subprocess.PIPE, text=True)
+        if p.stdout:
+            print(p.stdout, end="", file=sys.stderr)
+        if not summary.is_file():
+            raise PocketPeftError(f"`python -m benchmarks.report` exited with status {p.returncode} before writing "
+                                  "its summary (see the messages above)")
+        obj = json.loads(summary.read_text(encoding="utf-8"))
     _emit(args, obj, lambda o: (f"report: {o['report']} ({len(o['results'])} result files, plots: "
                                 f"{', '.join(o['plots']) or 'none'})" + (f"; FAILED: {', '.join(o['failed'])}" if o["failed"] else "")))
     if obj["failed"]:

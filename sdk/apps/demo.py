@@ -17,7 +17,7 @@ from pocketpeft.fsutil import cache_dir, write_bytes_atomic
 Log = Callable[[str], None]
 
 
-def _serve_backend() -> str | None:
+def serve_backend() -> str | None:
     """``llamacpp`` when it runs here: one token costs a fraction of the torch decoder's, and the
     keystroke metrics type every character of the held-out messages; otherwise ``None`` (the
     Personalizer then serves from a torch session)."""
@@ -46,6 +46,40 @@ def cached_bundle(cache: Path, quant: str, progress: bool, log: Log | None, gguf
     t0 = time.perf_counter()
     b = export("smollm2", path, quant=quant, targets=targets, progress=progress)
     return b, time.perf_counter() - t0
+
+
+def demo_personalizer(sess, store: str | Path, sender: str, serve_session=None, word_weight: float | None = None):
+    """The demo's :class:`~pocketpeft.runtime.Personalizer` for ``sender``: training on ``sess``,
+    serving from ``serve_session`` (``sess`` when None), with the demo's quality gate. The gate's
+    held-out and general-text evaluations run inside the update's time box, before and after
+    training: 40 messages each (other people's, ``seed=7``) keep them to a small share of a
+    one-minute update on 2 cores."""
+    from pocketpeft import runtime
+    from pocketpeft.corpus import general_texts
+
+    extra = {} if word_weight is None else {"word_weight": word_weight}
+    return runtime.Personalizer(sess, store, serve_session=serve_session, holdout_max=40,
+                                general=general_texts(exclude=[sender], n=40, seed=7), **extra)
+
+
+def evaluate_personalization(serve, words, test: list[str], keystroke_texts: list[str], word_weight: float,
+                             general: list[str] | None = None) -> dict[str, Any]:
+    """One side (base or personalized) of the demo's comparison, from the serving session
+    ``serve`` as it is now: the held-out evaluation of ``test`` (``heldout``: loss, perplexity,
+    next-token accuracy), the keystroke metrics of typing ``keystroke_texts`` scored from the same
+    model passes by the model alone (``model``) and mixed with the sender's word counts ``words``
+    at ``word_weight`` (``with_words``; what a Personalizer serves), and, given ``general`` (other
+    people's messages), their loss (``general_loss``).
+
+    Before an update ``model`` is the base model and ``with_words`` the base with word counts;
+    after it, LoRA alone and both. The demo and ``benchmarks.personalize`` score with this."""
+    from pocketpeft.runtime.keyboard.wordcounts import keystrokes_with_words
+
+    model_ks, words_ks = keystrokes_with_words(serve.predictor, words, keystroke_texts, word_weight)
+    out = {"heldout": serve.eval(test).to_dict(), "model": model_ks, "with_words": words_ks}
+    if general is not None:
+        out["general_loss"] = serve.eval(general).loss
+    return out
 
 
 def default_sender() -> str:
@@ -112,15 +146,15 @@ def run_demo(sender: str | None = None, seconds: float = 60.0, quant: str = "q4_
     llama.cpp-served one several times more; ``python -m benchmarks.personalize`` types hundreds
     of words); before and after type the same messages."""
     from pocketpeft import runtime
-    from pocketpeft.corpus import general_texts, sender_split
-    from pocketpeft.runtime.session import peak_rss_mb
+    from pocketpeft.corpus import sender_split
+    from pocketpeft.procinfo import peak_rss_mib
     from pocketpeft.runtime.keyboard.wordcounts import WordCounts, keystrokes_with_words
 
     t_start = time.perf_counter()
     say = log or (lambda s: None)
     cache = cache or cache_dir()
-    serve_backend = _serve_backend()
-    bundle, export_s = cached_bundle(Path(cache), quant, progress, log, gguf=serve_backend is not None)
+    backend = serve_backend()
+    bundle, export_s = cached_bundle(Path(cache), quant, progress, log, gguf=backend is not None)
     sender = sender or default_sender()
     train, test = sender_split(sender)
     test = test[:max_test_messages]
@@ -128,11 +162,8 @@ def run_demo(sender: str | None = None, seconds: float = 60.0, quant: str = "q4_
     out = Path(out_dir)
     shutil.rmtree(out / "store", ignore_errors=True)
     sess = runtime.open(bundle)
-    serving = runtime.open(bundle, backend=serve_backend, need_train=False) if serve_backend else None
-    # The gate's held-out and general-text evaluations run inside the update's time box, before and
-    # after training: 40 messages each keep them to a small share of a one-minute update on 2 cores.
-    p = runtime.Personalizer(sess, out / "store", serve_session=serving, holdout_max=40,
-                             general=general_texts(exclude=[sender], n=40, seed=7))
+    serving = runtime.open(bundle, backend=backend, need_train=False) if backend else None
+    p = demo_personalizer(sess, out / "store", sender, serve_session=serving)
     serve = p.serve_session
     say(f"sender {sender}: {len(train)} earlier messages to learn from, {len(test)} later ones held out; "
         f"training on {sess.backend.name}:{sess.backend.device}, suggestions from "
@@ -144,16 +175,15 @@ def run_demo(sender: str | None = None, seconds: float = 60.0, quant: str = "q4_
     keystrokes_with_words(serve.predictor, words, ks_texts[:1], p.word_weight)
     per_message = max(time.perf_counter() - t_first, 1e-3)
     ks_texts = ks_texts[:max(1, min(len(ks_texts), int(keystroke_seconds / per_message)))]
-    alone, with_words = keystrokes_with_words(serve.predictor, words, ks_texts, p.word_weight)
-    before = {**serve.eval(test).to_dict(), **alone}
-    general_before = serve.eval(p.general).loss
+    ev = evaluate_personalization(serve, words, test, ks_texts, p.word_weight, general=p.general)
+    before, with_words, general_before = {**ev["heldout"], **ev["model"]}, ev["with_words"], ev["general_loss"]
     p.observe(train)
     say(f"learning for up to {seconds:g}s …")
     upd = p.update(max_seconds=seconds, progress=progress)
     say(f"update {'accepted' if upd.accepted else 'REJECTED'}: {upd.reason}")
-    lora_alone, both = keystrokes_with_words(serve.predictor, words, ks_texts, p.word_weight)
-    after = {**serve.eval(test).to_dict(), **both}
-    general_after = serve.eval(p.general).loss
+    ev = evaluate_personalization(serve, words, test, ks_texts, p.word_weight, general=p.general)
+    lora_alone, both, general_after = ev["model"], ev["with_words"], ev["general_loss"]
+    after = {**ev["heldout"], **both}
     pers_sugg = [p.suggest(x, 3) for x in prefixes]
     report = {"sender": sender, "quant": quant, "backend": f"{sess.backend.name}:{sess.backend.device}",
               "serving_backend": f"{serve.backend.name}:{serve.backend.device}",
@@ -163,7 +193,7 @@ def run_demo(sender: str | None = None, seconds: float = 60.0, quant: str = "q4_
               "breakdown": {"base_with_word_counts": with_words, "lora_alone": lora_alone, "word_weight": p.word_weight},
               "general_loss": {"base": general_before, "personalized": general_after},
               "examples": [{"prefix": x, "base": b, "personalized": s} for x, b, s in zip(prefixes, base_sugg, pers_sugg)],
-              "peak_rss_mb": round(peak_rss_mb(), 1), "adapter": str(out / "store" / "adapters")}
+              "peak_rss_mb": round(peak_rss_mib(), 1), "adapter": str(out / "store" / "adapters")}
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
     out.mkdir(parents=True, exist_ok=True)
     _plot(out / "report.png", report)

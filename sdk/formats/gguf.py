@@ -5,16 +5,76 @@ No torch here: the llamacpp backend reads and converts on the device.
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import gguf
 import numpy as np
 
-from pocketpeft.errors import CorruptFileError, ModelFileNotFoundError, UnsupportedModelError
+from pocketpeft.errors import ConfigError, CorruptFileError, ModelFileNotFoundError, UnsupportedModelError
 
 _MISSING = object()
+
+#: the bundle's gguf folder, and the file in it that describes the base (written by the gguf target)
+DIR = "gguf"
+INFO = f"{DIR}/info.json"
+#: info.json key: bundle-relative path of the base GGUF (``gguf/base.<type>.gguf``)
+INFO_BASE = "base"
+
+
+def base_path(kind: str) -> str:
+    """Bundle-relative path of the base GGUF whose linears are of type ``kind`` (``mixed`` for
+    passthrough)."""
+    return f"{DIR}/base.{kind}.gguf"
+
+
+class GgufLinear(str, enum.Enum):
+    """How the gguf target stores frozen linears."""
+
+    NATIVE = "native"   # the bundle's own q4_0/q8_0 bytes
+    F32 = "f32"         # their exact float32 values (llama.cpp then computes as torch does)
+
+
+class GgufNf4(str, enum.Enum):
+    """GGUF type for nf4 linears (GGUF has no nf4)."""
+
+    F16 = "f16"
+    Q8_0 = "q8_0"
+
+
+def _enum_field(owner: str, field: str, kind: type[enum.Enum], value: Any) -> Any:
+    try:
+        return kind(value.strip().lower() if isinstance(value, str) and not isinstance(value, kind) else value)
+    except ValueError:
+        raise ConfigError(f"{owner}.{field} must be one of {[k.value for k in kind]}, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class GgufOptions:
+    """Export options of the ``gguf`` target.
+
+    ``linear``: ``"native"`` (default: the bundle's q4_0/q8_0 bytes) or ``"f32"``.
+    ``nf4``: GGUF type of nf4 linears, ``"f16"`` (default) or ``"q8_0"``.
+    ``passthrough``: copy a GGUF source's own quantized tensors verbatim (needs a GGUF base).
+    Raises :class:`ConfigError` naming the field and its allowed values.
+    """
+
+    linear: GgufLinear | str = GgufLinear.NATIVE
+    nf4: GgufNf4 | str = GgufNf4.F16
+    passthrough: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "linear", _enum_field("GgufOptions", "linear", GgufLinear, self.linear))
+        object.__setattr__(self, "nf4", _enum_field("GgufOptions", "nf4", GgufNf4, self.nf4))
+        if not isinstance(self.passthrough, bool):
+            raise ConfigError(f"GgufOptions.passthrough must be True or False, got {self.passthrough!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"linear": self.linear.value, "nf4": self.nf4.value, "passthrough": self.passthrough}
 
 ARCH = "llama"
 PERMUTATION = ("convert_hf_to_gguf LlamaModel.permute on attn_q (n_head) and attn_k (n_head_kv) rows: "
@@ -85,3 +145,25 @@ def gguf_field(reader: Any, key: str, default: Any = _MISSING) -> Any:
         return f.contents()
     except (UnicodeDecodeError, IndexError, ValueError) as e:
         raise CorruptFileError(f"GGUF metadata {key!r} is unreadable: {e}") from e
+
+
+@contextlib.contextmanager
+def writing_gguf(out_path: Path, make: Any = None) -> Iterator[Any]:
+    """A ``gguf.GGUFWriter`` (or ``make(path)``'s writer) over ``out_path``'s ``.partial`` sibling:
+    the ``with`` body adds metadata and tensors; on leaving it the file is written and renamed over
+    ``out_path``. If the body or the write fails, the partial file is deleted and ``out_path`` is
+    left as it was."""
+    out_path = Path(out_path)
+    tmp = out_path.with_name(out_path.name + ".partial")
+    w = make(tmp) if make is not None else gguf.GGUFWriter(str(tmp), ARCH)
+    try:
+        yield w
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise

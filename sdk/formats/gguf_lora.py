@@ -23,7 +23,7 @@ from pocketpeft.adapter import PEFT_PREFIX, Adapter, as_float32, check_adapter_s
 from pocketpeft.config import LoraConfig, ModelConfig
 from pocketpeft.errors import AdapterShapeError, ConfigError
 
-from .gguf import ARCH, HF_TO_GGUF, permute_rows
+from .gguf import HF_TO_GGUF, permute_rows, writing_gguf
 
 _PEFT_KEY = re.compile(re.escape(PEFT_PREFIX)
                        + r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight")
@@ -79,9 +79,7 @@ def adapter_to_gguf(adapter: "Adapter | str | os.PathLike | Mapping[str, Any]", 
         raise AdapterShapeError(f"adapter lora_A ranks {sorted(ranks)} don't match its config r={ad.config.r}")
     alpha = float(ad.config.scaling * ad.config.r)
     out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".partial")
-    w = gguf.GGUFWriter(str(tmp), ARCH)
-    try:
+    with writing_gguf(out_path) as w:
         w.add_name(name)
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -95,13 +93,4 @@ def adapter_to_gguf(adapter: "Adapter | str | os.PathLike | Mapping[str, Any]", 
             if not np.isfinite(a).all():
                 raise AdapterShapeError(f"adapter tensor {key} holds NaN or inf values")
             w.add_tensor(gname, np.ascontiguousarray(a))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return {"alpha": alpha, "r": ad.config.r, "tensors": len(ad.tensors)}

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pocketpeft.adapter import PEFT_PREFIX
+from pocketpeft.adapter import PEFT_PREFIX, peft_key
 from pocketpeft.config import LoraConfig
 from pocketpeft.errors import AdapterShapeError
 
@@ -110,8 +110,7 @@ def load_lora_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor]) 
         expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = mod.lora_A.weight
         expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = mod.lora_B.weight
     # peft writes keys without the adapter name; accept ".default." too (state dicts of a live PeftModel)
-    given = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
-             for k, v in tensors.items()}
+    given = {peft_key(k): v for k, v in tensors.items()}
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     if missing or unexpected:

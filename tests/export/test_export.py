@@ -79,3 +79,46 @@ def test_export_from_gguf_and_unsupported_arch(tiny_gguf_path, tiny_hf_dir, tmp_
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         pp.export(bad, tmp_path / "x")
+
+
+def test_general_text_is_shipped_with_its_hash(tiny_hf_dir, tmp_path):
+    """``general_text`` becomes ``general.txt`` (one message per line, inner line breaks as
+    spaces), a shared file with its sha256; the bundle reads it back."""
+    from pocketpeft.manifest import GENERAL_TEXT
+    from pocketpeft.fsutil import sha256_file
+
+    texts = ["see you at the game tonight", "two\nlines\r\nhere", "   ", "last one"]
+    b = pp.export(tiny_hf_dir, tmp_path / "b", quant="q8_0", seq_len=16, batch_size=2, general_text=texts)
+    info = b.manifest.files[GENERAL_TEXT]
+    assert info["target"] == "shared" and info["sha256"] == sha256_file(b.root / GENERAL_TEXT)
+    assert b.general_texts() == ["see you at the game tonight", "two lines here", "last one"]
+    assert b.manifest.options == {}   # only the exported targets' options are recorded
+    b.verify()
+    none = pp.export(tiny_hf_dir, tmp_path / "c", quant="q8_0", seq_len=16, batch_size=2, general_text=[])
+    assert GENERAL_TEXT not in none.manifest.files and none.general_texts() == []
+    with pytest.raises(ConfigError, match="general_text"):
+        pp.export(tiny_hf_dir, tmp_path / "d", quant="q8_0", seq_len=16, batch_size=2, general_text="one string")
+
+
+def test_general_text_defaults_to_the_chitchat_sample(bundle):
+    from pocketpeft.corpus import general_texts
+    from pocketpeft.errors import MissingDependencyError
+
+    try:
+        expected = general_texts(n=120, seed=7)
+    except MissingDependencyError:
+        assert bundle.general_texts() == []
+        return
+    assert bundle.general_texts() == [" ".join(t.splitlines()) for t in expected if t.strip()]
+
+
+def test_target_options_are_typed_and_recorded(tiny_hf_dir, tmp_path):
+    from pocketpeft.export import GgufOptions, OnnxOptions
+
+    with pytest.raises(ConfigError, match="GgufOptions"):
+        pp.export(tiny_hf_dir, tmp_path / "b", targets=["torch"], seq_len=16, batch_size=2, gguf="f32")
+    with pytest.raises(ConfigError, match="OnnxOptions.q4"):
+        OnnxOptions(q4="nibbles")
+    assert OnnxOptions(rows=2, q4="INT8").to_dict() == {"rows": 2, "q4": "int8"}
+    assert GgufOptions().to_dict() == {"linear": "native", "nf4": "f16", "passthrough": False}
+    assert not (tmp_path / "b").exists()

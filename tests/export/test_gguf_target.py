@@ -13,6 +13,7 @@ import torch
 
 import pocketpeft as pp
 from pocketpeft.errors import AdapterShapeError, ConfigError
+from pocketpeft.formats.gguf import GgufOptions
 from pocketpeft.formats.gguf_lora import adapter_to_gguf, gguf_lora_name
 from pocketpeft.export.gguf_target import permute_rows, write_base_gguf
 from pocketpeft.reference.loading import gguf_field, load_base, open_gguf
@@ -24,9 +25,9 @@ LORA = dict(r=4, lora_alpha=8)
 Q = gguf.GGMLQuantizationType
 
 
-def _export(src, tmp_path_factory, quant, tag):
+def _export(src, tmp_path_factory, quant, tag, gguf=None):
     return pp.export(src, tmp_path_factory.mktemp(tag) / "b", quant=quant, lora=pp.LoraConfig(**LORA),
-                     targets=["torch", "gguf"], seq_len=16, batch_size=2)
+                     targets=["torch", "gguf"], seq_len=16, batch_size=2, gguf=gguf)
 
 
 @pytest.fixture(scope="module")
@@ -195,13 +196,13 @@ def test_linear_as_f32_writes_the_exact_dequantized_weights(tiny_loaded, tmp_pat
         write_base_gguf(m4, tmp_path / "x.gguf", tokenizer=tok, linear_as="bf16")
 
 
-def test_gguf_source_tokenizer_copied_and_q4_1_passthrough(q4_1_gguf, tmp_path_factory, monkeypatch):
+def test_gguf_source_tokenizer_copied_and_q4_1_passthrough(q4_1_gguf, tmp_path_factory):
     """A GGUF source's tokenizer metadata is copied byte for byte; with passthrough its own Q4_1
     linears are copied verbatim (the default, the bundle's own bytes, is tested above)."""
     from pocketpeft.export.gguf_target import _tokenizer_kv
 
-    monkeypatch.setenv("POCKETPEFT_GGUF_PASSTHROUGH", "1")
-    pt = _export(q4_1_gguf, tmp_path_factory, "q4_0", "gguf_pt")
+    pt = _export(q4_1_gguf, tmp_path_factory, "q4_0", "gguf_pt", gguf=GgufOptions(passthrough=True))
+    assert pt.manifest.options["gguf"] == {"linear": "native", "nf4": "f16", "passthrough": True}
     info = _info(pt)
     assert info["base"] == "gguf/base.mixed.gguf" and info["passthrough"] and info["passthrough_tensors"] == 14
     assert info["tokenizer"] == "copied from tiny-q4_1.gguf"
@@ -215,11 +216,18 @@ def test_gguf_source_tokenizer_copied_and_q4_1_passthrough(q4_1_gguf, tmp_path_f
     assert ts["blk.0.attn_norm.weight"].tensor_type == Q.F32 and ts["token_embd.weight"].tensor_type == Q.F16
 
 
-def test_passthrough_needs_a_gguf_source(q4_bundle, tiny_hf_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("POCKETPEFT_GGUF_PASSTHROUGH", "1")
+def test_passthrough_needs_a_gguf_source(q4_bundle, tiny_hf_dir, tmp_path):
     with pytest.raises(ConfigError, match="GGUF"):
-        pp.export(tiny_hf_dir, tmp_path / "b", quant="q4_0", targets=["torch", "gguf"], seq_len=16, batch_size=2)
+        pp.export(tiny_hf_dir, tmp_path / "b", quant="q4_0", targets=["torch", "gguf"], seq_len=16, batch_size=2,
+                  gguf=GgufOptions(passthrough=True))
     assert not (tmp_path / "b").exists()
+
+
+def test_gguf_options_are_validated():
+    for field, bad in (("linear", "q2"), ("nf4", "q4_0"), ("passthrough", "yes")):
+        with pytest.raises(ConfigError, match=rf"GgufOptions\.{field}"):
+            GgufOptions(**{field: bad})
+    assert GgufOptions(linear="F32").linear.value == "f32"
 
 
 def _random_adapter(manifest, seed=0):

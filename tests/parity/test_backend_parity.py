@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 import pocketpeft as pp
-from pocketpeft.registry import BACKENDS
+from pocketpeft.registry import BACKENDS, backend_target
 from pocketpeft.runtime import TrainConfig
 from pocketpeft.runtime.selection import probe
 from tests.helpers import CHAT
 
 STEPS = 20
-TARGET_OF = {"torch": "torch", "executorch": "executorch", "onnxruntime": "onnx"}
+#: the training backends checked against torch here
+TRAINING = ("torch", "executorch", "onnxruntime")
 # Stated tolerances (fp32 everywhere; differences come from kernel summation order, amplified by Adam):
 LOSS_RTOL = 2e-3      # per step, relative
 ADAPTER_ATOL = 2e-3   # final LoRA tensors, absolute (their scale is ~1e-1)
@@ -42,7 +43,7 @@ def _params():
 
 @pytest.fixture(scope="module", params=["q4_0", "nf4"])
 def bundle(request, tiny_hf_dir, tmp_path_factory):
-    targets = [TARGET_OF[n] for n in TARGET_OF if n == "torch" or probe(n).available]
+    targets = [backend_target(n) for n in TRAINING if n == "torch" or probe(n).available]
     return pp.export(tiny_hf_dir, tmp_path_factory.mktemp("parity") / request.param, quant=request.param,
                      lora=pp.LoraConfig(r=4, lora_alpha=8), targets=targets, seq_len=32, batch_size=4)
 

@@ -19,9 +19,10 @@ import torch
 import pocketpeft as pp
 from pocketpeft.adapter import Adapter, save_adapter
 from pocketpeft.runtime.backends.peft_backend import build_hf_model
+from pocketpeft.registry import backend_target
 from pocketpeft.runtime.selection import probe
 from tests.helpers import CHAT
-from tests.parity.test_backend_parity import (ADAPTER_ATOL, LOGITS_ATOL, LOSS_RTOL, STEPS, TARGET_OF, _session,
+from tests.parity.test_backend_parity import (ADAPTER_ATOL, LOGITS_ATOL, LOSS_RTOL, STEPS, TRAINING, _session,
                                               reference)
 
 peft = pytest.importorskip("peft")
@@ -114,7 +115,7 @@ def test_torch_path_keeps_every_tensor_on_the_model_device(bundle):
 
 @pytest.fixture(scope="module")
 def device_bundle(tiny_hf_dir, tmp_path_factory):
-    targets = [TARGET_OF[n] for n in TARGET_OF if n == "torch" or probe(n).available]
+    targets = [backend_target(n) for n in TRAINING if n == "torch" or probe(n).available]
     return pp.export(tiny_hf_dir, tmp_path_factory.mktemp("server_devices") / "nf4", quant="nf4", lora=LORA,
                      targets=targets, seq_len=32, batch_size=4)
 

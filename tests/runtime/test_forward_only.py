@@ -257,3 +257,55 @@ def test_cli_train_forward_only(bundle, tmp_path, capsys):
     assert rows["update"] == "backprop"
     infer = next(r for r in rows["backends"] if r["backend"] == "onnxruntime-infer")
     assert infer["forward_only"] and "forward-only" in infer["reason"]
+
+
+class _NumpyInner:
+    """A backend in numpy: loss = sum((w - target)^2) per token; offers loss_sum (and counts it)
+    but no decoder."""
+
+    name, device = "numpy", "cpu"
+
+    def __init__(self, with_loss_sum: bool) -> None:
+        self.w = {"a.lora_A.weight": np.zeros((2, 3), np.float32)}
+        self.loss_sum_calls = self.eval_calls = 0
+        if with_loss_sum:
+            self.loss_sum = self._loss_sum
+
+    def _value(self, labels) -> float:
+        return float(((self.w["a.lora_A.weight"] - 1.0) ** 2).sum()) * int((np.asarray(labels) != -100).sum())
+
+    def _loss_sum(self, input_ids, labels) -> float:
+        self.loss_sum_calls += 1
+        return self._value(labels)
+
+    def eval_batch(self, input_ids, labels):
+        from pocketpeft.runtime import EvalSums
+
+        self.eval_calls += 1
+        return EvalSums(self._value(labels), int((np.asarray(labels) != -100).sum()), 0, 0)
+
+    def get_adapter(self):
+        return {k: v.copy() for k, v in self.w.items()}
+
+    def set_adapter(self, tensors):
+        self.w = {k: np.array(v, np.float32) for k, v in tensors.items()}
+
+    def capabilities(self):
+        from pocketpeft.runtime import Capabilities
+
+        return Capabilities(train=False, infer=True, tier="cpu")
+
+
+@pytest.mark.parametrize("with_loss_sum", [True, False])
+def test_loss_sum_is_used_where_the_backend_supports_it(with_loss_sum):
+    from pocketpeft.runtime.protocol import SupportsDecoder, SupportsLossSum
+
+    inner = _NumpyInner(with_loss_sum)
+    assert isinstance(inner, SupportsLossSum) == with_loss_sum and not isinstance(inner, SupportsDecoder)
+    t = ForwardOnlyTrainer(inner, ForwardOnlyConfig(lr=1e-2, eps=1e-3, perturbations=2))
+    ids = np.zeros((1, 4), np.int64)
+    r = t.train_step(ids, ids)
+    assert not r.skipped and r.tokens == 4
+    assert (inner.loss_sum_calls, inner.eval_calls) == ((4, 0) if with_loss_sum else (0, 4))
+    with pytest.raises(NotImplementedError, match="no incremental decoder"):
+        t.decoder()   # the predictor then falls back to recomputing over logits

@@ -146,9 +146,40 @@ def test_infer_onnx_takes_lora_inputs(bundle, rows):
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(bundle.root / "onnx" / "infer.onnx"), so, providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["input_ids", *bundle.manifest.trainable]
+    assert [i.name for i in sess.get_overridable_initializers()] == ["labels"]   # optional, written at export
+    assert [o.name for o in sess.get_outputs()] == ["logits", "loss_sum"]
     for ids in (rows[0][:2, :11], rows[0][:1, :1]):
         (got,) = sess.run(["logits"], {"input_ids": ids, **adapter})
         np.testing.assert_allclose(got, t.backend.logits(ids), atol=1e-4)
+        got, loss = sess.run(None, {"input_ids": ids, **adapter})   # no labels: nothing scored
+        assert loss == 0.0
+    ids, labels = rows[0][:2], rows[1][:2]
+    (loss,) = sess.run(["loss_sum"], {"input_ids": ids, "labels": labels, **adapter})
+    assert float(loss) == pytest.approx(t.backend.eval_batch(ids, labels).loss_sum, rel=1e-5)
+
+
+def test_infer_backend_refuses_old_infer_onnx(bundle, tmp_path):
+    """A bundle whose infer.onnx predates the export-time loss: a typed error asking to re-export."""
+    import onnx
+
+    from pocketpeft.fsutil import sha256_file
+
+    root = _copy(bundle, tmp_path)
+    path = root / "onnx" / "infer.onnx"
+    mp = onnx.load(str(path))
+    keep = [n for n in mp.graph.node if not n.name.startswith("fo.")]
+    del mp.graph.node[:]
+    mp.graph.node.extend(keep)
+    for coll in (mp.graph.input, mp.graph.output, mp.graph.initializer):
+        kept = [x for x in coll if x.name not in ("labels", "loss_sum") and not x.name.startswith("fo.")]
+        del coll[:]
+        coll.extend(kept)
+    onnx.save(mp, str(path))
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["files"]["onnx/infer.onnx"].update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptFileError, match="re-export"):
+        pp.runtime.open(root, backend="onnxruntime-infer", need_train=False)
 
 
 def test_set_adapter_checks_shapes(bundle):
@@ -202,7 +233,7 @@ def test_non_finite_loss_skips_step_and_keeps_state(bundle, rows):
     be.configure(o.train_config)
 
     def snapshot():
-        return be.get_adapter(), {k: (m.copy(), v.copy()) for k, (m, v) in be._moments.items()}, be.step
+        return be.get_adapter(), {k: (m.copy(), v.copy()) for k, (m, v) in be._opt.moments.items()}, be.step
 
     results, snapshots = [], [snapshot()]
     for _ in range(6):
@@ -220,19 +251,19 @@ def test_non_finite_loss_skips_step_and_keeps_state(bundle, rows):
         assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(m1[k], m0[k])), f"moments of {k} changed"
 
 
-def test_low_memory_export_options_train_as_torch(tiny_hf_dir, tmp_path, monkeypatch, rows):
-    """POCKETPEFT_ONNX_ROWS=1 (micro-batches of one row) with POCKETPEFT_ONNX_Q4=int8 (one int8
-    per 4-bit weight) trains with torch's numbers; the options are validated and recorded."""
+def test_low_memory_export_options_train_as_torch(tiny_hf_dir, tmp_path, rows):
+    """OnnxOptions(rows=1) (micro-batches of one row) with q4="int8" (one int8 per 4-bit weight)
+    trains with torch's numbers; the options are validated and recorded (io.json, manifest)."""
     from onnxruntime.training.api import CheckpointState
 
     from pocketpeft.errors import ConfigError
+    from pocketpeft.export import OnnxOptions
 
-    monkeypatch.setenv("POCKETPEFT_ONNX_ROWS", "1")
-    monkeypatch.setenv("POCKETPEFT_ONNX_Q4", "int8")
     b = pp.export(tiny_hf_dir, tmp_path / "b", quant="q4_0", lora=pp.LoraConfig(**LORA), targets=["torch", "onnx"],
-                  seq_len=32, batch_size=4)
+                  seq_len=32, batch_size=4, onnx=OnnxOptions(rows=1, q4="int8"))
     io = json.loads((b.root / "onnx" / "io.json").read_text())
     assert io["training_model"]["inputs"]["input_ids"] == [1, 32] and io["q4_0_storage"] == "int8"
+    assert b.manifest.options == {"onnx": {"rows": 1, "q4": "int8"}}
     state = CheckpointState.load_checkpoint(str(b.root / "onnx" / "checkpoint"))
     names = {n for n, _ in state.parameters}
     assert "model.layers.0.self_attn.q_proj.base_layer.qweight_int8" in names
@@ -249,12 +280,13 @@ def test_low_memory_export_options_train_as_torch(tiny_hf_dir, tmp_path, monkeyp
     for k in wt:
         np.testing.assert_allclose(wo[k], wt[k], atol=1e-5, err_msg=k)
     np.testing.assert_allclose(o.backend.logits(inputs[:2, :9]), t.backend.logits(inputs[:2, :9]), atol=1e-4)
-    for env, bad in (("POCKETPEFT_ONNX_ROWS", "0"), ("POCKETPEFT_ONNX_Q4", "int4")):
-        monkeypatch.setenv(env, bad)
-        with pytest.raises(ConfigError, match=env):
-            pp.export(tiny_hf_dir, tmp_path / f"bad{bad}", quant="q4_0", lora=pp.LoraConfig(**LORA), targets=["onnx"],
-                      seq_len=32, batch_size=4)
-        monkeypatch.setenv(env, "1" if env.endswith("ROWS") else "int8")
+    for field, bad in (("rows", 0), ("rows", "2"), ("q4", "int4")):
+        with pytest.raises(ConfigError, match=rf"OnnxOptions\.{field}"):
+            OnnxOptions(**{field: bad})
+    with pytest.raises(ConfigError, match="OnnxOptions"):
+        pp.export(tiny_hf_dir, tmp_path / "bad", quant="q4_0", lora=pp.LoraConfig(**LORA), targets=["onnx"],
+                  seq_len=32, batch_size=4, onnx={"rows": 1})
+    assert not (tmp_path / "bad").exists()
 
 
 def test_trains_without_torch(bundle, tmp_path):

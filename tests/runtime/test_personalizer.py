@@ -276,3 +276,20 @@ def test_observed_words_are_suggested_at_once_and_wiped_with_the_text(bundle, us
     p.close()
     with pytest.raises(ConfigError, match="word_weight"):
         Personalizer(_open(bundle), tmp_path / "store2", general=general[:8], word_weight=1.5)
+
+
+def test_general_text_comes_from_the_bundle_or_the_check_is_skipped(bundle, user, tiny_hf_dir, tmp_path):
+    train, _ = user
+    p = Personalizer(_open(bundle), tmp_path / "a")
+    assert p.general and p.general == bundle.general_texts()      # the bundle's general.txt
+    p.close()
+    bare = pp.export(tiny_hf_dir, tmp_path / "bare", quant="q4_0", lora=pp.LoraConfig(r=4, lora_alpha=8),
+                     seq_len=32, batch_size=4, general_text=[])
+    assert bare.general_texts() == []
+    q = Personalizer(_open(bare), tmp_path / "b", holdout_fraction=0.0)
+    assert q.general == []
+    q.observe(train[:30])
+    r = q.update(max_steps=3)
+    assert r.general_loss_before is None and r.general_loss_after is None
+    assert "general-text check skipped" in r.reason, r.reason
+    q.close()

@@ -240,7 +240,7 @@ def test_prefetch_answers_next_keystrokes_without_forwards(trained):
 def test_training_personalizes_and_invalidates_the_cache(trained):
     sess, before = trained
     after = {p: sess.suggest(p) for p in PROBES}
-    assert after != before                                  # the adapter watch dropped the caches
+    assert after != before                                  # adapter_version moved: caches dropped
     fresh = Predictor(sess.backend, sess.tokenizer)
     assert after == {p: fresh.suggest(p) for p in PROBES}
     assert after["see you at the g"][0] == "game" and "game" not in before["see you at the g"]
@@ -252,7 +252,7 @@ def test_adapter_swap_and_reset_invalidate(bundle, trained):
     tsess, _ = trained
     sess = pp.runtime.open(bundle, backend="torch")
     p0 = sess.suggest("see you at the g")
-    sess.backend.set_adapter(tsess.backend.get_adapter())
+    sess.set_adapter_tensors(tsess.get_adapter_tensors())
     assert sess.suggest("see you at the g") == tsess.suggest("see you at the g")
     sess.reset_adapter()
     assert sess.suggest("see you at the g") == p0
@@ -356,3 +356,39 @@ def test_smollm2_suggests_plausible_words(tmp_path):
     print(f"\nsuggest('see you at the') = {completions}; next word: {scored}\n"
           f"per-keystroke latency over {len(lat)} keystrokes: p50 {np.median(lat) * 1e3:.0f} ms, "
           f"p95 {np.percentile(lat, 95) * 1e3:.0f} ms (torch {torch.get_num_threads()} threads)")
+
+
+def test_adapter_version_moves_with_every_weight_change(bundle, tmp_path):
+    sess = pp.runtime.open(bundle, backend="torch")
+    train_step = type(sess.backend).train_step
+    sess.suggest("see you")
+    assert sess.backend.train_step.__func__ is train_step        # no monkeypatched verbs
+    v = sess.adapter_version
+    sess.train(MESSAGES, steps=2)
+    assert sess.adapter_version == v + 2
+    sess.save_adapter(tmp_path / "ad")
+    sess.set_adapter_tensors(sess.get_adapter_tensors())
+    sess.reset_adapter()
+    sess.load_adapter(tmp_path / "ad")
+    assert sess.adapter_version == v + 5
+
+
+def test_backend_without_decoder_gets_the_recompute_decoder(base):
+    from pocketpeft.runtime.predictor import RecomputeDecoder
+    from pocketpeft.runtime.protocol import SupportsBranchLogits, SupportsDecoder
+
+    class NoDecoder:
+        name, device = "nodecoder", "cpu"
+
+        def logits(self, ids):
+            return base.backend.logits(ids)
+
+    nd = NoDecoder()
+    assert isinstance(base.backend, SupportsDecoder) and not isinstance(nd, SupportsDecoder)
+    assert not isinstance(base.backend.decoder(), SupportsBranchLogits)
+    pred, ref = Predictor(nd, base.tokenizer), Predictor(base.backend, base.tokenizer)
+    for p in PROBES:
+        got, want = pred.suggest_scored(p), ref.suggest_scored(p)
+        assert [w for w, _ in got] == [w for w, _ in want]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in want], rtol=1e-3)
+    assert isinstance(pred._decoder, RecomputeDecoder)

@@ -1,4 +1,4 @@
-"""Keyboard suggestions: the ``k`` most likely next words for the message typed so far.
+"""Keyboard suggestions (the search): the ``k`` most likely next words for the message typed so far.
 
 A word is a run of tokens: the first one carries the leading space (byte-level BPE), the
 others continue the word (letters, digits, marks, apostrophes: ``don't``, ``i'm``), and it ends
@@ -20,216 +20,21 @@ reading the weights, so a batch of 8 costs about twice one pass (f32 base, 2 cor
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import re
 import time
-import unicodedata
-import weakref
 from collections import OrderedDict
 from typing import Callable
 
 import numpy as np
 
-from pocketpeft.text import as_text
 from pocketpeft.errors import ConfigError
+from pocketpeft.text import as_text
 
-APOSTROPHES = "'\u2019"
-_PARTIAL = re.compile(r"\S*\Z")
-
-
-def is_word_char(c: str) -> bool:
-    """Letters, digits, combining marks and apostrophes make up words."""
-    return c.isalnum() or c in APOSTROPHES or unicodedata.category(c).startswith("M")
-
-
-class _Vocab:
-    """Facts about every token, computed once per tokenizer (vectorized filtering per keystroke).
-
-    ``low``: lowercased bytes; a sorted index over them answers "which tokens are consistent with
-    these remaining characters"; ``tail`` is where a token's all-word-character suffix starts
-    (a token may run past the typed characters only with word characters).
-    """
-
-    def __init__(self, tokenizer) -> None:
-        n = tokenizer.vocab_size
-        special = {i for i, t in tokenizer.hf.get_added_tokens_decoder().items() if t.special}
-        self.raw: list[bytes] = _all_token_bytes(tokenizer)
-        texts: list[str | None] = []
-        for b in self.raw:
-            try:
-                texts.append(b.decode("utf-8"))
-            except UnicodeDecodeError:  # a piece of a multi-byte character
-                texts.append(None)
-        word = {c for c in set("".join(t.lower() for t in texts if t)) if is_word_char(c)}
-        self.low: list[bytes] = []
-        tail = np.zeros(n, np.int32)
-        cont, boundary = np.zeros(n, bool), np.zeros(n, bool)
-        for i, (b, s) in enumerate(zip(self.raw, texts)):
-            if s is None:              # matches typed bytes only, never runs past them
-                self.low.append(b.lower())
-                tail[i] = len(b)
-                boundary[i] = bool(b) and b[0] < 0x80 and chr(b[0]) not in word
-                continue
-            low = s.lower()
-            self.low.append(low.encode("utf-8"))
-            j = len(low)
-            while j > 0 and low[j - 1] in word:
-                j -= 1
-            tail[i] = len(low[:j].encode("utf-8")) if j else 0
-            if i in special or not s:
-                boundary[i] = i in special
-            elif j == 0:
-                cont[i] = True
-            elif s[0] not in word and s[0].lower() not in word:
-                boundary[i] = True
-        self.tail = tail
-        self.cont_ids = np.flatnonzero(cont)
-        self.boundary_ids = np.flatnonzero(boundary)
-        self.space_start = np.array([b[:1] == b" " for b in self.raw])
-        # a suggested word starts with a letter or digit unless the user typed something else
-        # (" " alone starts numbers: digits are single tokens)
-        self.word_start = np.array([b == b" " or (cont[i] or b[:1] == b" ") and _first_alnum(self.low[i])
-                                    for i, b in enumerate(self.raw)])
-        keep = [i for i in range(n) if i not in special and self.low[i]]
-        order = sorted(keep, key=lambda i: self.low[i])
-        self.keys = [self.low[i] for i in order]
-        self.key_ids = np.array(order, np.int64)
-        self.by_low: dict[bytes, list[int]] = {}
-        for i in keep:
-            self.by_low.setdefault(self.low[i], []).append(i)
-        self.max_len = max(map(len, self.keys))
-        self._consistent: OrderedDict[bytes, np.ndarray] = OrderedDict()
-
-    def consistent(self, rem: bytes) -> np.ndarray:
-        """Ids of tokens that are a prefix of ``rem`` or extend it with word characters only."""
-        hit = self._consistent.get(rem)
-        if hit is not None:
-            self._consistent.move_to_end(rem)
-            return hit
-        inside = [i for j in range(1, min(len(rem), self.max_len) + 1) for i in self.by_low.get(rem[:j], ())]
-        lo, hi = bisect.bisect_right(self.keys, rem), bisect.bisect_left(self.keys, _successor(rem))
-        longer = self.key_ids[lo:hi]
-        longer = longer[self.tail[longer] <= len(rem)]
-        out = np.concatenate([np.array(inside, np.int64), longer])
-        self._consistent[rem] = out
-        if len(self._consistent) > 512:
-            self._consistent.popitem(last=False)
-        return out
-
-
-def _all_token_bytes(tokenizer) -> list[bytes]:
-    """``tokenizer.token_bytes(i)`` for every id, in bulk for byte-level BPE (one C-level
-    translate per token instead of a Python loop per character)."""
-    from tokenizers import decoders
-
-    from pocketpeft.tokenizer import _unicode_to_bytes
-
-    n = tokenizer.vocab_size
-    out: list[bytes | None] = [None] * n
-    if isinstance(tokenizer.hf.decoder, decoders.ByteLevel):
-        u2b = _unicode_to_bytes()
-        alphabet, table = set(u2b), {ord(c): b for c, b in u2b.items()}
-        for piece, i in tokenizer.hf.get_vocab(with_added_tokens=True).items():
-            if 0 <= i < n and set(piece) <= alphabet:
-                out[i] = piece.translate(table).encode("latin-1")
-    return [b if b is not None else tokenizer.token_bytes(i) for i, b in enumerate(out)]
-
-
-def _first_alnum(low: bytes) -> bool:
-    """The token (after one leading space) starts with a letter or digit."""
-    s = low.decode("utf-8", errors="replace")
-    s = s[1:] if s.startswith(" ") else s
-    return s[:1].isalnum()
-
-
-def _successor(b: bytes) -> bytes:
-    """The smallest byte string greater than every string that starts with ``b``."""
-    b = b.rstrip(b"\xff")
-    return b[:-1] + bytes([b[-1] + 1]) if b else b"\xff" * 64
-
-
-_VOCABS: "weakref.WeakKeyDictionary[object, _Vocab]" = weakref.WeakKeyDictionary()
-
-
-def _vocab_of(tokenizer) -> _Vocab:
-    v = _VOCABS.get(tokenizer)
-    if v is None:
-        v = _VOCABS[tokenizer] = _Vocab(tokenizer)
-    return v
-
-
-class _RecomputeDecoder:
-    """Decoder for backends without a KV cache: every extend recomputes the whole sequence."""
-
-    def __init__(self, backend) -> None:
-        self._backend, self._ids = backend, []
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self._ids)
-
-    def extend(self, ids: "list[int]") -> np.ndarray:
-        self._ids.extend(ids)
-        return self._backend.logits(np.asarray([self._ids], np.int64))[0][len(self._ids) - len(ids):]
-
-    def truncate(self, n: int) -> None:
-        del self._ids[n:]
-
-
-class AdapterWatch:
-    """Counts weight changes of one backend by wrapping its two weight-changing verbs
-    (``train_step``, ``set_adapter``) on that instance; calling the watch returns the count.
-    A :class:`Predictor` given ``adapter_version=watch`` drops its caches when the count moves."""
-
-    def __init__(self, backend) -> None:
-        self.version = 0
-        for name in ("train_step", "set_adapter"):
-            fn = getattr(backend, name, None)
-            if callable(fn):
-                setattr(backend, name, self._counting(fn))
-
-    def _counting(self, fn: Callable) -> Callable:
-        def wrapped(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.version += 1
-        wrapped.__wrapped__ = fn
-        wrapped.__doc__ = fn.__doc__
-        return wrapped
-
-    def __call__(self) -> int:
-        return self.version
-
-
-_BATCH_COST = 2.5   # the most single passes' time one batched pass may take (see Predictor._dist)
-
-
-class _CostModel:
-    """Seconds a forward pass of ``n`` paths takes, fitted (least squares, ``a + b n``) to the
-    recent passes; used to keep prefetch passes inside the idle time they were given."""
-
-    def __init__(self, keep: int = 32) -> None:
-        self._obs: list[tuple[int, float]] = []
-        self._keep = keep
-        self._fit: tuple[float, float, float] | None = None   # (a, b, floor), refitted on add
-
-    def add(self, n: int, seconds: float) -> None:
-        self._obs.append((n, seconds))
-        del self._obs[:-self._keep]
-        ns, ts = np.array(self._obs, float).T
-        if np.ptp(ns) == 0:                    # one batch size seen: scale it, pessimistically
-            self._fit = (0.0, float(ts.mean() / ns[0]), float(ts.mean()))
-        else:
-            b, a = np.polyfit(ns, ts, 1)
-            self._fit = (float(a), float(b), float(ts.min()))
-
-    def predict(self, n: int) -> float:
-        if self._fit is None:
-            return 0.0
-        a, b, floor = self._fit
-        return max(a + b * n, floor)
+from ..protocol import SupportsBranchLogits, SupportsDecoder
+from .cost import _BATCH_COST, _CostModel
+from .decoder import RecomputeDecoder
+from .tokens import _PARTIAL, _recase, _vocab_of
 
 
 class Predictor:
@@ -243,12 +48,14 @@ class Predictor:
     that the search needs also evaluates up to ``batch - 1`` of the paths it would explore next,
     all in one pass (each a separate branch of the K/V cache), as many as fit in 2.5x the time
     of a single pass (fitted to the passes so far); ``adapter_version`` a callable whose value
-    changes with the weights (the caches are then dropped; see :class:`AdapterWatch`).
+    changes with the weights, e.g. ``lambda: session.adapter_version`` (the caches are then
+    dropped; :attr:`Session.adapter_version <pocketpeft.runtime.session.Session.adapter_version>`).
 
     ``max_context`` bounds the tokens the model sees: a longer message keeps only its last whole
     words that fit (``max_context - max_word_tokens - 1`` tokens, without the message-start
     separator, since the start is no longer in view) and :attr:`last_trimmed` says so.
-    Backends without ``decoder()`` get one that recomputes the sequence on every forward pass.
+    Backends without ``decoder()`` (:class:`~..protocol.SupportsDecoder`) get a
+    :class:`~.decoder.RecomputeDecoder`, which recomputes the sequence on every forward pass.
     """
 
     def __init__(self, backend, tokenizer, *, beam_width: int = 8, max_word_tokens: int = 4,
@@ -398,9 +205,8 @@ class Predictor:
             return None
         if self._decoder is None:
             self._decoder, self._dec_ids = self._new_decoder(), []
-        branch = getattr(self._decoder, "branch_logits", None)
         t0 = time.perf_counter()
-        if branch is not None:
+        if isinstance(self._decoder, SupportsBranchLogits):
             seqs = [seq]
             if self.batch > 1 and self._ahead is not None:
                 for cand in self._ahead():
@@ -418,7 +224,7 @@ class Predictor:
             while limit is not None and len(seqs) > 1 and self._cost.predict(len(seqs)) > limit:
                 seqs.pop()
             try:
-                rows = branch([list(x) for x in seqs])
+                rows = self._decoder.branch_logits([list(x) for x in seqs])
             except BaseException:
                 self._decoder, self._dec_ids = None, []
                 raise
@@ -457,13 +263,12 @@ class Predictor:
             self._memo.popitem(last=False)
 
     def _new_decoder(self):
-        make = getattr(self.backend, "decoder", None)
-        if make is not None:
+        if isinstance(self.backend, SupportsDecoder):
             try:
-                return make()
+                return self.backend.decoder()
             except NotImplementedError:
                 pass
-        return _RecomputeDecoder(self.backend)
+        return RecomputeDecoder(self.backend)
 
     # ------------------------------------------------------------------ search
     def _search(self, context: tuple, required: bytes, k: int) -> dict[str, list]:
@@ -538,11 +343,3 @@ class Predictor:
         finally:
             self._ahead = None
         return words
-
-
-def _recase(word: str, partial: str) -> str:
-    if len(partial) > 1 and partial.isupper():
-        return word.upper()
-    if partial[:1].isupper():
-        return word[:1].upper() + word[1:]
-    return word

@@ -1,0 +1,15 @@
+"""Keyboard suggestions: the ``k`` most likely next words for the message typed so far.
+
+- :mod:`.tokens`: the token index (which tokens continue, end or match a typed word);
+- :mod:`.cost`: the cost model that keeps batched and prefetch passes inside their time;
+- :mod:`.decoder`: the recomputing decoder for backends without ``decoder()``;
+- :mod:`.search`: :class:`Predictor`, the best-first search over token paths.
+"""
+
+from __future__ import annotations
+
+from .decoder import RecomputeDecoder
+from .search import Predictor
+from .tokens import _PARTIAL, APOSTROPHES, _recase, is_word_char
+
+__all__ = ["Predictor", "RecomputeDecoder", "is_word_char", "APOSTROPHES", "_PARTIAL", "_recase"]
