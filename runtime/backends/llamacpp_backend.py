@@ -35,10 +35,19 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from pocketpeft.errors import (AdapterShapeError, BackendUnavailableError, CorruptFileError, InputTextError,
-                               MissingDependencyError, ModelFileNotFoundError, SequenceTooLongError)
+from pocketpeft.adapter import peft_key
+from pocketpeft.errors import (
+    AdapterShapeError,
+    BackendUnavailableError,
+    CorruptFileError,
+    InputTextError,
+    MissingDependencyError,
+    ModelFileNotFoundError,
+    SequenceTooLongError,
+)
 from pocketpeft.manifest import Bundle
 
+from ..evalsums import eval_sums
 from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
 
 NAME = "llamacpp"
@@ -433,11 +442,8 @@ class LlamaCppBackend:
         return out
 
     def eval_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> EvalSums:
-        import torch
-
-        from .torch_backend import eval_sums
-
-        return eval_sums(torch.from_numpy(self.logits(input_ids)), torch.as_tensor(np.asarray(labels, dtype=np.int64)))
+        """Next-token sums of ``logits(input_ids)`` (numpy: no torch on the device)."""
+        return eval_sums(self.logits(input_ids), labels)
 
     # ---- adapters ----------------------------------------------------------------------------------
     def get_adapter(self) -> dict[str, np.ndarray]:
@@ -453,7 +459,7 @@ class LlamaCppBackend:
         from pocketpeft.formats.gguf_lora import adapter_to_gguf
 
         llm, m = self._llm, self.bundle.manifest
-        arrays = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."):
+        arrays = {peft_key(k):
                   np.array(v, dtype=np.float32) for k, v in tensors.items()}
         ad = Adapter(m.lora, arrays)
         check_adapter_shapes(ad, m.trainable, "for this bundle")

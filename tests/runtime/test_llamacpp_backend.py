@@ -24,6 +24,7 @@ import shutil
 import time
 
 import numpy as np
+import torch
 import pytest
 
 pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (pip install 'pocketpeft[llamacpp]')")
@@ -367,11 +368,39 @@ def test_serves_without_torch(bundle, lc, ids, tmp_path):
         "sess = pp.runtime.open(sys.argv[1], backend='llamacpp', adapter=sys.argv[2], need_train=False)\n"
         "lg = sess.backend.logits(np.load(sys.argv[3]))\n"
         "np.save(sys.argv[3] + '.out.npy', lg)\n"
-        "print(json.dumps({'torch': [m for m in sys.modules if m.split('.')[0] == 'torch']}))\n",
-        str(bundle.root), str(tmp_path / "ad"), str(tmp_path / "ids.npy"), _threads())
+        "ev = sess.eval(sys.argv[5].split('|')).to_dict()\n"
+        "print(json.dumps({'torch': [m for m in sys.modules if m.split('.')[0] == 'torch'], 'eval': ev}))\n",
+        str(bundle.root), str(tmp_path / "ad"), str(tmp_path / "ids.npy"), _threads(), "|".join(CHAT[:6]))
     assert out["torch"] == []
     lc.set_adapter(tensors)
     try:
         np.testing.assert_allclose(np.load(tmp_path / "ids.npy.out.npy"), lc.logits(ids[:1]), atol=1e-5)
+        # Session.eval on the device (numpy sums) equals the torch sums over this process's logits
+        from pocketpeft.runtime.backends.torch_backend import eval_sums as torch_sums
+
+
+        x, y = pack_rows(bundle.tokenizer(), CHAT[:6], bundle.manifest.seq_len)
+        ref = torch_sums(torch.from_numpy(lc.logits(x)), torch.from_numpy(y))
+        assert out["eval"]["tokens"] == ref.tokens
+        assert out["eval"]["loss"] == pytest.approx(ref.loss_sum / ref.tokens, rel=1e-4)
+        assert out["eval"]["top1"] == pytest.approx(ref.top1 / ref.tokens, abs=1.5 / ref.tokens)
+        assert out["eval"]["top3"] == pytest.approx(ref.top3 / ref.tokens, abs=1.5 / ref.tokens)
     finally:
         lc.set_adapter(dict(bundle.initial_adapter().tensors))
+
+
+def test_numpy_eval_sums_equal_torch():
+    """runtime.evalsums (numpy, the device's) gives the torch backend's sums on random logits."""
+    from pocketpeft.runtime.backends.torch_backend import eval_sums as torch_sums
+    from pocketpeft.runtime.evalsums import eval_sums
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((3, 7, 50)).astype(np.float32) * 4
+    labels = rng.integers(0, 50, (3, 7))
+    labels[0, :3] = -100
+    labels[1] = logits[1].argmax(-1)                   # top-1 hits
+    labels[2, :4] = np.argsort(logits[2, :4], -1)[:, -3]   # third best: top-3 hits only
+    got, ref = eval_sums(logits, labels), torch_sums(torch.from_numpy(logits), torch.from_numpy(labels))
+    assert (got.tokens, got.top1, got.top3) == (ref.tokens, ref.top1, ref.top3)
+    assert got.loss_sum == pytest.approx(ref.loss_sum, rel=1e-5)
+    assert ref.top3 > ref.top1 > 0
