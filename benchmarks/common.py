@@ -37,15 +37,31 @@ def machine() -> dict[str, Any]:
     except (ValueError, OSError):
         pass
     versions = {}
-    for pkg in ("pocketpeft", "torch", "transformers", "peft", "bitsandbytes", "executorch", "onnxruntime-training",
-                "llama-cpp-python", "coremltools", "numpy"):
+    for pkg in (
+        "pocketpeft",
+        "torch",
+        "transformers",
+        "peft",
+        "bitsandbytes",
+        "executorch",
+        "onnxruntime-training",
+        "llama-cpp-python",
+        "coremltools",
+        "numpy",
+    ):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
-    info = {"load_average_1_5_15": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform(),
-            "python": platform.python_version(), "cpu": cpu, "logical_cores": os.cpu_count(), "memory_gib": mem,
-            "versions": versions}
+    info = {
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "memory_gib": mem,
+        "versions": versions,
+    }
     try:
         import torch
 
@@ -60,15 +76,25 @@ def machine() -> dict[str, Any]:
 def summarize(values: list[float]) -> dict[str, float]:
     """Median, min, max and relative spread ((max-min)/median) of repeated measurements."""
     med = statistics.median(values)
-    return {"median": med, "min": min(values), "max": max(values), "n": len(values),
-            "spread": (max(values) - min(values)) / med if med else 0.0}
+    return {
+        "median": med,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+        "spread": (max(values) - min(values)) / med if med else 0.0,
+    }
 
 
 def run_worker(module: str, args: list[str], timeout: float = 1800) -> dict[str, Any]:
     """Run ``python -m module --worker ARGS`` in a fresh process (so peak RSS is its own) and
     return the JSON object it prints last on stdout."""
-    p = subprocess.run([sys.executable, "-m", module, "--worker", *args], capture_output=True, text=True,
-                       timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
+    p = subprocess.run(
+        [sys.executable, "-m", module, "--worker", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     if p.returncode != 0:
         raise RuntimeError(f"worker {module} {args} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -78,8 +104,12 @@ def write_result(name: str, payload: dict[str, Any], out_dir: Path | None = None
     """Write ``payload`` (plus machine info and a timestamp) to ``results/<name>.json``."""
     out_dir = out_dir or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
-    obj = {"benchmark": name, "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "machine": machine(), **payload}
+    obj = {
+        "benchmark": name,
+        "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        **payload,
+    }
     path = out_dir / f"{name}.json"
     from pocketpeft.fsutil import write_bytes_atomic
 
@@ -106,13 +136,14 @@ def block_modules(*names: str) -> None:
 
 
 # ---------------------------------------------------------------------------- tables
-Column = tuple[str, str]   # (header, format spec of its values, e.g. ".0f"; "" for text)
+Column = tuple[str, str]  # (header, format spec of its values, e.g. ".0f"; "" for text)
 
 
 def print_table(rows: Sequence[Sequence[Any]], columns: Sequence[Column], out: Callable[[str], None] = print) -> None:
     """Print ``rows`` under ``columns`` (``(header, format spec)`` pairs): the first column
     left-aligned, the others right-aligned, each as wide as its widest cell. ``None`` prints as
     ``-``; a string is printed as it is, whatever the column's format."""
+
     def cell(v: Any, fmt: str) -> str:
         if v is None:
             return "-"
@@ -124,8 +155,9 @@ def print_table(rows: Sequence[Sequence[Any]], columns: Sequence[Column], out: C
     widths = [max([len(h)] + [len(r[i]) for r in text if i < len(r)]) for i, (h, _) in enumerate(columns)]
 
     def line(cells: Sequence[str]) -> str:
-        return "".join(c.ljust(widths[0] + 2) if i == 0 else c.rjust(widths[i] + 2)
-                       for i, c in enumerate(cells)).rstrip()
+        return "".join(
+            c.ljust(widths[0] + 2) if i == 0 else c.rjust(widths[i] + 2) for i, c in enumerate(cells)
+        ).rstrip()
 
     out("")
     out(line([h for h, _ in columns]))
@@ -145,7 +177,7 @@ class Suite:
     a table (:meth:`table`) and in closing lines (:meth:`summary`)."""
 
     name: str = ""
-    module: str = ""           #: ``benchmarks.<module>``, what :meth:`run_worker` starts
+    module: str = ""  #: ``benchmarks.<module>``, what :meth:`run_worker` starts
     description: str | None = None
     quick_help: str = "sizes that finish in minutes"
 
@@ -178,8 +210,11 @@ def main(suite: Suite, argv: list[str] | None = None) -> Path | None:
     """The command line of every suite: parse (the suite's options plus ``--quick``, ``--out`` and
     ``--worker``), answer a worker call, or run the suite, write its result with
     :func:`write_result` and print its table and summary. Returns the result file's path."""
-    ap = argparse.ArgumentParser(prog=f"python -m {suite.module}", description=suite.description,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog=f"python -m {suite.module}",
+        description=suite.description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help=suite.quick_help)
     suite.add_arguments(ap)
     ap.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")

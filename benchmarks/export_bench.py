@@ -33,17 +33,23 @@ def worker_export(base: str, target: str, quant: str, out: str) -> dict:
     import pocketpeft as pp
 
     t0 = time.perf_counter()
-    b = pp.export(base, out, quant=quant, targets=[target],
-                  lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES))
+    b = pp.export(
+        base, out, quant=quant, targets=[target], lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES)
+    )
     wall = time.perf_counter() - t0
     m = b.manifest
     by_target: dict[str, int] = {}
     for info in m.files.values():
         by_target[info["target"]] = by_target.get(info["target"], 0) + int(info["bytes"])
-    return {"wall_seconds": wall, "export_seconds": {t: i.get("export_seconds") for t, i in m.targets.items()},
-            "bytes_by_target": by_target, "bundle_bytes": sum(by_target.values()),
-            "files": {rel: int(i["bytes"]) for rel, i in m.files.items() if i["target"] == target},
-            "toolchain": m.targets[target].get("toolchain", {}), "peak_rss_mib": peak_rss_mib()}
+    return {
+        "wall_seconds": wall,
+        "export_seconds": {t: i.get("export_seconds") for t, i in m.targets.items()},
+        "bytes_by_target": by_target,
+        "bundle_bytes": sum(by_target.values()),
+        "files": {rel: int(i["bytes"]) for rel, i in m.files.items() if i["target"] == target},
+        "toolchain": m.targets[target].get("toolchain", {}),
+        "peak_rss_mib": peak_rss_mib(),
+    }
 
 
 def default_targets() -> list[str]:
@@ -62,8 +68,9 @@ class ExportBench(Suite):
         ap.add_argument("--targets", default=None, help="comma-separated targets (default: every registered one)")
         ap.add_argument("--base", default="smollm2", help="base model (default the embedded SmolLM2)")
         ap.add_argument("--quant", default="q4_0")
-        ap.add_argument("--timeout", type=float, default=2400,
-                        help="seconds one export may take before it counts as failed")
+        ap.add_argument(
+            "--timeout", type=float, default=2400, help="seconds one export may take before it counts as failed"
+        )
 
     def worker(self, argv: list[str]) -> dict:
         return worker_export(*argv)
@@ -72,8 +79,11 @@ class ExportBench(Suite):
         from pocketpeft.registry import target_entry
 
         quick_targets = [t for t in ("torch", "gguf") if t in default_targets()]
-        targets = [t for t in (args.targets.split(",") if args.targets else quick_targets if args.quick
-                               else default_targets()) if t]
+        targets = [
+            t
+            for t in (args.targets.split(",") if args.targets else quick_targets if args.quick else default_targets())
+            if t
+        ]
         for t in targets:
             target_entry(t)  # ConfigError naming the known targets
         reps = args.reps or (1 if args.quick else 2)
@@ -102,26 +112,51 @@ class ExportBench(Suite):
         for t, rs in runs.items():
             if not rs:
                 continue
-            results[t] = {"target_export_seconds": summarize([r["export_seconds"][t] for r in rs]),
-                          "wall_seconds": summarize([r["wall_seconds"] for r in rs]),
-                          "target_bytes": rs[0]["bytes_by_target"].get(t, 0),
-                          "shared_bytes": rs[0]["bytes_by_target"].get("shared", 0),
-                          "bundle_bytes": rs[0]["bundle_bytes"], "files": rs[0]["files"],
-                          "toolchain": rs[0]["toolchain"],
-                          "peak_rss_mib": summarize([r["peak_rss_mib"] for r in rs])}
+            results[t] = {
+                "target_export_seconds": summarize([r["export_seconds"][t] for r in rs]),
+                "wall_seconds": summarize([r["wall_seconds"] for r in rs]),
+                "target_bytes": rs[0]["bytes_by_target"].get(t, 0),
+                "shared_bytes": rs[0]["bytes_by_target"].get("shared", 0),
+                "bundle_bytes": rs[0]["bundle_bytes"],
+                "files": rs[0]["files"],
+                "toolchain": rs[0]["toolchain"],
+                "peak_rss_mib": summarize([r["peak_rss_mib"] for r in rs]),
+            }
         ref = results.get("torch")
         for r in results.values():
             if ref:
                 r["bytes_vs_torch"] = r["target_bytes"] / max(ref["target_bytes"], 1)
-        return {"settings": {"base": args.base if args.base == "smollm2" else Path(args.base).name, "quant": args.quant,
-                             "lora_r": RANK, "target_modules": MODULES, "repetitions": reps, "quick": args.quick},
-                "results": results, "failed": failed}
+        return {
+            "settings": {
+                "base": args.base if args.base == "smollm2" else Path(args.base).name,
+                "quant": args.quant,
+                "lora_r": RANK,
+                "target_modules": MODULES,
+                "repetitions": reps,
+                "quick": args.quick,
+            },
+            "results": results,
+            "failed": failed,
+        }
 
     def table(self, payload: dict, args: argparse.Namespace):
-        rows = [[t, r["target_export_seconds"]["median"], r["wall_seconds"]["median"], r["target_bytes"] / 2**20,
-                 r["peak_rss_mib"]["median"]] for t, r in payload["results"].items()]
-        return rows, [("target", ""), ("target s", ".1f"), ("wall s", ".1f"), ("target MiB", ".1f"),
-                      ("peak RSS MiB", ".0f")]
+        rows = [
+            [
+                t,
+                r["target_export_seconds"]["median"],
+                r["wall_seconds"]["median"],
+                r["target_bytes"] / 2**20,
+                r["peak_rss_mib"]["median"],
+            ]
+            for t, r in payload["results"].items()
+        ]
+        return rows, [
+            ("target", ""),
+            ("target s", ".1f"),
+            ("wall s", ".1f"),
+            ("target MiB", ".1f"),
+            ("peak RSS MiB", ".0f"),
+        ]
 
     def summary(self, payload: dict, args: argparse.Namespace) -> list[str]:
         return [f"{t}: failed: {why}" for t, why in payload["failed"].items()]

@@ -38,15 +38,41 @@ from benchmarks.common import Suite, main, peak_rss_mib, summarize
 SEQ, RANK = 64, 8
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 #: SmolLM2-135M's architecture (HF LlamaConfig fields).
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
-               rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+SMOLLM2 = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 #: A tiny model of the same family for --smoke.
-TINY = dict(SMOLLM2, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2)
+TINY = dict(
+    SMOLLM2,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 #: Dense bf16 tensor-core peak (TFLOP/s, spec sheets, no sparsity), matched on the device name.
-SPEC_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
-                    "H100 NVL": 835.0, "A100": 312.0, "L4": 121.0, "A10G": 70.0}
+SPEC_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 80GB HBM3": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "A100": 312.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+}
 CONFIGS = {  # name -> (backend module, bundle quant, backend options)
     "pocketpeft eager": ("torch_backend", "nf4", {"step": "eager"}),
     "pocketpeft graph": ("torch_backend", "nf4", {"step": "graph"}),
@@ -87,8 +113,15 @@ def export_bundles(work: Path, arch: dict, batch: int) -> dict[str, str]:
         try:
             pp.Bundle(path)
         except pp.PocketPeftError:
-            pp.export(folder, path, quant=quant, targets=["torch"], seq_len=SEQ, batch_size=batch,
-                      lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES))
+            pp.export(
+                folder,
+                path,
+                quant=quant,
+                targets=["torch"],
+                seq_len=SEQ,
+                batch_size=batch,
+                lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES),
+            )
         out[quant] = str(path)
     return out
 
@@ -138,9 +171,14 @@ def worker(config: str, bundle: str, device: str, batches: list[int], steps: int
             _sync(device)
             times.append(time.perf_counter() - t)
             losses.append(r.loss)
-        peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else peak_rss_mib())
-        out[str(batch)] = {"step_seconds": times, "losses": losses, "warmup_seconds": t_warm, "peak_mib": peak,
-                           "peak_kind": "cuda max_memory_allocated" if device.startswith("cuda") else "process RSS"}
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else peak_rss_mib()
+        out[str(batch)] = {
+            "step_seconds": times,
+            "losses": losses,
+            "warmup_seconds": t_warm,
+            "peak_mib": peak,
+            "peak_kind": "cuda max_memory_allocated" if device.startswith("cuda") else "process RSS",
+        }
     return out
 
 
@@ -177,11 +215,17 @@ class GpuTrain(Suite):
     tmp: tempfile.TemporaryDirectory | None = None
 
     def add_arguments(self, ap: argparse.ArgumentParser) -> None:
-        ap.add_argument("--smoke", action="store_true",
-                        help="tiny model on the CPU, 2 steps, eager configs: checks it runs (results: --out, "
-                             "default a temp folder)")
-        ap.add_argument("--device", default=None,
-                        help="cuda:0 when available; without CUDA nothing is measured unless --smoke or --device cpu")
+        ap.add_argument(
+            "--smoke",
+            action="store_true",
+            help="tiny model on the CPU, 2 steps, eager configs: checks it runs (results: --out, "
+            "default a temp folder)",
+        )
+        ap.add_argument(
+            "--device",
+            default=None,
+            help="cuda:0 when available; without CUDA nothing is measured unless --smoke or --device cpu",
+        )
         ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 8,32,64; smoke 2,4)")
         ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3; smoke 1)")
         ap.add_argument("--steps", type=int, default=None, help="timed steps per batch size (default 10; smoke 2)")
@@ -203,8 +247,9 @@ class GpuTrain(Suite):
     def result_name(self, args: argparse.Namespace, payload: dict) -> str:
         st = payload["settings"]
         smoke, gpu = st["smoke"], st["gpu"]
-        tag = ("smoke_cpu" if smoke and not gpu
-               else re.sub(r"[^A-Za-z0-9]+", "_", gpu or st["device"]).strip("_").lower())
+        tag = (
+            "smoke_cpu" if smoke and not gpu else re.sub(r"[^A-Za-z0-9]+", "_", gpu or st["device"]).strip("_").lower()
+        )
         return f"gpu_train_{tag}" + ("_quick" if args.quick and not smoke else "")
 
     def out_dir(self, args: argparse.Namespace) -> Path | None:
@@ -220,18 +265,34 @@ class GpuTrain(Suite):
                 continue
             for batch, r in per.items():
                 share = r["share_of_spec_bf16_peak"] or r["share_of_measured_bf16_matmul"]
-                rows.append([name, batch, r["tokens_per_s"]["median"], f"{r.get('speed_vs_peft_bnb', 0):.2f}x",
-                             r["peak_mib"]["median"], f"{100 * share:.2f}%"])
-        return rows, [("config", ""), ("batch", ""), ("tokens/s", ".0f"), ("vs peft+bnb", ""), ("peak MiB", ".0f"),
-                      ("of bf16 peak", "")]
+                rows.append(
+                    [
+                        name,
+                        batch,
+                        r["tokens_per_s"]["median"],
+                        f"{r.get('speed_vs_peft_bnb', 0):.2f}x",
+                        r["peak_mib"]["median"],
+                        f"{100 * share:.2f}%",
+                    ]
+                )
+        return rows, [
+            ("config", ""),
+            ("batch", ""),
+            ("tokens/s", ".0f"),
+            ("vs peft+bnb", ""),
+            ("peak MiB", ".0f"),
+            ("of bf16 peak", ""),
+        ]
 
     def summary(self, payload: dict, args: argparse.Namespace) -> list[str]:
         spec, measured = payload["bf16_peak_tflops_spec"], payload["bf16_matmul_tflops_measured"]
         lines = [f"bf16 matmul measured here: {measured:.3g} TFLOP/s" + (f"; spec peak {spec:.0f}" if spec else "")]
         for batch, t in payload["targets"].items():
-            lines.append(f"target at {batch}: {t['speedup']:.2f}x of {t['needed_speedup']:.0f}x needed "
-                         f"({t['best_config']}) -> {'met' if t['met'] else 'NOT met'}; losses within "
-                         f"{100 * t['loss_max_rel_diff']:.2f}% of peft+bnb")
+            lines.append(
+                f"target at {batch}: {t['speedup']:.2f}x of {t['needed_speedup']:.0f}x needed "
+                f"({t['best_config']}) -> {'met' if t['met'] else 'NOT met'}; losses within "
+                f"{100 * t['loss_max_rel_diff']:.2f}% of peft+bnb"
+            )
         return lines
 
 
@@ -241,8 +302,10 @@ def _run(suite: GpuTrain, args: argparse.Namespace) -> dict | None:
 
     smoke = args.smoke
     if args.device is None and not smoke and not torch.cuda.is_available():
-        print("no CUDA device here: nothing measured (a GPU benchmark; --smoke checks it on the CPU, "
-              "--device cpu measures the CPU anyway)")
+        print(
+            "no CUDA device here: nothing measured (a GPU benchmark; --smoke checks it on the CPU, "
+            "--device cpu measures the CPU anyway)"
+        )
         return None
     device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     arch = TINY if smoke else SMOLLM2
@@ -292,12 +355,17 @@ def _run(suite: GpuTrain, args: argparse.Namespace) -> dict | None:
             tok = batch * SEQ
             tps = [tok * len(c["step_seconds"]) / sum(c["step_seconds"]) for c in cell]
             tflops = 4 * n_params * summarize(tps)["median"] / 1e12
-            per[str(batch)] = {"tokens_per_s": summarize(tps), "step_ms": 1000 * tok / summarize(tps)["median"],
-                               "peak_mib": summarize([c["peak_mib"] for c in cell]), "peak_kind": cell[0]["peak_kind"],
-                               "achieved_tflops": tflops, "share_of_measured_bf16_matmul": tflops / measured,
-                               "share_of_spec_bf16_peak": tflops / spec if spec else None,
-                               "warmup_seconds": summarize([c["warmup_seconds"] for c in cell]),
-                               "losses_first_run": cell[0]["losses"]}
+            per[str(batch)] = {
+                "tokens_per_s": summarize(tps),
+                "step_ms": 1000 * tok / summarize(tps)["median"],
+                "peak_mib": summarize([c["peak_mib"] for c in cell]),
+                "peak_kind": cell[0]["peak_kind"],
+                "achieved_tflops": tflops,
+                "share_of_measured_bf16_matmul": tflops / measured,
+                "share_of_spec_bf16_peak": tflops / spec if spec else None,
+                "warmup_seconds": summarize([c["warmup_seconds"] for c in cell]),
+                "losses_first_run": cell[0]["losses"],
+            }
         results[name] = per
     base = results.get(BASELINE, {})
     for name, per in results.items():
@@ -309,22 +377,47 @@ def _run(suite: GpuTrain, args: argparse.Namespace) -> dict | None:
                 r["loss_max_rel_diff_vs_peft_bnb"] = float(np.max(np.abs(ours - theirs) / np.abs(theirs)))
     targets = {}
     for batch, need in (("8", 5.0), ("64", 3.0)):
-        got = {n: per[batch]["speed_vs_peft_bnb"] for n, per in results.items()
-               if n.startswith("pocketpeft") and batch in per and "speed_vs_peft_bnb" in per[batch]}
+        got = {
+            n: per[batch]["speed_vs_peft_bnb"]
+            for n, per in results.items()
+            if n.startswith("pocketpeft") and batch in per and "speed_vs_peft_bnb" in per[batch]
+        }
         if got:
             best = max(got, key=got.get)
-            targets[f"batch {batch}"] = {"needed_speedup": need, "best_config": best, "speedup": got[best],
-                                         "met": got[best] >= need,
-                                         "loss_max_rel_diff": results[best][batch]["loss_max_rel_diff_vs_peft_bnb"]}
-    payload = {"settings": {"model": "SmolLM2-135M-shaped, random weights" if not smoke else "tiny Llama, random weights",
-                            "arch": arch, "frozen_matmul_params": n_params, "lora_r": RANK, "lora_alpha": 16,
-                            "target_modules": MODULES, "seq_len": SEQ, "batches": batches, "repetitions": reps, "quick": args.quick,
-                            "timed_steps": steps, "warmup_steps": warmup, "compute_dtype": "bfloat16",
-                            "device": device, "gpu": gpu, "smoke": smoke},
-               "bf16_matmul_tflops_measured": measured, "bf16_peak_tflops_spec": spec, "results": results,
-               "target": "pocketpeft's CUDA path >= 5x peft+bnb tokens/s at batch 8 and >= 3x at batch 64, "
-                         "with matching loss curves", "targets": targets}
-    if tmp is not None and not smoke:   # the random model and its bundles; a smoke result is written into it
+            targets[f"batch {batch}"] = {
+                "needed_speedup": need,
+                "best_config": best,
+                "speedup": got[best],
+                "met": got[best] >= need,
+                "loss_max_rel_diff": results[best][batch]["loss_max_rel_diff_vs_peft_bnb"],
+            }
+    payload = {
+        "settings": {
+            "model": "SmolLM2-135M-shaped, random weights" if not smoke else "tiny Llama, random weights",
+            "arch": arch,
+            "frozen_matmul_params": n_params,
+            "lora_r": RANK,
+            "lora_alpha": 16,
+            "target_modules": MODULES,
+            "seq_len": SEQ,
+            "batches": batches,
+            "repetitions": reps,
+            "quick": args.quick,
+            "timed_steps": steps,
+            "warmup_steps": warmup,
+            "compute_dtype": "bfloat16",
+            "device": device,
+            "gpu": gpu,
+            "smoke": smoke,
+        },
+        "bf16_matmul_tflops_measured": measured,
+        "bf16_peak_tflops_spec": spec,
+        "results": results,
+        "target": "pocketpeft's CUDA path >= 5x peft+bnb tokens/s at batch 8 and >= 3x at batch 64, "
+        "with matching loss curves",
+        "targets": targets,
+    }
+    if tmp is not None and not smoke:  # the random model and its bundles; a smoke result is written into it
         tmp.cleanup()
     return payload
 

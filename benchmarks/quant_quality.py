@@ -23,7 +23,7 @@ def evaluate(model, inputs, labels, batch: int = 8) -> dict:
     loss = n = top1 = top3 = 0
     with torch.no_grad():
         for s in range(0, len(inputs), batch):
-            ids, lab = torch.from_numpy(inputs[s:s + batch]), torch.from_numpy(labels[s:s + batch])
+            ids, lab = torch.from_numpy(inputs[s : s + batch]), torch.from_numpy(labels[s : s + batch])
             lg = model(ids)
             valid = lab != -100
             lg, tg = lg[valid], lab[valid]
@@ -53,8 +53,11 @@ class QuantQuality(Suite):
         for fmt in ("f32", "f16", "q8_0", "q4_0", "nf4"):
             t0 = time.perf_counter()
             model = build_from_float(base.config, base.state_dict, fmt)
-            lin_bytes = sum(storage_bytes(fmt, (m.out_features, m.in_features))
-                            for m in model.modules() if hasattr(m, "in_features") and hasattr(m, "fmt"))
+            lin_bytes = sum(
+                storage_bytes(fmt, (m.out_features, m.in_features))
+                for m in model.modules()
+                if hasattr(m, "in_features") and hasattr(m, "fmt")
+            )
             r = evaluate(model, inputs, labels)
             r["linear_weight_mib"] = lin_bytes / 2**20
             r["seconds"] = time.perf_counter() - t0
@@ -65,14 +68,21 @@ class QuantQuality(Suite):
         for r in results.values():
             r["perplexity_vs_f32"] = r["perplexity"] / ref["perplexity"] - 1
             r["top3_points_vs_f32"] = 100 * (r["top3"] - ref["top3"])
-        return {"settings": {"texts": "chitchat, other people's messages (general_texts seed=1)",
-                             "messages": len(texts), "seq_len": 64,
-                             "reference": "embedded SmolLM2 GGUF (Q4_1 linears) dequantized to f32"},
-                "results": results}
+        return {
+            "settings": {
+                "texts": "chitchat, other people's messages (general_texts seed=1)",
+                "messages": len(texts),
+                "seq_len": 64,
+                "reference": "embedded SmolLM2 GGUF (Q4_1 linears) dequantized to f32",
+            },
+            "results": results,
+        }
 
     def table(self, payload: dict, args: argparse.Namespace):
-        rows = [[fmt, r["perplexity"], 100 * r["top1"], 100 * r["top3"], r["linear_weight_mib"]]
-                for fmt, r in payload["results"].items()]
+        rows = [
+            [fmt, r["perplexity"], 100 * r["top1"], 100 * r["top3"], r["linear_weight_mib"]]
+            for fmt, r in payload["results"].items()
+        ]
         return rows, [("format", ""), ("ppl", ".3f"), ("top-1 %", ".2f"), ("top-3 %", ".2f"), ("linears MiB", ".0f")]
 
 

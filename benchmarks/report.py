@@ -69,16 +69,21 @@ def run_module(module: str, quick: bool, out: Path, extra: list[str] | None = No
     t0 = time.perf_counter()
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    res = {"module": module, "seconds": round(time.perf_counter() - t0, 1),
-           "status": "ok" if p.returncode == 0 else "failed", "returncode": p.returncode}
+    res = {
+        "module": module,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "status": "ok" if p.returncode == 0 else "failed",
+        "returncode": p.returncode,
+    }
     if p.returncode != 0:
         res["error"] = (p.stderr or p.stdout)[-2000:]
         log(f"  {module} failed ({p.returncode}):\n{res['error'][-800:]}")
     return res
 
 
-def run_suites(suites: list[str], quick: bool, out: Path, base: str | None = None, targets: str | None = None,
-               log=print) -> list[dict[str, Any]]:
+def run_suites(
+    suites: list[str], quick: bool, out: Path, base: str | None = None, targets: str | None = None, log=print
+) -> list[dict[str, Any]]:
     """Run the modules of ``suites`` (``memory`` runs ``train``/``suggest`` only when their
     results are missing from ``out``); returns one status dict per module."""
     order: list[str] = []
@@ -86,8 +91,14 @@ def run_suites(suites: list[str], quick: bool, out: Path, base: str | None = Non
         mods = SUITES[s]
         if s == "memory":
             have = {r["benchmark"].removesuffix("_quick") for r in collect(out).values()}
-            mods = [m for m, name in (("benchmarks.train_speed", "train_speed"), ("benchmarks.suggest_latency", "suggest_latency"))
-                    if name not in have]
+            mods = [
+                m
+                for m, name in (
+                    ("benchmarks.train_speed", "train_speed"),
+                    ("benchmarks.suggest_latency", "suggest_latency"),
+                )
+                if name not in have
+            ]
         order += [m for m in mods if m not in order]
     extra = (["--base", base] if base else []) + (["--targets", targets] if targets else [])
     return [run_module(m, quick, out, extra, log) for m in order]
@@ -126,9 +137,11 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 def _title(obj: dict[str, Any], what: str) -> str:
     m = obj.get("machine", {})
-    return (f"## {what}{' (quick)' if obj.get('_quick') else ''}\n\n`{obj['_file']}`, measured {obj.get('measured', '?')}"
-            f" on {m.get('logical_cores', '?')} cores ({m.get('cpu', '?')}), load average "
-            f"{', '.join(map(str, m.get('load_average_1_5_15', [])))}\n")
+    return (
+        f"## {what}{' (quick)' if obj.get('_quick') else ''}\n\n`{obj['_file']}`, measured {obj.get('measured', '?')}"
+        f" on {m.get('logical_cores', '?')} cores ({m.get('cpu', '?')}), load average "
+        f"{', '.join(map(str, m.get('load_average_1_5_15', [])))}\n"
+    )
 
 
 def _met(ok: bool | None) -> str:
@@ -138,21 +151,38 @@ def _met(ok: bool | None) -> str:
 def section_train(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
     res, ceil = obj.get("results", {}), obj.get("ceiling", {})
     out.append(_title(obj, "Update speed (train)"))
-    rows = [[n, f"{_f(r['tokens_per_s']['median'], '.0f')} (±{_f(100 * r['tokens_per_s']['spread'], '.0f')}%)",
-             f"{_f(r.get('speed_vs_peft'), '.2f')}x", _f(r['peak_rss_mib']['median'], '.0f'),
-             f"{_f(r.get('rss_vs_peft'), '.2f')}x", f"{_f(100 * r.get('share_of_ceiling', 0), '.0f')}%"] for n, r in res.items()]
+    rows = [
+        [
+            n,
+            f"{_f(r['tokens_per_s']['median'], '.0f')} (±{_f(100 * r['tokens_per_s']['spread'], '.0f')}%)",
+            f"{_f(r.get('speed_vs_peft'), '.2f')}x",
+            _f(r["peak_rss_mib"]["median"], ".0f"),
+            f"{_f(r.get('rss_vs_peft'), '.2f')}x",
+            f"{_f(100 * r.get('share_of_ceiling', 0), '.0f')}%",
+        ]
+        for n, r in res.items()
+    ]
     out += _table(["config", "tokens/s (spread)", "vs PEFT", "peak RSS MiB", "vs PEFT", "of fp32 ceiling"], rows)
     from benchmarks.train_speed import device_targets
 
-    met = device_targets(res)   # per device-backend configuration
+    met = device_targets(res)  # per device-backend configuration
     peft = next((r["tokens_per_s"]["median"] for n, r in res.items() if n.startswith("peft")), None)
     ok = any(met.values()) if met else None
-    out.append(f"\nTarget: {obj.get('target', 'best device backend >= 1.4x PEFT tokens/s and <= 0.3x its RSS')}: {_met(ok)}. "
-               f"fp32 matmul {_f(ceil.get('matmul_gflops'), '.0f')} GFLOP/s -> ceiling {_f(ceil.get('ceiling_tokens_per_s'), '.0f')} tokens/s"
-               + (f" ({ceil['ceiling_tokens_per_s'] / peft:.2f}x PEFT: a step doing nothing but its matmuls)"
-                  if ceil.get("ceiling_tokens_per_s") and peft else "")
-               + (f"; int8 matmul (ORT MatMulInteger) {_f(ceil['int8_matmul_gops'], '.0f')} GOP/s" if ceil.get("int8_matmul_gops") else "")
-               + ".\n")
+    out.append(
+        f"\nTarget: {obj.get('target', 'best device backend >= 1.4x PEFT tokens/s and <= 0.3x its RSS')}: {_met(ok)}. "
+        f"fp32 matmul {_f(ceil.get('matmul_gflops'), '.0f')} GFLOP/s -> ceiling {_f(ceil.get('ceiling_tokens_per_s'), '.0f')} tokens/s"
+        + (
+            f" ({ceil['ceiling_tokens_per_s'] / peft:.2f}x PEFT: a step doing nothing but its matmuls)"
+            if ceil.get("ceiling_tokens_per_s") and peft
+            else ""
+        )
+        + (
+            f"; int8 matmul (ORT MatMulInteger) {_f(ceil['int8_matmul_gops'], '.0f')} GOP/s"
+            if ceil.get("int8_matmul_gops")
+            else ""
+        )
+        + ".\n"
+    )
     free = [n for n, r in res.items() if r.get("torch_imported") is False]
     if free:
         out.append("Run without torch in the process, as on a device: " + "; ".join(f"`{n}`" for n in free) + ".\n")
@@ -165,24 +195,52 @@ def section_suggest(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
     res = obj.get("results", {})
     out.append(_title(obj, "Suggestion latency per keystroke (suggest)"))
     st = obj.get("settings", {})
-    out.append(f"{st.get('keystrokes', '?')} keystrokes x {st.get('repetitions', '?')} repetitions, model {st.get('model', '?')}, "
-               f"adapter: {st.get('adapter', '?')}.\n")
+    out.append(
+        f"{st.get('keystrokes', '?')} keystrokes x {st.get('repetitions', '?')} repetitions, model {st.get('model', '?')}, "
+        f"adapter: {st.get('adapter', '?')}.\n"
+    )
     rows = []
     for n, r in res.items():
         lat, pr = r["latency_ms"], r.get("profile", {})
-        rows.append([n, _f(lat["p50"]), _f(lat["p95"]), _f(lat["p99"]), _f(r["peak_rss_mib"]["median"], ".0f"),
-                     f"{_f(100 * r['top3_equal_to_torch'], '.0f')}%" if "top3_equal_to_torch" in r else "-",
-                     f"{_f(100 * r['top3_same_words_any_order'], '.0f')}%" if "top3_same_words_any_order" in r else "-",
-                     _f(pr.get("forwards_per_keystroke_mean"), ".2f"), _f(pr.get("model_ms_per_forward")),
-                     _f(pr.get("overhead_ms_mean"))])
-    out += _table(["config", "p50 ms", "p95 ms", "p99 ms", "peak RSS MiB", "top-3 = torch", "same 3 words", "forwards/keystroke",
-                   "ms/forward", "Python ms/keystroke"], rows)
+        rows.append(
+            [
+                n,
+                _f(lat["p50"]),
+                _f(lat["p95"]),
+                _f(lat["p99"]),
+                _f(r["peak_rss_mib"]["median"], ".0f"),
+                f"{_f(100 * r['top3_equal_to_torch'], '.0f')}%" if "top3_equal_to_torch" in r else "-",
+                f"{_f(100 * r['top3_same_words_any_order'], '.0f')}%" if "top3_same_words_any_order" in r else "-",
+                _f(pr.get("forwards_per_keystroke_mean"), ".2f"),
+                _f(pr.get("model_ms_per_forward")),
+                _f(pr.get("overhead_ms_mean")),
+            ]
+        )
+    out += _table(
+        [
+            "config",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "peak RSS MiB",
+            "top-3 = torch",
+            "same 3 words",
+            "forwards/keystroke",
+            "ms/forward",
+            "Python ms/keystroke",
+        ],
+        rows,
+    )
     tm, best = obj.get("targets_met", {}), obj.get("best_backend")
-    out.append(f"\nTargets, together on one configuration (the fastest whose top-3 equals torch's on >= 95% of "
-               f"keystrokes: {best}): p50 <= 10 ms: {_met(tm.get('p50_le_10ms'))}; "
-               f"top-3 agreement >= 95%: {_met(tm.get('top3_agreement_ge_95'))}.\n")
+    out.append(
+        f"\nTargets, together on one configuration (the fastest whose top-3 equals torch's on >= 95% of "
+        f"keystrokes: {best}): p50 <= 10 ms: {_met(tm.get('p50_le_10ms'))}; "
+        f"top-3 agreement >= 95%: {_met(tm.get('top3_agreement_ge_95'))}.\n"
+    )
     dists = {n: r["ms_first_rep"] for n, r in res.items() if r.get("ms_first_rep")}
-    if dists and _plot_box(dists, "per-keystroke latency (first repetition)", "ms (log scale)", plots / "suggest_latency.png"):
+    if dists and _plot_box(
+        dists, "per-keystroke latency (first repetition)", "ms (log scale)", plots / "suggest_latency.png"
+    ):
         out.append("![latency distributions](suggest_latency.png)\n")
 
 
@@ -190,9 +248,17 @@ def section_export(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
     res = obj.get("results", {})
     out.append(_title(obj, "Export time and bundle size (export)"))
     out.append(f"base {obj.get('settings', {}).get('base', '?')} at {obj.get('settings', {}).get('quant', '?')}.\n")
-    rows = [[t, _f(r["target_export_seconds"]["median"]), _f(r["wall_seconds"]["median"]),
-             _f(r["target_bytes"] / 2**20), f"{_f(r.get('bytes_vs_torch'), '.2f')}x", _f(r["peak_rss_mib"]["median"], ".0f")]
-            for t, r in res.items()]
+    rows = [
+        [
+            t,
+            _f(r["target_export_seconds"]["median"]),
+            _f(r["wall_seconds"]["median"]),
+            _f(r["target_bytes"] / 2**20),
+            f"{_f(r.get('bytes_vs_torch'), '.2f')}x",
+            _f(r["peak_rss_mib"]["median"], ".0f"),
+        ]
+        for t, r in res.items()
+    ]
     out += _table(["target", "target export s", "whole export s", "target MiB", "vs torch", "peak RSS MiB"], rows)
     for t, why in obj.get("failed", {}).items():
         out.append(f"\n- {t}: **failed**: {why}")
@@ -206,38 +272,76 @@ def _ba(b: dict, a: dict, key: str) -> str:
 def section_quality(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
     out.append(_title(obj, "Personalization quality (quality)"))
     rows, before_after = [], {}
-    if isinstance(obj.get("per_sender"), list):   # benchmarks.personalize: rows with base / personalized
-        out.append(f"Per sender: one Personalizer update of at most {_f(obj.get('update_budget_seconds'), '.0f')} s "
-                   f"(training on the {obj.get('quant', '?')} base, suggestions served by {obj.get('serving_backend', '?')}); "
-                   f"next-word top-3 on the sender's later messages, from the base model, LoRA alone, the sender's word "
-                   f"counts mixed in alone (weight {obj.get('word_weight', '?')}), and both (what the Personalizer serves). "
-                   f"The n-gram columns are a word trigram keyboard model alone, built from other people's messages, "
-                   f"then given the same sender text.\n")
+    if isinstance(obj.get("per_sender"), list):  # benchmarks.personalize: rows with base / personalized
+        out.append(
+            f"Per sender: one Personalizer update of at most {_f(obj.get('update_budget_seconds'), '.0f')} s "
+            f"(training on the {obj.get('quant', '?')} base, suggestions served by {obj.get('serving_backend', '?')}); "
+            f"next-word top-3 on the sender's later messages, from the base model, LoRA alone, the sender's word "
+            f"counts mixed in alone (weight {obj.get('word_weight', '?')}), and both (what the Personalizer serves). "
+            f"The n-gram columns are a word trigram keyboard model alone, built from other people's messages, "
+            f"then given the same sender text.\n"
+        )
         top3 = "next_word_top3"
         for r in obj["per_sender"]:
             b, ng = r.get("base", {}), r.get("ngram", {})
             both, lora, words = r.get("personalized", {}), r.get("lora", {}), r.get("words", {})
-            rows.append([str(r.get("sender", "?"))[:8], str(r.get("steps", "-")), "yes" if r.get("accepted") else "no",
-                         _f(100 * b.get(top3, float("nan"))), _f(100 * lora.get(top3, float("nan"))),
-                         _f(100 * words.get(top3, float("nan"))), _f(100 * both.get(top3, float("nan"))),
-                         _ba(b, both, "keystroke_savings"),
-                         _ba(ng.get("base", {}), ng.get("personalized", {}), top3) if ng else "-",
-                         f"{_f(r.get('others_ppl_change_pct'), '+.1f')}%"])
+            rows.append(
+                [
+                    str(r.get("sender", "?"))[:8],
+                    str(r.get("steps", "-")),
+                    "yes" if r.get("accepted") else "no",
+                    _f(100 * b.get(top3, float("nan"))),
+                    _f(100 * lora.get(top3, float("nan"))),
+                    _f(100 * words.get(top3, float("nan"))),
+                    _f(100 * both.get(top3, float("nan"))),
+                    _ba(b, both, "keystroke_savings"),
+                    _ba(ng.get("base", {}), ng.get("personalized", {}), top3) if ng else "-",
+                    f"{_f(r.get('others_ppl_change_pct'), '+.1f')}%",
+                ]
+            )
             before_after[str(r.get("sender", "?"))[:8]] = (b.get(top3, 0), both.get(top3, 0))
         m = obj.get("mean", {})
-        pts = lambda key: f"{_f(m.get(key), '+.2f')}"   # noqa: E731
-        rows.append(["**mean gain (points)**", "", f"{obj.get('accepted', '?')}/{obj.get('senders', '?')}", "",
-                     pts("lora_top3_gain_points"), pts("words_top3_gain_points"), f"**{pts('top3_gain_points')}**",
-                     pts("ksr_gain_points"), pts("ngram_top3_gain_points"), f"{_f(m.get('others_ppl_change_pct'), '+.1f')}%"])
-        out += _table(["sender", "steps", "accepted", "base top-3 %", "LoRA", "word counts", "both", "keystroke savings %",
-                       "n-gram top-3 %", "others' ppl"], rows)
+        pts = lambda key: f"{_f(m.get(key), '+.2f')}"  # noqa: E731
+        rows.append(
+            [
+                "**mean gain (points)**",
+                "",
+                f"{obj.get('accepted', '?')}/{obj.get('senders', '?')}",
+                "",
+                pts("lora_top3_gain_points"),
+                pts("words_top3_gain_points"),
+                f"**{pts('top3_gain_points')}**",
+                pts("ksr_gain_points"),
+                pts("ngram_top3_gain_points"),
+                f"{_f(m.get('others_ppl_change_pct'), '+.1f')}%",
+            ]
+        )
+        out += _table(
+            [
+                "sender",
+                "steps",
+                "accepted",
+                "base top-3 %",
+                "LoRA",
+                "word counts",
+                "both",
+                "keystroke savings %",
+                "n-gram top-3 %",
+                "others' ppl",
+            ],
+            rows,
+        )
         t = obj.get("targets", {})
         secs = [r.get("update_seconds", 0) for r in obj["per_sender"]]
-        out.append(f"\nUpdates took {_f(min(secs), '.1f')}-{_f(max(secs), '.1f')} s (budget "
-                   f"{_f(obj.get('update_budget_seconds'), '.0f')} s, the quality gate's evaluations included).")
-        out.append(f"\nTargets (issue 5): mean top-3 gain >= +5 points (both): {_met(t.get('top3_gain_points>=5'))} "
-                   f"(LoRA alone: {_met(t.get('lora_top3_gain_points>=5'))}); other people's perplexity within +5%: "
-                   f"{_met(t.get('others_ppl_change_pct<=5'))}.")
+        out.append(
+            f"\nUpdates took {_f(min(secs), '.1f')}-{_f(max(secs), '.1f')} s (budget "
+            f"{_f(obj.get('update_budget_seconds'), '.0f')} s, the quality gate's evaluations included)."
+        )
+        out.append(
+            f"\nTargets (issue 5): mean top-3 gain >= +5 points (both): {_met(t.get('top3_gain_points>=5'))} "
+            f"(LoRA alone: {_met(t.get('lora_top3_gain_points>=5'))}); other people's perplexity within +5%: "
+            f"{_met(t.get('others_ppl_change_pct<=5'))}."
+        )
     else:
         out += _generic(obj)
     if before_after and _plot_before_after(before_after, plots / "quality_before_after.png"):
@@ -248,30 +352,51 @@ def section_quality(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
 def section_forward_only(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
     out.append(_title(obj, "Forward-only (SPSA) updates against backprop (train)"))
     st = obj.get("settings", {})
-    out.append(f"Held-out loss over update time per sender; backprop gets {_f(st.get('backprop_seconds'), '.0f')} s, forward-only "
-               f"{_f(st.get('forward_only_seconds'), '.0f')} s (4x). Peak RSS is the update phase's; it is compared with "
-               f"inference of the same graph on the same batches in the same process (the 'inference' rows are separate "
-               f"processes, for scale).\n")
+    out.append(
+        f"Held-out loss over update time per sender; backprop gets {_f(st.get('backprop_seconds'), '.0f')} s, forward-only "
+        f"{_f(st.get('forward_only_seconds'), '.0f')} s (4x). Peak RSS is the update phase's; it is compared with "
+        f"inference of the same graph on the same batches in the same process (the 'inference' rows are separate "
+        f"processes, for scale).\n"
+    )
     rows, curves = [], {}
     for sender, per in obj.get("results", {}).items():
         for name, r in per.items():
             c = r.get("curve") if isinstance(r, dict) else None
             if name == "summary" or not c:
                 continue
-            rows.append([sender[:8], name, f"{_f(c[0]['loss'], '.3f')} -> {_f(c[-1]['loss'], '.3f')}",
-                         f"{_f(100 * c[0]['top3'])} -> {_f(100 * c[-1]['top3'])}", _f(r.get("seconds"), ".0f"),
-                         str(r.get("steps", "-")), _f(r.get("phase_peak_rss_mib"), ".0f")])
+            rows.append(
+                [
+                    sender[:8],
+                    name,
+                    f"{_f(c[0]['loss'], '.3f')} -> {_f(c[-1]['loss'], '.3f')}",
+                    f"{_f(100 * c[0]['top3'])} -> {_f(100 * c[-1]['top3'])}",
+                    _f(r.get("seconds"), ".0f"),
+                    str(r.get("steps", "-")),
+                    _f(r.get("phase_peak_rss_mib"), ".0f"),
+                ]
+            )
             if len(c) > 1:
                 curves[f"{sender[:8]} {name}"] = ([p["seconds"] for p in c], [p["loss"] for p in c])
         sm = per.get("summary", {})
         if sm:
-            rows.append([sender[:8], "**forward-only vs**", f"{_f(100 * (sm.get('forward_only_share_of_backprop_gain') or 0), '.0f')}% of "
-                         "backprop's loss gain", "", "", "", f"{_f(sm.get('forward_only_peak_vs_inference'), '.2f')}x inference"])
+            rows.append(
+                [
+                    sender[:8],
+                    "**forward-only vs**",
+                    f"{_f(100 * (sm.get('forward_only_share_of_backprop_gain') or 0), '.0f')}% of backprop's loss gain",
+                    "",
+                    "",
+                    "",
+                    f"{_f(sm.get('forward_only_peak_vs_inference'), '.2f')}x inference",
+                ]
+            )
     out += _table(["sender", "config", "held-out loss", "top-3 token %", "update s", "steps", "peak RSS MiB"], rows)
     t = obj.get("targets_met", {})
     if t:
-        out.append(f"\nTargets (issue 6): held-out loss reduced on every sender: {_met(t.get('loss_reduced_every_sender'))}; "
-                   f"peak <= 1.1x inference: {_met(t.get('peak_le_1_1x_inference'))}.")
+        out.append(
+            f"\nTargets (issue 6): held-out loss reduced on every sender: {_met(t.get('loss_reduced_every_sender'))}; "
+            f"peak <= 1.1x inference: {_met(t.get('peak_le_1_1x_inference'))}."
+        )
     if curves and _plot_lines(curves, "held-out loss over update time", "seconds", "loss", plots / "forward_only.png"):
         out.append("\n![forward-only vs backprop](forward_only.png)")
     out.append("")
@@ -313,16 +438,20 @@ def _generic(obj: dict[str, Any]) -> list[str]:
     for _, sc in rows:
         cols += [k for k in sc if k not in cols]
     cols = cols[:8]
-    return _table(["config", *cols], [[n, *[_f(sc.get(c), ".4g") if not isinstance(sc.get(c), str) else sc[c]
-                                            for c in cols]] for n, sc in rows])
+    return _table(
+        ["config", *cols],
+        [[n, *[_f(sc.get(c), ".4g") if not isinstance(sc.get(c), str) else sc[c] for c in cols]] for n, sc in rows],
+    )
 
 
 def section_gpu_train(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
     st = obj.get("settings", {})
     out.append(_title(obj, f"GPU training on {st.get('gpu') or st.get('device', '?')}"))
-    out.append(f"{st.get('model', '?')}, LoRA r={st.get('lora_r')} on {'/'.join(st.get('target_modules', []))}, "
-               f"{st.get('seq_len')}-token rows, bf16 compute, {st.get('repetitions')} interleaved repetitions x "
-               f"{st.get('timed_steps')} timed steps; each configuration in its own process.\n")
+    out.append(
+        f"{st.get('model', '?')}, LoRA r={st.get('lora_r')} on {'/'.join(st.get('target_modules', []))}, "
+        f"{st.get('seq_len')}-token rows, bf16 compute, {st.get('repetitions')} interleaved repetitions x "
+        f"{st.get('timed_steps')} timed steps; each configuration in its own process.\n"
+    )
     rows = []
     for name, per in obj.get("results", {}).items():
         if "error" in per:
@@ -330,19 +459,34 @@ def section_gpu_train(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
             continue
         for batch, r in per.items():
             share = r.get("share_of_spec_bf16_peak") or r.get("share_of_measured_bf16_matmul")
-            rows.append([name, batch, _f(r.get("step_ms")), _f(r["tokens_per_s"]["median"], ".0f"),
-                         f"{_f(r.get('speed_vs_peft_bnb'), '.2f')}x", _f(r["peak_mib"]["median"], ".0f"),
-                         f"{_f(100 * share if share else None, '.2f')}%"])
+            rows.append(
+                [
+                    name,
+                    batch,
+                    _f(r.get("step_ms")),
+                    _f(r["tokens_per_s"]["median"], ".0f"),
+                    f"{_f(r.get('speed_vs_peft_bnb'), '.2f')}x",
+                    _f(r["peak_mib"]["median"], ".0f"),
+                    f"{_f(100 * share if share else None, '.2f')}%",
+                ]
+            )
     out += _table(["config", "batch", "step ms", "tokens/s", "vs peft+bnb", "peak GPU MiB", "of bf16 peak"], rows)
     for batch, t in obj.get("targets", {}).items():
-        out.append(f"\nTarget at {batch}: >= {t['needed_speedup']:.0f}x peft+bnb: {t['speedup']:.2f}x "
-                   f"({t['best_config']}), {_met(t['met'])}; its losses within "
-                   f"{100 * t['loss_max_rel_diff']:.3f}% of peft+bnb's.")
+        out.append(
+            f"\nTarget at {batch}: >= {t['needed_speedup']:.0f}x peft+bnb: {t['speedup']:.2f}x "
+            f"({t['best_config']}), {_met(t['met'])}; its losses within "
+            f"{100 * t['loss_max_rel_diff']:.3f}% of peft+bnb's."
+        )
     out.append("")
 
 
-SECTIONS = {"train_speed": section_train, "suggest_latency": section_suggest, "export_bench": section_export,
-            "personalize": section_quality, "forward_only": section_forward_only}
+SECTIONS = {
+    "train_speed": section_train,
+    "suggest_latency": section_suggest,
+    "export_bench": section_export,
+    "personalize": section_quality,
+    "forward_only": section_forward_only,
+}
 
 
 def write_report(results_dir: Path, out_dir: Path | None = None) -> Path:
@@ -354,9 +498,11 @@ def write_report(results_dir: Path, out_dir: Path | None = None) -> Path:
     out_dir = Path(out_dir) if out_dir else results_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     found = collect(results_dir)
-    lines = ["# pocketpeft benchmarks\n",
-             "Every speed figure is measured side by side with its baseline in the same run on the same machine; "
-             "reproduce with `pocketpeft bench --suite all` (add `--quick` for the few-minute sizes).\n"]
+    lines = [
+        "# pocketpeft benchmarks\n",
+        "Every speed figure is measured side by side with its baseline in the same run on the same machine; "
+        "reproduce with `pocketpeft bench --suite all` (add `--quick` for the few-minute sizes).\n",
+    ]
     if not found:
         lines.append("No results yet: run `pocketpeft bench`.\n")
     order = [k for k in SECTIONS if k in found] + sorted(k for k in found if k not in SECTIONS)
@@ -383,6 +529,7 @@ def _pyplot():
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         return plt
     except ImportError:
         return None
@@ -448,8 +595,15 @@ def _plot_before_after(vals: dict[str, tuple[float, float]], path: Path) -> bool
 
 
 # ---------------------------------------------------------------------------- entry
-def bench(suite: str = "all", quick: bool = False, out: Path | None = None, base: str | None = None,
-          targets: str | None = None, run: bool = True, log=print) -> dict[str, Any]:
+def bench(
+    suite: str = "all",
+    quick: bool = False,
+    out: Path | None = None,
+    base: str | None = None,
+    targets: str | None = None,
+    run: bool = True,
+    log=print,
+) -> dict[str, Any]:
     """Run ``suite`` (a name or ``all``), then write the report. Results go to ``out``
     (default benchmarks/results), the report to ``out/report``; ``base`` and ``targets`` (export
     targets) go to the modules that take them. Returns a summary dict. Raises
@@ -463,10 +617,16 @@ def bench(suite: str = "all", quick: bool = False, out: Path | None = None, base
     out.mkdir(parents=True, exist_ok=True)
     ran = run_suites(suites, quick, out, base, targets, log) if run else []
     summary = write_report(out)
-    return {"suites": suites, "quick": quick, "modules": ran, "results_dir": str(out),
-            "results": sorted(o["_file"] for o in collect(out).values()), "report": str(summary),
-            "plots": sorted(p.name for p in summary.parent.glob("*.png")),
-            "failed": [m["module"] for m in ran if m["status"] == "failed"]}
+    return {
+        "suites": suites,
+        "quick": quick,
+        "modules": ran,
+        "results_dir": str(out),
+        "results": sorted(o["_file"] for o in collect(out).values()),
+        "report": str(summary),
+        "plots": sorted(p.name for p in summary.parent.glob("*.png")),
+        "failed": [m["module"] for m in ran if m["status"] == "failed"],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -478,12 +638,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--base", default=None, help="base model for the suites that take one (default smollm2)")
-    ap.add_argument("--targets", default=None, help="export targets for the export suite (default: every registered one)")
+    ap.add_argument(
+        "--targets", default=None, help="export targets for the export suite (default: every registered one)"
+    )
     ap.add_argument("--report-only", action="store_true", help="only rebuild the report from existing results")
     ap.add_argument("--json-out", type=Path, default=None, help="write the summary as JSON to this file")
     args = ap.parse_args(argv)
-    res = bench(args.suite, args.quick, args.out, args.base, args.targets, run=not args.report_only,
-                log=lambda m: print(m, file=sys.stderr, flush=True))
+    res = bench(
+        args.suite,
+        args.quick,
+        args.out,
+        args.base,
+        args.targets,
+        run=not args.report_only,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
     if args.json_out is not None:
         from pocketpeft.fsutil import write_bytes_atomic
 

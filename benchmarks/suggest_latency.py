@@ -94,8 +94,10 @@ def random_adapter(bundle_path: Path, out: Path, seed: int = 0, std: float = 0.0
 
     b = Bundle(bundle_path)
     gen = torch.Generator().manual_seed(seed)
-    tensors = {k: (torch.randn(v.shape, generator=gen) * std if ".lora_B" in k else torch.from_numpy(v.copy()))
-               for k, v in b.initial_adapter().tensors.items()}
+    tensors = {
+        k: (torch.randn(v.shape, generator=gen) * std if ".lora_B" in k else torch.from_numpy(v.copy()))
+        for k, v in b.initial_adapter().tensors.items()
+    }
     m = b.manifest
     save_adapter(Adapter(m.lora, tensors, m.base_sha256, {"pocketpeft.bench": f"random lora_B seed {seed}"}), out)
     return out
@@ -115,6 +117,7 @@ class _Timed:
                 return fn(*a, **kw)
             finally:
                 self.seconds += time.perf_counter() - t
+
         return timed
 
 
@@ -127,12 +130,14 @@ def worker_session(bundle: str, backend: str, adapter: str, prefixes: list[str],
     be, clock = sess.backend, _Timed()
     make = getattr(be, "decoder", None)
     if make is not None:
+
         def decoder():
             d = make()
             d.extend = clock.wrap(d.extend)
             if hasattr(d, "branch_logits"):
                 d.branch_logits = clock.wrap(d.branch_logits)
             return d
+
         be.decoder = decoder
     be.logits = clock.wrap(be.logits)
     t0 = time.perf_counter()
@@ -142,7 +147,7 @@ def worker_session(bundle: str, backend: str, adapter: str, prefixes: list[str],
         sess.suggest(WARMUP[:i], 3)
     pred = sess.predictor
     ms, model_ms, forwards, tokens, top3, prefetched = [], [], [], [], [], []
-    late = 0.0   # ms the idle-time prefetch ran past the next keystroke: the user waits for it
+    late = 0.0  # ms the idle-time prefetch ran past the next keystroke: the user waits for it
     for p in prefixes:
         clock.seconds = 0.0
         t = time.perf_counter()
@@ -156,9 +161,18 @@ def worker_session(bundle: str, backend: str, adapter: str, prefixes: list[str],
             t = time.perf_counter()
             prefetched.append(sess.prefetch(p, 3, seconds=gap_ms / 1000))
             late = max(0.0, 1000 * (time.perf_counter() - t) - gap_ms)
-    return {"ms": ms, "model_ms": model_ms, "forwards": forwards, "forward_tokens": tokens, "top3": top3,
-            "prefetch_forwards": prefetched, "typing_gap_ms": gap_ms,
-            "load_seconds": load_s, "first_suggest_seconds": first_s, "peak_rss_mib": peak_rss_mib()}
+    return {
+        "ms": ms,
+        "model_ms": model_ms,
+        "forwards": forwards,
+        "forward_tokens": tokens,
+        "top3": top3,
+        "prefetch_forwards": prefetched,
+        "typing_gap_ms": gap_ms,
+        "load_seconds": load_s,
+        "first_suggest_seconds": first_s,
+        "peak_rss_mib": peak_rss_mib(),
+    }
 
 
 def _time_keystrokes(next_tokens, prefixes: list[str]) -> dict:
@@ -211,8 +225,14 @@ def worker_llama_raw(bundle: str, adapter: str, prefixes: list[str]) -> dict:
         lora = Path(tmp) / "adapter.gguf"
         adapter_to_gguf(adapter, lora, b.manifest)
         t0 = time.perf_counter()
-        llm = llama_cpp.Llama(model_path=str(base_gguf_path(b)), n_ctx=512, n_threads=threads,
-                              n_threads_batch=threads, lora_path=str(lora), verbose=False)
+        llm = llama_cpp.Llama(
+            model_path=str(base_gguf_path(b)),
+            n_ctx=512,
+            n_threads=threads,
+            n_threads_batch=threads,
+            lora_path=str(lora),
+            verbose=False,
+        )
         load_s = time.perf_counter() - t0
     sep = llm.token_eos()
     n_vocab = llm.n_vocab()
@@ -235,8 +255,14 @@ def worker_llama_raw(bundle: str, adapter: str, prefixes: list[str]) -> dict:
 def percentiles(ms: list[float]) -> dict[str, float]:
     """p50/p95/p99/mean/max of latencies in ms."""
     a = np.asarray(ms, dtype=np.float64)
-    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
-            "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "max": float(a.max()), "n": int(a.size)}
+    return {
+        "p50": float(np.percentile(a, 50)),
+        "p95": float(np.percentile(a, 95)),
+        "p99": float(np.percentile(a, 99)),
+        "mean": float(a.mean()),
+        "max": float(a.max()),
+        "n": int(a.size),
+    }
 
 
 def ensure_bundle(base: str, backends: list[str], root: Path, gguf_linear: str = "native") -> Path:
@@ -253,8 +279,14 @@ def ensure_bundle(base: str, backends: list[str], root: Path, gguf_linear: str =
         pp.Bundle(path).verify()
     except pp.PocketPeftError:
         print(f"exporting {path.name} …", flush=True)
-        pp.export(base, path, quant="q4_0", targets=targets, gguf=GgufOptions(linear=gguf_linear),
-                  lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES))
+        pp.export(
+            base,
+            path,
+            quant="q4_0",
+            targets=targets,
+            gguf=GgufOptions(linear=gguf_linear),
+            lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES),
+        )
     return path
 
 
@@ -266,30 +298,38 @@ def summarize_runs(runs: dict[str, list[dict]], prefixes: list[str]) -> dict:
     for name, rs in runs.items():
         all_ms = [x for r in rs for x in r["ms"]]
         r0 = rs[0]
-        res = {"latency_ms": percentiles(all_ms), "p50_per_rep_ms": summarize([float(np.median(r["ms"])) for r in rs]),
-               "peak_rss_mib": summarize([r["peak_rss_mib"] for r in rs]),
-               "load_seconds": summarize([r["load_seconds"] for r in rs]), "ms_first_rep": r0["ms"]}
+        res = {
+            "latency_ms": percentiles(all_ms),
+            "p50_per_rep_ms": summarize([float(np.median(r["ms"])) for r in rs]),
+            "peak_rss_mib": summarize([r["peak_rss_mib"] for r in rs]),
+            "load_seconds": summarize([r["load_seconds"] for r in rs]),
+            "ms_first_rep": r0["ms"],
+        }
         if "model_ms" in r0:
             model = [x for r in rs for x in r["model_ms"]]
             fw = [x for r in rs for x in r["forwards"]]
             tk = [x for r in rs for x in r["forward_tokens"]]
             res["profile"] = {
-                "model_ms_mean": float(np.mean(model)), "overhead_ms_mean": float(np.mean(all_ms) - np.mean(model)),
+                "model_ms_mean": float(np.mean(model)),
+                "overhead_ms_mean": float(np.mean(all_ms) - np.mean(model)),
                 "model_share": float(np.sum(model) / max(np.sum(all_ms), 1e-9)),
-                "forwards_per_keystroke_mean": float(np.mean(fw)), "forwards_per_keystroke_p95": float(np.percentile(fw, 95)),
+                "forwards_per_keystroke_mean": float(np.mean(fw)),
+                "forwards_per_keystroke_p95": float(np.percentile(fw, 95)),
                 "forward_tokens_per_keystroke_mean": float(np.mean(tk)),
                 "keystrokes_without_forward": float(np.mean(np.asarray(fw) == 0)),
                 "model_ms_per_forward": float(np.sum(model) / max(np.sum(fw), 1)),
                 "model_ms_per_token": float(np.sum(model) / max(np.sum(tk), 1)),
-                "first_suggest_seconds": summarize([r["first_suggest_seconds"] for r in rs])}
+                "first_suggest_seconds": summarize([r["first_suggest_seconds"] for r in rs]),
+            }
             if ref is not None:
                 same = [a == b for a, b in zip(r0["top3"], ref)]
                 res["top3_equal_to_torch"] = float(np.mean(same))
                 res["top3_same_words_any_order"] = float(np.mean([set(a) == set(b) for a, b in zip(r0["top3"], ref)]))
                 res["top1_equal_to_torch"] = float(np.mean([a[:1] == b[:1] for a, b in zip(r0["top3"], ref)]))
                 res["top3_first_rep"] = r0["top3"]
-                res["top3_differs_examples"] = [{"prefix": prefixes[i], "torch": ref[i], "this": r0["top3"][i]}
-                                                for i, s in enumerate(same) if not s][:5]
+                res["top3_differs_examples"] = [
+                    {"prefix": prefixes[i], "torch": ref[i], "this": r0["top3"][i]} for i, s in enumerate(same) if not s
+                ][:5]
         out[name] = res
     return out
 
@@ -298,12 +338,15 @@ def best_config(results: dict) -> tuple[str, dict]:
     """The targets hold together on one configuration: the best is the fastest (p50) pocketpeft
     configuration whose top-3 equals torch's on >= 95% of keystrokes (the fastest of all when none
     does); returns its name and which targets it meets."""
-    ours = [n for n in results if n.startswith("pocketpeft") and n != "pocketpeft torch"] or \
-        [n for n in results if n.startswith("pocketpeft")]
+    ours = [n for n in results if n.startswith("pocketpeft") and n != "pocketpeft torch"] or [
+        n for n in results if n.startswith("pocketpeft")
+    ]
     agreeing = [n for n in ours if results[n].get("top3_equal_to_torch", 0.0) >= 0.95]
     best = min(agreeing or ours, key=lambda n: results[n]["latency_ms"]["p50"])
-    return best, {"p50_le_10ms": results[best]["latency_ms"]["p50"] <= 10.0,
-                  "top3_agreement_ge_95": results[best].get("top3_equal_to_torch", 0.0) >= 0.95}
+    return best, {
+        "p50_le_10ms": results[best]["latency_ms"]["p50"] <= 10.0,
+        "top3_agreement_ge_95": results[best].get("top3_equal_to_torch", 0.0) >= 0.95,
+    }
 
 
 class SuggestLatency(Suite):
@@ -311,19 +354,28 @@ class SuggestLatency(Suite):
     quick_help = "3 short messages, 2 repetitions"
 
     def add_arguments(self, ap: argparse.ArgumentParser) -> None:
-        ap.add_argument("--messages", type=int, default=None,
-                        help="held-out messages to type (default 3 quick, 16 full)")
+        ap.add_argument(
+            "--messages", type=int, default=None, help="held-out messages to type (default 3 quick, 16 full)"
+        )
         ap.add_argument("--reps", type=int, default=None, help="repetitions (default 2 quick, 3 full)")
         ap.add_argument("--backends", default="torch,llamacpp", help="pocketpeft backends (torch always runs)")
-        ap.add_argument("--prefetch-backends", default="llamacpp",
-                        help="backends also measured with idle-time prefetch between keystrokes ('' for none)")
-        ap.add_argument("--no-f32-gguf", action="store_true",
-                        help="skip llama.cpp over the exact float32 GGUF of the same base (run when llamacpp is)")
+        ap.add_argument(
+            "--prefetch-backends",
+            default="llamacpp",
+            help="backends also measured with idle-time prefetch between keystrokes ('' for none)",
+        )
+        ap.add_argument(
+            "--no-f32-gguf",
+            action="store_true",
+            help="skip llama.cpp over the exact float32 GGUF of the same base (run when llamacpp is)",
+        )
         ap.add_argument("--typing-gap-ms", type=float, default=150.0, help="idle time between keystrokes for prefetch")
-        ap.add_argument("--baselines", default="hf,llama_raw",
-                        help="hf (transformers eager + peft), llama_raw; '' for none")
-        ap.add_argument("--adapter", type=Path, default=None,
-                        help="a PEFT adapter for the bundle (default: random nonzero lora_B)")
+        ap.add_argument(
+            "--baselines", default="hf,llama_raw", help="hf (transformers eager + peft), llama_raw; '' for none"
+        )
+        ap.add_argument(
+            "--adapter", type=Path, default=None, help="a PEFT adapter for the bundle (default: random nonzero lora_B)"
+        )
         ap.add_argument("--base", default="smollm2", help="base model (default the embedded SmolLM2)")
 
     def worker(self, argv: list[str]) -> dict:
@@ -343,19 +395,28 @@ class SuggestLatency(Suite):
             ag = f"{100 * r['top3_equal_to_torch']:.0f}%" if "top3_equal_to_torch" in r else None
             ag_set = f"{100 * r['top3_same_words_any_order']:.0f}%" if "top3_same_words_any_order" in r else None
             rows.append([name, lat["p50"], lat["p95"], lat["p99"], r["peak_rss_mib"]["median"], ag, ag_set])
-        return rows, [("config", ""), ("p50", ".1f"), ("p95", ".1f"), ("p99", ".1f"), ("RSS MiB", ".0f"),
-                      ("top3=torch", ""), ("same set", "")]
+        return rows, [
+            ("config", ""),
+            ("p50", ".1f"),
+            ("p95", ".1f"),
+            ("p99", ".1f"),
+            ("RSS MiB", ".0f"),
+            ("top3=torch", ""),
+            ("same set", ""),
+        ]
 
     def summary(self, payload: dict, args: argparse.Namespace) -> list[str]:
         lines = []
         for name, r in payload["results"].items():
             if "profile" in r:
                 pr = r["profile"]
-                lines.append(f"{name}: model {pr['model_ms_mean']:.1f} ms + overhead "
-                             f"{pr['overhead_ms_mean']:.1f} ms per keystroke; "
-                             f"{pr['forwards_per_keystroke_mean']:.2f} forwards "
-                             f"({pr['forward_tokens_per_keystroke_mean']:.2f} tokens) per keystroke, "
-                             f"{pr['model_ms_per_forward']:.1f} ms per forward")
+                lines.append(
+                    f"{name}: model {pr['model_ms_mean']:.1f} ms + overhead "
+                    f"{pr['overhead_ms_mean']:.1f} ms per keystroke; "
+                    f"{pr['forwards_per_keystroke_mean']:.2f} forwards "
+                    f"({pr['forward_tokens_per_keystroke_mean']:.2f} tokens) per keystroke, "
+                    f"{pr['model_ms_per_forward']:.1f} ms per forward"
+                )
         lines += [f"skipped {b}: {why}" for b, why in payload["settings"]["skipped"].items()]
         return lines
 
@@ -382,23 +443,31 @@ def _run(suite: Suite, args: argparse.Namespace) -> dict:
     root = cache_dir() / "bench"
     bundle = ensure_bundle(args.base, backends + (["llamacpp"] if "llama_raw" in baselines else []), root)
     adapter = args.adapter or random_adapter(bundle, bundle.parent / f"{bundle.name}-random-adapter")
-    configs: list[tuple[str, list[str]]] = [(f"pocketpeft {b}", ["session", str(bundle), b, str(adapter)]) for b in backends]
+    configs: list[tuple[str, list[str]]] = [
+        (f"pocketpeft {b}", ["session", str(bundle), b, str(adapter)]) for b in backends
+    ]
     gap = args.typing_gap_ms
-    configs += [(f"pocketpeft {b} + prefetch ({gap:g} ms typing gap)", ["session", str(bundle), b, str(adapter)])
-                for b in dict.fromkeys(args.prefetch_backends.split(",")) if b in backends and gap > 0]
+    configs += [
+        (f"pocketpeft {b} + prefetch ({gap:g} ms typing gap)", ["session", str(bundle), b, str(adapter)])
+        for b in dict.fromkeys(args.prefetch_backends.split(","))
+        if b in backends and gap > 0
+    ]
     if "hf" in baselines:
         from benchmarks.train_speed import hf_folder
 
         if args.base != "smollm2":
             raise ConfigError("--baselines hf needs --base smollm2 (it loads SmolLM2 as an HF folder)")
         folder = hf_folder(root / "smollm2-hf-f32")
-        configs.append(("transformers eager + peft (full prefix per keystroke)", ["hf", str(folder), "-", str(adapter)]))
+        configs.append(
+            ("transformers eager + peft (full prefix per keystroke)", ["hf", str(folder), "-", str(adapter)])
+        )
     if "llamacpp" in backends and not args.no_f32_gguf:
         exact = ensure_bundle(args.base, ["llamacpp"], root, gguf_linear="f32")
         configs.append((F32_GGUF, ["session", str(exact), "llamacpp", str(adapter)]))
         if "llamacpp" in args.prefetch_backends.split(",") and gap > 0:
-            configs.append((f"{F32_GGUF} + prefetch ({gap:g} ms typing gap)",
-                            ["session", str(exact), "llamacpp", str(adapter)]))
+            configs.append(
+                (f"{F32_GGUF} + prefetch ({gap:g} ms typing gap)", ["session", str(exact), "llamacpp", str(adapter)])
+            )
     if "llama_raw" in baselines:
         configs.append(("llama-cpp-python raw eval (next token)", ["llama_raw", str(bundle), "-", str(adapter)]))
     messages = held_out_messages(n_msgs, max_chars=48 if args.quick else 80)
@@ -408,7 +477,7 @@ def _run(suite: Suite, args: argparse.Namespace) -> dict:
         pfile = Path(tmp) / "prefixes.json"
         pfile.write_text(json.dumps(prefixes), encoding="utf-8")
         for rep in range(reps):
-            order = configs[rep % len(configs):] + configs[:rep % len(configs)]  # rotate who goes first
+            order = configs[rep % len(configs) :] + configs[: rep % len(configs)]  # rotate who goes first
             for name, wargs in order:
                 print(f"[{rep + 1}/{reps}] {name} ({len(prefixes)} keystrokes)", flush=True)
                 extra = [str(gap)] if "+ prefetch" in name else []
@@ -416,12 +485,20 @@ def _run(suite: Suite, args: argparse.Namespace) -> dict:
     results = summarize_runs(runs, prefixes)
     best, met = best_config(results)
     payload = {
-        "settings": {"model": f"{args.base} q4_0", "lora_r": RANK, "target_modules": MODULES,
-                     "adapter": "given" if args.adapter else "random nonzero lora_B (std 0.02, seed 0)",
-                     "messages": messages, "keystrokes": len(prefixes), "repetitions": reps, "k": 3,
-                     "threads": int(os.environ.get("POCKETPEFT_THREADS", "2")), "quick": args.quick,
-                     "typing_gap_ms_for_prefetch": gap,
-                     "skipped": skipped},
+        "settings": {
+            "model": f"{args.base} q4_0",
+            "lora_r": RANK,
+            "target_modules": MODULES,
+            "adapter": "given" if args.adapter else "random nonzero lora_B (std 0.02, seed 0)",
+            "messages": messages,
+            "keystrokes": len(prefixes),
+            "repetitions": reps,
+            "k": 3,
+            "threads": int(os.environ.get("POCKETPEFT_THREADS", "2")),
+            "quick": args.quick,
+            "typing_gap_ms_for_prefetch": gap,
+            "skipped": skipped,
+        },
         "results": results,
         "best_backend": best,
         "targets": {"p50_ms_best_backend": 10.0, "top3_equal_to_torch": 0.95},

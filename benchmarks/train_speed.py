@@ -36,8 +36,11 @@ def low_memory_name(rows: int) -> str:
 def device_targets(results: dict) -> dict[str, bool]:
     """Per device-backend configuration (executorch, onnxruntime): >= 1.4x PEFT eager tokens/s
     and <= 0.3x its peak RSS, both together."""
-    return {n: r["speed_vs_peft"] >= 1.4 and r["rss_vs_peft"] <= 0.3 for n, r in results.items()
-            if "executorch" in n or "onnxruntime" in n}
+    return {
+        n: r["speed_vs_peft"] >= 1.4 and r["rss_vs_peft"] <= 0.3
+        for n, r in results.items()
+        if "executorch" in n or "onnxruntime" in n
+    }
 
 
 def pack_bench_rows(tokenizer_json: Path, n_rows: int, out: Path) -> Path:
@@ -65,7 +68,7 @@ def _rows(path: str):
 def worker_pocketpeft(bundle: str, backend: str, steps: int, rows: str) -> dict:
     import sys
 
-    if backend == "onnxruntime":   # as on a device, where torch isn't installed
+    if backend == "onnxruntime":  # as on a device, where torch isn't installed
         block_modules("torch")
     import pocketpeft as pp
 
@@ -81,11 +84,16 @@ def worker_pocketpeft(bundle: str, backend: str, steps: int, rows: str) -> dict:
     times, losses = [], []
     for i in range(1, steps + 1):
         t = time.perf_counter()
-        r = be.train_step(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH])
+        r = be.train_step(x[i * BATCH : (i + 1) * BATCH], y[i * BATCH : (i + 1) * BATCH])
         times.append(time.perf_counter() - t)
         losses.append(r.loss)
-    return {"step_seconds": times, "losses": losses, "load_seconds": load_s, "peak_rss_mib": peak_rss_mib(),
-            "torch_imported": "torch" in sys.modules}
+    return {
+        "step_seconds": times,
+        "losses": losses,
+        "load_seconds": load_s,
+        "peak_rss_mib": peak_rss_mib(),
+        "torch_imported": "torch" in sys.modules,
+    }
 
 
 def hf_folder(path: Path) -> Path:
@@ -112,18 +120,22 @@ def worker_peft(folder: str, steps: int, rows: str) -> dict:
 
     t0 = time.perf_counter()
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
-    model = peft.get_peft_model(hf, peft.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES, task_type="CAUSAL_LM"))
+    model = peft.get_peft_model(
+        hf, peft.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES, task_type="CAUSAL_LM")
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     load_s = time.perf_counter() - t0
     x, y = _rows(rows)
     model.train()
     times, losses = [], []
     for i in range(steps + 1):
-        ids = torch.from_numpy(x[i * BATCH:(i + 1) * BATCH])
-        lab = torch.from_numpy(y[i * BATCH:(i + 1) * BATCH])
+        ids = torch.from_numpy(x[i * BATCH : (i + 1) * BATCH])
+        lab = torch.from_numpy(y[i * BATCH : (i + 1) * BATCH])
         t = time.perf_counter()
         logits = model(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
@@ -131,8 +143,13 @@ def worker_peft(folder: str, steps: int, rows: str) -> dict:
         if i:  # step 0 is the warm-up
             times.append(time.perf_counter() - t)
             losses.append(float(loss))
-    return {"step_seconds": times, "losses": losses, "load_seconds": load_s, "peak_rss_mib": peak_rss_mib(),
-            "torch_imported": True}
+    return {
+        "step_seconds": times,
+        "losses": losses,
+        "load_seconds": load_s,
+        "peak_rss_mib": peak_rss_mib(),
+        "torch_imported": True,
+    }
 
 
 def matmul_ceiling(n_params: int, seconds: float = 3.0) -> dict:
@@ -142,8 +159,11 @@ def matmul_ceiling(n_params: int, seconds: float = 3.0) -> dict:
 
     x, w = torch.randn(BATCH * SEQ, 576), torch.randn(576, 1536)
     gflops = _rate(lambda: x @ w, 2 * x.shape[0] * 576 * 1536, seconds)
-    return {"matmul_gflops": gflops, "ceiling_tokens_per_s": gflops * 1e9 / (4 * n_params),
-            "int8_matmul_gops": int8_matmul_gops(seconds)}
+    return {
+        "matmul_gflops": gflops,
+        "ceiling_tokens_per_s": gflops * 1e9 / (4 * n_params),
+        "int8_matmul_gops": int8_matmul_gops(seconds),
+    }
 
 
 def int8_matmul_gops(seconds: float = 3.0) -> float | None:
@@ -158,9 +178,13 @@ def int8_matmul_gops(seconds: float = 3.0) -> float | None:
     m, k, n = BATCH * SEQ, 576, 1536
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.integers(-127, 128, (k, n), dtype=np.int8), "w")
-    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "mm",
-                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])], [w])
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "w"], ["y"])],
+        "mm",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
+        [w],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     so = ort.SessionOptions()
@@ -191,8 +215,16 @@ def _bundle(path: Path, quant: str, targets: list[str], onnx, exports: dict) -> 
         pp.Bundle(path).verify()
     except pp.PocketPeftError:
         print(f"exporting {path.name} …", flush=True)
-        pp.export("smollm2", path, quant=quant, targets=targets, seq_len=SEQ, batch_size=BATCH,
-                  lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES), onnx=onnx)
+        pp.export(
+            "smollm2",
+            path,
+            quant=quant,
+            targets=targets,
+            seq_len=SEQ,
+            batch_size=BATCH,
+            lora=pp.LoraConfig(r=RANK, lora_alpha=16, target_modules=MODULES),
+            onnx=onnx,
+        )
         exports[path.name] = {t: i.get("export_seconds") for t, i in pp.Bundle(path).manifest.targets.items()}
     return path
 
@@ -207,23 +239,42 @@ class TrainSpeed(Suite):
 
     def worker(self, argv: list[str]) -> dict:
         kind, *rest = argv
-        return (worker_peft(rest[0], int(rest[1]), rest[2]) if kind == "peft"
-                else worker_pocketpeft(rest[0], rest[1], int(rest[2]), rest[3]))
+        return (
+            worker_peft(rest[0], int(rest[1]), rest[2])
+            if kind == "peft"
+            else worker_pocketpeft(rest[0], rest[1], int(rest[2]), rest[3])
+        )
 
     def run(self, args: argparse.Namespace) -> dict:
         return _run(self, args)
 
     def table(self, payload: dict, args: argparse.Namespace):
-        rows = [[name, r["tokens_per_s"]["median"], f"{r['speed_vs_peft']:.2f}x", r["peak_rss_mib"]["median"],
-                 f"{r['rss_vs_peft']:.2f}x", f"{100 * r['share_of_ceiling']:.0f}%"]
-                for name, r in payload["results"].items()]
-        return rows, [("config", ""), ("tokens/s", ".0f"), ("vs PEFT", ""), ("peak RSS MiB", ".0f"), ("vs PEFT", ""),
-                      ("of ceiling", "")]
+        rows = [
+            [
+                name,
+                r["tokens_per_s"]["median"],
+                f"{r['speed_vs_peft']:.2f}x",
+                r["peak_rss_mib"]["median"],
+                f"{r['rss_vs_peft']:.2f}x",
+                f"{100 * r['share_of_ceiling']:.0f}%",
+            ]
+            for name, r in payload["results"].items()
+        ]
+        return rows, [
+            ("config", ""),
+            ("tokens/s", ".0f"),
+            ("vs PEFT", ""),
+            ("peak RSS MiB", ".0f"),
+            ("vs PEFT", ""),
+            ("of ceiling", ""),
+        ]
 
     def summary(self, payload: dict, args: argparse.Namespace) -> list[str]:
         c = payload["ceiling"]
-        return [f"fp32 matmul here: {c['matmul_gflops']:.0f} GFLOP/s -> ceiling {c['ceiling_tokens_per_s']:.0f} "
-                f"tokens/s; int8 (ORT MatMulInteger): {c['int8_matmul_gops'] or 0:.0f} GOP/s"]
+        return [
+            f"fp32 matmul here: {c['matmul_gflops']:.0f} GFLOP/s -> ceiling {c['ceiling_tokens_per_s']:.0f} "
+            f"tokens/s; int8 (ORT MatMulInteger): {c['int8_matmul_gops'] or 0:.0f} GOP/s"
+        ]
 
 
 def _run(suite: Suite, args: argparse.Namespace) -> dict:
@@ -236,7 +287,9 @@ def _run(suite: Suite, args: argparse.Namespace) -> dict:
     extra = [b for b in extra if probe(b).available]
     targets = {"executorch": "executorch", "onnxruntime": "onnx"}
     folder = hf_folder(cache_dir() / "bench" / "smollm2-hf-f32")
-    rows = str(pack_bench_rows(folder / "tokenizer.json", BATCH * (steps + 1), cache_dir() / "bench" / "train_rows.npz"))
+    rows = str(
+        pack_bench_rows(folder / "tokenizer.json", BATCH * (steps + 1), cache_dir() / "bench" / "train_rows.npz")
+    )
     configs: list[tuple[str, list[str]]] = [("peft+transformers eager f32", ["peft", str(folder), str(steps), rows])]
     exports = {}
     for q in args.quants.split(","):
@@ -245,9 +298,14 @@ def _run(suite: Suite, args: argparse.Namespace) -> dict:
         configs.append((f"pocketpeft torch {q}", ["pp", str(path), "torch", str(steps), rows]))
         if q == "q4_0":
             configs += [(f"pocketpeft {b} q4_0", ["pp", str(path), b, str(steps), rows]) for b in extra]
-        for n_rows in (LOW_MEMORY_ROWS if q == "q4_0" and "onnxruntime" in extra else ()):   # device-memory exports
-            low = _bundle(cache_dir() / "bench" / f"smollm2-q4_0-r{RANK}-onnx-rows{n_rows}-int8", q, ["onnx"],
-                          OnnxOptions(rows=n_rows, q4="int8"), exports)
+        for n_rows in LOW_MEMORY_ROWS if q == "q4_0" and "onnxruntime" in extra else ():  # device-memory exports
+            low = _bundle(
+                cache_dir() / "bench" / f"smollm2-q4_0-r{RANK}-onnx-rows{n_rows}-int8",
+                q,
+                ["onnx"],
+                OnnxOptions(rows=n_rows, q4="int8"),
+                exports,
+            )
             configs.append((low_memory_name(n_rows), ["pp", str(low), "onnxruntime", str(steps), rows]))
     runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
     for rep in range(reps):
@@ -260,23 +318,38 @@ def _run(suite: Suite, args: argparse.Namespace) -> dict:
     results = {}
     for name, rs in runs.items():
         tps = [tokens / (sum(r["step_seconds"]) / len(r["step_seconds"])) for r in rs]
-        results[name] = {"tokens_per_s": summarize(tps), "peak_rss_mib": summarize([r["peak_rss_mib"] for r in rs]),
-                         "load_seconds": summarize([r["load_seconds"] for r in rs]),
-                         "torch_imported": any(r.get("torch_imported", True) for r in rs),
-                         "losses_first_run": rs[0]["losses"]}
+        results[name] = {
+            "tokens_per_s": summarize(tps),
+            "peak_rss_mib": summarize([r["peak_rss_mib"] for r in rs]),
+            "load_seconds": summarize([r["load_seconds"] for r in rs]),
+            "torch_imported": any(r.get("torch_imported", True) for r in rs),
+            "losses_first_run": rs[0]["losses"],
+        }
     base = results["peft+transformers eager f32"]
     for r in results.values():
         r["speed_vs_peft"] = r["tokens_per_s"]["median"] / base["tokens_per_s"]["median"]
         r["rss_vs_peft"] = r["peak_rss_mib"]["median"] / base["peak_rss_mib"]["median"]
         r["share_of_ceiling"] = r["tokens_per_s"]["median"] / ceiling["ceiling_tokens_per_s"]
-    payload = {"settings": {"model": "SmolLM2-135M-Instruct (embedded GGUF, dequantized)", "lora_r": RANK,
-                            "lora_alpha": 16, "target_modules": MODULES, "batch": BATCH, "seq_len": SEQ,
-                            "repetitions": reps, "timed_steps_per_run": steps, "quick": args.quick,
-                            "workers": "one process per run; rows packed once in the parent (.npz); onnxruntime "
-                                       "workers with torch unimportable, as on a device"},
-               "ceiling": ceiling, "exports": exports, "results": results,
-               "target": "best device backend >= 1.4x PEFT eager tokens/s and <= 0.3x its peak RSS",
-               "targets_met": device_targets(results)}
+    payload = {
+        "settings": {
+            "model": "SmolLM2-135M-Instruct (embedded GGUF, dequantized)",
+            "lora_r": RANK,
+            "lora_alpha": 16,
+            "target_modules": MODULES,
+            "batch": BATCH,
+            "seq_len": SEQ,
+            "repetitions": reps,
+            "timed_steps_per_run": steps,
+            "quick": args.quick,
+            "workers": "one process per run; rows packed once in the parent (.npz); onnxruntime "
+            "workers with torch unimportable, as on a device",
+        },
+        "ceiling": ceiling,
+        "exports": exports,
+        "results": results,
+        "target": "best device backend >= 1.4x PEFT eager tokens/s and <= 0.3x its peak RSS",
+        "targets_met": device_targets(results),
+    }
     return payload
 
 

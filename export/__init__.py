@@ -26,7 +26,7 @@ from pocketpeft.errors import ConfigError, MissingDependencyError
 from pocketpeft.formats.gguf import GgufOptions
 from pocketpeft.formats.onnx import OnnxOptions
 from pocketpeft.manifest import GENERAL_TEXT, MANIFEST_NAME, Bundle, Manifest
-from pocketpeft.registry import TARGETS, load_module, target_entry
+from pocketpeft.registry import load_module, target_entry
 
 __all__ = ["GgufOptions", "OnnxOptions", "export", "parse_targets"]
 
@@ -48,11 +48,21 @@ def parse_targets(targets: "str | Iterable[str] | None") -> list[str]:
     return ["torch"] + [n for n in dict.fromkeys(names) if n != "torch"]
 
 
-def export(base: "str | os.PathLike", out: "str | os.PathLike", quant: "str | QuantFormat" = "q4_0",
-           lora: "LoraConfig | Any | None" = None, targets: "str | Iterable[str] | None" = None,
-           seq_len: int = 64, batch_size: int = 8, seed: int = 0, progress: bool = False, *,
-           onnx: OnnxOptions | None = None, gguf: GgufOptions | None = None,
-           general_text: Sequence[str] | None = None) -> Bundle:
+def export(
+    base: "str | os.PathLike",
+    out: "str | os.PathLike",
+    quant: "str | QuantFormat" = "q4_0",
+    lora: "LoraConfig | Any | None" = None,
+    targets: "str | Iterable[str] | None" = None,
+    seq_len: int = 64,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = False,
+    *,
+    onnx: OnnxOptions | None = None,
+    gguf: GgufOptions | None = None,
+    general_text: Sequence[str] | None = None,
+) -> Bundle:
     """Export ``base`` (``"smollm2"``, an HF model folder or a .gguf) to a bundle at ``out``.
 
     ``onnx`` / ``gguf``: those targets' options (defaults when ``None``), recorded in the
@@ -86,7 +96,9 @@ def export(base: "str | os.PathLike", out: "str | os.PathLike", quant: "str | Qu
     t0 = time.perf_counter()
     loaded = load_base(base, progress=progress)
     if seq_len > loaded.config.max_position_embeddings:
-        raise ConfigError(f"seq_len {seq_len} exceeds the base model's context of {loaded.config.max_position_embeddings}")
+        raise ConfigError(
+            f"seq_len {seq_len} exceeds the base model's context of {loaded.config.max_position_embeddings}"
+        )
     with torch.no_grad():
         model = build_from_float(loaded.config, loaded.state_dict, qfmt, progress=progress)
     del loaded.state_dict
@@ -99,8 +111,18 @@ def export(base: "str | os.PathLike", out: "str | os.PathLike", quant: "str | Qu
             (stage / GENERAL_TEXT).write_text("\n".join(general) + "\n", encoding="utf-8")
         adapter = Adapter(lcfg, lora_state_dict(model), loaded.source_sha256, {"pocketpeft.seed": str(seed)})
         save_adapter(adapter, stage / "adapter", base_name=f"pocketpeft:{loaded.source}")
-        ctx = ExportContext(model=model, arch=loaded.config, quant=qfmt, lora=lcfg, seq_len=seq_len,
-                            batch_size=batch_size, stage=stage, progress=progress, onnx=onnx_opts, gguf=gguf_opts)
+        ctx = ExportContext(
+            model=model,
+            arch=loaded.config,
+            quant=qfmt,
+            lora=lcfg,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            stage=stage,
+            progress=progress,
+            onnx=onnx_opts,
+            gguf=gguf_opts,
+        )
         target_info: dict[str, dict[str, Any]] = {}
         for name in names:
             t1 = time.perf_counter()
@@ -112,14 +134,25 @@ def export(base: "str | os.PathLike", out: "str | os.PathLike", quant: "str | Qu
             if p.is_file():
                 rel = p.relative_to(stage).as_posix()
                 top = rel.split("/", 1)[0]
-                files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size,
-                              "target": top if top in target_info else "shared"}
+                files[rel] = {
+                    "sha256": sha256_file(p),
+                    "bytes": p.stat().st_size,
+                    "target": top if top in target_info else "shared",
+                }
         for name in target_info:
             target_info[name]["files"] = [r for r, i in files.items() if i["target"] == name]
         manifest = Manifest(
-            base_source=loaded.source, base_sha256=loaded.source_sha256, arch=loaded.config, quant=qfmt,
-            lora=lcfg, trainable=lora_shapes(model), seq_len=seq_len, batch_size=batch_size, files=files,
-            targets=target_info, versions={"pocketpeft": __version__, **_toolchain_versions(target_info)},
+            base_source=loaded.source,
+            base_sha256=loaded.source_sha256,
+            arch=loaded.config,
+            quant=qfmt,
+            lora=lcfg,
+            trainable=lora_shapes(model),
+            seq_len=seq_len,
+            batch_size=batch_size,
+            files=files,
+            targets=target_info,
+            versions={"pocketpeft": __version__, **_toolchain_versions(target_info)},
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             options={t: o.to_dict() for t, o in (("onnx", onnx_opts), ("gguf", gguf_opts)) if t in target_info},
         )

@@ -58,10 +58,13 @@ from .protocol import ExportContext
 
 #: The ops a compressed frozen weight is stored with (iOS 18 names; iOS 16's for older packages).
 QUANT_OPS = ("constexpr_blockwise_shift_scale", "constexpr_lut_to_dense", "constexpr_affine_dequantize")
-_STORAGE = {"q4_0": "constexpr_blockwise_shift_scale(uint4 q, fp16 d, offset 8), block 32",
-            "q8_0": "constexpr_blockwise_shift_scale(int8 q, fp16 d), block 32",
-            "nf4": "constexpr_lut_to_dense(uint4, NF4 code fp16) -> constexpr_blockwise_shift_scale(fp16 absmax), block 64",
-            "f16": "float16 const", "f32": "float16 const"}
+_STORAGE = {
+    "q4_0": "constexpr_blockwise_shift_scale(uint4 q, fp16 d, offset 8), block 32",
+    "q8_0": "constexpr_blockwise_shift_scale(int8 q, fp16 d), block 32",
+    "nf4": "constexpr_lut_to_dense(uint4, NF4 code fp16) -> constexpr_blockwise_shift_scale(fp16 absmax), block 64",
+    "f16": "float16 const",
+    "f32": "float16 const",
+}
 
 
 @contextlib.contextmanager
@@ -119,7 +122,7 @@ def _export_program(ctx: ExportContext):
     ids = torch.zeros(1, ctx.seq_len, dtype=torch.int64)
     with torch.no_grad(), _dense_frozen(model):
         ep = torch.export.export(net, (ids, *lora), strict=False)
-        ep = ep.run_decompositions({})   # coremltools converts ATen-dialect programs
+        ep = ep.run_decompositions({})  # coremltools converts ATen-dialect programs
     return ep, names, model
 
 
@@ -135,20 +138,23 @@ def _compressed(mod: QuantLinear, name: str, before):
 
     o, i, fmt = mod.out_features, mod.in_features, mod.fmt.value
     if fmt == "q8_0":
-        return mb.constexpr_blockwise_shift_scale(data=mod.qweight.numpy(), scale=mod.scales.numpy(),
-                                                  before_op=before, name=name)
+        return mb.constexpr_blockwise_shift_scale(
+            data=mod.qweight.numpy(), scale=mod.scales.numpy(), before_op=before, name=name
+        )
     q = mod.qweight.to(torch.int32)
-    if fmt == "q4_0":   # ggml nibble order: low nibbles are weights 0..15 of a block, high 16..31
+    if fmt == "q4_0":  # ggml nibble order: low nibbles are weights 0..15 of a block, high 16..31
         q = q.reshape(o, i // 32, 16)
         data = _uint4(torch.cat([q & 15, q // 16], dim=-1).reshape(o, i))
-        return mb.constexpr_blockwise_shift_scale(data=data, scale=mod.scales.numpy(),
-                                                  offset=_uint4(torch.full((o, i // 32), 8)), before_op=before, name=name)
+        return mb.constexpr_blockwise_shift_scale(
+            data=data, scale=mod.scales.numpy(), offset=_uint4(torch.full((o, i // 32), 8)), before_op=before, name=name
+        )
     # nf4, bitsandbytes' packing: high nibble first
     idx = _uint4(torch.stack([q // 16, q & 15], dim=-1).reshape(o, i))
     lut = NF4_CODE.numpy().astype(np.float16).reshape(1, 1, 16, 1)
     dense = mb.constexpr_lut_to_dense(indices=idx, lut=lut, before_op=before, name=f"{name}_code")
-    return mb.constexpr_blockwise_shift_scale(data=dense, scale=mod.absmax.reshape(o, i // 64).numpy().astype(np.float16),
-                                              before_op=before, name=name)
+    return mb.constexpr_blockwise_shift_scale(
+        data=dense, scale=mod.absmax.reshape(o, i // 64).numpy().astype(np.float16), before_op=before, name=name
+    )
 
 
 def _compress_weights(prog, model: torch.nn.Module) -> int:
@@ -179,8 +185,9 @@ def _compress_weights(prog, model: torch.nn.Module) -> int:
             keep = (ScopeSource.EXIR_STACK_TRACE, ScopeSource.EXIR_DEBUG_HANDLE)
             with mb.scope(*[ScopeInfo(source=s, data=d) for s, d in op.scopes.items() if s in keep]):
                 new = _compressed(mod, coreml_name(name) + "_weight", op)
-            op.enclosing_block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new,
-                                                            no_check_var_types=True)
+            op.enclosing_block.replace_uses_of_var_after_op(
+                anchor_op=op, old_var=op.outputs[0], new_var=new, no_check_var_types=True
+            )
             op.enclosing_block.remove_ops([op])
     missing = sorted({n for hits in layers.values() for n, _ in hits} - found)
     if missing:
@@ -195,24 +202,36 @@ def convert(ctx: ExportContext):
 
     ep, names, model = _export_program(ctx)
     with _quiet_coremltools(ctx.progress):
-        prog = ct.convert(ep, convert_to="milinternal", minimum_deployment_target=ct.target.iOS18,
-                          compute_precision=ct.precision.FLOAT16)
+        prog = ct.convert(
+            ep,
+            convert_to="milinternal",
+            minimum_deployment_target=ct.target.iOS18,
+            compute_precision=ct.precision.FLOAT16,
+        )
         if ctx.quant.value not in ("f16", "f32"):
             _compress_weights(prog, model)
-        ml = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
-                        pass_pipeline=ct.PassPipeline.EMPTY, skip_model_load=True)
+        ml = ct.convert(
+            prog,
+            convert_to="mlprogram",
+            minimum_deployment_target=ct.target.iOS18,
+            pass_pipeline=ct.PassPipeline.EMPTY,
+            skip_model_load=True,
+        )
     spec = ml.get_spec()
     keys = [peft_key(n) for n in names]
     inputs = [i.name for i in spec.description.input]
     if len(inputs) != 1 + len(keys) or len(spec.description.output) != 1:
-        raise UnsupportedModelError(f"coreml export: expected input_ids + {len(keys)} LoRA inputs and one output, "
-                                    f"got inputs {inputs[:4]}... and {len(spec.description.output)} outputs")
+        raise UnsupportedModelError(
+            f"coreml export: expected input_ids + {len(keys)} LoRA inputs and one output, "
+            f"got inputs {inputs[:4]}... and {len(spec.description.output)} outputs"
+        )
     ct.utils.rename_feature(spec, inputs[0], "input_ids")
     for old, key in zip(inputs[1:], keys):
         ct.utils.rename_feature(spec, old, coreml_name(key))
     ct.utils.rename_feature(spec, spec.description.output[0].name, "logits")
     spec.description.metadata.shortDescription = (
-        f"pocketpeft: {ctx.arch.model_type} base, {ctx.quant.value} weights, LoRA tensors as inputs")
+        f"pocketpeft: {ctx.arch.model_type} base, {ctx.quant.value} weights, LoRA tensors as inputs"
+    )
     ml = ct.models.MLModel(spec, weights_dir=ml.weights_dir, skip_model_load=True)
     ml.user_defined_metadata["pocketpeft.reference.quant"] = ctx.quant.value
     ml.user_defined_metadata["pocketpeft.seq_len"] = str(ctx.seq_len)
@@ -230,7 +249,7 @@ def describe(package: "str | os.PathLike") -> dict[str, Any]:
 
     try:
         spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
-    except Exception as e:   # coremltools raises plain Exceptions for unreadable packages
+    except Exception as e:  # coremltools raises plain Exceptions for unreadable packages
         raise CorruptFileError(f"Core ML package {package} cannot be read: {e}") from e
     dtype = FeatureTypes_pb2.ArrayFeatureType.ArrayDataType.Name
 
@@ -241,8 +260,13 @@ def describe(package: "str | os.PathLike") -> dict[str, Any]:
     for block in spec.mlProgram.functions["main"].block_specializations.values():
         for op in block.operations:
             ops[op.type] = ops.get(op.type, 0) + 1
-    return {"inputs": feats(spec.description.input), "outputs": feats(spec.description.output), "ops": ops,
-            "spec_version": spec.specificationVersion, "metadata": dict(spec.description.metadata.userDefined)}
+    return {
+        "inputs": feats(spec.description.input),
+        "outputs": feats(spec.description.output),
+        "ops": ops,
+        "spec_version": spec.specificationVersion,
+        "metadata": dict(spec.description.metadata.userDefined),
+    }
 
 
 class CoreMLTarget:
@@ -263,10 +287,14 @@ class CoreMLTarget:
         ml.save(str(ctx.stage / PACKAGE))
         shapes = lora_shapes(ctx.model)
         sig = {
-            "format_version": 1, "package": Path(PACKAGE).name, "deployment_target": "iOS18 / macOS15",
+            "format_version": 1,
+            "package": Path(PACKAGE).name,
+            "deployment_target": "iOS18 / macOS15",
             "compute_precision": "float16",
-            "inputs": {"input_ids": {"shape": [1, ctx.seq_len], "dtype": "int32"},
-                       **{coreml_name(k): {"peft_key": k, "shape": shapes[k], "dtype": "float32"} for k in keys}},
+            "inputs": {
+                "input_ids": {"shape": [1, ctx.seq_len], "dtype": "int32"},
+                **{coreml_name(k): {"peft_key": k, "shape": shapes[k], "dtype": "float32"} for k in keys},
+            },
             "outputs": {"logits": {"shape": [1, ctx.seq_len, ctx.arch.vocab_size], "dtype": "float16"}},
             "sequence": "fixed length: right-pad input_ids, read logits at the last real position (causal)",
             "lora_scaling": ctx.lora.scaling,

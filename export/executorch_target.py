@@ -57,8 +57,11 @@ def sdpa_math(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     if is_causal:
         attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
     if attn_mask is not None:
-        scores = (scores.masked_fill(attn_mask.logical_not(), float("-inf")) if attn_mask.dtype == torch.bool
-                  else scores + attn_mask)
+        scores = (
+            scores.masked_fill(attn_mask.logical_not(), float("-inf"))
+            if attn_mask.dtype == torch.bool
+            else scores + attn_mask
+        )
     probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
@@ -72,8 +75,12 @@ def _decompositions() -> dict:
 
 
 def _is_transpose(n) -> bool:
-    return (isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target == torch.ops.aten.permute.default
-            and list(n.args[1]) == [1, 0])
+    return (
+        isinstance(n, torch.fx.Node)
+        and n.op == "call_function"
+        and n.target == torch.ops.aten.permute.default
+        and list(n.args[1]) == [1, 0]
+    )
 
 
 def _rewrite_for_executorch(ep) -> None:
@@ -164,8 +171,9 @@ def matmul_partitioner():
     from executorch.backends.xnnpack.partition.config import BMMConfig, LinearConfig, MMConfig
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-    return XnnpackPartitioner(configs=[LinearConfig, MMConfig, BMMConfig], per_op_mode=True,
-                              force_non_static_weights_for_f32_linear=True)
+    return XnnpackPartitioner(
+        configs=[LinearConfig, MMConfig, BMMConfig], per_op_mode=True, force_non_static_weights_for_f32_linear=True
+    )
 
 
 def export_train(ctx: ExportContext, delegate: bool = False) -> tuple[bytes, list[str]]:
@@ -229,14 +237,21 @@ class ExecuTorchTarget:
             bar.close()
         keys = [peft_key(n) for n in names]
         sig = {
-            fmt.SIG_TRAIN: {fmt.SIG_METHOD: "forward", fmt.SIG_BATCH_SIZE: ctx.batch_size, fmt.SIG_SEQ_LEN: ctx.seq_len,
-                            fmt.SIG_INPUTS: ["input_ids", "labels"],
-                            fmt.SIG_OUTPUTS: (["loss"] + [f"grad:{k}" for k in keys]
-                                              + [f"param:{k}" for k in keys]),
-                            fmt.SIG_PARAMETERS: {TRAIN_PREFIX + n: peft_key(n) for n in names}},
-            fmt.SIG_INFER: {fmt.SIG_METHOD: "forward", fmt.SIG_MAX_BATCH: ctx.batch_size, fmt.SIG_MAX_SEQ_LEN: ctx.seq_len,
-                            fmt.SIG_INPUTS: ["input_ids"] + [peft_key(n) for n in infer_names],
-                            fmt.SIG_OUTPUTS: ["logits"]},
+            fmt.SIG_TRAIN: {
+                fmt.SIG_METHOD: "forward",
+                fmt.SIG_BATCH_SIZE: ctx.batch_size,
+                fmt.SIG_SEQ_LEN: ctx.seq_len,
+                fmt.SIG_INPUTS: ["input_ids", "labels"],
+                fmt.SIG_OUTPUTS: (["loss"] + [f"grad:{k}" for k in keys] + [f"param:{k}" for k in keys]),
+                fmt.SIG_PARAMETERS: {TRAIN_PREFIX + n: peft_key(n) for n in names},
+            },
+            fmt.SIG_INFER: {
+                fmt.SIG_METHOD: "forward",
+                fmt.SIG_MAX_BATCH: ctx.batch_size,
+                fmt.SIG_MAX_SEQ_LEN: ctx.seq_len,
+                fmt.SIG_INPUTS: ["input_ids"] + [peft_key(n) for n in infer_names],
+                fmt.SIG_OUTPUTS: ["logits"],
+            },
             fmt.SIG_DELEGATES: {"xnnpack": ["aten.mm", "aten.bmm"]},
         }
         (ctx.stage / SIGNATURE).write_text(json.dumps(sig, indent=2) + "\n")

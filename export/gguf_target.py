@@ -129,11 +129,14 @@ def _passthrough_tensors(reader: Any, arch: ModelConfig) -> dict[str, Any]:
     ours = {}
     for k, shape in expected_shapes(arch).items():
         if len(shape) == 2:
-            ours[gguf_name(k[:-len(".weight")])] = shape
+            ours[gguf_name(k[: -len(".weight")])] = shape
     out = {}
     for t in reader.tensors:
-        if t.name in ours and t.tensor_type not in float_types and \
-                tuple(int(s) for s in reversed(t.shape.tolist())) == tuple(ours[t.name]):
+        if (
+            t.name in ours
+            and t.tensor_type not in float_types
+            and tuple(int(s) for s in reversed(t.shape.tolist())) == tuple(ours[t.name])
+        ):
             out[t.name] = t
     return out
 
@@ -229,7 +232,7 @@ def _tokenizer_kv(path: Path) -> list[tuple[str, int, int | None, bytes]]:
 
             for _ in range(n_kv):
                 (klen,) = struct.unpack_from("<Q", buf, pos)
-                key = bytes(buf[pos + 8:pos + 8 + klen]).decode("utf-8")
+                key = bytes(buf[pos + 8 : pos + 8 + klen]).decode("utf-8")
                 pos += 8 + klen
                 (vtype,) = struct.unpack_from("<I", buf, pos)
                 end = skip(vtype, pos + 4)
@@ -272,8 +275,10 @@ def _add_tokenizer_from_json(w: Any, tok: Any, vocab_size: int) -> dict[str, Any
     spec = json.loads(tok.to_json_str())
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
-        raise UnsupportedModelError(f"the bundle tokenizer is a {model.get('type')!r} model; the gguf target "
-                                    "writes byte-level BPE (gpt2) tokenizers only")
+        raise UnsupportedModelError(
+            f"the bundle tokenizer is a {model.get('type')!r} model; the gguf target "
+            "writes byte-level BPE (gpt2) tokenizers only"
+        )
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     vocab = tok.hf.get_vocab(with_added_tokens=True)
     by_id = {i: t for t, i in vocab.items()}
@@ -285,30 +290,52 @@ def _add_tokenizer_from_json(w: Any, tok: Any, vocab_size: int) -> dict[str, Any
             types.append(_TOKEN_UNUSED)
         else:
             tokens.append(by_id[i])
-            types.append(_TOKEN_NORMAL if i not in added else
-                         _TOKEN_CONTROL if added[i].special else _TOKEN_USER_DEFINED)
+            types.append(
+                _TOKEN_NORMAL if i not in added else _TOKEN_CONTROL if added[i].special else _TOKEN_USER_DEFINED
+            )
     pre = _detect_pre(tok)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre or "default")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    for add, v in ((w.add_bos_token_id, tok.bos_id), (w.add_eos_token_id, tok.eos_id),
-                   (w.add_unk_token_id, tok.unk_id), (w.add_pad_token_id, tok.pad_id)):
+    for add, v in (
+        (w.add_bos_token_id, tok.bos_id),
+        (w.add_eos_token_id, tok.eos_id),
+        (w.add_unk_token_id, tok.unk_id),
+        (w.add_pad_token_id, tok.pad_id),
+    ):
         if v is not None:
             add(v)
     with_special = tok.hf.encode("a", add_special_tokens=True).ids
     w.add_add_bos_token(bool(tok.bos_id is not None and with_special[:1] == [tok.bos_id]))
-    return {"tokenizer": "rebuilt from tokenizer.json", "tokenizer_pre": pre or "default",
-            **({} if pre else {"tokenizer_note": "pre-tokenizer not recognised; llama.cpp's own text "
-                                                 "tokenization may differ (pocketpeft feeds token ids)"})}
+    return {
+        "tokenizer": "rebuilt from tokenizer.json",
+        "tokenizer_pre": pre or "default",
+        **(
+            {}
+            if pre
+            else {
+                "tokenizer_note": "pre-tokenizer not recognised; llama.cpp's own text "
+                "tokenization may differ (pocketpeft feeds token ids)"
+            }
+        ),
+    }
 
 
 # ---- the writer -----------------------------------------------------------------------------
-def write_base_gguf(model: CausalLM, out_path: "str | os.PathLike", *, tokenizer: Any = None,
-                    source_gguf: "str | os.PathLike | None" = None, passthrough: bool = False,
-                    nf4_as: str = "f16", embedding: str = "auto", name: str = "pocketpeft-base",
-                    linear_as: str = "native") -> dict[str, Any]:
+def write_base_gguf(
+    model: CausalLM,
+    out_path: "str | os.PathLike",
+    *,
+    tokenizer: Any = None,
+    source_gguf: "str | os.PathLike | None" = None,
+    passthrough: bool = False,
+    nf4_as: str = "f16",
+    embedding: str = "auto",
+    name: str = "pocketpeft-base",
+    linear_as: str = "native",
+) -> dict[str, Any]:
     """Write ``model`` (a :class:`CausalLM`, LoRA-injected or not; LoRA is left out) as a llama.cpp
     GGUF at ``out_path``, atomically (written beside it, then renamed).
 
@@ -335,8 +362,9 @@ def write_base_gguf(model: CausalLM, out_path: "str | os.PathLike", *, tokenizer
     if embedding not in ("auto", "f32", "f16", "q8_0"):
         raise ConfigError(f"embedding must be 'auto', 'f32', 'f16' or 'q8_0', got {embedding!r}")
     if passthrough and source_gguf is None:
-        raise ConfigError("passthrough=True needs source_gguf: only a base that came from a GGUF has "
-                          "tensors to pass through")
+        raise ConfigError(
+            "passthrough=True needs source_gguf: only a base that came from a GGUF has tensors to pass through"
+        )
     if tokenizer is None and source_gguf is None:
         raise ConfigError("write_base_gguf needs a tokenizer or the source_gguf to copy one from")
     arch = model.config
@@ -366,10 +394,18 @@ def write_base_gguf(model: CausalLM, out_path: "str | os.PathLike", *, tokenizer
             types[tname] = typ
             counts[typ] = counts.get(typ, 0) + 1
     embd = types["token_embd.weight"]
-    return {"architecture": ARCH, "linear_type": lin_type if not extra else "passthrough",
-            "embedding_type": embd, "output": "tied" if arch.tie_word_embeddings else types["output.weight"],
-            "norm_type": "f32", "tensor_types": counts, "qk_permutation": PERMUTATION,
-            "passthrough": bool(extra), "passthrough_tensors": len(extra), **tok_info}
+    return {
+        "architecture": ARCH,
+        "linear_type": lin_type if not extra else "passthrough",
+        "embedding_type": embd,
+        "output": "tied" if arch.tie_word_embeddings else types["output.weight"],
+        "norm_type": "f32",
+        "tensor_types": counts,
+        "qk_permutation": PERMUTATION,
+        "passthrough": bool(extra),
+        "passthrough_tensors": len(extra),
+        **tok_info,
+    }
 
 
 def _source_gguf(ctx: ExportContext) -> Path | None:
@@ -388,7 +424,7 @@ def _source_gguf(ctx: ExportContext) -> Path | None:
     if cfg_path.is_file() and w_path.is_file():
         if src is None:
             name = json.loads(cfg_path.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
-            src = name[len("pocketpeft:"):] if name.startswith("pocketpeft:") else None
+            src = name[len("pocketpeft:") :] if name.startswith("pocketpeft:") else None
         with safe_open(str(w_path), framework="pt") as f:
             want = (f.metadata() or {}).get("pocketpeft.base_sha256")
     if not src:
@@ -422,19 +458,34 @@ class GgufTarget:
             raise ConfigError("GgufOptions.passthrough=True needs a base that came from a GGUF file")
         (ctx.stage / DIR).mkdir(parents=True, exist_ok=True)
         tmp = ctx.stage / DIR / "base.gguf"
-        info = write_base_gguf(ctx.model, tmp, tokenizer=Tokenizer.from_file(ctx.stage / "tokenizer.json"),
-                               source_gguf=source, passthrough=passthrough, nf4_as=nf4_as, linear_as=linear_as)
+        info = write_base_gguf(
+            ctx.model,
+            tmp,
+            tokenizer=Tokenizer.from_file(ctx.stage / "tokenizer.json"),
+            source_gguf=source,
+            passthrough=passthrough,
+            nf4_as=nf4_as,
+            linear_as=linear_as,
+        )
         kind = "mixed" if passthrough else info["linear_type"]
         rel = base_path(kind)
         tmp.rename(ctx.stage / rel)
-        info = {INFO_BASE: rel, "bundle_quant": ctx.quant.value, **info,
-                "adapters": "PEFT adapters convert with pocketpeft.formats.gguf_lora.adapter_to_gguf"}
+        info = {
+            INFO_BASE: rel,
+            "bundle_quant": ctx.quant.value,
+            **info,
+            "adapters": "PEFT adapters convert with pocketpeft.formats.gguf_lora.adapter_to_gguf",
+        }
         if ctx.quant is QuantFormat.NF4:
-            info["note"] = (f"nf4 has no GGUF type: linears are the nf4 weights dequantized and stored as "
-                            f"{info['linear_type']}")
+            info["note"] = (
+                f"nf4 has no GGUF type: linears are the nf4 weights dequantized and stored as {info['linear_type']}"
+            )
         (ctx.stage / INFO).write_text(json.dumps(info, indent=2) + "\n")
-        return {"gguf": version("gguf"), "gguf.linear_type": info["linear_type"],
-                "gguf.embedding_type": info["embedding_type"]}
+        return {
+            "gguf": version("gguf"),
+            "gguf.linear_type": info["linear_type"],
+            "gguf.embedding_type": info["embedding_type"],
+        }
 
 
 TARGET = GgufTarget()

@@ -58,8 +58,8 @@ from pocketpeft.reference.lora import PEFT_PREFIX, lora_modules
 
 from .protocol import ExportContext
 
-MAX_IR_VERSION = 10   # onnxruntime 1.19.2 rejects newer
-UNPACKED = "qweight_int8"   # the q4_0 buffer added for OnnxOptions(q4="int8")
+MAX_IR_VERSION = 10  # onnxruntime 1.19.2 rejects newer
+UNPACKED = "qweight_int8"  # the q4_0 buffer added for OnnxOptions(q4="int8")
 _PROTO_LIMIT = 2_000_000_000  # protobuf's 2 GB ceiling (with margin); external data is not implemented
 
 
@@ -95,10 +95,11 @@ def _export_dequant():
     original, table = QuantLinear.forward, _nf4_table()
 
     def forward(self, x):
-        if getattr(self, UNPACKED, None) is not None:   # q4_0 stored one int8 (nibble - 8) per weight
+        if getattr(self, UNPACKED, None) is not None:  # q4_0 stored one int8 (nibble - 8) per weight
             nb = self.in_features // 32
-            w = getattr(self, UNPACKED).reshape(-1, nb, 32).to(torch.float32) * \
-                self.scales.reshape(-1, nb, 1).to(torch.float32)
+            w = getattr(self, UNPACKED).reshape(-1, nb, 32).to(torch.float32) * self.scales.reshape(-1, nb, 1).to(
+                torch.float32
+            )
             return F.linear(x, w.reshape(self.out_features, self.in_features).to(x.dtype))
         if self.fmt is not QuantFormat.NF4:
             return original(self, x)
@@ -148,15 +149,25 @@ def _export_forward(ctx: ExportContext, train: bool):
     """``logits = model(input_ids)`` as an ONNX ModelProto with dynamic batch and sequence."""
     model = ctx.model
     ids = torch.zeros((max(2, ctx.batch_size), max(2, ctx.seq_len)), dtype=torch.int64)  # 0/1 would specialize
-    dims = {0: torch.export.Dim("batch", min=1, max=65536),
-            1: torch.export.Dim("seq", min=1, max=ctx.arch.max_position_embeddings)}
+    dims = {
+        0: torch.export.Dim("batch", min=1, max=65536),
+        1: torch.export.Dim("seq", min=1, max=ctx.arch.max_position_embeddings),
+    }
     was_training = model.training
     model.train(train)  # train mode only to keep LoRA dropout in the training graph
     try:
         with _export_dequant(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
-            prog = torch.onnx.export(model, (ids,), dynamo=True, optimize=False, input_names=["input_ids"],
-                                     output_names=["logits"], dynamic_shapes={"input_ids": dims}, verbose=False)
+            prog = torch.onnx.export(
+                model,
+                (ids,),
+                dynamo=True,
+                optimize=False,
+                input_names=["input_ids"],
+                output_names=["logits"],
+                dynamic_shapes={"input_ids": dims},
+                verbose=False,
+            )
     finally:
         model.train(was_training)
     return prog.model_proto
@@ -198,15 +209,13 @@ def _portable_ops(mp) -> None:
         if n.op_type == "CastLike":
             if not types.get(n.input[1]):
                 raise UnsupportedModelError(f"onnx export: cannot infer the target type of CastLike {n.name}")
-            nodes[i].CopyFrom(helper.make_node("Cast", [n.input[0]], list(n.output), name=n.name,
-                                               to=types[n.input[1]]))
+            nodes[i].CopyFrom(helper.make_node("Cast", [n.input[0]], list(n.output), name=n.name, to=types[n.input[1]]))
         elif n.op_type == "GatherND":
             idx = f"{n.input[1]}.int64"
-            nodes.insert(i, helper.make_node("Cast", [n.input[1]], [idx], name=f"{n.name}.int64",
-                                             to=TensorProto.INT64))
+            nodes.insert(i, helper.make_node("Cast", [n.input[1]], [idx], name=f"{n.name}.int64", to=TensorProto.INT64))
             nodes[i + 1].input[1] = idx
             i += 1
-        elif n.op_type == "Dropout" and len(n.output) == 1:   # ORT's DropoutGrad reads the mask output
+        elif n.op_type == "Dropout" and len(n.output) == 1:  # ORT's DropoutGrad reads the mask output
             n.output.append(f"{n.output[0]}.mask")
         elif n.op_type == "Pow" and n.input[1] in twos:
             nodes[i].CopyFrom(helper.make_node("Mul", [n.input[0], n.input[0]], list(n.output), name=n.name))
@@ -238,14 +247,26 @@ def _sum_ce_block(vocab: int):
             labels = copy.deepcopy(next(i for i in g.input if i.name == "input_ids"))
             labels.name = "labels"
             g.input.append(labels)
-            g.initializer.extend([numpy_helper.from_array(np.array([-1, vocab], np.int64), "loss.scores_shape"),
-                                  numpy_helper.from_array(np.array([-1], np.int64), "loss.labels_shape")])
-            g.node.extend([
-                helper.make_node("Reshape", [logits, "loss.scores_shape"], ["loss.scores"], name="loss.scores"),
-                helper.make_node("Reshape", ["labels", "loss.labels_shape"], ["loss.labels"], name="loss.labels"),
-                helper.make_node("SoftmaxCrossEntropyLoss", ["loss.scores", "loss.labels"], [LOSS],
-                                 reduction="sum", ignore_index=-100, name="loss.ce"),
-            ])
+            g.initializer.extend(
+                [
+                    numpy_helper.from_array(np.array([-1, vocab], np.int64), "loss.scores_shape"),
+                    numpy_helper.from_array(np.array([-1], np.int64), "loss.labels_shape"),
+                ]
+            )
+            g.node.extend(
+                [
+                    helper.make_node("Reshape", [logits, "loss.scores_shape"], ["loss.scores"], name="loss.scores"),
+                    helper.make_node("Reshape", ["labels", "loss.labels_shape"], ["loss.labels"], name="loss.labels"),
+                    helper.make_node(
+                        "SoftmaxCrossEntropyLoss",
+                        ["loss.scores", "loss.labels"],
+                        [LOSS],
+                        reduction="sum",
+                        ignore_index=-100,
+                        name="loss.ce",
+                    ),
+                ]
+            )
             return LOSS
 
     return SumCrossEntropy()
@@ -285,7 +306,7 @@ def _rematerialize_frozen(mp, frozen: set[str]) -> int:
     nodes = list(mp.graph.node)
     loss_at = next(i for i, n in enumerate(nodes) if LOSS in n.output)
     producer, derived, constant = {}, set(frozen), {t.name for t in mp.graph.initializer}
-    for n in nodes[:loss_at + 1]:   # forward: which tensors depend on frozen weights (and constants) only
+    for n in nodes[: loss_at + 1]:  # forward: which tensors depend on frozen weights (and constants) only
         ins = [x for x in n.input if x]
         producer.update((o, n) for o in n.output)
         if all(x in derived or x in constant for x in ins):
@@ -295,7 +316,7 @@ def _rematerialize_frozen(mp, frozen: set[str]) -> int:
 
     def clone(x: str) -> str:
         if x not in derived or x not in producer:
-            return x   # a graph input or constant: reading it keeps nothing extra alive
+            return x  # a graph input or constant: reading it keeps nothing extra alive
         if x not in clones:
             n = producer[x]
             c = onnx.NodeProto()
@@ -307,13 +328,13 @@ def _rematerialize_frozen(mp, frozen: set[str]) -> int:
             pending.append(c)
         return clones[x]
 
-    out, count = nodes[:loss_at + 1], 0
-    for n in nodes[loss_at + 1:]:
+    out, count = nodes[: loss_at + 1], 0
+    for n in nodes[loss_at + 1 :]:
         for k, x in enumerate(n.input):
             if x in derived and x in producer:
                 n.input[k] = clone(x)
                 count += 1
-        out += pending + [n]   # clones land right before their first consumer (topological order kept)
+        out += pending + [n]  # clones land right before their first consumer (topological order kept)
         pending.clear()
     del mp.graph.node[:]
     mp.graph.node.extend(out)
@@ -322,8 +343,10 @@ def _rematerialize_frozen(mp, frozen: set[str]) -> int:
 
 def _check_size(mp, what: str) -> None:
     if mp.ByteSize() > _PROTO_LIMIT:
-        raise UnsupportedModelError(f"onnx export: {what} is {mp.ByteSize() / 1e9:.2f} GB, over protobuf's 2 GB "
-                                    "limit; use a smaller base or a 4-bit quant format")
+        raise UnsupportedModelError(
+            f"onnx export: {what} is {mp.ByteSize() / 1e9:.2f} GB, over protobuf's 2 GB "
+            "limit; use a smaller base or a 4-bit quant format"
+        )
 
 
 def _save(mp, path) -> None:
@@ -349,16 +372,29 @@ def _append_loss(mp) -> None:
         raise UnsupportedModelError("onnx export: the forward graph has no input_ids input / logits output")
     vocab = logits.type.tensor_type.shape.dim[-1].dim_value
     g.input.append(helper.make_tensor_value_info(fmt.LABELS, TensorProto.INT64, ["labels_batch", "labels_seq"]))
-    g.initializer.extend([
-        numpy_helper.from_array(np.full((1, 1), fmt.IGNORE_INDEX, np.int64), fmt.LABELS),
-        numpy_helper.from_array(np.array([-1, vocab], np.int64), "fo.flat_logits"),
-        numpy_helper.from_array(np.array([-1], np.int64), "fo.flat_labels")])
-    g.node.extend([helper.make_node("Shape", [fmt.INPUT_IDS], ["fo.ids_shape"], name="fo.ids_shape"),
-                   helper.make_node("Expand", [fmt.LABELS, "fo.ids_shape"], ["fo.labels"], name="fo.labels"),
-                   helper.make_node("Reshape", [fmt.LOGITS, "fo.flat_logits"], ["fo.scores"], name="fo.scores"),
-                   helper.make_node("Reshape", ["fo.labels", "fo.flat_labels"], ["fo.targets"], name="fo.targets"),
-                   helper.make_node("SoftmaxCrossEntropyLoss", ["fo.scores", "fo.targets"], [LOSS],
-                                    reduction="sum", ignore_index=fmt.IGNORE_INDEX, name="fo.ce")])
+    g.initializer.extend(
+        [
+            numpy_helper.from_array(np.full((1, 1), fmt.IGNORE_INDEX, np.int64), fmt.LABELS),
+            numpy_helper.from_array(np.array([-1, vocab], np.int64), "fo.flat_logits"),
+            numpy_helper.from_array(np.array([-1], np.int64), "fo.flat_labels"),
+        ]
+    )
+    g.node.extend(
+        [
+            helper.make_node("Shape", [fmt.INPUT_IDS], ["fo.ids_shape"], name="fo.ids_shape"),
+            helper.make_node("Expand", [fmt.LABELS, "fo.ids_shape"], ["fo.labels"], name="fo.labels"),
+            helper.make_node("Reshape", [fmt.LOGITS, "fo.flat_logits"], ["fo.scores"], name="fo.scores"),
+            helper.make_node("Reshape", ["fo.labels", "fo.flat_labels"], ["fo.targets"], name="fo.targets"),
+            helper.make_node(
+                "SoftmaxCrossEntropyLoss",
+                ["fo.scores", "fo.targets"],
+                [LOSS],
+                reduction="sum",
+                ignore_index=fmt.IGNORE_INDEX,
+                name="fo.ce",
+            ),
+        ]
+    )
     g.output.append(helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []))
 
 
@@ -395,10 +431,14 @@ def _write_training(fwd, ctx: ExportContext, lora: dict[str, str], out, rows: in
     _f16_to_f32(fwd, set(frozen))
     with _quiet_ort():
         artifacts.generate_artifacts(
-            fwd, requires_grad=list(lora.values()), frozen_params=frozen, loss=_sum_ce_block(ctx.arch.vocab_size),
+            fwd,
+            requires_grad=list(lora.values()),
+            frozen_params=frozen,
+            loss=_sum_ce_block(ctx.arch.vocab_size),
             # torch.optim.AdamW's defaults, for ORT clients that use this model; pocketpeft doesn't
             optimizer=onnxblock.optim.AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
-            artifact_directory=str(out))
+            artifact_directory=str(out),
+        )
     for name in (fmt.TRAIN, fmt.OPTIMIZER, fmt.EVAL):
         mp = onnx.load(str(out / name))
         if name == fmt.TRAIN:
@@ -410,9 +450,10 @@ def _write_training(fwd, ctx: ExportContext, lora: dict[str, str], out, rows: in
                     for dim, size in zip(v.type.tensor_type.shape.dim, (rows, ctx.seq_len)):
                         dim.Clear()
                         dim.dim_value = size
-        elif name == fmt.EVAL:   # logits too: top-k metrics and logits() run in eval mode
-            mp.graph.output.append(helper.make_tensor_value_info(
-                fmt.LOGITS, TensorProto.FLOAT, ["batch", "seq", ctx.arch.vocab_size]))
+        elif name == fmt.EVAL:  # logits too: top-k metrics and logits() run in eval mode
+            mp.graph.output.append(
+                helper.make_tensor_value_info(fmt.LOGITS, TensorProto.FLOAT, ["batch", "seq", ctx.arch.vocab_size])
+            )
         _save(mp, out / name)
 
 
@@ -424,16 +465,23 @@ def _io_description(ctx: ExportContext, lora_shapes: dict[str, list[int]], rows:
     return {
         fmt.IO_FORMAT_VERSION: 1,
         "dims": {"batch": "dynamic", "seq": f"dynamic, 1..{ctx.arch.max_position_embeddings}"},
-        fmt.IO_TRAINING_MODEL: {fmt.IO_INPUTS: {fmt.INPUT_IDS: static, fmt.LABELS: static}, fmt.IO_OUTPUTS: {LOSS: []},
-                                "note": "static shapes: pad short batches/rows with label -100; a batch of more "
-                                        "rows runs as micro-batches whose gradients accumulate"},
+        fmt.IO_TRAINING_MODEL: {
+            fmt.IO_INPUTS: {fmt.INPUT_IDS: static, fmt.LABELS: static},
+            fmt.IO_OUTPUTS: {LOSS: []},
+            "note": "static shapes: pad short batches/rows with label -100; a batch of more "
+            "rows runs as micro-batches whose gradients accumulate",
+        },
         fmt.IO_Q4_STORAGE: q4 if ctx.quant.value == "q4_0" else None,
         fmt.IO_EVAL_MODEL: {fmt.IO_INPUTS: {**ids, fmt.LABELS: ["batch", "seq"]}, fmt.IO_OUTPUTS: {LOSS: [], **logits}},
-        fmt.IO_INFER: {fmt.IO_INPUTS: {**ids, **lora_shapes}, fmt.IO_OUTPUTS: {**logits, LOSS: []},
-                       "optional_inputs": {fmt.LABELS: ["batch", "seq"]}, fmt.IO_INFER_LOSS: True,
-                       "note": "labels is optional (default: none scored, loss_sum 0)"},
+        fmt.IO_INFER: {
+            fmt.IO_INPUTS: {**ids, **lora_shapes},
+            fmt.IO_OUTPUTS: {**logits, LOSS: []},
+            "optional_inputs": {fmt.LABELS: ["batch", "seq"]},
+            fmt.IO_INFER_LOSS: True,
+            "note": "labels is optional (default: none scored, loss_sum 0)",
+        },
         "loss": "sum of token cross-entropies over labels != -100 (divide by their count for the mean)",
-        fmt.IO_LORA: {k: k for k in lora_shapes},   # PEFT key -> ONNX name: identical, nothing needed sanitizing
+        fmt.IO_LORA: {k: k for k in lora_shapes},  # PEFT key -> ONNX name: identical, nothing needed sanitizing
         "lora_dropout_in_training_graph": ctx.lora.lora_dropout > 0,
         # training_model recomputes dequantized weights in backward; CSE would merge that back
         fmt.IO_SESSION_CONFIG: {"optimization.disable_specified_optimizers": "CommonSubexpressionElimination"},
@@ -462,6 +510,7 @@ class OnnxTarget:
         bar = None
         if ctx.progress:
             from tqdm.auto import tqdm
+
             bar = tqdm(total=3, desc="onnx: export graph (torch.export)", unit="stage", leave=False)
 
         lora = lora_onnx_names(ctx.model)
@@ -469,8 +518,9 @@ class OnnxTarget:
         with _unpacked_q4(ctx.model, q4 == "int8"):
             return self._export(ctx, lora, out, bar, onnx, onnxruntime, rows, q4)
 
-    def _export(self, ctx: ExportContext, lora: dict[str, str], out, bar, onnx, onnxruntime, rows: int,
-                q4: str) -> dict[str, str]:
+    def _export(
+        self, ctx: ExportContext, lora: dict[str, str], out, bar, onnx, onnxruntime, rows: int, q4: str
+    ) -> dict[str, str]:
         fwd = _export_forward(ctx, train=False)
         missing = sorted(set(lora) - {t.name for t in fwd.graph.initializer})
         if missing:  # the exporter renamed parameters: the PEFT mapping would be lost
@@ -484,7 +534,7 @@ class OnnxTarget:
         if bar is not None:
             bar.update()
             bar.set_description("onnx: training artifacts")
-        if ctx.lora.lora_dropout > 0:   # the training graph keeps LoRA dropout; infer.onnx must not
+        if ctx.lora.lora_dropout > 0:  # the training graph keeps LoRA dropout; infer.onnx must not
             fwd = _export_forward(ctx, train=True)
             _portable_ops(fwd)
         _write_training(fwd, ctx, lora, out, rows)

@@ -18,14 +18,34 @@ from .protocol import Backend, Capabilities, EvalSums, Probe, StepResult, TrainC
 from .selection import explain, resolve
 from .session import EvalReport, Session, TrainReport
 
-__all__ = ["open", "Session", "TrainReport", "EvalReport", "TrainConfig", "Backend", "Capabilities",
-           "Probe", "StepResult", "EvalSums", "explain", "resolve", "ForwardOnlyConfig", "ForwardOnlyTrainer"]
+__all__ = [
+    "open",
+    "Session",
+    "TrainReport",
+    "EvalReport",
+    "TrainConfig",
+    "Backend",
+    "Capabilities",
+    "Probe",
+    "StepResult",
+    "EvalSums",
+    "explain",
+    "resolve",
+    "ForwardOnlyConfig",
+    "ForwardOnlyTrainer",
+]
 __all__ += ["Personalizer", "UpdateReport", "AdapterStore", "TextStore"]
 
 
-def open(bundle: "str | os.PathLike | Bundle", backend: str = "auto", adapter: "str | os.PathLike | None" = None,
-         train_config: TrainConfig | None = None, need_train: bool = True, update: str = "auto",
-         forward_only: ForwardOnlyConfig | None = None) -> Session:  # noqa: A001
+def open(
+    bundle: "str | os.PathLike | Bundle",
+    backend: str = "auto",
+    adapter: "str | os.PathLike | None" = None,
+    train_config: TrainConfig | None = None,
+    need_train: bool = True,
+    update: str = "auto",
+    forward_only: ForwardOnlyConfig | None = None,
+) -> Session:  # noqa: A001
     """Open ``bundle`` on ``backend`` (``auto``, ``NAME`` or ``NAME:DEVICE``), optionally
     starting from a PEFT ``adapter`` directory.
 
@@ -60,4 +80,5 @@ def _check_target(bundle: Bundle, backend: str) -> None:
     if target not in bundle.targets:
         raise ModelFileNotFoundError(
             f"bundle {bundle.root} has no '{target}' target, which backend {backend!r} reads; it has: "
-            f"{', '.join(bundle.targets) or 'none'} (re-export with --targets {target})")
+            f"{', '.join(bundle.targets) or 'none'} (re-export with --targets {target})"
+        )

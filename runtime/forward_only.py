@@ -143,8 +143,10 @@ class ForwardOnlyTrainer:
 
     def _shifted(self, k: int, scale: float) -> dict[str, np.ndarray]:
         """theta + scale * z_k, built tensor by tensor (z_k regenerated, never kept whole)."""
-        return {key: self._theta[key] + np.float32(scale) * z
-                for key, z in direction(self._seed, self.step, k, self._shapes)}
+        return {
+            key: self._theta[key] + np.float32(scale) * z
+            for key, z in direction(self._seed, self.step, k, self._shapes)
+        }
 
     def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
         """One SPSA step on [B, T] inputs and labels (-100 ignored). ``loss`` is the mean of
@@ -162,12 +164,12 @@ class ForwardOnlyTrainer:
             proj.append((lp - lm) / (2 * eps))
         loss = float(np.mean(losses))
         if not all(math.isfinite(x) for x in losses):
-            self.inner.set_adapter(self._theta)   # skip: the weights stay as they were
+            self.inner.set_adapter(self._theta)  # skip: the weights stay as they were
             return StepResult(loss, True, float("nan"), lr, n_tok)
         sq = 0.0
         decay = np.float32(1 - lr * self.cfg.weight_decay)
         zs = [direction(self._seed, self.step, k, self._shapes) for k in range(n)]
-        for key in self._shapes:   # the generators advance in lockstep, one tensor at a time
+        for key in self._shapes:  # the generators advance in lockstep, one tensor at a time
             u = sum(np.float32(g / n) * next(z)[1] for g, z in zip(proj, zs))
             sq += float(np.dot(u.ravel(), u.ravel()))
             theta = self._theta[key]

@@ -8,8 +8,8 @@ from __future__ import annotations
 import re
 from typing import Callable, Iterable
 
-from pocketpeft.text import validate_texts
 from pocketpeft.errors import ConfigError
+from pocketpeft.text import validate_texts
 
 from .predictor import is_word_char
 
@@ -35,8 +35,9 @@ def message_words(message: str) -> list[tuple[int, str, bool]]:
     return out
 
 
-def keystroke_metrics(suggest: Suggest, texts: "str | Iterable[str]", k: int = 3,
-                      max_messages: int | None = None) -> dict:
+def keystroke_metrics(
+    suggest: Suggest, texts: "str | Iterable[str]", k: int = 3, max_messages: int | None = None
+) -> dict:
     """Simulate typing each message (whitespace runs collapsed to one space).
 
     - ``next_word_top1`` / ``next_word_top3``: each word predicted from the words before it in
@@ -66,13 +67,18 @@ def keystroke_metrics(suggest: Suggest, texts: "str | Iterable[str]", k: int = 3
             words += 1
             target = word.lower()
             for i in range(len(word)):
-                offered = [s.lower() for s in suggest(msg[:start + i], max(k, 3) if i == 0 else k)]
+                offered = [s.lower() for s in suggest(msg[: start + i], max(k, 3) if i == 0 else k)]
                 if i == 0:
                     top1 += offered[:1] == [target]
                     top3 += target in offered[:3]
                 if target in offered[:k]:
                     saved += len(word) - i + space_after - 1
                     break
-    return {"next_word_top1": top1 / max(words, 1), "next_word_top3": top3 / max(words, 1),
-            "keystroke_savings": saved / max(chars, 1), "words": words, "chars": chars,
-            "messages": len(texts)}
+    return {
+        "next_word_top1": top1 / max(words, 1),
+        "next_word_top3": top3 / max(words, 1),
+        "keystroke_savings": saved / max(chars, 1),
+        "words": words,
+        "chars": chars,
+        "messages": len(texts),
+    }

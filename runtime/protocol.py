@@ -41,7 +41,7 @@ class Probe:
     available: bool
     devices: tuple[str, ...] = ()
     reason: str = ""
-    capabilities: Mapping[str, Capabilities] = field(default_factory=dict)   # device -> caps
+    capabilities: Mapping[str, Capabilities] = field(default_factory=dict)  # device -> caps
 
 
 @dataclass

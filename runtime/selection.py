@@ -32,8 +32,8 @@ class Choice:
     picked: bool
     reason: str
     forward_only: bool = False
-    update: str = ""   # how the picked row would train: "backprop" or "forward-only"
-    kv_cache: bool = False   # Capabilities.kv_cache: suggestions reuse a KV cache across passes
+    update: str = ""  # how the picked row would train: "backprop" or "forward-only"
+    kv_cache: bool = False  # Capabilities.kv_cache: suggestions reuse a KV cache across passes
 
 
 def probe(name: str) -> Probe:
@@ -62,33 +62,60 @@ def explain(need_train: bool = True, update: str = "auto") -> list[Choice]:
             continue
         for dev in p.devices:
             c = p.capabilities[dev]
-            rows.append(Choice(name, dev, c.tier, c.train, c.infer, True, False, c.notes, c.forward_only,
-                              kv_cache=c.kv_cache))
+            rows.append(
+                Choice(name, dev, c.tier, c.train, c.infer, True, False, c.notes, c.forward_only, kv_cache=c.kv_cache)
+            )
     order = {t: i for i, t in enumerate(TIERS)}
     rows.sort(key=lambda r: (order.get(r.tier, len(TIERS)),))
     mode = ""
     if need_train:
         backprop = any(r.available and r.infer and r.train for r in rows)
         mode = "backprop" if update == "backprop" or (update == "auto" and backprop) else "forward-only"
-    why = {"backprop": "", "": "",
-           "forward-only": ("forced forward-only (SPSA) updates over its forward pass; " if update == "forward-only" else
-                            "no backend here can backpropagate: forward-only (SPSA) updates over its inference graph; ")}
+    why = {
+        "backprop": "",
+        "": "",
+        "forward-only": (
+            "forced forward-only (SPSA) updates over its forward pass; "
+            if update == "forward-only"
+            else "no backend here can backpropagate: forward-only (SPSA) updates over its inference graph; "
+        ),
+    }
     picked = False
     out = []
     for r in rows:
-        capable = r.available and r.infer and (
-            not need_train or r.train if mode != "forward-only" else r.train or r.forward_only)
+        capable = (
+            r.available
+            and r.infer
+            and (not need_train or r.train if mode != "forward-only" else r.train or r.forward_only)
+        )
         if capable and not picked:
             picked = True
-            out.append(Choice(**{**r.__dict__, "picked": True, "update": mode, "reason":
-                                 f"first capable in gpu → npu → cpu order; {why[mode]}{r.reason}".rstrip("; ")}))
+            out.append(
+                Choice(
+                    **{
+                        **r.__dict__,
+                        "picked": True,
+                        "update": mode,
+                        "reason": f"first capable in gpu → npu → cpu order; {why[mode]}{r.reason}".rstrip("; "),
+                    }
+                )
+            )
         elif r.available and not capable and r.infer and r.forward_only:
-            out.append(Choice(**{**r.__dict__, "reason": "cannot backpropagate; trains only with forward-only updates "
-                                                         "(picked by auto when nothing here can backpropagate)"}))
+            out.append(
+                Choice(
+                    **{
+                        **r.__dict__,
+                        "reason": "cannot backpropagate; trains only with forward-only updates "
+                        "(picked by auto when nothing here can backpropagate)",
+                    }
+                )
+            )
         elif r.available and not capable:
             out.append(Choice(**{**r.__dict__, "reason": "cannot train (inference only)"}))
         elif r.available:
-            out.append(Choice(**{**r.__dict__, "reason": f"a higher-priority backend was picked; {r.reason}".rstrip("; ")}))
+            out.append(
+                Choice(**{**r.__dict__, "reason": f"a higher-priority backend was picked; {r.reason}".rstrip("; ")})
+            )
         else:
             out.append(r)
     return out
@@ -112,7 +139,9 @@ def resolve(backend: str = "auto", need_train: bool = True) -> tuple[str, str]:
         hint = f"; install it with: pip install 'pocketpeft[{entry.extra}]'" if entry.extra else ""
         raise BackendUnavailableError(f"backend {name!r} is not available here ({p.reason}){hint}; {_available_text()}")
     if device and device not in p.devices:
-        raise BackendUnavailableError(f"backend {name!r} has no device {device!r} here; its devices: {', '.join(p.devices)}")
+        raise BackendUnavailableError(
+            f"backend {name!r} has no device {device!r} here; its devices: {', '.join(p.devices)}"
+        )
     if not device:  # the backend's own preference order: gpu first
         order = {t: i for i, t in enumerate(TIERS)}
         device = min(p.devices, key=lambda d: order.get(p.capabilities[d].tier, 9))
@@ -146,8 +175,10 @@ def resolve_update(backend: str = "auto", need_train: bool = True, update: str =
         return name, device, "backprop"
     if caps.train or caps.forward_only or update == "forward-only":
         return name, device, "forward-only"
-    raise BackendUnavailableError(f"backend {name!r} on {device} cannot train (inference only); "
-                                  "force forward-only updates on it with update='forward-only'")
+    raise BackendUnavailableError(
+        f"backend {name!r} on {device} cannot train (inference only); "
+        "force forward-only updates on it with update='forward-only'"
+    )
 
 
 def _available_text() -> str:

@@ -78,8 +78,15 @@ class Session:
         return f"Session({self.bundle!r}, backend={self.backend.name}:{self.backend.device})"
 
     # ------------------------------------------------------------------ training
-    def train(self, texts: "str | Iterable[str]", steps: int | None = None, seconds: float | None = None,
-              batch_size: int | None = None, progress: bool = False, seed: int | None = None) -> TrainReport:
+    def train(
+        self,
+        texts: "str | Iterable[str]",
+        steps: int | None = None,
+        seconds: float | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+        seed: int | None = None,
+    ) -> TrainReport:
         """Update the adapter on ``texts`` for ``steps`` optimizer steps or until ``seconds`` pass
         (whichever comes first; 20 steps when neither is given).
 
@@ -96,8 +103,13 @@ class Session:
             steps = 20
         bs = batch_size or self.manifest.batch_size
         inputs, labels = pack_rows(self.tokenizer, texts, self.manifest.seq_len)
-        cfg = TrainConfig(**{**asdict(self.train_config), "total_steps": steps or 1000,
-                             "seed": self.train_config.seed if seed is None else seed})
+        cfg = TrainConfig(
+            **{
+                **asdict(self.train_config),
+                "total_steps": steps or 1000,
+                "seed": self.train_config.seed if seed is None else seed,
+            }
+        )
         self.backend.configure(cfg)
         rng = np.random.default_rng(cfg.seed)
         order = rng.permutation(len(inputs))
@@ -134,8 +146,18 @@ class Session:
         if bar is not None:
             bar.close()
         secs = time.perf_counter() - t0
-        return TrainReport(self.backend.name, self.backend.device, i, skipped, losses, secs, tokens,
-                           tokens / secs if secs > 0 else 0.0, peak_rss_mib(), stopped_by)
+        return TrainReport(
+            self.backend.name,
+            self.backend.device,
+            i,
+            skipped,
+            losses,
+            secs,
+            tokens,
+            tokens / secs if secs > 0 else 0.0,
+            peak_rss_mib(),
+            stopped_by,
+        )
 
     # ------------------------------------------------------------------ evaluation
     def eval(self, texts: "str | Iterable[str]", batch_size: int | None = None, progress: bool = False) -> EvalReport:
@@ -146,7 +168,7 @@ class Session:
         loss = tok = top1 = top3 = 0
         bar = _bar(math.ceil(len(inputs) / bs), "eval", progress)
         for s in range(0, len(inputs), bs):
-            e = self.backend.eval_batch(inputs[s:s + bs], labels[s:s + bs])
+            e = self.backend.eval_batch(inputs[s : s + bs], labels[s : s + bs])
             loss, tok, top1, top3 = loss + e.loss_sum, tok + e.tokens, top1 + e.top1, top3 + e.top3
             if bar is not None:
                 bar.update()
@@ -166,7 +188,9 @@ class Session:
             raise InputTextError("token_ids must be a non-empty 1-D sequence of ints")
         vocab = self.manifest.arch.vocab_size
         if ids.min() < 0 or ids.max() >= vocab:
-            raise InputTextError(f"token id {int(ids.max() if ids.max() >= vocab else ids.min())} outside the vocabulary [0, {vocab})")
+            raise InputTextError(
+                f"token id {int(ids.max() if ids.max() >= vocab else ids.min())} outside the vocabulary [0, {vocab})"
+            )
         ctx = self.manifest.arch.max_position_embeddings
         if ids.size > ctx:
             raise SequenceTooLongError(f"{ids.size} tokens exceed the model's context of {ctx}")
@@ -176,8 +200,12 @@ class Session:
     def save_adapter(self, path: "str | os.PathLike") -> Path:
         """Write the current adapter in PEFT format (atomic: an existing adapter is replaced only
         once the new one is complete)."""
-        adapter = Adapter(self.manifest.lora, self.backend.get_adapter(), self.manifest.base_sha256,
-                          {"pocketpeft.backend": self.backend.name})
+        adapter = Adapter(
+            self.manifest.lora,
+            self.backend.get_adapter(),
+            self.manifest.base_sha256,
+            {"pocketpeft.backend": self.backend.name},
+        )
         return save_adapter(adapter, path, base_name=f"pocketpeft:{self.manifest.base_source}")
 
     def load_adapter(self, path: "str | os.PathLike") -> None:
@@ -190,8 +218,10 @@ class Session:
         ad = load_adapter(path, expect_base_sha256=self.manifest.base_sha256)
         mine = self.manifest.lora
         if not math.isclose(ad.config.scaling, mine.scaling):
-            raise AdapterShapeError(f"adapter {path} has LoRA scaling {ad.config.scaling:g} "
-                                    f"(r={ad.config.r}, alpha={ad.config.lora_alpha}), this bundle uses {mine.scaling:g}")
+            raise AdapterShapeError(
+                f"adapter {path} has LoRA scaling {ad.config.scaling:g} "
+                f"(r={ad.config.r}, alpha={ad.config.lora_alpha}), this bundle uses {mine.scaling:g}"
+            )
         check_adapter_shapes(ad, self.manifest.trainable, str(path))
         self.set_adapter_tensors(ad.tensors)
 
@@ -235,8 +265,12 @@ class Session:
         from .predictor import Predictor
 
         if getattr(self, "_predictor", None) is None:
-            self._predictor = Predictor(self.backend, self.tokenizer, adapter_version=lambda: self.adapter_version,
-                                        max_context=min(1024, self.manifest.arch.max_position_embeddings))
+            self._predictor = Predictor(
+                self.backend,
+                self.tokenizer,
+                adapter_version=lambda: self.adapter_version,
+                max_context=min(1024, self.manifest.arch.max_position_embeddings),
+            )
         return self._predictor
 
     def eval_keystrokes(self, texts: "str | Iterable[str]", k: int = 3, max_messages: int | None = None) -> dict:

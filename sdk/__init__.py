@@ -19,14 +19,27 @@ from .config import LoraConfig, ModelConfig, QuantFormat
 from .errors import *  # noqa: F401,F403
 from .errors import PocketPeftError
 
-__all__ = ["LoraConfig", "ModelConfig", "QuantFormat", "PocketPeftError", "export", "runtime", "Bundle",
-           "load_adapter", "save_adapter", "__version__"]
+__all__ = [
+    "LoraConfig",
+    "ModelConfig",
+    "QuantFormat",
+    "PocketPeftError",
+    "export",
+    "runtime",
+    "Bundle",
+    "load_adapter",
+    "save_adapter",
+    "__version__",
+]
 
-_LAZY = {"Bundle": ("pocketpeft.manifest", "Bundle"),
-         "load_adapter": ("pocketpeft.adapter", "load_adapter"), "save_adapter": ("pocketpeft.adapter", "save_adapter"),
-         "runtime": ("pocketpeft.runtime", None),
-         # the exporter package, callable as the function: ``pp.export(base, out, ...)``
-         "export": ("pocketpeft.export", None)}
+_LAZY = {
+    "Bundle": ("pocketpeft.manifest", "Bundle"),
+    "load_adapter": ("pocketpeft.adapter", "load_adapter"),
+    "save_adapter": ("pocketpeft.adapter", "save_adapter"),
+    "runtime": ("pocketpeft.runtime", None),
+    # the exporter package, callable as the function: ``pp.export(base, out, ...)``
+    "export": ("pocketpeft.export", None),
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -25,11 +25,10 @@ def available(module: str) -> bool:
 def require(module: str, extra: str) -> ModuleType:
     """Import ``module`` or raise :class:`MissingDependencyError` naming ``pip install 'pocketpeft[extra]'``."""
     if not available(module):
-        raise MissingDependencyError(
-            f"{module} is not installed; install it with: pip install 'pocketpeft[{extra}]'"
-        )
+        raise MissingDependencyError(f"{module} is not installed; install it with: pip install 'pocketpeft[{extra}]'")
     try:
         return importlib.import_module(module)
     except ImportError as e:  # installed but broken (e.g. ABI mismatch)
-        raise MissingDependencyError(f"{module} is installed but failed to import ({e}); "
-                                     f"reinstall it with: pip install 'pocketpeft[{extra}]'") from e
+        raise MissingDependencyError(
+            f"{module} is installed but failed to import ({e}); reinstall it with: pip install 'pocketpeft[{extra}]'"
+        ) from e

@@ -41,7 +41,7 @@ class Adapter:
 
 def as_float32(value: Any) -> np.ndarray:
     """A contiguous float32 numpy copy-or-view of a numpy array, array-like or torch tensor."""
-    if hasattr(value, "detach"):   # a torch tensor; converted without importing torch here
+    if hasattr(value, "detach"):  # a torch tensor; converted without importing torch here
         value = value.detach().cpu().float().numpy()
     return np.ascontiguousarray(value, dtype=np.float32)
 
@@ -49,12 +49,24 @@ def as_float32(value: Any) -> np.ndarray:
 def peft_config_dict(cfg: LoraConfig, base_name: str | None = None) -> dict:
     """The ``adapter_config.json`` content peft expects for this LoRA config."""
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
-        "revision": None, "inference_mode": True, "r": cfg.r, "lora_alpha": cfg.lora_alpha,
-        "lora_dropout": cfg.lora_dropout, "target_modules": sorted(cfg.target_modules),
-        "fan_in_fan_out": False, "bias": cfg.bias, "use_rslora": cfg.use_rslora,
-        "modules_to_save": None, "init_lora_weights": cfg.init_lora_weights,
-        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name,
+        "revision": None,
+        "inference_mode": True,
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": sorted(cfg.target_modules),
+        "fan_in_fan_out": False,
+        "bias": cfg.bias,
+        "use_rslora": cfg.use_rslora,
+        "modules_to_save": None,
+        "init_lora_weights": cfg.init_lora_weights,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
         "use_dora": False,
     }
 
@@ -91,15 +103,19 @@ def load_adapter(path: str | os.PathLike, expect_base_sha256: str | None = None)
     cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     for p in (cfg_path, w_path):
         if not p.is_file():
-            raise ModelFileNotFoundError(f"adapter file {p} not found (a PEFT adapter directory holds "
-                                         f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+            raise ModelFileNotFoundError(
+                f"adapter file {p} not found (a PEFT adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME})"
+            )
     try:
         cfg_dict = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CorruptFileError(f"{cfg_path} is not valid JSON: {e}") from e
     if not isinstance(cfg_dict, dict) or cfg_dict.get("peft_type", "LORA") != "LORA":
-        raise CorruptFileError(f"{cfg_path} is not a LoRA adapter config (peft_type={cfg_dict.get('peft_type')!r})"
-                               if isinstance(cfg_dict, dict) else f"{cfg_path} is not a JSON object")
+        raise CorruptFileError(
+            f"{cfg_path} is not a LoRA adapter config (peft_type={cfg_dict.get('peft_type')!r})"
+            if isinstance(cfg_dict, dict)
+            else f"{cfg_path} is not a JSON object"
+        )
     cfg = LoraConfig.from_dict(cfg_dict)
     try:
         with safe_open(str(w_path), framework="numpy") as f:
@@ -112,7 +128,8 @@ def load_adapter(path: str | os.PathLike, expect_base_sha256: str | None = None)
     base = meta.pop("pocketpeft.base_sha256", None)
     if expect_base_sha256 and base and base != expect_base_sha256:
         raise BaseModelMismatchError(
-            f"adapter {path} was trained on base {base[:12]}…, but this bundle's base is {expect_base_sha256[:12]}…")
+            f"adapter {path} was trained on base {base[:12]}…, but this bundle's base is {expect_base_sha256[:12]}…"
+        )
     return Adapter(cfg, tensors, base, meta)
 
 
@@ -147,8 +164,10 @@ def check_adapter_shapes(adapter: Adapter, expected: Mapping[str, list[int]], wh
     missing = sorted(set(expected) - set(given))
     extra = sorted(set(given) - set(expected))
     if missing or extra:
-        raise AdapterShapeError(f"adapter {where} doesn't fit this bundle's LoRA layers: {len(missing)} missing "
-                                f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})")
+        raise AdapterShapeError(
+            f"adapter {where} doesn't fit this bundle's LoRA layers: {len(missing)} missing "
+            f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})"
+        )
     for k, shape in expected.items():
         if given[k] != list(shape):
             raise AdapterShapeError(f"adapter {where}: {k} has shape {given[k]}, this bundle expects {list(shape)}")

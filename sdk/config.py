@@ -106,8 +106,14 @@ class LoraConfig:
     def from_peft(cls, cfg: Any) -> "LoraConfig":
         """Convert a ``peft.LoraConfig``; raise :class:`ConfigError` for options we don't support."""
         unsupported = []
-        for attr, ok in (("fan_in_fan_out", False), ("use_dora", False), ("modules_to_save", None),
-                         ("layers_to_transform", None), ("rank_pattern", {}), ("alpha_pattern", {})):
+        for attr, ok in (
+            ("fan_in_fan_out", False),
+            ("use_dora", False),
+            ("modules_to_save", None),
+            ("layers_to_transform", None),
+            ("rank_pattern", {}),
+            ("alpha_pattern", {}),
+        ):
             val = getattr(cfg, attr, ok)
             if val not in (ok, None, {}, False):
                 unsupported.append(f"{attr}={val!r}")
@@ -116,19 +122,31 @@ class LoraConfig:
         tm = cfg.target_modules
         if isinstance(tm, str):
             raise ConfigError(f"peft.LoraConfig.target_modules={tm!r} is a regex; give a list of module names")
-        return cls(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                   target_modules=sorted(tm), bias=cfg.bias,
-                   init_lora_weights=cfg.init_lora_weights, use_rslora=cfg.use_rslora)
+        return cls(
+            r=cfg.r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=sorted(tm),
+            bias=cfg.bias,
+            init_lora_weights=cfg.init_lora_weights,
+            use_rslora=cfg.use_rslora,
+        )
 
     def to_peft(self) -> Any:
         """Return the equivalent ``peft.LoraConfig`` (needs ``peft``)."""
         from ._deps import require
 
         peft = require("peft", extra="peft")
-        return peft.LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                               target_modules=list(self.target_modules), bias=self.bias,
-                               init_lora_weights=self.init_lora_weights, use_rslora=self.use_rslora,
-                               task_type="CAUSAL_LM")
+        return peft.LoraConfig(
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=list(self.target_modules),
+            bias=self.bias,
+            init_lora_weights=self.init_lora_weights,
+            use_rslora=self.use_rslora,
+            task_type="CAUSAL_LM",
+        )
 
 
 def as_lora_config(cfg: "LoraConfig | Mapping[str, Any] | Any | None") -> LoraConfig:
@@ -164,8 +182,15 @@ class ModelConfig:
     model_type: str = "llama"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {v!r}")

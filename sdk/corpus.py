@@ -34,8 +34,9 @@ def chitchat_messages() -> dict[str, list[Message]]:
     """
     spec = importlib.util.find_spec("chitchat_dataset")
     if spec is None or not spec.submodule_search_locations:
-        raise MissingDependencyError("chitchat-dataset is not installed; install it with: "
-                                     "pip install 'pocketpeft[data]'")
+        raise MissingDependencyError(
+            "chitchat-dataset is not installed; install it with: pip install 'pocketpeft[data]'"
+        )
     path = Path(spec.submodule_search_locations[0]) / "dataset.json"
     with open(path, encoding="utf-8") as fh:
         data = json.load(fh)

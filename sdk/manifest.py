@@ -37,8 +37,8 @@ class Manifest:
     trainable: dict[str, list[int]]
     seq_len: int
     batch_size: int
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)      # relpath -> {sha256, bytes, target}
-    targets: dict[str, dict[str, Any]] = field(default_factory=dict)    # target -> {files:[...], toolchain:{...}}
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # relpath -> {sha256, bytes, target}
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)  # target -> {files:[...], toolchain:{...}}
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     format_version: int = FORMAT_VERSION
@@ -47,29 +47,50 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "format_version": self.format_version, "created": self.created,
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "created": self.created,
             "versions": self.versions,
             "base": {"source": self.base_source, "sha256": self.base_sha256},
-            "arch": self.arch.to_dict(), "quant": self.quant.value, "lora": self.lora.to_dict(),
-            "trainable": self.trainable, "seq_len": self.seq_len, "batch_size": self.batch_size,
-            "targets": self.targets, "files": self.files, "options": self.options,
+            "arch": self.arch.to_dict(),
+            "quant": self.quant.value,
+            "lora": self.lora.to_dict(),
+            "trainable": self.trainable,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "targets": self.targets,
+            "files": self.files,
+            "options": self.options,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = MANIFEST_NAME) -> "Manifest":
         if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise CorruptFileError(f"{where} is not a pocketpeft bundle manifest (format={d.get('format') if isinstance(d, dict) else None!r})")
+            raise CorruptFileError(
+                f"{where} is not a pocketpeft bundle manifest (format={d.get('format') if isinstance(d, dict) else None!r})"
+            )
         if d.get("format_version") != FORMAT_VERSION:
-            raise UnsupportedModelError(f"{where} has bundle format version {d.get('format_version')!r}; "
-                                        f"this pocketpeft reads version {FORMAT_VERSION}")
+            raise UnsupportedModelError(
+                f"{where} has bundle format version {d.get('format_version')!r}; "
+                f"this pocketpeft reads version {FORMAT_VERSION}"
+            )
         try:
-            return cls(base_source=d["base"]["source"], base_sha256=d["base"]["sha256"],
-                       arch=ModelConfig.from_dict(d["arch"]), quant=QuantFormat.parse(d["quant"]),
-                       lora=LoraConfig.from_dict(d["lora"]), trainable=dict(d["trainable"]),
-                       seq_len=int(d["seq_len"]), batch_size=int(d["batch_size"]),
-                       files=dict(d.get("files", {})), targets=dict(d.get("targets", {})),
-                       versions=dict(d.get("versions", {})), created=d.get("created", ""),
-                       format_version=d["format_version"], options=dict(d.get("options", {})))
+            return cls(
+                base_source=d["base"]["source"],
+                base_sha256=d["base"]["sha256"],
+                arch=ModelConfig.from_dict(d["arch"]),
+                quant=QuantFormat.parse(d["quant"]),
+                lora=LoraConfig.from_dict(d["lora"]),
+                trainable=dict(d["trainable"]),
+                seq_len=int(d["seq_len"]),
+                batch_size=int(d["batch_size"]),
+                files=dict(d.get("files", {})),
+                targets=dict(d.get("targets", {})),
+                versions=dict(d.get("versions", {})),
+                created=d.get("created", ""),
+                format_version=d["format_version"],
+                options=dict(d.get("options", {})),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptFileError(f"{where} is missing or has a malformed field: {e}") from e
 
@@ -86,7 +107,9 @@ class Bundle:
         self.root = Path(path)
         mpath = self.root / MANIFEST_NAME
         if not self.root.is_dir():
-            raise ModelFileNotFoundError(f"bundle directory {self.root} not found (create one with `pocketpeft export`)")
+            raise ModelFileNotFoundError(
+                f"bundle directory {self.root} not found (create one with `pocketpeft export`)"
+            )
         if not mpath.is_file():
             raise ModelFileNotFoundError(f"{mpath} not found: {self.root} is not a pocketpeft bundle")
         try:
@@ -110,8 +133,10 @@ class Bundle:
         Each file is checked once per Bundle object.
         """
         if target is not None and target not in self.manifest.targets:
-            raise ModelFileNotFoundError(f"bundle {self.root} has no '{target}' target; it has: "
-                                         f"{', '.join(self.targets) or 'none'} (re-export with --targets {target})")
+            raise ModelFileNotFoundError(
+                f"bundle {self.root} has no '{target}' target; it has: "
+                f"{', '.join(self.targets) or 'none'} (re-export with --targets {target})"
+            )
         for rel in self.files_of(target) if target else list(self.manifest.files):
             self._check(rel)
 
@@ -124,8 +149,9 @@ class Bundle:
             raise ModelFileNotFoundError(f"bundle file {p} named in the manifest is missing")
         size = p.stat().st_size
         if "bytes" in info and size != info["bytes"]:
-            raise CorruptFileError(f"bundle file {p} is {size} bytes, the manifest says {info['bytes']} "
-                                   "(truncated or replaced)")
+            raise CorruptFileError(
+                f"bundle file {p} is {size} bytes, the manifest says {info['bytes']} (truncated or replaced)"
+            )
         if sha256_file(p) != info["sha256"]:
             raise CorruptFileError(f"bundle file {p} does not match its sha256 in the manifest (corrupt or replaced)")
         self._verified.add(rel)

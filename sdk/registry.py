@@ -27,40 +27,89 @@ class Entry:
 
 #: Runtime backends, in order of preference within a device tier (see runtime.selection).
 BACKENDS: dict[str, Entry] = {
-    "torch": Entry("torch", "pocketpeft.runtime.backends.torch_backend", None,
-                   "reference backend: eager PyTorch, CPU or CUDA, train + infer", "torch"),
-    "executorch": Entry("executorch", "pocketpeft.runtime.backends.executorch_backend", "executorch",
-                        "ExecuTorch training module (.pte): on-device train + infer", "executorch"),
-    "onnxruntime": Entry("onnxruntime", "pocketpeft.runtime.backends.onnxruntime_backend", "onnx",
-                         "ONNX Runtime training artifacts: on-device train + infer (CPU/CUDA providers)", "onnx"),
-    "llamacpp": Entry("llamacpp", "pocketpeft.runtime.backends.llamacpp_backend", "llamacpp",
-                      "llama.cpp over the GGUF base, adapters hot-swapped as GGUF LoRA: infer only", "gguf"),
-    "peft": Entry("peft", "pocketpeft.runtime.backends.peft_backend", "peft,bnb",
-                  "server side: transformers + peft + bitsandbytes (nf4 base as Linear4bit), CUDA or CPU", "torch"),
-    "onnxruntime-infer": Entry("onnxruntime-infer", "pocketpeft.runtime.backends.onnxruntime_infer_backend", "onnx",
-                               "ONNX Runtime InferenceSession on infer.onnx (LoRA as inputs): infer + forward-only updates",
-                               "onnx"),
+    "torch": Entry(
+        "torch",
+        "pocketpeft.runtime.backends.torch_backend",
+        None,
+        "reference backend: eager PyTorch, CPU or CUDA, train + infer",
+        "torch",
+    ),
+    "executorch": Entry(
+        "executorch",
+        "pocketpeft.runtime.backends.executorch_backend",
+        "executorch",
+        "ExecuTorch training module (.pte): on-device train + infer",
+        "executorch",
+    ),
+    "onnxruntime": Entry(
+        "onnxruntime",
+        "pocketpeft.runtime.backends.onnxruntime_backend",
+        "onnx",
+        "ONNX Runtime training artifacts: on-device train + infer (CPU/CUDA providers)",
+        "onnx",
+    ),
+    "llamacpp": Entry(
+        "llamacpp",
+        "pocketpeft.runtime.backends.llamacpp_backend",
+        "llamacpp",
+        "llama.cpp over the GGUF base, adapters hot-swapped as GGUF LoRA: infer only",
+        "gguf",
+    ),
+    "peft": Entry(
+        "peft",
+        "pocketpeft.runtime.backends.peft_backend",
+        "peft,bnb",
+        "server side: transformers + peft + bitsandbytes (nf4 base as Linear4bit), CUDA or CPU",
+        "torch",
+    ),
+    "onnxruntime-infer": Entry(
+        "onnxruntime-infer",
+        "pocketpeft.runtime.backends.onnxruntime_infer_backend",
+        "onnx",
+        "ONNX Runtime InferenceSession on infer.onnx (LoRA as inputs): infer + forward-only updates",
+        "onnx",
+    ),
 }
 
 #: Export targets.
 TARGETS: dict[str, Entry] = {
-    "torch": Entry("torch", "pocketpeft.export.torch_target", None,
-                   "quantized base as safetensors for the torch reference backend"),
-    "executorch": Entry("executorch", "pocketpeft.export.executorch_target", "executorch",
-                        "train.pte (forward+backward, loss first) and infer.pte"),
-    "onnx": Entry("onnx", "pocketpeft.export.onnx_target", "onnx",
-                  "ORT training artifacts and infer.onnx with LoRA weights as inputs"),
-    "gguf": Entry("gguf", "pocketpeft.export.gguf_target", None, "llama.cpp base GGUF (our q4_0/q8_0 bytes); adapters convert to GGUF LoRA"),
-    "coreml": Entry("coreml", "pocketpeft.export.coreml_target", "coreml",
-                    "Core ML .mlpackage: 4/8-bit weights, LoRA tensors as inputs (runs on macOS/iOS)"),
+    "torch": Entry(
+        "torch", "pocketpeft.export.torch_target", None, "quantized base as safetensors for the torch reference backend"
+    ),
+    "executorch": Entry(
+        "executorch",
+        "pocketpeft.export.executorch_target",
+        "executorch",
+        "train.pte (forward+backward, loss first) and infer.pte",
+    ),
+    "onnx": Entry(
+        "onnx",
+        "pocketpeft.export.onnx_target",
+        "onnx",
+        "ORT training artifacts and infer.onnx with LoRA weights as inputs",
+    ),
+    "gguf": Entry(
+        "gguf",
+        "pocketpeft.export.gguf_target",
+        None,
+        "llama.cpp base GGUF (our q4_0/q8_0 bytes); adapters convert to GGUF LoRA",
+    ),
+    "coreml": Entry(
+        "coreml",
+        "pocketpeft.export.coreml_target",
+        "coreml",
+        "Core ML .mlpackage: 4/8-bit weights, LoRA tensors as inputs (runs on macOS/iOS)",
+    ),
 }
 
 
 def backend_entry(name: str) -> Entry:
     """The registered backend ``name``; raise :class:`BackendNotFoundError` listing the known ones."""
     if name not in BACKENDS:
-        raise BackendNotFoundError(f"unknown backend {name!r}; registered backends: {', '.join(BACKENDS)} "
-                                   "(`pocketpeft backends` shows which of them run on this machine)")
+        raise BackendNotFoundError(
+            f"unknown backend {name!r}; registered backends: {', '.join(BACKENDS)} "
+            "(`pocketpeft backends` shows which of them run on this machine)"
+        )
     return BACKENDS[name]
 
 

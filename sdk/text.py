@@ -22,7 +22,9 @@ def as_text(value: "str | bytes", what: str = "text") -> str:
         try:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError as e:
-            raise InputTextError(f"{what} is not valid UTF-8 (byte {e.start}: {bytes(value)[e.start:e.start + 4]!r})") from None
+            raise InputTextError(
+                f"{what} is not valid UTF-8 (byte {e.start}: {bytes(value)[e.start : e.start + 4]!r})"
+            ) from None
     if not isinstance(value, str):
         raise InputTextError(f"{what} is a {type(value).__name__}, expected str")
     try:

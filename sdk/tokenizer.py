@@ -22,8 +22,10 @@ from .fsutil import read_json
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 # llama.cpp's LLAMA3 pre-tokenizer regex (also in Meta's tokenizer.json).
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def _byte_level(use_regex: bool = True) -> pre_tokenizers.ByteLevel:
@@ -36,8 +38,12 @@ def _byte_level(use_regex: bool = True) -> pre_tokenizers.ByteLevel:
 _PRE_TOKENIZERS = {
     "smollm": (lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _byte_level()]), False),
     "gpt-2": (_byte_level, False),
-    "llama-bpe": (lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), "isolated"),
-                                                   _byte_level(use_regex=False)]), True),
+    "llama-bpe": (
+        lambda: pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), "isolated"), _byte_level(use_regex=False)]
+        ),
+        True,
+    ),
 }
 _PRE_TOKENIZERS["starcoder"] = _PRE_TOKENIZERS["smollm"]
 _PRE_TOKENIZERS["llama3"] = _PRE_TOKENIZERS["llama-v3"] = _PRE_TOKENIZERS["llama-bpe"]
@@ -75,8 +81,14 @@ class Tokenizer:
     ``unk_id`` (ints or ``None``) and ``hf`` (the wrapped ``tokenizers.Tokenizer``).
     """
 
-    def __init__(self, hf: _HFTokenizer, bos_id: int | None = None, eos_id: int | None = None,
-                 pad_id: int | None = None, unk_id: int | None = None) -> None:
+    def __init__(
+        self,
+        hf: _HFTokenizer,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+        unk_id: int | None = None,
+    ) -> None:
         """Wrap ``hf``; raise :class:`CorruptFileError` when a special id is outside the vocabulary."""
         self.hf = hf
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
@@ -87,8 +99,9 @@ class Tokenizer:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_file(cls, path: str | os.PathLike, bos_id: int | None = None, eos_id: int | None = None,
-                  pad_id: int | None = None) -> "Tokenizer":
+    def from_file(
+        cls, path: str | os.PathLike, bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None
+    ) -> "Tokenizer":
         """Read a ``tokenizer.json`` (or the one inside folder ``path``).
 
         Special ids come from the arguments, else ``tokenizer_config.json`` next to it (token
@@ -132,8 +145,9 @@ class Tokenizer:
             raise UnsupportedModelError(f"GGUF tokenizer model {kind!r} is not supported; only 'gpt2' (byte-level BPE)")
         pre = gguf_field(reader, "tokenizer.ggml.pre", "gpt-2")
         if pre not in _PRE_TOKENIZERS:
-            raise UnsupportedModelError(f"GGUF pre-tokenizer {pre!r} is not supported; "
-                                        f"supported: {', '.join(sorted(_PRE_TOKENIZERS))}")
+            raise UnsupportedModelError(
+                f"GGUF pre-tokenizer {pre!r} is not supported; supported: {', '.join(sorted(_PRE_TOKENIZERS))}"
+            )
         tokens, merges = gguf_field(reader, "tokenizer.ggml.tokens"), gguf_field(reader, "tokenizer.ggml.merges")
         if not tokens or not merges:
             raise CorruptFileError("GGUF has a gpt2 tokenizer without tokenizer.ggml.tokens / tokenizer.ggml.merges")
@@ -149,21 +163,39 @@ class Tokenizer:
         if any(len(pr) != 2 for pr in pairs):
             raise CorruptFileError("GGUF tokenizer.ggml.merges has an entry that is not 'left right'")
         make_pre, ignore_merges = _PRE_TOKENIZERS[pre]
-        hf = _HFTokenizer(models.BPE(vocab, pairs, unk_token=None, fuse_unk=False, byte_fallback=False,
-                                     ignore_merges=ignore_merges))
+        hf = _HFTokenizer(
+            models.BPE(vocab, pairs, unk_token=None, fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges)
+        )
         hf.pre_tokenizer = make_pre()
         hf.decoder = decoders.ByteLevel()
         hf.post_processor = processors.ByteLevel(trim_offsets=False)
         # Control tokens stay whole and are skippable; one not spelled in the byte alphabet would
         # get a new id past the embedding, so it is left to the BPE (as transformers does).
-        hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                               for t, ty in zip(tokens, types) if ty == _CONTROL and set(t) <= alphabet])
-        hf.add_tokens([AddedToken(t, special=False, normalized=False)
-                       for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t in vocab])
-        ids = {k: gguf_field(reader, f"tokenizer.ggml.{k}", None)
-               for k in ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id")}
-        return cls(hf, bos_id=ids["bos_token_id"], eos_id=ids["eos_token_id"],
-                   pad_id=ids["padding_token_id"], unk_id=ids["unknown_token_id"])
+        hf.add_special_tokens(
+            [
+                AddedToken(t, special=True, normalized=False)
+                for t, ty in zip(tokens, types)
+                if ty == _CONTROL and set(t) <= alphabet
+            ]
+        )
+        hf.add_tokens(
+            [
+                AddedToken(t, special=False, normalized=False)
+                for t, ty in zip(tokens, types)
+                if ty == _USER_DEFINED and t in vocab
+            ]
+        )
+        ids = {
+            k: gguf_field(reader, f"tokenizer.ggml.{k}", None)
+            for k in ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id")
+        }
+        return cls(
+            hf,
+            bos_id=ids["bos_token_id"],
+            eos_id=ids["eos_token_id"],
+            pad_id=ids["padding_token_id"],
+            unk_id=ids["unknown_token_id"],
+        )
 
     # ---- use ------------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
@@ -241,5 +273,6 @@ class Tokenizer:
         return p
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
-                f"eos_id={self.eos_id}, pad_id={self.pad_id})")
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id})"
+        )

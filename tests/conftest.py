@@ -16,9 +16,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY = dict(vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=128, tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-6,
-            max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
+TINY = dict(
+    vocab_size=49152,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    tie_word_embeddings=True,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=2048,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def find_smollm2() -> Path | str:
@@ -70,9 +81,17 @@ def llamacpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-_HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+_HF_TO_GGUF = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
 
 
 @pytest.fixture(scope="session")
@@ -87,8 +106,9 @@ def write_gguf(smollm2_reader) -> Callable[..., Path]:
 
     tok = {k: gguf_field(smollm2_reader, f"tokenizer.ggml.{k}") for k in ("tokens", "merges", "token_type")}
 
-    def write(path, state_dict, cfg=None, arch="llama", tokenizer_model="gpt2", dtype=np.float32,
-              n_tokens=None, pre="smollm") -> Path:
+    def write(
+        path, state_dict, cfg=None, arch="llama", tokenizer_model="gpt2", dtype=np.float32, n_tokens=None, pre="smollm"
+    ) -> Path:
         cfg = cfg or TINY
         tokens, types, merges = tok["tokens"], tok["token_type"], tok["merges"]
         if n_tokens is not None:  # a cut vocabulary: quicker to write and read, for error tests

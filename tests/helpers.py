@@ -36,8 +36,13 @@ def run_without_torch(code: str, *args: str, timeout: float = 600) -> dict:
     """Run ``code`` in a child Python where torch can't be imported (as on a device that doesn't
     have it) and return the JSON object it prints last; ``sys.argv[1:]`` are ``args``. The
     child's ``TORCH`` global lists any torch module it imported anyway (must stay empty)."""
-    child = ("import json, sys\nfrom benchmarks.common import block_modules\nblock_modules('torch')\n" + code)
-    p = subprocess.run([sys.executable, "-c", child, *args], capture_output=True, text=True, timeout=timeout,
-                       cwd=str(Path(__file__).resolve().parents[1]))
+    child = "import json, sys\nfrom benchmarks.common import block_modules\nblock_modules('torch')\n" + code
+    p = subprocess.run(
+        [sys.executable, "-c", child, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(Path(__file__).resolve().parents[1]),
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])

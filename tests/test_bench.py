@@ -21,9 +21,28 @@ def test_bench_export_suite_writes_json_and_report(tiny_hf_dir, tmp_path):
     import pocketpeft as pp
 
     out = tmp_path / "results"
-    p = subprocess.run([sys.executable, "-m", "pocketpeft.apps.cli", "bench", "--quick", "--suite", "export",
-                        "--base", str(tiny_hf_dir), "--targets", "gguf", "--out", str(out), "--json"],
-                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pocketpeft.apps.cli",
+            "bench",
+            "--quick",
+            "--suite",
+            "export",
+            "--base",
+            str(tiny_hf_dir),
+            "--targets",
+            "gguf",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     obj = json.loads(p.stdout.strip().splitlines()[-1])
     assert obj["failed"] == [] and obj["suites"] == ["export"]
@@ -32,8 +51,13 @@ def test_bench_export_suite_writes_json_and_report(tiny_hf_dir, tmp_path):
     assert set(res["results"]) == {"gguf"} and res["failed"] == {}
     assert res["machine"]["logical_cores"] >= 1 and "torch" in res["machine"]["versions"]
     # the sizes it reports are those of an export made independently here
-    ref = pp.export(tiny_hf_dir, tmp_path / "ref", quant="q4_0", targets=["torch", "gguf"],
-                    lora=pp.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    ref = pp.export(
+        tiny_hf_dir,
+        tmp_path / "ref",
+        quant="q4_0",
+        targets=["torch", "gguf"],
+        lora=pp.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    )
     gguf = res["results"]["gguf"]
     assert gguf["target_bytes"] == _dir_bytes(ref.root / "gguf") and gguf["target_export_seconds"]["median"] >= 0
     assert gguf["shared_bytes"] + gguf["target_bytes"] + _dir_bytes(ref.root / "torch") == gguf["bundle_bytes"]
@@ -67,8 +91,12 @@ def _suggest_payload(p50s: dict[str, float], agree: float) -> dict:
     from benchmarks.suggest_latency import best_config
 
     best, met = best_config(results)
-    return {"settings": {"keystrokes": 50, "repetitions": 1}, "results": results, "best_backend": best,
-            "targets_met": met}
+    return {
+        "settings": {"keystrokes": 50, "repetitions": 1},
+        "results": results,
+        "best_backend": best,
+        "targets_met": met,
+    }
 
 
 def test_suggestion_targets_hold_together_on_one_configuration():
@@ -79,25 +107,38 @@ def test_suggestion_targets_hold_together_on_one_configuration():
     def res(p50, agree):
         return {"latency_ms": {"p50": p50}, "top3_equal_to_torch": agree}
 
-    results = {"pocketpeft torch": res(300, 1.0), "pocketpeft llamacpp + prefetch": res(2.0, 0.78),
-               "pocketpeft llamacpp, f32 GGUF": res(80, 0.99), "pocketpeft llamacpp, f32 GGUF + prefetch": res(3.0, 0.99)}
-    assert best_config(results) == ("pocketpeft llamacpp, f32 GGUF + prefetch",
-                                    {"p50_le_10ms": True, "top3_agreement_ge_95": True})
+    results = {
+        "pocketpeft torch": res(300, 1.0),
+        "pocketpeft llamacpp + prefetch": res(2.0, 0.78),
+        "pocketpeft llamacpp, f32 GGUF": res(80, 0.99),
+        "pocketpeft llamacpp, f32 GGUF + prefetch": res(3.0, 0.99),
+    }
+    assert best_config(results) == (
+        "pocketpeft llamacpp, f32 GGUF + prefetch",
+        {"p50_le_10ms": True, "top3_agreement_ge_95": True},
+    )
     results["pocketpeft llamacpp, f32 GGUF + prefetch"] = res(30, 0.99)
     assert best_config(results)[1] == {"p50_le_10ms": False, "top3_agreement_ge_95": True}
     del results["pocketpeft llamacpp, f32 GGUF"], results["pocketpeft llamacpp, f32 GGUF + prefetch"]
-    assert best_config(results) == ("pocketpeft llamacpp + prefetch", {"p50_le_10ms": True, "top3_agreement_ge_95": False})
+    assert best_config(results) == (
+        "pocketpeft llamacpp + prefetch",
+        {"p50_le_10ms": True, "top3_agreement_ge_95": False},
+    )
 
 
 def test_update_targets_count_device_backends_only():
     from benchmarks.train_speed import device_targets
 
-    res = {"peft+transformers eager f32": {"speed_vs_peft": 1.0, "rss_vs_peft": 1.0},
-           "pocketpeft torch q4_0": {"speed_vs_peft": 1.6, "rss_vs_peft": 0.2},
-           "pocketpeft onnxruntime q4_0": {"speed_vs_peft": 1.7, "rss_vs_peft": 0.55},
-           "pocketpeft onnxruntime q4_0, 1-row micro-batches, int8 4-bit": {"speed_vs_peft": 1.41, "rss_vs_peft": 0.29}}
-    assert device_targets(res) == {"pocketpeft onnxruntime q4_0": False,
-                                   "pocketpeft onnxruntime q4_0, 1-row micro-batches, int8 4-bit": True}
+    res = {
+        "peft+transformers eager f32": {"speed_vs_peft": 1.0, "rss_vs_peft": 1.0},
+        "pocketpeft torch q4_0": {"speed_vs_peft": 1.6, "rss_vs_peft": 0.2},
+        "pocketpeft onnxruntime q4_0": {"speed_vs_peft": 1.7, "rss_vs_peft": 0.55},
+        "pocketpeft onnxruntime q4_0, 1-row micro-batches, int8 4-bit": {"speed_vs_peft": 1.41, "rss_vs_peft": 0.29},
+    }
+    assert device_targets(res) == {
+        "pocketpeft onnxruntime q4_0": False,
+        "pocketpeft onnxruntime q4_0, 1-row micro-batches, int8 4-bit": True,
+    }
 
 
 def test_report_renders_tables_plots_and_targets(tmp_path):
@@ -107,26 +148,56 @@ def test_report_renders_tables_plots_and_targets(tmp_path):
 
     out = tmp_path / "results"
     # an older full run and a newer quick run: the full run is the measurement, so it is reported
-    _write(out, "suggest_latency", _suggest_payload({"pocketpeft torch": 300.0, "pocketpeft llamacpp": 120.0,
-                                                     "transformers eager": 200.0}, 0.80),
-           "2026-01-01T00:00:00+00:00")
-    _write(out, "suggest_latency_quick", _suggest_payload({"pocketpeft torch": 300.0, "pocketpeft llamacpp": 9.0}, 0.99),
-           "2026-02-01T00:00:00+00:00")
-    _write(out, "train_speed_quick", {"results": {
-        "peft+transformers eager f32": {"tokens_per_s": {"median": 200.0, "spread": 0.1}, "speed_vs_peft": 1.0,
-                                        "peak_rss_mib": {"median": 2400.0}, "rss_vs_peft": 1.0, "share_of_ceiling": 0.6,
-                                        "losses_first_run": [4.0, 3.5, 3.2]},
-        "pocketpeft torch q4_0": {"tokens_per_s": {"median": 300.0, "spread": 0.05}, "speed_vs_peft": 1.5,
-                                  "peak_rss_mib": {"median": 700.0}, "rss_vs_peft": 0.29, "share_of_ceiling": 0.95,
-                                  "losses_first_run": [4.0, 3.4, 3.1]},
-        "pocketpeft onnxruntime q4_0": {"tokens_per_s": {"median": 290.0, "spread": 0.05}, "speed_vs_peft": 1.45,
-                                        "peak_rss_mib": {"median": 710.0}, "rss_vs_peft": 0.296, "share_of_ceiling": 0.92,
-                                        "losses_first_run": [4.0, 3.4, 3.1]}},
-        "ceiling": {"matmul_gflops": 170.0, "ceiling_tokens_per_s": 315.0}}, "2026-02-01T00:00:00+00:00")
-    (out / "notes.json").write_text("[1, 2]")   # not a result: ignored
+    _write(
+        out,
+        "suggest_latency",
+        _suggest_payload({"pocketpeft torch": 300.0, "pocketpeft llamacpp": 120.0, "transformers eager": 200.0}, 0.80),
+        "2026-01-01T00:00:00+00:00",
+    )
+    _write(
+        out,
+        "suggest_latency_quick",
+        _suggest_payload({"pocketpeft torch": 300.0, "pocketpeft llamacpp": 9.0}, 0.99),
+        "2026-02-01T00:00:00+00:00",
+    )
+    _write(
+        out,
+        "train_speed_quick",
+        {
+            "results": {
+                "peft+transformers eager f32": {
+                    "tokens_per_s": {"median": 200.0, "spread": 0.1},
+                    "speed_vs_peft": 1.0,
+                    "peak_rss_mib": {"median": 2400.0},
+                    "rss_vs_peft": 1.0,
+                    "share_of_ceiling": 0.6,
+                    "losses_first_run": [4.0, 3.5, 3.2],
+                },
+                "pocketpeft torch q4_0": {
+                    "tokens_per_s": {"median": 300.0, "spread": 0.05},
+                    "speed_vs_peft": 1.5,
+                    "peak_rss_mib": {"median": 700.0},
+                    "rss_vs_peft": 0.29,
+                    "share_of_ceiling": 0.95,
+                    "losses_first_run": [4.0, 3.4, 3.1],
+                },
+                "pocketpeft onnxruntime q4_0": {
+                    "tokens_per_s": {"median": 290.0, "spread": 0.05},
+                    "speed_vs_peft": 1.45,
+                    "peak_rss_mib": {"median": 710.0},
+                    "rss_vs_peft": 0.296,
+                    "share_of_ceiling": 0.92,
+                    "losses_first_run": [4.0, 3.4, 3.1],
+                },
+            },
+            "ceiling": {"matmul_gflops": 170.0, "ceiling_tokens_per_s": 315.0},
+        },
+        "2026-02-01T00:00:00+00:00",
+    )
+    (out / "notes.json").write_text("[1, 2]")  # not a result: ignored
     found = collect(out)
     assert set(found) == {"suggest_latency", "train_speed"} and not found["suggest_latency"]["_quick"]
-    assert found["train_speed"]["_quick"]   # only a quick run of it: that one
+    assert found["train_speed"]["_quick"]  # only a quick run of it: that one
 
     summary = write_report(out)
     text = summary.read_text()
@@ -135,7 +206,7 @@ def test_report_renders_tables_plots_and_targets(tmp_path):
     p50 = found["suggest_latency"]["results"]["pocketpeft llamacpp"]["latency_ms"]["p50"]
     assert row.split("|")[2].strip() == f"{p50:.1f}" and "80%" in row
     assert "keystrokes: pocketpeft llamacpp): p50 <= 10 ms: not met; top-3 agreement >= 95%: not met" in text
-    assert "**met**" in text.split("## Update speed")[1].split("##")[0]       # onnxruntime: 1.45x speed, 0.296x RSS
+    assert "**met**" in text.split("## Update speed")[1].split("##")[0]  # onnxruntime: 1.45x speed, 0.296x RSS
     assert "| update | pocketpeft torch q4_0 | 700 |" in text and "| serving | transformers eager | 500 |" in text
     for png in ("suggest_latency.png", "train_loss.png"):
         img = matplotlib.image.imread(summary.parent / png)
@@ -183,15 +254,25 @@ def test_bench_rejects_an_unknown_suite(tmp_path):
         bench("speed", out=tmp_path)
 
 
-@pytest.mark.slow   # ~1-2 min on 2 busy cores: three processes' worth of model loads and vocab tables
+@pytest.mark.slow  # ~1-2 min on 2 busy cores: three processes' worth of model loads and vocab tables
 def test_latency_workers_against_torch_and_llamacpp(tiny_hf_dir, tmp_path):
     pytest.importorskip("llama_cpp")
     import pocketpeft as pp
-    from benchmarks.suggest_latency import (keystroke_prefixes, random_adapter, summarize_runs, worker_llama_raw,
-                                            worker_session)
+    from benchmarks.suggest_latency import (
+        keystroke_prefixes,
+        random_adapter,
+        summarize_runs,
+        worker_llama_raw,
+        worker_session,
+    )
 
-    bundle = pp.export(tiny_hf_dir, tmp_path / "b", quant="q4_0", targets=["torch", "gguf"],
-                       lora=pp.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    bundle = pp.export(
+        tiny_hf_dir,
+        tmp_path / "b",
+        quant="q4_0",
+        targets=["torch", "gguf"],
+        lora=pp.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    )
     adapter = random_adapter(bundle.root, tmp_path / "adapter", std=0.5)
     prefixes = keystroke_prefixes(["see you at  the game", "ok"])
     assert prefixes[:3] == ["", "s", "se"] and prefixes[19:] == ["", "o"] and len(prefixes) == 21
@@ -213,9 +294,11 @@ def test_latency_workers_against_torch_and_llamacpp(tiny_hf_dir, tmp_path):
         logits = sess.logits([sep, *sess.tokenizer.encode(p)])[-1]
         same.append(top[0] == int(np.argmax(logits)))
     assert np.mean(same) >= 0.9
-    sess.reset_adapter()   # without the adapter the next tokens differ: it was applied, not ignored
-    moved = [int(np.argmax(sess.logits([sep, *sess.tokenizer.encode(p)])[-1])) != t[0]
-             for p, t in zip(prefixes, raw["top3_tokens"])]
+    sess.reset_adapter()  # without the adapter the next tokens differ: it was applied, not ignored
+    moved = [
+        int(np.argmax(sess.logits([sep, *sess.tokenizer.encode(p)])[-1])) != t[0]
+        for p, t in zip(prefixes, raw["top3_tokens"])
+    ]
     assert any(moved)
 
     res = summarize_runs({"pocketpeft torch": [torch_run], "llama raw": [raw]}, prefixes)
@@ -224,15 +307,19 @@ def test_latency_workers_against_torch_and_llamacpp(tiny_hf_dir, tmp_path):
     assert "profile" not in res["llama raw"]
 
 
-
 def test_gpu_train_smoke_runs_and_the_report_renders_it(tmp_path):
     """benchmarks.gpu_train --smoke (tiny model, CPU): every CPU configuration trains on the same
     rows with the same losses as peft + bitsandbytes; the report's GPU section renders a result."""
     from benchmarks.report import write_report
 
     out = tmp_path / "results"
-    p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_train", "--smoke", "--out", str(out)],
-                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    p = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_train", "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((out / "gpu_train_smoke_cpu.json").read_text())
     assert set(res["results"]) == {"pocketpeft eager", "peft+bnb nf4", "peft bf16 base"}

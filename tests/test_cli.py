@@ -10,8 +10,9 @@ from tests.helpers import CHAT
 
 
 def run(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "pocketpeft.apps.cli", *map(str, args)], capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "pocketpeft.apps.cli", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr}")
     return p
@@ -19,8 +20,23 @@ def run(*args, check=True):
 
 def test_export_train_eval_backends_json(tiny_hf_dir, tmp_path):
     b = tmp_path / "bundle"
-    out = json.loads(run("export", tiny_hf_dir, "--out", b, "--quant", "q8_0", "--r", "4", "--seq-len", "32",
-                         "--batch", "4", "--json").stdout)
+    out = json.loads(
+        run(
+            "export",
+            tiny_hf_dir,
+            "--out",
+            b,
+            "--quant",
+            "q8_0",
+            "--r",
+            "4",
+            "--seq-len",
+            "32",
+            "--batch",
+            "4",
+            "--json",
+        ).stdout
+    )
     assert out["targets"] == ["torch"] and out["trainable_tensors"] == 16
     text = tmp_path / "me.txt"
     text.write_text("\n".join(CHAT) + "\n")
@@ -37,8 +53,21 @@ def test_export_train_eval_backends_json(tiny_hf_dir, tmp_path):
 
 def test_export_gguf_linear_f32(tiny_hf_dir, tmp_path):
     pytest.importorskip("gguf")
-    out = json.loads(run("export", tiny_hf_dir, "--out", tmp_path / "b", "--quant", "q4_0", "--targets", "gguf",
-                         "--gguf-linear", "f32", "--json").stdout)
+    out = json.loads(
+        run(
+            "export",
+            tiny_hf_dir,
+            "--out",
+            tmp_path / "b",
+            "--quant",
+            "q4_0",
+            "--targets",
+            "gguf",
+            "--gguf-linear",
+            "f32",
+            "--json",
+        ).stdout
+    )
     info = json.loads((tmp_path / "b" / "gguf" / "info.json").read_text())
     assert "gguf" in out["targets"] and info["base"] == "gguf/base.f32.gguf" and info["linear_type"] == "f32"
     assert run("export", tiny_hf_dir, "--out", tmp_path / "c", "--gguf-linear", "q2", check=False).returncode == 2
@@ -46,8 +75,27 @@ def test_export_gguf_linear_f32(tiny_hf_dir, tmp_path):
 
 def test_export_onnx_device_memory_options(tiny_hf_dir, tmp_path):
     pytest.importorskip("onnxruntime.training")
-    run("export", tiny_hf_dir, "--out", tmp_path / "b", "--quant", "q4_0", "--targets", "onnx", "--r", "4",
-        "--seq-len", "16", "--batch", "4", "--onnx-rows", "2", "--onnx-q4", "int8", "--json")
+    run(
+        "export",
+        tiny_hf_dir,
+        "--out",
+        tmp_path / "b",
+        "--quant",
+        "q4_0",
+        "--targets",
+        "onnx",
+        "--r",
+        "4",
+        "--seq-len",
+        "16",
+        "--batch",
+        "4",
+        "--onnx-rows",
+        "2",
+        "--onnx-q4",
+        "int8",
+        "--json",
+    )
     io = json.loads((tmp_path / "b" / "onnx" / "io.json").read_text())
     assert io["training_model"]["inputs"]["input_ids"] == [2, 16] and io["q4_0_storage"] == "int8"
     bad = run("export", tiny_hf_dir, "--out", tmp_path / "c", "--targets", "onnx", "--onnx-rows", "0", check=False)
@@ -72,8 +120,14 @@ def kb_bundle(tiny_hf_dir, tmp_path_factory):
     """A tiny torch bundle for the keyboard commands (suggest, eval's keystroke metrics)."""
     import pocketpeft as pp
 
-    return pp.export(tiny_hf_dir, tmp_path_factory.mktemp("kb") / "b", quant="q8_0",
-                     lora=pp.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False), seq_len=32, batch_size=2)
+    return pp.export(
+        tiny_hf_dir,
+        tmp_path_factory.mktemp("kb") / "b",
+        quant="q8_0",
+        lora=pp.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False),
+        seq_len=32,
+        batch_size=2,
+    )
 
 
 def _main_json(capsys, *args):
@@ -93,7 +147,7 @@ def test_suggest_matches_the_session_api(kb_bundle, capsys):
     assert all(w.lower().startswith("th") for w in out["suggestions"])
     assert out["latency_ms"] > 0 and out["uncached_ms"] > 0 and out["trimmed"] is False
     assert out["backend"] == "torch:cpu"
-    for prefix in ("hey ", ""):   # the next word; the first word of a new message
+    for prefix in ("hey ", ""):  # the next word; the first word of a new message
         code, out = _main_json(capsys, "suggest", kb_bundle.root, prefix, "--backend", "torch")
         assert code == 0 and out["suggestions"] == sess.suggest(prefix, 3), prefix
     from pocketpeft.apps.cli import main
@@ -108,7 +162,7 @@ def test_suggest_bad_input(kb_bundle, capsys, monkeypatch):
 
     code, out = _main_json(capsys, "suggest", kb_bundle.root, "x", "-k", "0")
     assert code == 2 and out["type"] == "ConfigError" and "-k" in out["error"]
-    code, out = _main_json(capsys, "suggest", kb_bundle.root, "caf\udce9 au")   # argv bytes b"caf\xe9"
+    code, out = _main_json(capsys, "suggest", kb_bundle.root, "caf\udce9 au")  # argv bytes b"caf\xe9"
     assert code == 2 and out["type"] == "InputTextError" and "prefix" in out["error"]
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait\n")))
     code, out = _main_json(capsys, "suggest", kb_bundle.root, "-")
@@ -118,7 +172,7 @@ def test_suggest_bad_input(kb_bundle, capsys, monkeypatch):
     assert code == 0 and out["prefix"] == "caf\u00e9 au l"
     code, out = _main_json(capsys, "suggest", kb_bundle.root, "see you", "--adapter", kb_bundle.root / "no-adapter")
     assert code == 2 and out["type"] == "ModelFileNotFoundError" and "no-adapter" in out["error"]
-    long = "see you at the game " * 300   # 1500 words: beyond the 1024-token suggestion context
+    long = "see you at the game " * 300  # 1500 words: beyond the 1024-token suggestion context
     code, out = _main_json(capsys, "suggest", kb_bundle.root, long + "ton", "--backend", "torch")
     assert code == 0 and out["trimmed"] is True and out["max_context"] == 1024
     assert all(w.lower().startswith("ton") for w in out["suggestions"])

@@ -11,22 +11,39 @@ from pocketpeft.apps.demo import run_demo
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_writes_its_report(tmp_path):
     lines: list[str] = []
-    rep = run_demo(seconds=20, out_dir=tmp_path / "out", cache=tmp_path / "cache", max_test_messages=24,
-                   keystroke_messages=2, examples=1, log=lines.append)
+    rep = run_demo(
+        seconds=20,
+        out_dir=tmp_path / "out",
+        cache=tmp_path / "cache",
+        max_test_messages=24,
+        keystroke_messages=2,
+        examples=1,
+        log=lines.append,
+    )
     saved = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
     assert saved["sender"] == rep["sender"] and saved["update"]["steps"] == rep["update"]["steps"]
     assert (tmp_path / "out" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for side in ("before", "after"):
         m = rep[side]
         assert 0 <= m["next_word_top3"] <= 1 and 0 <= m["keystroke_savings"] <= 1 and m["loss"] > 0
-    bd = rep["breakdown"]   # what the word counts and the LoRA update each do alone
+    bd = rep["breakdown"]  # what the word counts and the LoRA update each do alone
     assert 0 < bd["word_weight"] <= 1
     for part in ("base_with_word_counts", "lora_alone"):
         assert bd[part]["words"] == rep["after"]["words"] == rep["before"]["words"]
-    assert rep["test_messages"] == 24 and 1 <= rep["keystroke_messages"] <= 2   # fewer when typing is slow
+    assert rep["test_messages"] == 24 and 1 <= rep["keystroke_messages"] <= 2  # fewer when typing is slow
     assert rep["update"]["steps"] >= 1 or "too short" in rep["update"]["reason"]
-    if rep["update"]["accepted"]:   # the gate let it through only because held-out loss fell
+    if rep["update"]["accepted"]:  # the gate let it through only because held-out loss fell
         assert rep["update"]["heldout_loss_after"] < rep["update"]["heldout_loss_before"]
-    assert any("personalized" in ln for ln in lines)   # the before/after table was printed
-    assert run_demo(seconds=1, out_dir=tmp_path / "out2", cache=tmp_path / "cache", max_test_messages=4,
-                    keystroke_messages=1, examples=1, log=None)["export_seconds"] == 0.0   # cached bundle reused
+    assert any("personalized" in ln for ln in lines)  # the before/after table was printed
+    assert (
+        run_demo(
+            seconds=1,
+            out_dir=tmp_path / "out2",
+            cache=tmp_path / "cache",
+            max_test_messages=4,
+            keystroke_messages=1,
+            examples=1,
+            log=None,
+        )["export_seconds"]
+        == 0.0
+    )  # cached bundle reused

@@ -27,8 +27,17 @@ CONTRACT = {"errors", "config", "manifest", "adapter", "tokenizer", "fsutil", "r
 #: Engine backends that run the torch reference model (host and server, or ExecuTorch's torch-fed API).
 TORCH_BACKENDS = {"torch_backend", "peft_backend", "executorch_backend", "step_graph"}
 #: Third-party packages a device room must not import (host work or the reference stack).
-HOST_ONLY = {"torch", "transformers", "peft", "bitsandbytes", "onnx", "onnxscript", "coremltools", "executorch",
-             "benchmarks"}
+HOST_ONLY = {
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "onnx",
+    "onnxscript",
+    "coremltools",
+    "executorch",
+    "benchmarks",
+}
 
 #: room -> rooms it may import (its own room included).
 ALLOWED = {
@@ -141,7 +150,7 @@ def violations(modules: dict[str, Path]) -> list[str]:
             if other.startswith("face:"):
                 other = {"face:pocketpeft": "contract", "face:runtime": "engine", "face:export": "export"}[other]
                 if target == "pocketpeft" and room != "face:pocketpeft":
-                    continue   # ``from pocketpeft import __version__`` and friends: the face's own names
+                    continue  # ``from pocketpeft import __version__`` and friends: the face's own names
             if other not in ALLOWED[room]:
                 bad.append(f"{where}:{line}: {room} imports {target} ({other})")
     return bad
@@ -175,7 +184,7 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
         modules[name] = p
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     bad = violations(modules)
-    assert {b.split(':')[0] for b in bad} == {str(m.relative_to(tmp_path)) for m in modules.values()}, bad
+    assert {b.split(":")[0] for b in bad} == {str(m.relative_to(tmp_path)) for m in modules.values()}, bad
     assert any("engine imports pocketpeft.runtime.keyboard.personalizer" in b for b in bad)
     assert any("device room 'contract' imports torch" in b for b in bad)
     assert any("imports pocketpeft.export.onnx_target" in b for b in bad)
@@ -210,7 +219,9 @@ def test_device_rooms_import_without_torch():
 @pytest.mark.parametrize("face", ["pocketpeft", "pocketpeft.runtime"])
 def test_faces_stay_light(face):
     """``import pocketpeft`` / ``pocketpeft.runtime`` load neither torch nor the exporter."""
-    code = (f"import sys, {face}; bad = [m for m in sys.modules if m.split('.')[0] == 'torch' "
-            "or m.startswith(('pocketpeft.export', 'pocketpeft.reference'))]; print(bad); assert not bad")
+    code = (
+        f"import sys, {face}; bad = [m for m in sys.modules if m.split('.')[0] == 'torch' "
+        "or m.startswith(('pocketpeft.export', 'pocketpeft.reference'))]; print(bad); assert not bad"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]

@@ -72,9 +72,16 @@ def probe() -> Probe:
     try:
         _runtime()
     except ImportError as e:
-        return Probe("executorch", False, (), f"executorch training runtime not importable ({e}); install it with: {_EXTRA}")
-    caps = Capabilities(train=True, infer=True, tier="cpu", kv_cache=False,
-                        notes="ExecuTorch 1.5 CPU kernels, matmuls on XNNPACK; host AdamW")
+        return Probe(
+            "executorch", False, (), f"executorch training runtime not importable ({e}); install it with: {_EXTRA}"
+        )
+    caps = Capabilities(
+        train=True,
+        infer=True,
+        tier="cpu",
+        kv_cache=False,
+        notes="ExecuTorch 1.5 CPU kernels, matmuls on XNNPACK; host AdamW",
+    )
     return Probe("executorch", True, ("cpu",), "", {"cpu": caps})
 
 
@@ -91,9 +98,9 @@ class ExecuTorchBackend:
         self.step = 0
         self._bundle: Bundle | None = None
         self._train = self._infer = None
-        self._keys: list[str] = []                     # PEFT keys, in train-output order
-        self._adapter: dict[str, torch.Tensor] = {}   # PEFT key -> tensor (aliases ExecuTorch's once training ran)
-        self._opt = HostAdamW(self.cfg)   # the host optimizer (numpy, shared with the onnxruntime backend)
+        self._keys: list[str] = []  # PEFT keys, in train-output order
+        self._adapter: dict[str, torch.Tensor] = {}  # PEFT key -> tensor (aliases ExecuTorch's once training ran)
+        self._opt = HostAdamW(self.cfg)  # the host optimizer (numpy, shared with the onnxruntime backend)
 
     def capabilities(self) -> Capabilities:
         return probe().capabilities[self.device]
@@ -106,7 +113,8 @@ class ExecuTorchBackend:
         if "executorch" not in bundle.manifest.targets:
             raise ModelFileNotFoundError(
                 f"bundle {bundle.root} has no executorch target (it has: {', '.join(bundle.targets)}); "
-                "re-export it with --targets executorch")
+                "re-export it with --targets executorch"
+            )
         for rel in (TRAIN, INFER):
             self._load_pte(bundle, rel, _runtime()[2])
         try:
@@ -145,13 +153,15 @@ class ExecuTorchBackend:
         ids = np.asarray(input_ids, dtype=np.int64)
         seq = self._b.manifest.seq_len
         if ids.ndim != 2 or ids.shape[0] > rows or ids.shape[1] > seq:
-            raise SequenceTooLongError(f"{what}: got shape {ids.shape}; the executorch programs of {self._b.root} "
-                                       f"take at most {rows} rows of {seq} tokens (re-export with a larger --seq-len)")
+            raise SequenceTooLongError(
+                f"{what}: got shape {ids.shape}; the executorch programs of {self._b.root} "
+                f"take at most {rows} rows of {seq} tokens (re-export with a larger --seq-len)"
+            )
         out_ids = torch.zeros(rows, seq, dtype=torch.int64)
-        out_ids[:ids.shape[0], :ids.shape[1]] = torch.from_numpy(ids)
+        out_ids[: ids.shape[0], : ids.shape[1]] = torch.from_numpy(ids)
         out_lab = torch.full((rows, seq), -100, dtype=torch.int64)
         if labels is not None:
-            out_lab[:ids.shape[0], :ids.shape[1]] = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+            out_lab[: ids.shape[0], : ids.shape[1]] = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         return out_ids, out_lab
 
     def _train_module(self):
@@ -195,7 +205,7 @@ class ExecuTorchBackend:
         total, grads = 0.0, [torch.zeros_like(self._adapter[k]) for k in self._keys]
         # gradient accumulation is exact whatever the split, so fill every call to batch_size
         for s in range(0, len(ids_all), bs):
-            ids, lab = self._pad(ids_all[s:s + bs], lab_all[s:s + bs], bs, "train_step input_ids")
+            ids, lab = self._pad(ids_all[s : s + bs], lab_all[s : s + bs], bs, "train_step input_ids")
             n = int((lab != -100).sum())
             if n == 0:
                 continue  # the program's mean over zero tokens is NaN; these rows add nothing
@@ -205,7 +215,7 @@ class ExecuTorchBackend:
             for acc, gi in zip(grads, g):
                 acc.add_(gi * w)
         g_np = {k: g.numpy() for k, g in zip(self._keys, grads)}
-        norm, coef = clip_coef(g_np.values(), cfg.grad_clip)   # torch.nn.utils.clip_grad_norm_
+        norm, coef = clip_coef(g_np.values(), cfg.grad_clip)  # torch.nn.utils.clip_grad_norm_
         grad_norm = float(norm)
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             return StepResult(total, True, grad_norm, lr, n_tok)  # skip: weights and moments untouched
@@ -218,8 +228,8 @@ class ExecuTorchBackend:
         bs = self._b.manifest.batch_size
         loss, tok, top1, top3 = 0.0, 0, 0, 0
         for s in range(0, len(input_ids), bs):
-            ids = np.asarray(input_ids[s:s + bs], dtype=np.int64)
-            lab = torch.from_numpy(np.asarray(labels[s:s + bs], dtype=np.int64))
+            ids = np.asarray(input_ids[s : s + bs], dtype=np.int64)
+            lab = torch.from_numpy(np.asarray(labels[s : s + bs], dtype=np.int64))
             logits = self.logits(ids)
             valid = lab != -100
             lg, tg = torch.from_numpy(logits)[valid], lab[valid]
@@ -235,9 +245,12 @@ class ExecuTorchBackend:
         if ids.ndim != 2 or ids.shape[1] > sig[SIG_MAX_SEQ_LEN] or ids.shape[1] < 1:
             raise SequenceTooLongError(
                 f"input_ids of shape {ids.shape}: infer.pte of {self._b.root} takes 1..{sig[SIG_MAX_SEQ_LEN]} tokens "
-                f"per row (re-export with --seq-len up to the model's context of {m.arch.max_position_embeddings})")
-        parts = [self._logits(torch.from_numpy(ids[s:s + sig[SIG_MAX_BATCH]]))
-                 for s in range(0, len(ids), sig[SIG_MAX_BATCH])]
+                f"per row (re-export with --seq-len up to the model's context of {m.arch.max_position_embeddings})"
+            )
+        parts = [
+            self._logits(torch.from_numpy(ids[s : s + sig[SIG_MAX_BATCH]]))
+            for s in range(0, len(ids), sig[SIG_MAX_BATCH])
+        ]
         return torch.cat(parts).numpy()
 
     def get_adapter(self) -> dict[str, np.ndarray]:
@@ -246,17 +259,19 @@ class ExecuTorchBackend:
     def set_adapter(self, tensors: Mapping[str, np.ndarray]) -> None:
         """Replace the LoRA tensors (PEFT keys, ``.default.`` infixes accepted); nothing changes
         unless every key and shape matches. Optimizer state is reset."""
-        given = {peft_key(k): v
-                 for k, v in tensors.items()}
+        given = {peft_key(k): v for k, v in tensors.items()}
         missing, unexpected = sorted(set(self._keys) - set(given)), sorted(set(given) - set(self._keys))
         if missing or unexpected:
-            raise AdapterShapeError(f"adapter tensors don't match the bundle's LoRA layers: {len(missing)} missing "
-                                    f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+            raise AdapterShapeError(
+                f"adapter tensors don't match the bundle's LoRA layers: {len(missing)} missing "
+                f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+            )
         new = {k: torch.as_tensor(np.asarray(given[k]), dtype=torch.float32) for k in self._keys}
         for k, t in new.items():
             if tuple(t.shape) != tuple(self._adapter[k].shape):
-                raise AdapterShapeError(f"adapter tensor {k} has shape {tuple(t.shape)}, "
-                                        f"the bundle expects {tuple(self._adapter[k].shape)}")
+                raise AdapterShapeError(
+                    f"adapter tensor {k} has shape {tuple(t.shape)}, the bundle expects {tuple(self._adapter[k].shape)}"
+                )
             if not torch.isfinite(t).all():
                 raise AdapterShapeError(f"adapter tensor {k} holds NaN or inf values")
         for k, t in new.items():

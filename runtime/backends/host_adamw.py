@@ -46,16 +46,16 @@ class HostAdamW:
         cfg = self.cfg
         b1, b2 = cfg.betas
         t = self.steps + 1
-        step_size = lr / (1 - b1 ** t)
-        bc2_sqrt = np.float32(math.sqrt(1 - b2 ** t))
+        step_size = lr / (1 - b1**t)
+        bc2_sqrt = np.float32(math.sqrt(1 - b2**t))
         for k, p in params.items():
             g = grads[k] * coef
             m, v = self.moments.get(k) or (np.zeros_like(p), np.zeros_like(p))
             if cfg.weight_decay:
                 p *= np.float32(1 - lr * cfg.weight_decay)
-            m += np.float32(1 - b1) * (g - m)                       # exp_avg.lerp_(grad, 1 - beta1)
+            m += np.float32(1 - b1) * (g - m)  # exp_avg.lerp_(grad, 1 - beta1)
             v *= np.float32(b2)
-            v += np.float32(1 - b2) * g * g                          # exp_avg_sq.addcmul_(g, g, 1 - beta2)
+            v += np.float32(1 - b2) * g * g  # exp_avg_sq.addcmul_(g, g, 1 - beta2)
             p += np.float32(-step_size) * (m / (np.sqrt(v) / bc2_sqrt + np.float32(cfg.eps)))
             self.moments[k] = (m, v)
         self.steps = t

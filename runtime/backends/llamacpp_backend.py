@@ -53,8 +53,8 @@ from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
 NAME = "llamacpp"
 INFO = "gguf/info.json"
 _N_BATCH = 512
-_N_SEQ = 32           # K/V sequences in the (unified) cache: 0 for decoding, the rest for branches
-_BRANCH_KEEP = 16     # a branch is kept while at most this many of its tokens are not shared
+_N_SEQ = 32  # K/V sequences in the (unified) cache: 0 for decoding, the rest for branches
+_BRANCH_KEEP = 16  # a branch is kept while at most this many of its tokens are not shared
 
 
 def _version() -> str:
@@ -74,9 +74,16 @@ def probe() -> Probe:
         require("llama_cpp", "llamacpp")
     except MissingDependencyError as e:
         return Probe(NAME, False, (), str(e))
-    caps = {"cpu": Capabilities(train=False, infer=True, tier="cpu", kv_cache=True,
-                                notes=f"llama-cpp-python {_version()}, GGUF base + hot-swapped GGUF LoRA, "
-                                      f"{_threads()} threads, inference only")}
+    caps = {
+        "cpu": Capabilities(
+            train=False,
+            infer=True,
+            tier="cpu",
+            kv_cache=True,
+            notes=f"llama-cpp-python {_version()}, GGUF base + hot-swapped GGUF LoRA, "
+            f"{_threads()} threads, inference only",
+        )
+    }
     return Probe(NAME, True, ("cpu",), "", caps)
 
 
@@ -88,7 +95,7 @@ def _threads() -> int:
         return 2
 
 
-_LOG_ERROR = 4        # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+_LOG_ERROR = 4  # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
 _log_sink: list[tuple[int, str]] = []
 
 
@@ -134,8 +141,10 @@ def _errors(log: list[tuple[int, str]]) -> str:
 
 
 def _train_unavailable() -> BackendUnavailableError:
-    return BackendUnavailableError("llamacpp is inference-only: it cannot train LoRA adapters; train with "
-                                   "another backend (torch, onnxruntime, executorch) and load the adapter here")
+    return BackendUnavailableError(
+        "llamacpp is inference-only: it cannot train LoRA adapters; train with "
+        "another backend (torch, onnxruntime, executorch) and load the adapter here"
+    )
 
 
 def base_gguf_path(bundle: Bundle):
@@ -145,7 +154,8 @@ def base_gguf_path(bundle: Bundle):
         raise ModelFileNotFoundError(
             f"bundle {bundle.root} has no 'gguf' target (it has: {', '.join(bundle.targets) or 'none'}); "
             "the llamacpp backend needs it: re-export with --targets gguf (e.g. `pocketpeft export BASE "
-            "--out BUNDLE --targets torch,gguf`)")
+            "--out BUNDLE --targets torch,gguf`)"
+        )
     info_path = bundle.path_of(INFO)
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
@@ -173,8 +183,9 @@ class _Context:
         import llama_cpp
 
         llama_cpp.llama_backend_init()
-        try:   # as Llama(verbose=False) does, unless the application set the level itself
+        try:  # as Llama(verbose=False) does, unless the application set the level itself
             from llama_cpp._logger import logger, set_verbose
+
             if logger.level == 0:
                 set_verbose(False)
         except ImportError:  # pragma: no cover - a future llama-cpp-python without it
@@ -190,7 +201,7 @@ class _Context:
         cp.n_seq_max, cp.kv_unified = _N_SEQ, True
         cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         if exact:
-            cp.type_k = cp.type_v = 0                      # GGML_TYPE_F32
+            cp.type_k = cp.type_v = 0  # GGML_TYPE_F32
         self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
@@ -224,15 +235,15 @@ class LlamaCppBackend:
         if device != "cpu":
             raise BackendUnavailableError(f"backend 'llamacpp' runs on 'cpu' only, not {device!r}")
         self.device = device
-        self.llm: _Context | None = None     # model + context, created once in load()
+        self.llm: _Context | None = None  # model + context, created once in load()
         self.bundle: Bundle | None = None
         self._adapter: dict[str, np.ndarray] = {}
-        self._lora = None                    # the attached llama_adapter_lora pointer, or None
+        self._lora = None  # the attached llama_adapter_lora pointer, or None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._batch = self._batch_free = None
-        self._kv: list[int] = []             # tokens whose K/V sequence 0 of the cache holds
+        self._kv: list[int] = []  # tokens whose K/V sequence 0 of the cache holds
         self._branches: OrderedDict[int, list[int]] = OrderedDict()  # sequence id -> its tokens, LRU first
-        self.last_branch_tokens = 0          # tokens the last branch_logits call evaluated
+        self.last_branch_tokens = 0  # tokens the last branch_logits call evaluated
         self._swaps = 0
 
     def capabilities(self) -> Capabilities:
@@ -289,7 +300,8 @@ class LlamaCppBackend:
         if start + len(ids) > self._n_ctx:
             raise SequenceTooLongError(
                 f"sequence of {start + len(ids)} tokens exceeds the llama.cpp context of {self._n_ctx} "
-                "(raise POCKETPEFT_LLAMACPP_N_CTX, up to the model's context)")
+                "(raise POCKETPEFT_LLAMACPP_N_CTX, up to the model's context)"
+            )
         bad = [i for i in ids if not 0 <= i < self._vocab]
         if bad:
             raise InputTextError(f"token id {bad[0]} is not in [0, {self._vocab})")
@@ -302,7 +314,7 @@ class LlamaCppBackend:
         out = []
         b = self._batch
         for c in range(0, len(ids), _N_BATCH):
-            chunk = ids[c:c + _N_BATCH]
+            chunk = ids[c : c + _N_BATCH]
             n = len(chunk)
             b.n_tokens = n
             for i, tok in enumerate(chunk):
@@ -331,7 +343,7 @@ class LlamaCppBackend:
             llama_cpp.llama_memory_clear(self._mem, True)
             self._branches.clear()
             keep = 0
-        del self._kv[max(keep, 0):]
+        del self._kv[max(keep, 0) :]
         return len(self._kv)
 
     def _evaluate(self, ids: list[int], prefix: list[int]) -> np.ndarray:
@@ -367,15 +379,18 @@ class LlamaCppBackend:
         self.last_branch_tokens = 0
         group: list[int] = []
         for i in range(len(seqs) + 1):
-            full = i == len(seqs) or len(group) == (_N_SEQ - 1) // 2 or \
-                sum(len(seqs[j]) for j in group) + len(seqs[i]) > _N_BATCH
+            full = (
+                i == len(seqs)
+                or len(group) == (_N_SEQ - 1) // 2
+                or sum(len(seqs[j]) for j in group) + len(seqs[i]) > _N_BATCH
+            )
             if group and full:
                 todo = [seqs[j] for j in group]
-                shared = todo[0][:min(map(len, todo)) - 1]
+                shared = todo[0][: min(map(len, todo)) - 1]
                 for s in todo[1:]:
-                    shared = shared[:_common(shared, s)]
+                    shared = shared[: _common(shared, s)]
                 if len(todo) > 1 and shared and self._longest_held(shared)[1] < len(shared):
-                    self._branch_group([shared])     # evaluate the shared part once, then branch off it
+                    self._branch_group([shared])  # evaluate the shared part once, then branch off it
                 out[group] = self._branch_group(todo)
                 group = []
             if i < len(seqs):
@@ -395,9 +410,9 @@ class LlamaCppBackend:
         plan = [(src, min(m, len(s) - 1)) for s, (src, m) in zip(seqs, map(self._longest_held, seqs))]
         sources = {src for src, _ in plan}
         free = [sid for sid in range(1, _N_SEQ) if sid not in self._branches]
-        free += [sid for sid in self._branches if sid not in sources]       # then LRU first
+        free += [sid for sid in self._branches if sid not in sources]  # then LRU first
         n = 0
-        dests = free[:len(seqs)]
+        dests = free[: len(seqs)]
         for (src, m), dst, s in zip(plan, dests, seqs):
             llama_cpp.llama_memory_seq_rm(mem, dst, -1, -1)
             if m:
@@ -412,7 +427,7 @@ class LlamaCppBackend:
         rc = llama_cpp.llama_decode(self._llm.ctx, b)
         if rc != 0:
             self._drop_branches(lambda toks: True)
-            if rc == 1 and retry:                   # no room in the cache: retry from sequence 0 alone
+            if rc == 1 and retry:  # no room in the cache: retry from sequence 0 alone
                 return self._branch_group(seqs, retry=False)
             raise RuntimeError(f"llama_decode failed with code {rc}")
         for dst, s in zip(dests, seqs):
@@ -459,8 +474,7 @@ class LlamaCppBackend:
         from pocketpeft.formats.gguf_lora import adapter_to_gguf
 
         llm, m = self._llm, self.bundle.manifest
-        arrays = {peft_key(k):
-                  np.array(v, dtype=np.float32) for k, v in tensors.items()}
+        arrays = {peft_key(k): np.array(v, dtype=np.float32) for k, v in tensors.items()}
         ad = Adapter(m.lora, arrays)
         check_adapter_shapes(ad, m.trainable, "for this bundle")
         bad = [k for k, v in arrays.items() if not np.isfinite(v).all()]
@@ -490,7 +504,7 @@ class LlamaCppBackend:
         if self._lora:
             llama_cpp.llama_adapter_lora_free(self._lora)  # detached above, so safe to free
         self._lora, self._adapter = new, arrays
-        self._drop_branches(lambda toks: True)        # their K/V came from the previous weights
+        self._drop_branches(lambda toks: True)  # their K/V came from the previous weights
 
     @property
     def adapter_attached(self) -> bool:
@@ -526,7 +540,7 @@ class LlamaCppDecoder:
     def __init__(self, backend: LlamaCppBackend) -> None:
         self.backend = backend
         self._ids: list[int] = []
-        self.last_tokens = 0                 # tokens the last branch_logits call evaluated
+        self.last_tokens = 0  # tokens the last branch_logits call evaluated
 
     @property
     def n_tokens(self) -> int:
@@ -550,7 +564,7 @@ class LlamaCppDecoder:
     def truncate(self, n: int) -> None:
         # The cache is trimmed lazily: the next extend keeps the common prefix (llama_memory_seq_rm).
         if n < len(self._ids):
-            del self._ids[max(0, n):]
+            del self._ids[max(0, n) :]
 
 
 def create(device: str = "cpu") -> LlamaCppBackend:

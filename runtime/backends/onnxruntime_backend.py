@@ -62,8 +62,11 @@ def _cuda_usable() -> bool:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
     capi = os.path.join(os.path.dirname(ort.__file__), "capi")
-    provider, driver = (("onnxruntime_providers_cuda.dll", "nvcuda.dll") if sys.platform == "win32"
-                        else ("libonnxruntime_providers_cuda.so", "libcuda.so.1"))
+    provider, driver = (
+        ("onnxruntime_providers_cuda.dll", "nvcuda.dll")
+        if sys.platform == "win32"
+        else ("libonnxruntime_providers_cuda.so", "libcuda.so.1")
+    )
     try:
         ctypes.CDLL(os.path.join(capi, provider))
         cuda = ctypes.CDLL(driver)
@@ -94,14 +97,18 @@ def training_api():
         from onnxruntime.training.api import CheckpointState, Module
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] != "torch":
-            raise MissingDependencyError(f"onnxruntime-training is not installed or broken ({e}); install it "
-                                         "with: pip install 'pocketpeft[onnx]'") from e
+            raise MissingDependencyError(
+                f"onnxruntime-training is not installed or broken ({e}); install it "
+                "with: pip install 'pocketpeft[onnx]'"
+            ) from e
         import onnxruntime
 
         pkg_dir = os.path.join(os.path.dirname(onnxruntime.__file__), "training")
         if not os.path.isdir(os.path.join(pkg_dir, "api")):
-            raise MissingDependencyError("onnxruntime has no training API (the inference wheel is installed); "
-                                         "install it with: pip install 'pocketpeft[onnx]'") from e
+            raise MissingDependencyError(
+                "onnxruntime has no training API (the inference wheel is installed); "
+                "install it with: pip install 'pocketpeft[onnx]'"
+            ) from e
         bare = types.ModuleType("onnxruntime.training")
         bare.__path__ = [pkg_dir]
         sys.modules["onnxruntime.training"] = bare
@@ -136,9 +143,9 @@ class OrtBackend:
         self.cfg = TrainConfig()
         self.step = 0
         self._state = self._module = None
-        self._shapes: dict[str, tuple[int, ...]] = {}   # PEFT key -> shape
-        self._static = (0, 0)   # the training model's [rows, seq_len]
-        self._opt = HostAdamW(self.cfg)   # the host optimizer: AdamW moments per PEFT key
+        self._shapes: dict[str, tuple[int, ...]] = {}  # PEFT key -> shape
+        self._static = (0, 0)  # the training model's [rows, seq_len]
+        self._opt = HostAdamW(self.cfg)  # the host optimizer: AdamW moments per PEFT key
 
     def capabilities(self) -> Capabilities:
         return probe().capabilities[self.device]
@@ -153,8 +160,10 @@ class OrtBackend:
 
         CheckpointState, Module = training_api()
         if DIR not in bundle.manifest.targets:
-            raise ModelFileNotFoundError(f"bundle {bundle.root} has no 'onnx' target (it has: "
-                                         f"{', '.join(bundle.targets)}); re-export it with --targets onnx")
+            raise ModelFileNotFoundError(
+                f"bundle {bundle.root} has no 'onnx' target (it has: "
+                f"{', '.join(bundle.targets)}); re-export it with --targets onnx"
+            )
         paths = {f: bundle.path_of(f"{DIR}/{f}") for f in (TRAIN, EVAL, CHECKPOINT, IO_JSON)}
         try:
             io = json.loads(paths[IO_JSON].read_text(encoding="utf-8"))
@@ -163,8 +172,8 @@ class OrtBackend:
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
             raise CorruptFileError(f"{paths[IO_JSON]} is not a valid io.json: {e}") from e
         so = ort.SessionOptions()
-        so.log_severity_level = 3   # warnings only restate that dynamic shapes are planned at run time
-        for key, value in config.items():   # what the exported graphs need, e.g. no CSE (see onnx_target)
+        so.log_severity_level = 3  # warnings only restate that dynamic shapes are planned at run time
+        for key, value in config.items():  # what the exported graphs need, e.g. no CSE (see onnx_target)
             so.add_session_config_entry(str(key), str(value))
         try:
             state = CheckpointState.load_checkpoint(str(paths[CHECKPOINT]))
@@ -177,8 +186,10 @@ class OrtBackend:
         expected = {k: tuple(v) for k, v in bundle.manifest.trainable.items()}
         trainable = {n: tuple(p.data.shape) for n, p in state.parameters if p.requires_grad}
         if trainable != expected:
-            raise CorruptFileError(f"{paths[CHECKPOINT]}: its trainable tensors don't match the manifest's "
-                                   f"({len(trainable)} vs {len(expected)} LoRA tensors)")
+            raise CorruptFileError(
+                f"{paths[CHECKPOINT]}: its trainable tensors don't match the manifest's "
+                f"({len(trainable)} vs {len(expected)} LoRA tensors)"
+            )
         self._state, self._module, self._shapes, self._static = state, module, expected, (rows, seq)
         self.set_adapter(bundle.initial_adapter().tensors)
 
@@ -205,7 +216,7 @@ class OrtBackend:
         if ids.shape == (rows, seq):
             return ids, labels
         pid, plab = np.zeros((rows, seq), np.int64), np.full((rows, seq), fmt.IGNORE_INDEX, np.int64)
-        pid[:ids.shape[0], :ids.shape[1]], plab[:ids.shape[0], :ids.shape[1]] = ids, labels
+        pid[: ids.shape[0], : ids.shape[1]], plab[: ids.shape[0], : ids.shape[1]] = ids, labels
         return pid, plab
 
     def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
@@ -221,21 +232,23 @@ class OrtBackend:
         ids, lab = np.asarray(input_ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
         rows, seq = self._static
         if ids.ndim != 2 or ids.shape[1] > seq:
-            raise SequenceTooLongError(f"train_step: input_ids of shape {ids.shape}; the ONNX training graph "
-                                       f"takes rows of at most {seq} tokens (re-export with a larger seq_len)")
+            raise SequenceTooLongError(
+                f"train_step: input_ids of shape {ids.shape}; the ONNX training graph "
+                f"takes rows of at most {seq} tokens (re-export with a larger seq_len)"
+            )
         n_tok = int((lab != -100).sum())
         denom = np.float32(max(n_tok, 1))
         lr = cfg.lr_at(self.step)
         mod.lazy_reset_grad()
         total = 0.0
         for s in range(0, len(ids), rows):
-            total += float(np.float32(self._run(True, *self._padded(ids[s:s + rows], lab[s:s + rows]))) / denom)
+            total += float(np.float32(self._run(True, *self._padded(ids[s : s + rows], lab[s : s + rows]))) / denom)
         grads = {k: state.parameters[k].grad / denom for k in self._shapes}
-        grad_norm, coef = clip_coef(grads.values(), cfg.grad_clip)   # torch.nn.utils.clip_grad_norm_
+        grad_norm, coef = clip_coef(grads.values(), cfg.grad_clip)  # torch.nn.utils.clip_grad_norm_
         if not (math.isfinite(total) and math.isfinite(float(grad_norm))):
             return StepResult(total, True, float(grad_norm), lr, n_tok)
-        params = {k: state.parameters[k].data.copy() for k in grads}   # ORT's buffers: update copies
-        self._opt.step(params, grads, coef, lr)                          # torch.optim.AdamW, in float32
+        params = {k: state.parameters[k].data.copy() for k in grads}  # ORT's buffers: update copies
+        self._opt.step(params, grads, coef, lr)  # torch.optim.AdamW, in float32
         for k, p in params.items():
             state.parameters[k] = p
         self.step += 1
@@ -248,7 +261,7 @@ class OrtBackend:
         valid = lab != -100
         lg, tg = logits[valid], lab[valid]
         target = lg[np.arange(len(tg)), tg]
-        above = (lg > target[:, None]).sum(-1)   # rank of the target among the vocabulary
+        above = (lg > target[:, None]).sum(-1)  # rank of the target among the vocabulary
         return EvalSums(float(loss_sum), int(tg.size), int((lg.argmax(-1) == tg).sum()), int((above < 3).sum()))
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
@@ -268,12 +281,13 @@ class OrtBackend:
         """
         if self._state is None:
             raise RuntimeError("backend not loaded: call load(bundle) first")
-        given = {peft_key(k):
-                 np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
+        given = {peft_key(k): np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
         missing, extra = sorted(set(self._shapes) - set(given)), sorted(set(given) - set(self._shapes))
         if missing or extra:
-            raise AdapterShapeError(f"adapter tensors don't match the bundle's LoRA layers: {len(missing)} missing "
-                                    f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})")
+            raise AdapterShapeError(
+                f"adapter tensors don't match the bundle's LoRA layers: {len(missing)} missing "
+                f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})"
+            )
         for k, shape in self._shapes.items():
             if given[k].shape != shape:
                 raise AdapterShapeError(f"adapter tensor {k} has shape {given[k].shape}, the bundle expects {shape}")

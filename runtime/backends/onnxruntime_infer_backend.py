@@ -55,8 +55,10 @@ def probe() -> Probe:
     caps = {"cpu": Capabilities(train=False, infer=True, tier="cpu", forward_only=True, notes=f"{note}, CPU EP")}
     npu = [p for p in _NPU_PROVIDERS if p in ort.get_available_providers()]
     if npu:
-        caps = {"npu": Capabilities(train=False, infer=True, tier="npu", forward_only=True, notes=f"{note}, {npu[0]}"),
-                **caps}
+        caps = {
+            "npu": Capabilities(train=False, infer=True, tier="npu", forward_only=True, notes=f"{note}, {npu[0]}"),
+            **caps,
+        }
     return Probe(NAME, True, tuple(caps), "", caps)
 
 
@@ -67,7 +69,7 @@ class OrtInferBackend:
 
     def __init__(self, device: str = "cpu") -> None:
         self.device = device
-        self.session = None   # onnxruntime.InferenceSession
+        self.session = None  # onnxruntime.InferenceSession
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._lora: dict[str, np.ndarray] = {}
 
@@ -85,8 +87,10 @@ class OrtInferBackend:
         import onnxruntime as ort
 
         if "onnx" not in bundle.manifest.targets:
-            raise ModelFileNotFoundError(f"bundle {bundle.root} has no 'onnx' target (it has: "
-                                         f"{', '.join(bundle.targets)}); re-export it with --targets onnx")
+            raise ModelFileNotFoundError(
+                f"bundle {bundle.root} has no 'onnx' target (it has: "
+                f"{', '.join(bundle.targets)}); re-export it with --targets onnx"
+            )
         path = bundle.path_of(INFER)
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -106,11 +110,15 @@ class OrtInferBackend:
         outputs = {o.name for o in self.session.get_outputs()}
         if not ({INPUT_IDS, LABELS} <= graph_inputs and {LOGITS, LOSS} <= outputs):
             self.session = None
-            raise CorruptFileError(f"{path} has no {LABELS!r} input / {LOSS!r} output (exported by an older "
-                                   f"pocketpeft); re-export the bundle: pocketpeft export ... --targets onnx")
+            raise CorruptFileError(
+                f"{path} has no {LABELS!r} input / {LOSS!r} output (exported by an older "
+                f"pocketpeft); re-export the bundle: pocketpeft export ... --targets onnx"
+            )
         if not set(self._shapes) <= graph_inputs:
-            raise CorruptFileError(f"{path}: its inputs lack the manifest's LoRA tensors "
-                                   f"(e.g. {sorted(set(self._shapes) - graph_inputs)[:2]})")
+            raise CorruptFileError(
+                f"{path}: its inputs lack the manifest's LoRA tensors "
+                f"(e.g. {sorted(set(self._shapes) - graph_inputs)[:2]})"
+            )
         self.set_adapter(bundle.initial_adapter().tensors)
 
     def configure(self, cfg: TrainConfig) -> None:
@@ -119,15 +127,17 @@ class OrtInferBackend:
     def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
         """Always raises :class:`BackendUnavailableError`: inference only (train it with
         ``update="forward-only"``, which wraps it in a ForwardOnlyTrainer)."""
-        raise BackendUnavailableError(f"{NAME} is inference-only: it cannot backpropagate; train on it with "
-                                      "forward-only updates (pocketpeft train --update forward-only)")
+        raise BackendUnavailableError(
+            f"{NAME} is inference-only: it cannot backpropagate; train on it with "
+            "forward-only updates (pocketpeft train --update forward-only)"
+        )
 
     def _run(self, outputs: list[str], ids: np.ndarray, labels: np.ndarray | None = None) -> list[np.ndarray]:
         if self.session is None:
             raise RuntimeError("backend not loaded: call load(bundle) first")
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         feed = {INPUT_IDS: ids, **self._lora}
-        if labels is not None:   # without: infer.onnx's default scores nothing
+        if labels is not None:  # without: infer.onnx's default scores nothing
             feed[LABELS] = np.ascontiguousarray(labels, dtype=np.int64)
         return self.session.run(outputs, feed)
 
@@ -140,7 +150,7 @@ class OrtInferBackend:
         loss_sum, logits = self._run([LOSS, LOGITS], input_ids, lab)
         valid = lab != IGNORE_INDEX
         lg, tg = logits[valid], lab[valid]
-        above = (lg > lg[np.arange(len(tg)), tg][:, None]).sum(-1)   # the target's rank
+        above = (lg > lg[np.arange(len(tg)), tg][:, None]).sum(-1)  # the target's rank
         return EvalSums(float(loss_sum), int(tg.size), int((lg.argmax(-1) == tg).sum()), int((above < 3).sum()))
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
@@ -153,18 +163,18 @@ class OrtInferBackend:
         """Replace every LoRA tensor (PEFT keys, ``.default.`` accepted). Raises
         :class:`AdapterShapeError` for a missing, unexpected, misshapen or non-finite tensor;
         nothing changes unless all of them fit."""
-        given = {peft_key(k): v
-                 for k, v in tensors.items()}
+        given = {peft_key(k): v for k, v in tensors.items()}
         if set(given) != set(self._shapes):
             missing, extra = sorted(set(self._shapes) - set(given)), sorted(set(given) - set(self._shapes))
-            raise AdapterShapeError(f"adapter tensors don't fit infer.onnx's LoRA inputs: {len(missing)} missing "
-                                    f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})")
+            raise AdapterShapeError(
+                f"adapter tensors don't fit infer.onnx's LoRA inputs: {len(missing)} missing "
+                f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})"
+            )
         new = {}
         for k, shape in self._shapes.items():
             a = np.ascontiguousarray(given[k], dtype=np.float32)
             if a.shape != shape or not np.isfinite(a).all():
-                raise AdapterShapeError(f"adapter tensor {k}: shape {a.shape} (expected {shape}) "
-                                        "or NaN/inf values")
+                raise AdapterShapeError(f"adapter tensor {k}: shape {a.shape} (expected {shape}) or NaN/inf values")
             new[k] = a.copy() if a is given[k] else a
         self._lora = new
 

@@ -48,8 +48,9 @@ def probe() -> Probe:
         for i in range(torch.cuda.device_count()):
             dev = f"cuda:{i}"
             devices.append(dev)
-            caps[dev] = Capabilities(train=True, infer=True, tier="gpu", kv_cache=True,
-                                     notes=f"{notes}; {torch.cuda.get_device_name(i)}")
+            caps[dev] = Capabilities(
+                train=True, infer=True, tier="gpu", kv_cache=True, notes=f"{notes}; {torch.cuda.get_device_name(i)}"
+            )
     devices.append("cpu")
     caps["cpu"] = Capabilities(train=True, infer=True, tier="cpu", kv_cache=True, notes=f"{notes}; fp32")
     return Probe("peft", True, tuple(devices), "", caps)
@@ -72,16 +73,37 @@ def nf4_linear(qweight, absmax, in_features: int, out_features: int, compute_dty
     from bitsandbytes.functional import QuantState, get_4bit_type
 
     if tuple(qweight.shape) != (out_features, in_features // 2) or absmax.numel() != out_features * in_features // 64:
-        raise UnsupportedModelError(f"nf4 buffers {tuple(qweight.shape)} / {absmax.numel()} don't fit a "
-                                    f"[{out_features}, {in_features}] weight")
-    lin = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
-                            compress_statistics=False, quant_type="nf4", device="meta")
-    state = QuantState(absmax=absmax.detach().to(torch.float32).reshape(-1).clone(),
-                       shape=torch.Size([out_features, in_features]), code=get_4bit_type("nf4", device="cpu"),
-                       blocksize=64, quant_type="nf4", dtype=compute_dtype)
-    lin.weight = bnb.nn.Params4bit(qweight.detach().reshape(-1, 1).clone(), requires_grad=False, quant_state=state,
-                                   blocksize=64, compress_statistics=False, quant_type="nf4",
-                                   quant_storage=torch.uint8, module=lin, bnb_quantized=True)
+        raise UnsupportedModelError(
+            f"nf4 buffers {tuple(qweight.shape)} / {absmax.numel()} don't fit a [{out_features}, {in_features}] weight"
+        )
+    lin = bnb.nn.Linear4bit(
+        in_features,
+        out_features,
+        bias=False,
+        compute_dtype=compute_dtype,
+        compress_statistics=False,
+        quant_type="nf4",
+        device="meta",
+    )
+    state = QuantState(
+        absmax=absmax.detach().to(torch.float32).reshape(-1).clone(),
+        shape=torch.Size([out_features, in_features]),
+        code=get_4bit_type("nf4", device="cpu"),
+        blocksize=64,
+        quant_type="nf4",
+        dtype=compute_dtype,
+    )
+    lin.weight = bnb.nn.Params4bit(
+        qweight.detach().reshape(-1, 1).clone(),
+        requires_grad=False,
+        quant_state=state,
+        blocksize=64,
+        compress_statistics=False,
+        quant_type="nf4",
+        quant_storage=torch.uint8,
+        module=lin,
+        bnb_quantized=True,
+    )
     lin.quant_state = state
     # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place for inference: keep the
     # bundle's bytes (and its arithmetic) instead.
@@ -126,8 +148,10 @@ def build_hf_model(bundle: Bundle, dtype: str = "float32"):
     missing, unexpected = hf.load_state_dict(rest, strict=False, assign=True)
     missing = [k for k in missing if k != "lm_head.weight" and k.rsplit(".", 1)[0] not in linears]
     if unexpected or missing:
-        raise UnsupportedModelError(f"bundle base weights don't fit transformers' LlamaForCausalLM: missing "
-                                    f"{missing[:5]}, unexpected {unexpected[:5]}")
+        raise UnsupportedModelError(
+            f"bundle base weights don't fit transformers' LlamaForCausalLM: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}"
+        )
     if m.arch.tie_word_embeddings:
         hf.lm_head.weight = hf.model.embed_tokens.weight
     hf.model.rotary_emb = type(hf.model.rotary_emb)(cfg)  # its buffers were made on the meta device
@@ -169,16 +193,19 @@ class PeftBackend:
         expected = bundle.manifest.trainable
         mine = {k: list(p.shape) for k, p in self._params.items()}
         if mine != {k: list(v) for k, v in expected.items()}:
-            raise AdapterShapeError(f"peft built LoRA tensors {sorted(mine)[:2]}… that differ from the bundle's "
-                                    f"trainable tensors {sorted(expected)[:2]}…")
+            raise AdapterShapeError(
+                f"peft built LoRA tensors {sorted(mine)[:2]}… that differ from the bundle's "
+                f"trainable tensors {sorted(expected)[:2]}…"
+            )
         self.set_adapter(bundle.initial_adapter().tensors)
 
     def configure(self, cfg: TrainConfig) -> None:
         import torch
 
         self.cfg, self.step = cfg, 0
-        self._opt = torch.optim.AdamW(list(self._p.values()), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                      weight_decay=cfg.weight_decay)
+        self._opt = torch.optim.AdamW(
+            list(self._p.values()), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
 
     def _loaded(self) -> None:
         if self.model is None:
@@ -238,17 +265,20 @@ class PeftBackend:
 
         peft = require("peft", extra="peft")
         expected = self._p
-        given = {peft_key(k): v
-                 for k, v in tensors.items()}
+        given = {peft_key(k): v for k, v in tensors.items()}
         missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
         if missing or extra:
-            raise AdapterShapeError(f"adapter tensors don't match the model's LoRA layers: {len(missing)} missing "
-                                    f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})")
+            raise AdapterShapeError(
+                f"adapter tensors don't match the model's LoRA layers: {len(missing)} missing "
+                f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})"
+            )
         sd = {}
         for k, p in expected.items():
             t = torch.as_tensor(np.asarray(given[k]))
             if tuple(t.shape) != tuple(p.shape):
-                raise AdapterShapeError(f"adapter tensor {k} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
+                raise AdapterShapeError(
+                    f"adapter tensor {k} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}"
+                )
             if not bool(torch.isfinite(t).all()):
                 raise AdapterShapeError(f"adapter tensor {k} holds NaN or inf values")
             sd[k] = t.to(p.dtype)

@@ -34,16 +34,25 @@ from ..protocol import TrainConfig
 WARMUP_STEPS = 2
 
 
-def backward_loss(forward: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, labels: torch.Tensor,
-                  grad_accum: int, n_tok: int | torch.Tensor) -> torch.Tensor:
+def backward_loss(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    grad_accum: int,
+    n_tok: int | torch.Tensor,
+) -> torch.Tensor:
     """The loss every torch-module backend trains on: summed next-token cross-entropy (float32,
     -100 ignored) divided by ``n_tok``, over ``grad_accum`` chunks, each backpropagated as it goes.
     Returns the loss as a detached 0-d tensor (no host sync)."""
     total = None
     for ids_c, lab_c in zip(ids.chunk(grad_accum), labels.chunk(grad_accum)):
         logits = forward(ids_c)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), lab_c.reshape(-1),
-                               ignore_index=-100, reduction="sum") / n_tok
+        loss = (
+            F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), lab_c.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            / n_tok
+        )
         loss.backward()
         total = loss.detach() if total is None else total + loss.detach()
     return total
@@ -56,13 +65,25 @@ class DeviceStep:
     returns ``(loss, grad_norm)`` as 0-d device tensors (reading them is the only sync).
     """
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.nn.Parameter],
-                 cfg: TrainConfig, device: str | torch.device) -> None:
+    def __init__(
+        self,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        params: list[torch.nn.Parameter],
+        cfg: TrainConfig,
+        device: str | torch.device,
+    ) -> None:
         self.forward, self.params, self.cfg = forward, params, cfg
         dev = torch.device(device)
         self.lr = torch.tensor(cfg.lr, dtype=torch.float32, device=dev)
-        self.opt = torch.optim.AdamW(params, lr=self.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                     fused=True, capturable=dev.type == "cuda")
+        self.opt = torch.optim.AdamW(
+            params,
+            lr=self.lr,
+            betas=cfg.betas,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            fused=True,
+            capturable=dev.type == "cuda",
+        )
         self.found_inf = torch.zeros((), dtype=torch.float32, device=dev)
         self.force_skip = torch.zeros((), dtype=torch.float32, device=dev)
         self.opt.found_inf = self.found_inf  # fused AdamW leaves everything untouched where this is 1
@@ -71,8 +92,9 @@ class DeviceStep:
         cfg = self.cfg
         self.opt.zero_grad(set_to_none=True)  # captured: the first backward writes fresh gradients
         total = backward_loss(self.forward, ids, labels, cfg.grad_accum, (labels != -100).sum().clamp(min=1))
-        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
-                                              foreach=True)
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"), foreach=True
+        )
         bad = ~(torch.isfinite(total) & torch.isfinite(norm))
         torch.maximum(bad.to(torch.float32), self.force_skip, out=self.found_inf)
         self.opt.step()

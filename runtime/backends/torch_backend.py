@@ -37,8 +37,9 @@ def probe() -> Probe:
         for i in range(torch.cuda.device_count()):
             dev = f"cuda:{i}"
             devices.insert(i, dev)
-            caps[dev] = Capabilities(train=True, infer=True, tier="gpu", kv_cache=True,
-                                     notes=torch.cuda.get_device_name(i))
+            caps[dev] = Capabilities(
+                train=True, infer=True, tier="gpu", kv_cache=True, notes=torch.cuda.get_device_name(i)
+            )
     return Probe("torch", True, tuple(devices), "", caps)
 
 
@@ -47,8 +48,9 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, device: str = "cpu", dtype: str = "float32", step: str | None = None,
-                 compile: bool = False) -> None:
+    def __init__(
+        self, device: str = "cpu", dtype: str = "float32", step: str | None = None, compile: bool = False
+    ) -> None:
         if dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"torch backend compute dtype {dtype!r} is not supported; expected float32 or bfloat16")
         step = step or ("graph" if str(device).startswith("cuda") else "eager")
@@ -92,16 +94,18 @@ class TorchBackend:
 
     def _autocast(self):
         """bf16 compute: LoRA matmuls autocast from their fp32 masters (a no-op at float32)."""
-        return torch.autocast(torch.device(self.device).type, dtype=getattr(torch, self.dtype),
-                              enabled=self.dtype != "float32")
+        return torch.autocast(
+            torch.device(self.device).type, dtype=getattr(torch, self.dtype), enabled=self.dtype != "float32"
+        )
 
     def configure(self, cfg: TrainConfig) -> None:
         self.cfg, self.step = cfg, 0
         params = lora_parameters(self._m)
         self._graph = None  # a captured graph holds the old optimizer: capture anew
         if self.step_mode == "eager":
-            self._opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                          weight_decay=cfg.weight_decay)
+            self._opt = torch.optim.AdamW(
+                params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+            )
             return
         self._device_step = DeviceStep(self._forward_train, params, cfg, self.device)
         self._opt = self._device_step.opt
@@ -141,8 +145,9 @@ class TorchBackend:
         labels = np.asarray(labels, dtype=np.int64)
         n_tok, lr = int((labels != -100).sum()), self.cfg.lr_at(self.step)
         if self._graph is not None:
-            loss, norm = self._graph.run(torch.from_numpy(np.asarray(input_ids, dtype=np.int64)),
-                                         torch.from_numpy(labels), lr)
+            loss, norm = self._graph.run(
+                torch.from_numpy(np.asarray(input_ids, dtype=np.int64)), torch.from_numpy(labels), lr
+            )
         else:
             ids, lab = self._tensors(input_ids, labels)
             self._device_step.lr.fill_(lr)
@@ -237,12 +242,10 @@ def eval_sums(logits, labels) -> EvalSums:
     lg, tg = logits.float()[valid], labels[valid]
     loss = F.cross_entropy(lg, tg, reduction="sum")
     top = lg.topk(3, dim=-1).indices
-    return EvalSums(float(loss), int(tg.numel()), int((top[:, 0] == tg).sum()),
-                    int((top == tg[:, None]).any(-1).sum()))
+    return EvalSums(float(loss), int(tg.numel()), int((top[:, 0] == tg).sum()), int((top == tg[:, None]).any(-1).sum()))
 
 
-def create(device: str = "cpu", dtype: str = "float32", step: str | None = None,
-           compile: bool = False) -> TorchBackend:
+def create(device: str = "cpu", dtype: str = "float32", step: str | None = None, compile: bool = False) -> TorchBackend:
     """A new, unloaded torch backend on ``device`` computing in ``dtype`` (``float32``, the
     reference default, or ``bfloat16``, the fast choice on a GPU).
 

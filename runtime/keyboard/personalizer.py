@@ -55,7 +55,7 @@ class UpdateReport:
 
     accepted: bool
     reason: str
-    version: int | None            # the version current after the update
+    version: int | None  # the version current after the update
     steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
@@ -98,15 +98,28 @@ class Personalizer:
     :class:`BaseModelMismatchError`) for an unusable or foreign ``store_dir``.
     """
 
-    def __init__(self, session: Session, store_dir: "str | os.PathLike", serve_session: Session | None = None,
-                 general: Sequence[str] | None = None, holdout_fraction: float = 0.1, holdout_max: int = 150,
-                 replay_fraction: float = 0.25, max_general_increase: float = 0.02, min_heldout_gain: float = 0.0,
-                 max_text_bytes: int = 16 << 20, seed: int = 0, word_weight: float = 0.2) -> None:
-        for name, v, lo, hi in (("holdout_fraction", holdout_fraction, 0.0, 0.9),
-                                ("word_weight", word_weight, 0.0, 1.0),
-                                ("replay_fraction", replay_fraction, 0.0, 10.0),
-                                ("max_general_increase", max_general_increase, 0.0, 10.0),
-                                ("min_heldout_gain", min_heldout_gain, 0.0, 1.0)):
+    def __init__(
+        self,
+        session: Session,
+        store_dir: "str | os.PathLike",
+        serve_session: Session | None = None,
+        general: Sequence[str] | None = None,
+        holdout_fraction: float = 0.1,
+        holdout_max: int = 150,
+        replay_fraction: float = 0.25,
+        max_general_increase: float = 0.02,
+        min_heldout_gain: float = 0.0,
+        max_text_bytes: int = 16 << 20,
+        seed: int = 0,
+        word_weight: float = 0.2,
+    ) -> None:
+        for name, v, lo, hi in (
+            ("holdout_fraction", holdout_fraction, 0.0, 0.9),
+            ("word_weight", word_weight, 0.0, 1.0),
+            ("replay_fraction", replay_fraction, 0.0, 10.0),
+            ("max_general_increase", max_general_increase, 0.0, 10.0),
+            ("min_heldout_gain", min_heldout_gain, 0.0, 1.0),
+        ):
             if not (isinstance(v, (int, float)) and lo <= v <= hi):
                 raise ConfigError(f"{name} must be a number in [{lo}, {hi}], got {v!r}")
         if isinstance(holdout_max, bool) or not isinstance(holdout_max, int) or holdout_max < 1:
@@ -115,20 +128,21 @@ class Personalizer:
         m = session.manifest
         self.store_dir = Path(store_dir)
         self.texts = TextStore(self.store_dir / "text.sqlite", m.base_sha256, max_bytes=max_text_bytes)
-        self.adapters = AdapterStore(self.store_dir / "adapters", m.base_sha256, m.lora,
-                                     base_name=f"pocketpeft:{m.base_source}")
+        self.adapters = AdapterStore(
+            self.store_dir / "adapters", m.base_sha256, m.lora, base_name=f"pocketpeft:{m.base_source}"
+        )
         if general is None:
-            general = session.bundle.general_texts()   # [] for a bundle exported without general.txt
+            general = session.bundle.general_texts()  # [] for a bundle exported without general.txt
         self.general = list(general)
         self.holdout_fraction, self.holdout_max = holdout_fraction, holdout_max
         self.replay_fraction = replay_fraction
         self.max_general_increase, self.min_heldout_gain = max_general_increase, min_heldout_gain
         self.word_weight = float(word_weight)
         self._rng = np.random.default_rng(seed)
-        self._commit_secs = 2.0   # time a commit + serving swap took last (reserved in the time box)
-        self._update_lock = threading.Lock()      # one update at a time
-        self._serve_lock = threading.RLock()      # suggest() vs swapping the serving adapter
-        self._general_cache: tuple[int | None, float, float] | None = None   # (version, loss, eval seconds)
+        self._commit_secs = 2.0  # time a commit + serving swap took last (reserved in the time box)
+        self._update_lock = threading.Lock()  # one update at a time
+        self._serve_lock = threading.RLock()  # suggest() vs swapping the serving adapter
+        self._general_cache: tuple[int | None, float, float] | None = None  # (version, loss, eval seconds)
         if serve_session is None:
             from .. import open as open_session
 
@@ -151,7 +165,7 @@ class Personalizer:
         non-UTF-8 or oversized text, :class:`StoreError` when the store can't be written.
         """
         items = [text] if isinstance(text, (str, bytes, bytearray)) else list(text)
-        n = len(self.texts.add_many(items))   # validates: every item is now good UTF-8 text
+        n = len(self.texts.add_many(items))  # validates: every item is now good UTF-8 text
         with self._serve_lock:
             self.words.add(as_text(t) for t in items)
         return n
@@ -202,7 +216,7 @@ class Personalizer:
             return self._serving_version, {k: np.array(v) for k, v in self.serve_session.get_adapter_tensors().items()}
 
     def _serve(self, version: int) -> None:
-        ad = self.adapters.load(version)          # read back from disk, hash-checked
+        ad = self.adapters.load(version)  # read back from disk, hash-checked
         tensors = ad.tensors
         with self._serve_lock:
             self.serve_session.set_adapter_tensors(tensors)
@@ -226,7 +240,7 @@ class Personalizer:
         """(held-out rows, new rows to train, replay rows) for the next update."""
         rows = self.texts.rows()
         n_hold = min(self.holdout_max, max(1, int(round(len(rows) * self.holdout_fraction)))) if rows else 0
-        hold = rows[len(rows) - n_hold:] if self.holdout_fraction > 0 else []
+        hold = rows[len(rows) - n_hold :] if self.holdout_fraction > 0 else []
         held = {r.id for r in hold}
         new = [r for r in rows if r.trained == NEW and r.id not in held]
         old = [r for r in rows if r.trained == TRAINED and r.id not in held]
@@ -239,8 +253,9 @@ class Personalizer:
         loss = self.session.eval(texts).loss
         return loss, time.perf_counter() - t0
 
-    def update(self, max_steps: int | None = None, max_seconds: float | None = None,
-               progress: "Progress | bool | None" = None) -> UpdateReport:
+    def update(
+        self, max_steps: int | None = None, max_seconds: float | None = None, progress: "Progress | bool | None" = None
+    ) -> UpdateReport:
         """Train on new text plus replay, gate the result, and commit it if it passes.
 
         Stops after ``max_steps`` optimizer steps or when ``max_seconds`` (the whole update: the
@@ -254,8 +269,9 @@ class Personalizer:
         """
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
             raise ConfigError(f"max_steps must be a positive integer, got {max_steps!r}")
-        if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0
-                                            and math.isfinite(max_seconds)):
+        if max_seconds is not None and not (
+            isinstance(max_seconds, (int, float)) and max_seconds > 0 and math.isfinite(max_seconds)
+        ):
             raise ConfigError(f"max_seconds must be a positive number, got {max_seconds!r}")
         if max_steps is None and max_seconds is None:
             max_steps = 20
@@ -267,8 +283,9 @@ class Personalizer:
         t0 = time.perf_counter()
         version = self.adapters.current_version()
         hold, new, replay = self._split()
-        rep = UpdateReport(False, "", version, new_messages=len(new), replay_messages=len(replay),
-                           heldout_messages=len(hold))
+        rep = UpdateReport(
+            False, "", version, new_messages=len(new), replay_messages=len(replay), heldout_messages=len(hold)
+        )
         tell({"stage": "split", "new": len(new), "replay": len(replay), "heldout": len(hold)})
         if not new:
             rep.reason = "no new text to learn from"
@@ -286,18 +303,31 @@ class Personalizer:
         rep.heldout_loss_before, rep.general_loss_before = ho_before, gen_before
         tell({"stage": "eval-before", "heldout_loss": ho_before, "general_loss": gen_before})
         seconds = None
-        if max_seconds is not None:   # leave room for the evaluations and the commit after training
+        if max_seconds is not None:  # leave room for the evaluations and the commit after training
             seconds = max_seconds - (time.perf_counter() - t0) - (ho_secs + gen_secs) * 1.1 - self._commit_secs
             if seconds <= 0:
                 rep.reason = f"time box of {max_seconds:g}s too short: the gate's evaluations alone take {ho_secs + gen_secs:.1f}s"
                 return self._finish(rep, t0, tell)
         texts = [r.text for r in new] + [r.text for r in replay]
         order = self._rng.permutation(len(texts))
-        tr = self.session.train([texts[i] for i in order], steps=max_steps, seconds=seconds, progress=bars,
-                                seed=int(self._rng.integers(1 << 31)))
+        tr = self.session.train(
+            [texts[i] for i in order],
+            steps=max_steps,
+            seconds=seconds,
+            progress=bars,
+            seed=int(self._rng.integers(1 << 31)),
+        )
         rep.steps, rep.tokens, rep.losses, rep.train_seconds = tr.steps, tr.tokens, tr.losses, tr.seconds
-        tell({"stage": "train", "steps": tr.steps, "tokens": tr.tokens, "seconds": tr.seconds,
-              "loss_first": tr.losses[0] if tr.losses else None, "loss_last": tr.losses[-1] if tr.losses else None})
+        tell(
+            {
+                "stage": "train",
+                "steps": tr.steps,
+                "tokens": tr.tokens,
+                "seconds": tr.seconds,
+                "loss_first": tr.losses[0] if tr.losses else None,
+                "loss_last": tr.losses[-1] if tr.losses else None,
+            }
+        )
         applied = tr.steps - len(tr.skipped_steps)
         ho_after = self._eval(hold_texts)[0] if hold_texts else None
         gen_after = self._eval(self.general)[0] if self.general else None
@@ -309,9 +339,11 @@ class Personalizer:
         elif ho_before is not None and not ho_after < ho_before * (1 - self.min_heldout_gain):
             rep.reason = f"held-out loss did not improve ({ho_before:.4f} -> {ho_after:.4f})"
         elif limit is not None and not gen_after <= limit:
-            rep.reason = (f"general-text loss rose {100 * (gen_after / gen_before - 1):+.1f}% "
-                          f"({gen_before:.4f} -> {gen_after:.4f}), more than the allowed "
-                          f"+{100 * self.max_general_increase:g}%")
+            rep.reason = (
+                f"general-text loss rose {100 * (gen_after / gen_before - 1):+.1f}% "
+                f"({gen_before:.4f} -> {gen_after:.4f}), more than the allowed "
+                f"+{100 * self.max_general_increase:g}%"
+            )
         else:
             rep.accepted = True
         if not rep.accepted:
@@ -321,9 +353,20 @@ class Personalizer:
             if applied:
                 self.texts.mark([r.id for r in new], REJECTED)
             return self._finish(rep, t0, tell)
-        metrics = {k: getattr(rep, k) for k in ("heldout_loss_before", "heldout_loss_after", "general_loss_before",
-                                                "general_loss_after", "steps", "tokens", "new_messages",
-                                                "replay_messages", "heldout_messages")}
+        metrics = {
+            k: getattr(rep, k)
+            for k in (
+                "heldout_loss_before",
+                "heldout_loss_after",
+                "general_loss_before",
+                "general_loss_after",
+                "steps",
+                "tokens",
+                "new_messages",
+                "replay_messages",
+                "heldout_messages",
+            )
+        }
         metrics["train_seconds"] = round(tr.seconds, 3)
         t_commit = time.perf_counter()
         try:
@@ -336,10 +379,12 @@ class Personalizer:
         self._serve(v.version)
         self._commit_secs = 1.2 * (time.perf_counter() - t_commit)
         rep.version = v.version
-        rep.reason = (f"held-out loss {ho_before:.4f} -> {ho_after:.4f}" if ho_before is not None else "no held-out text")
+        rep.reason = f"held-out loss {ho_before:.4f} -> {ho_after:.4f}" if ho_before is not None else "no held-out text"
         if gen_before is not None:
-            rep.reason += (f", general-text loss {100 * (gen_after / gen_before - 1):+.1f}% "
-                           f"(limit +{100 * self.max_general_increase:g}%)")
+            rep.reason += (
+                f", general-text loss {100 * (gen_after / gen_before - 1):+.1f}% "
+                f"(limit +{100 * self.max_general_increase:g}%)"
+            )
         else:
             rep.reason += f", {_NO_GENERAL}"
         return self._finish(rep, t0, tell)

@@ -23,14 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
-
 from pocketpeft.adapter import Adapter, as_float32, load_adapter, save_adapter
 from pocketpeft.config import LoraConfig
-from pocketpeft.text import validate_texts
-from pocketpeft.errors import (BaseModelMismatchError, ConfigError, CorruptFileError, InputTextError,
-                               ModelFileNotFoundError, StoreError)
+from pocketpeft.errors import (
+    BaseModelMismatchError,
+    ConfigError,
+    CorruptFileError,
+    InputTextError,
+    ModelFileNotFoundError,
+    StoreError,
+)
 from pocketpeft.fsutil import write_bytes_atomic
+from pocketpeft.text import validate_texts
 
 #: ``trained`` marker values of a text row.
 NEW, TRAINED, REJECTED = 0, 1, 2
@@ -60,8 +64,9 @@ class TextStore:
     Safe to share between threads (one connection behind a lock).
     """
 
-    def __init__(self, path: "str | os.PathLike", base_sha256: str, max_bytes: int = 16 << 20,
-                 max_message_bytes: int = 16 << 10) -> None:
+    def __init__(
+        self, path: "str | os.PathLike", base_sha256: str, max_bytes: int = 16 << 20, max_message_bytes: int = 16 << 10
+    ) -> None:
         for name, v in (("max_bytes", max_bytes), ("max_message_bytes", max_message_bytes)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
@@ -80,8 +85,10 @@ class TextStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            db.execute("CREATE TABLE IF NOT EXISTS texts (id INTEGER PRIMARY KEY AUTOINCREMENT, text TEXT NOT NULL, "
-                       "bytes INTEGER NOT NULL, ts REAL NOT NULL, trained INTEGER NOT NULL DEFAULT 0)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS texts (id INTEGER PRIMARY KEY AUTOINCREMENT, text TEXT NOT NULL, "
+                "bytes INTEGER NOT NULL, ts REAL NOT NULL, trained INTEGER NOT NULL DEFAULT 0)"
+            )
             row = db.execute("SELECT value FROM meta WHERE key='base_sha256'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('base_sha256', ?)", (self.base_sha256,))
@@ -91,8 +98,10 @@ class TextStore:
             raise _store_error(f"cannot create the text store in {self.path.parent}", e) from e
         if row is not None and row[0] != self.base_sha256:
             db.close()
-            raise BaseModelMismatchError(f"text store {self.path} belongs to base {row[0][:12]}…, "
-                                         f"not this bundle's base {self.base_sha256[:12]}…")
+            raise BaseModelMismatchError(
+                f"text store {self.path} belongs to base {row[0][:12]}…, "
+                f"not this bundle's base {self.base_sha256[:12]}…"
+            )
         return db
 
     def close(self) -> None:
@@ -125,8 +134,10 @@ class TextStore:
             (msg,) = validate_texts([t], what=f"message[{i}]" if len(texts) > 1 else "message")
             size = len(msg.encode("utf-8"))
             if size > self.max_message_bytes:
-                raise InputTextError(f"message{f'[{i}]' if len(texts) > 1 else ''} is {size} bytes; at most "
-                                     f"{self.max_message_bytes} are kept per message")
+                raise InputTextError(
+                    f"message{f'[{i}]' if len(texts) > 1 else ''} is {size} bytes; at most "
+                    f"{self.max_message_bytes} are kept per message"
+                )
             msgs.append((msg, size))
         if not msgs:
             raise InputTextError("texts is empty: expected at least one message")
@@ -134,8 +145,10 @@ class TextStore:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                ids = [int(self._db.execute("INSERT INTO texts (text, bytes, ts) VALUES (?, ?, ?)",
-                                            (m, b, ts)).lastrowid) for m, b in msgs]
+                ids = [
+                    int(self._db.execute("INSERT INTO texts (text, bytes, ts) VALUES (?, ?, ?)", (m, b, ts)).lastrowid)
+                    for m, b in msgs
+                ]
                 total = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM texts").fetchone()[0]
                 if total > self.max_bytes:  # drop the oldest rows until the cap holds
                     cut, acc = None, total
@@ -177,8 +190,13 @@ class TextStore:
         """``messages``, ``bytes`` of text, and counts per marker (``new``, ``trained``, ``rejected``)."""
         n, b = self._q("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM texts")[0]
         by = dict(self._q("SELECT trained, COUNT(*) FROM texts GROUP BY trained"))
-        return {"messages": n, "bytes": b, "new": by.get(NEW, 0), "trained": by.get(TRAINED, 0),
-                "rejected": by.get(REJECTED, 0)}
+        return {
+            "messages": n,
+            "bytes": b,
+            "new": by.get(NEW, 0),
+            "trained": by.get(TRAINED, 0),
+            "rejected": by.get(REJECTED, 0),
+        }
 
     def wipe(self) -> dict[str, Any]:
         """Delete every stored message: the database file and its WAL/shm files are removed, then
@@ -188,7 +206,7 @@ class TextStore:
             st = self.stats()
             paths = [Path(f"{self.path}{suffix}") for suffix in ("", "-wal", "-shm", "-journal")]
             files = [p.name for p in paths if p.exists()]
-            self._db.close()       # (sqlite removes the WAL itself on a clean close)
+            self._db.close()  # (sqlite removes the WAL itself on a clean close)
             for p in paths:
                 try:
                     p.unlink(missing_ok=True)
@@ -233,7 +251,9 @@ class AdapterStore:
 
     POINTER = "current"
 
-    def __init__(self, root: "str | os.PathLike", base_sha256: str, lora: LoraConfig, base_name: str | None = None) -> None:
+    def __init__(
+        self, root: "str | os.PathLike", base_sha256: str, lora: LoraConfig, base_name: str | None = None
+    ) -> None:
         self.root = Path(root)
         self.base_sha256, self.lora, self.base_name = base_sha256, lora, base_name
         meta = self.root / "store.json"
@@ -243,8 +263,10 @@ class AdapterStore:
             except (ValueError, KeyError, TypeError) as e:
                 raise CorruptFileError(f"adapter store file {meta} is unreadable: {e}") from e
             if recorded != base_sha256:
-                raise BaseModelMismatchError(f"adapter store {self.root} belongs to base {recorded[:12]}…, "
-                                             f"not this bundle's base {base_sha256[:12]}…")
+                raise BaseModelMismatchError(
+                    f"adapter store {self.root} belongs to base {recorded[:12]}…, "
+                    f"not this bundle's base {base_sha256[:12]}…"
+                )
         else:
             try:
                 write_bytes_atomic(meta, (json.dumps({"base_sha256": base_sha256}) + "\n").encode())
@@ -286,8 +308,9 @@ class AdapterStore:
         try:
             write_bytes_atomic(self.root / self.POINTER, (json.dumps({"version": n}) + "\n").encode())
         except OSError as e:
-            raise _store_error(f"cannot update {self.root / self.POINTER} (version {self.current_version()} "
-                               f"stays current)", e) from e
+            raise _store_error(
+                f"cannot update {self.root / self.POINTER} (version {self.current_version()} stays current)", e
+            ) from e
 
     def commit(self, tensors: Mapping[str, Any], metrics: Mapping[str, Any] | None = None) -> AdapterVersion:
         """Write ``tensors`` (PEFT names, numpy or torch) as the next version and make it current.
@@ -298,19 +321,25 @@ class AdapterStore:
         """
         n = max(self._numbers(), default=0) + 1
         digest = tensors_sha256(tensors)
-        meta = {"pocketpeft.tensors_sha256": digest, "pocketpeft.version": str(n),
-                "pocketpeft.created": repr(time.time()),
-                "pocketpeft.metrics": json.dumps(dict(metrics or {}), default=float)}
+        meta = {
+            "pocketpeft.tensors_sha256": digest,
+            "pocketpeft.version": str(n),
+            "pocketpeft.created": repr(time.time()),
+            "pocketpeft.metrics": json.dumps(dict(metrics or {}), default=float),
+        }
         tt = {k: as_float32(v) for k, v in tensors.items()}
         path = self.versions_dir / str(n)
         try:
             self.versions_dir.mkdir(parents=True, exist_ok=True)
             save_adapter(Adapter(self.lora, tt, self.base_sha256, meta), path, base_name=self.base_name)
         except StoreError as e:
-            raise StoreError(f"cannot commit adapter version {n}: {e} (version {self.current_version()} stays current)") from e
+            raise StoreError(
+                f"cannot commit adapter version {n}: {e} (version {self.current_version()} stays current)"
+            ) from e
         except OSError as e:
-            raise _store_error(f"cannot commit adapter version {n} to {path} (version {self.current_version()} "
-                               f"stays current)", e) from e
+            raise _store_error(
+                f"cannot commit adapter version {n} to {path} (version {self.current_version()} stays current)", e
+            ) from e
         self._set_current(n)
         return self.version(n)
 
@@ -334,8 +363,9 @@ class AdapterStore:
     def _read(self, n: int) -> tuple[AdapterVersion, Adapter]:
         path = self.versions_dir / str(n)
         if not path.is_dir():
-            raise ModelFileNotFoundError(f"adapter version {n} not found in {self.versions_dir} "
-                                         f"(have: {self._numbers() or 'none'})")
+            raise ModelFileNotFoundError(
+                f"adapter version {n} not found in {self.versions_dir} (have: {self._numbers() or 'none'})"
+            )
         ad = load_adapter(path, expect_base_sha256=self.base_sha256)
         want = ad.metadata.get("pocketpeft.tensors_sha256")
         got = tensors_sha256(ad.tensors)

@@ -28,9 +28,9 @@ from ..keystrokes import keystroke_metrics, message_words
 from ..predictor import _PARTIAL, _recase
 
 BOS = "<s>"
-WEIGHTS = (0.6, 0.3, 0.1)   # trigram, bigram, unigram interpolation
-UNIGRAM_CANDIDATES = 20     # most frequent words with the typed prefix considered from the unigrams
-WORD_POOL = 4               # the model's candidate words mixed with the counts (each one more costs search)
+WEIGHTS = (0.6, 0.3, 0.1)  # trigram, bigram, unigram interpolation
+UNIGRAM_CANDIDATES = 20  # most frequent words with the typed prefix considered from the unigrams
+WORD_POOL = 4  # the model's candidate words mixed with the counts (each one more costs search)
 
 
 def words_of(text: str) -> list[str]:
@@ -46,8 +46,8 @@ class WordCounts:
         self.bi: dict[str, Counter] = defaultdict(Counter)
         self.tri: dict[tuple[str, str], Counter] = defaultdict(Counter)
         self.total = 0.0
-        self._sorted: list[str] | None = None   # the vocabulary in order, for prefix ranges
-        self._top: list[str] | None = None      # the most frequent words, for an empty prefix
+        self._sorted: list[str] | None = None  # the vocabulary in order, for prefix ranges
+        self._top: list[str] | None = None  # the most frequent words, for an empty prefix
         self.add(texts, weight)
 
     def __len__(self) -> int:
@@ -79,7 +79,7 @@ class WordCounts:
         if self._sorted is None:
             self._sorted = sorted(self.uni)
         lo = bisect.bisect_left(self._sorted, p)
-        return self._sorted[lo:bisect.bisect_left(self._sorted, p + "\U0010ffff")]
+        return self._sorted[lo : bisect.bisect_left(self._sorted, p + "\U0010ffff")]
 
     def probs(self, prefix: str) -> dict[str, float]:
         """``{word: p(word comes next)}`` for the words that complete the partial word of
@@ -90,10 +90,13 @@ class WordCounts:
         u, v = ([BOS, BOS] + words_of(text[:cut]))[-2:]
         if not self.total:
             return {}
-        tables = [(lam, ctr, sum(ctr.values())) for lam, ctr in
-                  zip(WEIGHTS[:2], (self.tri.get((u, v)), self.bi.get(v))) if ctr]
+        tables = [
+            (lam, ctr, sum(ctr.values()))
+            for lam, ctr in zip(WEIGHTS[:2], (self.tri.get((u, v)), self.bi.get(v)))
+            if ctr
+        ]
         cands = {w for _, ctr, _ in tables for w in ctr if w.startswith(partial)}
-        tables.append((WEIGHTS[2], self.uni, self.total))   # unigrams: always seen, total kept by add()
+        tables.append((WEIGHTS[2], self.uni, self.total))  # unigrams: always seen, total kept by add()
         z = sum(lam for lam, _, _ in tables)
         if partial:
             cands.update(heapq.nlargest(UNIGRAM_CANDIDATES, self._with_prefix(partial), key=self.uni.__getitem__))
@@ -109,8 +112,9 @@ class WordCounts:
         return heapq.nlargest(k, p, key=p.__getitem__)
 
 
-def mix_scored(lm: "list[tuple[str, float]]", counts: dict[str, float], prefix: str, weight: float,
-               k: int) -> list[tuple[str, float]]:
+def mix_scored(
+    lm: "list[tuple[str, float]]", counts: dict[str, float], prefix: str, weight: float, k: int
+) -> list[tuple[str, float]]:
     """The ``k`` best words by ``(1 - weight) * p_lm + weight * p_counts``.
 
     ``lm``: the language model's (surface word, probability) pairs (as
@@ -143,5 +147,7 @@ def keystrokes_with_words(predictor, words: WordCounts, texts, weight: float, k:
         return memo[prefix]
 
     alone = keystroke_metrics(lambda p, n: [w for w, _ in scored(p)[:n]], texts, k)
-    mixed = keystroke_metrics(lambda p, n: [w for w, _ in mix_scored(scored(p), words.probs(p), p, weight, n)], texts, k)
+    mixed = keystroke_metrics(
+        lambda p, n: [w for w, _ in mix_scored(scored(p), words.probs(p), p, weight, n)], texts, k
+    )
     return alone, mixed

@@ -19,7 +19,7 @@ class RecomputeDecoder:
     def extend(self, ids: "list[int]") -> np.ndarray:
         ids = [int(i) for i in ids]
         self._ids.extend(ids)
-        return self._backend.logits(np.asarray([self._ids], np.int64))[0][len(self._ids) - len(ids):]
+        return self._backend.logits(np.asarray([self._ids], np.int64))[0][len(self._ids) - len(ids) :]
 
     def truncate(self, n: int) -> None:
         del self._ids[n:]

@@ -58,14 +58,28 @@ class Predictor:
     :class:`~.decoder.RecomputeDecoder`, which recomputes the sequence on every forward pass.
     """
 
-    def __init__(self, backend, tokenizer, *, beam_width: int = 8, max_word_tokens: int = 4,
-                 max_forwards: int = 16, min_ratio: float = 1e-3, max_context: int = 1024,
-                 cache_size: int = 256, batch: int = 8,
-                 adapter_version: Callable[[], object] | None = None) -> None:
-        for name, v, least in (("beam_width", beam_width, 1), ("max_word_tokens", max_word_tokens, 1),
-                               ("max_forwards", max_forwards, 1), ("cache_size", cache_size, 1),
-                               ("batch", batch, 1),
-                               ("max_context", max_context, max_word_tokens + 2)):
+    def __init__(
+        self,
+        backend,
+        tokenizer,
+        *,
+        beam_width: int = 8,
+        max_word_tokens: int = 4,
+        max_forwards: int = 16,
+        min_ratio: float = 1e-3,
+        max_context: int = 1024,
+        cache_size: int = 256,
+        batch: int = 8,
+        adapter_version: Callable[[], object] | None = None,
+    ) -> None:
+        for name, v, least in (
+            ("beam_width", beam_width, 1),
+            ("max_word_tokens", max_word_tokens, 1),
+            ("max_forwards", max_forwards, 1),
+            ("cache_size", cache_size, 1),
+            ("batch", batch, 1),
+            ("max_context", max_context, max_word_tokens + 2),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 raise ConfigError(f"Predictor {name} must be an integer >= {least}, got {v!r}")
         if not (isinstance(min_ratio, (int, float)) and 0 <= min_ratio < 1):
@@ -81,9 +95,9 @@ class Predictor:
         self._memo: OrderedDict[tuple, tuple[np.ndarray, float]] = OrderedDict()
         self._decoder = None
         self._dec_ids: list[int] = []
-        self.last_trimmed = False          # the last prefix was longer than max_context
-        self.last_forwards = 0             # forward passes (extend calls) of the last suggest
-        self.last_forward_tokens = 0       # tokens those passes ran
+        self.last_trimmed = False  # the last prefix was longer than max_context
+        self.last_forwards = 0  # forward passes (extend calls) of the last suggest
+        self.last_forward_tokens = 0  # tokens those passes ran
         self._deadline: float | None = None  # perf_counter() time by which forwards must have ended
         self._ahead: Callable[[], list[tuple]] | None = None  # the search's next paths, best first
         self._cost = _CostModel()
@@ -170,23 +184,23 @@ class Predictor:
     def _parse(self, prefix: str) -> tuple[tuple[int, ...], bytes, str]:
         """(context ids, lowercased bytes the word must start with, the typed partial word)."""
         m = _PARTIAL.search(prefix)
-        partial, before = m.group(), prefix[:m.start()]
+        partial, before = m.group(), prefix[: m.start()]
         text = before.rstrip()
         self.last_trimmed = False
         if not text:
             return (self._sep,), partial.lower().encode("utf-8"), partial
-        newline = "\n" in before[len(text):]
+        newline = "\n" in before[len(text) :]
         required = (partial if newline else " " + partial).lower().encode("utf-8")
         text += "\n" if newline else ""
-        budget = self.max_context - self.max_word_tokens - 1   # room for the separator and the word
-        if len(text) > budget * 16:                          # don't tokenize megabytes per keystroke
-            cut = text[-budget * 16:]
-            text, self.last_trimmed = cut[re.search(r"\s|$", cut).start():], True
+        budget = self.max_context - self.max_word_tokens - 1  # room for the separator and the word
+        if len(text) > budget * 16:  # don't tokenize megabytes per keystroke
+            cut = text[-budget * 16 :]
+            text, self.last_trimmed = cut[re.search(r"\s|$", cut).start() :], True
         ids = self.tokenizer.encode(text)
         if len(ids) > budget or self.last_trimmed:
             self.last_trimmed = True
             start = max(0, len(ids) - budget)
-            words = np.flatnonzero(self._vocab.space_start[ids[start:]])   # keep whole words
+            words = np.flatnonzero(self._vocab.space_start[ids[start:]])  # keep whole words
             start += int(words[0]) if words.size else 0
             return tuple(ids[start:]), required, partial
         return (self._sep, *ids), required, partial
@@ -246,7 +260,7 @@ class Predictor:
             seqs = [seq]
         self._cost.add(len(seqs), time.perf_counter() - t0)
         self.last_forwards += 1
-        for s, logits in reversed(list(zip(seqs, rows))):   # seq itself last: never evicted here
+        for s, logits in reversed(list(zip(seqs, rows))):  # seq itself last: never evicted here
             self._remember(s, logits)
         return self._memo[seq]
 
@@ -296,7 +310,7 @@ class Predictor:
                         w[1], w[2] = p, text
             if len(path) >= self.max_word_tokens:
                 return
-            rem = required[len(low):]
+            rem = required[len(low) :]
             ids = vocab.consistent(rem) if rem else vocab.cont_ids
             if not path and not required.strip():
                 ids = ids[vocab.word_start[ids]]
@@ -304,7 +318,7 @@ class Predictor:
                 return
             scores = lp[ids]
             if ids.size > self.beam_width:
-                top = np.argpartition(-scores, self.beam_width - 1)[:self.beam_width]
+                top = np.argpartition(-scores, self.beam_width - 1)[: self.beam_width]
                 ids, scores = ids[top], scores[top]
             order = np.argsort(-scores, kind="stable")
             children = [(logp + float(scores[i]), int(ids[i])) for i in order]
@@ -318,7 +332,7 @@ class Predictor:
             floor = max(totals[-1] * self.min_ratio if totals else 0.0, totals[-k] if len(totals) >= k else 0.0)
             found = []
             for _, _, path, low, _, children, i in heap:
-                for logp, tok in children[i:i + self.batch]:
+                for logp, tok in children[i : i + self.batch]:
                     if np.exp(logp) <= floor:
                         break
                     child = path + (tok,)
@@ -334,7 +348,7 @@ class Predictor:
                 neg, _, path, low, raw, children, i = heapq.heappop(heap)
                 bound, totals = float(np.exp(-neg)), sorted(w[0] for w in words.values())
                 if totals and (bound < totals[-1] * self.min_ratio or len(totals) >= k and bound <= totals[-k]):
-                    break                     # no unexplored path can beat the k-th word (or matter)
+                    break  # no unexplored path can beat the k-th word (or matter)
                 if i + 1 < len(children):
                     tick += 1
                     heapq.heappush(heap, (-children[i + 1][0], tick, path, low, raw, children, i + 1))

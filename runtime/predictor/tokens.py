@@ -46,7 +46,7 @@ class _Vocab:
         tail = np.zeros(n, np.int32)
         cont, boundary = np.zeros(n, bool), np.zeros(n, bool)
         for i, (b, s) in enumerate(zip(self.raw, texts)):
-            if s is None:              # matches typed bytes only, never runs past them
+            if s is None:  # matches typed bytes only, never runs past them
                 self.low.append(b.lower())
                 tail[i] = len(b)
                 boundary[i] = bool(b) and b[0] < 0x80 and chr(b[0]) not in word
@@ -69,8 +69,9 @@ class _Vocab:
         self.space_start = np.array([b[:1] == b" " for b in self.raw])
         # a suggested word starts with a letter or digit unless the user typed something else
         # (" " alone starts numbers: digits are single tokens)
-        self.word_start = np.array([b == b" " or (cont[i] or b[:1] == b" ") and _first_alnum(self.low[i])
-                                    for i, b in enumerate(self.raw)])
+        self.word_start = np.array(
+            [b == b" " or (cont[i] or b[:1] == b" ") and _first_alnum(self.low[i]) for i, b in enumerate(self.raw)]
+        )
         keep = [i for i in range(n) if i not in special and self.low[i]]
         order = sorted(keep, key=lambda i: self.low[i])
         self.keys = [self.low[i] for i in order]

@@ -36,23 +36,51 @@ def cmd_export(args: argparse.Namespace) -> None:
     lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=args.target_modules)
     onnx = OnnxOptions(rows=args.onnx_rows, q4=args.onnx_q4 or "packed")
     gguf = GgufOptions(linear=args.gguf_linear or "native")
-    b = export(args.base, args.out, quant=args.quant, lora=lora, targets=args.targets, seq_len=args.seq_len,
-               batch_size=args.batch, seed=args.seed, progress=_progress(args), onnx=onnx, gguf=gguf)
+    b = export(
+        args.base,
+        args.out,
+        quant=args.quant,
+        lora=lora,
+        targets=args.targets,
+        seq_len=args.seq_len,
+        batch_size=args.batch,
+        seed=args.seed,
+        progress=_progress(args),
+        onnx=onnx,
+        gguf=gguf,
+    )
     m = b.manifest
-    obj = {"bundle": str(b.root), "base": m.base_source, "base_sha256": m.base_sha256, "quant": m.quant.value,
-           "targets": b.targets, "trainable_tensors": len(m.trainable),
-           "trainable_params": sum(int(__import__("math").prod(s)) for s in m.trainable.values()),
-           "bytes": sum(f["bytes"] for f in m.files.values()),
-           "export_seconds": {t: i.get("export_seconds") for t, i in m.targets.items()}}
-    _emit(args, obj, lambda o: (f"exported {o['base']} ({o['quant']}) to {o['bundle']}: targets {', '.join(o['targets'])}, "
-                                f"{o['trainable_params']:,} trainable LoRA parameters, {o['bytes'] / 2**20:.1f} MiB"))
+    obj = {
+        "bundle": str(b.root),
+        "base": m.base_source,
+        "base_sha256": m.base_sha256,
+        "quant": m.quant.value,
+        "targets": b.targets,
+        "trainable_tensors": len(m.trainable),
+        "trainable_params": sum(int(__import__("math").prod(s)) for s in m.trainable.values()),
+        "bytes": sum(f["bytes"] for f in m.files.values()),
+        "export_seconds": {t: i.get("export_seconds") for t, i in m.targets.items()},
+    }
+    _emit(
+        args,
+        obj,
+        lambda o: (
+            f"exported {o['base']} ({o['quant']}) to {o['bundle']}: targets {', '.join(o['targets'])}, "
+            f"{o['trainable_params']:,} trainable LoRA parameters, {o['bytes'] / 2**20:.1f} MiB"
+        ),
+    )
 
 
 def _open(args: argparse.Namespace, need_train: bool):
     from pocketpeft import runtime
 
-    return runtime.open(args.bundle, backend=args.backend, adapter=getattr(args, "adapter", None), need_train=need_train,
-                        update=getattr(args, "update", "auto"))
+    return runtime.open(
+        args.bundle,
+        backend=args.backend,
+        adapter=getattr(args, "adapter", None),
+        need_train=need_train,
+        update=getattr(args, "update", "auto"),
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -64,19 +92,32 @@ def cmd_train(args: argparse.Namespace) -> None:
     out = args.adapter_out
     if out:
         sess.save_adapter(out)
-    obj = {**rep.to_dict(), "adapter_out": out, "first_loss": rep.losses[0] if rep.losses else None,
-           "last_loss": rep.losses[-1] if rep.losses else None}
-    _emit(args, obj, lambda o: (
-        f"trained on {o['backend']}:{o['device']}: {o['steps']} steps in {o['seconds']:.1f}s "
-        f"({o['tokens_per_s']:.0f} tokens/s, peak RSS {o['peak_rss_mb']:.0f} MiB), loss {o['first_loss']:.3f} → "
-        f"{o['last_loss']:.3f}" + (f", {len(o['skipped_steps'])} non-finite steps skipped" if o['skipped_steps'] else "")
-        + (f"; adapter saved to {o['adapter_out']}" if o["adapter_out"] else "; adapter NOT saved (use --adapter-out)")))
+    obj = {
+        **rep.to_dict(),
+        "adapter_out": out,
+        "first_loss": rep.losses[0] if rep.losses else None,
+        "last_loss": rep.losses[-1] if rep.losses else None,
+    }
+    _emit(
+        args,
+        obj,
+        lambda o: (
+            f"trained on {o['backend']}:{o['device']}: {o['steps']} steps in {o['seconds']:.1f}s "
+            f"({o['tokens_per_s']:.0f} tokens/s, peak RSS {o['peak_rss_mb']:.0f} MiB), loss {o['first_loss']:.3f} → "
+            f"{o['last_loss']:.3f}"
+            + (f", {len(o['skipped_steps'])} non-finite steps skipped" if o["skipped_steps"] else "")
+            + (
+                f"; adapter saved to {o['adapter_out']}"
+                if o["adapter_out"]
+                else "; adapter NOT saved (use --adapter-out)"
+            )
+        ),
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from pocketpeft.text import read_text_file
-
     from pocketpeft.errors import ConfigError
+    from pocketpeft.text import read_text_file
 
     if args.keystrokes < 0:
         raise ConfigError(f"--keystrokes must be >= 0 (messages to type; 0 skips), got {args.keystrokes}")
@@ -88,13 +129,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
         obj["keyboard"] = sess.eval_keystrokes(texts, k=3, max_messages=args.keystrokes)
 
     def text(o):
-        line = (f"loss {o['loss']:.4f}  perplexity {o['perplexity']:.2f}  next-token top-1 "
-                f"{100 * o['top1']:.1f}%  top-3 {100 * o['top3']:.1f}%  over {o['tokens']} tokens")
+        line = (
+            f"loss {o['loss']:.4f}  perplexity {o['perplexity']:.2f}  next-token top-1 "
+            f"{100 * o['top1']:.1f}%  top-3 {100 * o['top3']:.1f}%  over {o['tokens']} tokens"
+        )
         kb = o.get("keyboard")
         if kb:
-            line += (f"\nnext-word top-1 {100 * kb['next_word_top1']:.1f}%  top-3 {100 * kb['next_word_top3']:.1f}%  "
-                     f"keystroke savings {100 * kb['keystroke_savings']:.1f}% (k=3)  over {kb['words']} words, "
-                     f"{kb['chars']} characters of the first {kb['messages']} messages")
+            line += (
+                f"\nnext-word top-1 {100 * kb['next_word_top1']:.1f}%  top-3 {100 * kb['next_word_top3']:.1f}%  "
+                f"keystroke savings {100 * kb['keystroke_savings']:.1f}% (k=3)  over {kb['words']} words, "
+                f"{kb['chars']} characters of the first {kb['messages']} messages"
+            )
         return line
 
     _emit(args, obj, text)
@@ -103,39 +148,52 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_suggest(args: argparse.Namespace) -> None:
     import time
 
-    from pocketpeft.text import as_text
     from pocketpeft.errors import ConfigError
+    from pocketpeft.text import as_text
 
     if args.k < 1:
         raise ConfigError(f"-k must be a positive integer, got {args.k}")
-    if args.prefix == "-":   # stdin: bytes, so non-UTF-8 input gets the same typed error; one trailing newline dropped
+    if args.prefix == "-":  # stdin: bytes, so non-UTF-8 input gets the same typed error; one trailing newline dropped
         prefix = as_text(sys.stdin.buffer.read(), "prefix (stdin)").removesuffix("\n").removesuffix("\r")
-    else:                    # argv: undecodable bytes arrive as lone surrogates, which as_text refuses
+    else:  # argv: undecodable bytes arrive as lone surrogates, which as_text refuses
         prefix = as_text(args.prefix, "prefix")
     t0 = time.perf_counter()
     sess = _open(args, need_train=False)
     t1 = time.perf_counter()
     words = sess.suggest(prefix, k=args.k)
     t2 = time.perf_counter()
-    pred = sess.predictor   # the Session's Predictor, built by the first suggest
+    pred = sess.predictor  # the Session's Predictor, built by the first suggest
     forwards, trimmed = pred.last_forwards, pred.last_trimmed
-    pred.reset()            # the same request again with the KV cache and memo dropped: the model work alone
+    pred.reset()  # the same request again with the KV cache and memo dropped: the model work alone
     t3 = time.perf_counter()
     sess.suggest(prefix, k=args.k)
     uncached = 1000 * (time.perf_counter() - t3)
-    obj = {"prefix": prefix, "k": args.k, "suggestions": words, "backend": f"{sess.backend.name}:{sess.backend.device}",
-           "adapter": args.adapter, "open_ms": round(1000 * (t1 - t0), 2), "latency_ms": round(1000 * (t2 - t1), 2),
-           "uncached_ms": None if uncached is None else round(uncached, 2), "forward_passes": forwards,
-           "trimmed": trimmed, "max_context": getattr(pred, "max_context", None)}
+    obj = {
+        "prefix": prefix,
+        "k": args.k,
+        "suggestions": words,
+        "backend": f"{sess.backend.name}:{sess.backend.device}",
+        "adapter": args.adapter,
+        "open_ms": round(1000 * (t1 - t0), 2),
+        "latency_ms": round(1000 * (t2 - t1), 2),
+        "uncached_ms": None if uncached is None else round(uncached, 2),
+        "forward_passes": forwards,
+        "trimmed": trimmed,
+        "max_context": getattr(pred, "max_context", None),
+    }
 
     def text(o):
-        lines = ["  ".join(f"{i + 1}. {w}" for i, w in enumerate(o["suggestions"])) or "(no suggestions)",
-                 f"{o['latency_ms']:.1f} ms on {o['backend']} (first call: builds the vocabulary index and KV cache"
-                 + (f"; {o['uncached_ms']:.1f} ms again without caches" if o["uncached_ms"] is not None else "")
-                 + f"; bundle opened in {o['open_ms']:.0f} ms)"]
+        lines = [
+            "  ".join(f"{i + 1}. {w}" for i, w in enumerate(o["suggestions"])) or "(no suggestions)",
+            f"{o['latency_ms']:.1f} ms on {o['backend']} (first call: builds the vocabulary index and KV cache"
+            + (f"; {o['uncached_ms']:.1f} ms again without caches" if o["uncached_ms"] is not None else "")
+            + f"; bundle opened in {o['open_ms']:.0f} ms)",
+        ]
         if o["trimmed"]:
-            lines.append(f"note: the prefix is longer than the {o['max_context']}-token context; "
-                         "suggestions used only its last whole words that fit")
+            lines.append(
+                f"note: the prefix is longer than the {o['max_context']}-token context; "
+                "suggestions used only its last whole words that fit"
+            )
         return "\n".join(lines)
 
     _emit(args, obj, text)
@@ -148,15 +206,20 @@ def cmd_backends(args: argparse.Namespace) -> None:
     from pocketpeft.runtime.selection import explain
 
     rows = explain(need_train=not args.infer_only, update=args.update)
-    obj = {"order": "gpu → npu → cpu, registry order within a tier", "need_train": not args.infer_only,
-           "update": next((r.update for r in rows if r.picked), ""),
-           "backends": [asdict(r) | {"extra": BACKENDS[r.backend].extra} for r in rows]}
+    obj = {
+        "order": "gpu → npu → cpu, registry order within a tier",
+        "need_train": not args.infer_only,
+        "update": next((r.update for r in rows if r.picked), ""),
+        "backends": [asdict(r) | {"extra": BACKENDS[r.backend].extra} for r in rows],
+    }
 
     def text(o):
         lines = [f"{'backend':<17} {'device':<8} {'tier':<4} {'train':<5} {'infer':<5} {'picked':<6} why"]
         for r in o["backends"]:
-            lines.append(f"{r['backend']:<17} {r['device']:<8} {r['tier']:<4} {str(r['train']).lower():<5} "
-                         f"{str(r['infer']).lower():<5} {'*' if r['picked'] else '':<6} {r['reason']}")
+            lines.append(
+                f"{r['backend']:<17} {r['device']:<8} {r['tier']:<4} {str(r['train']).lower():<5} "
+                f"{str(r['infer']).lower():<5} {'*' if r['picked'] else '':<6} {r['reason']}"
+            )
         if o["update"]:
             lines.append(f"training updates: {o['update']} (choose with --update backprop|forward-only)")
         return "\n".join(lines)
@@ -170,12 +233,21 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if args.interactive:
         from .demo import run_interactive
 
-        reports = run_interactive(quant=args.quant, out_dir=args.out, cache=cache_dir(), update_seconds=args.update_seconds)
+        reports = run_interactive(
+            quant=args.quant, out_dir=args.out, cache=cache_dir(), update_seconds=args.update_seconds
+        )
         if args.json:
             print(json.dumps({"updates": reports}, default=str))
         return
-    obj = run_demo(sender=args.sender, seconds=args.seconds, quant=args.quant, out_dir=args.out,
-                   cache=cache_dir(), progress=_progress(args), log=None if args.json else print)
+    obj = run_demo(
+        sender=args.sender,
+        seconds=args.seconds,
+        quant=args.quant,
+        out_dir=args.out,
+        cache=cache_dir(),
+        progress=_progress(args),
+        log=None if args.json else print,
+    )
     if args.json:
         print(json.dumps(obj, default=str))
 
@@ -190,14 +262,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     root = Path(__file__).resolve().parents[2]
     if not (root / "benchmarks" / "report.py").is_file():
-        raise MissingDependencyError("`pocketpeft bench` runs the benchmarks/ folder of a source checkout of pocketpeft "
-                                     "(pip install -e . from a clone, with the 'bench' extra)")
+        raise MissingDependencyError(
+            "`pocketpeft bench` runs the benchmarks/ folder of a source checkout of pocketpeft "
+            "(pip install -e . from a clone, with the 'bench' extra)"
+        )
     with tempfile.TemporaryDirectory(prefix="pocketpeft-bench-") as tmp:
         summary = Path(tmp) / "summary.json"
         cmd = [sys.executable, "-m", "benchmarks.report", "--suite", args.suite, "--json-out", str(summary)]
         cmd += ["--quick"] if args.quick else []
         cmd += ["--out", str(Path(args.out).resolve())] if args.out else []
-        if args.base:   # the child runs in the checkout: a model path given relative to here is resolved
+        if args.base:  # the child runs in the checkout: a model path given relative to here is resolved
             cmd += ["--base", str(Path(args.base).resolve()) if Path(args.base).exists() else args.base]
         cmd += ["--targets", args.targets] if args.targets else []
         cmd += ["--report-only"] if args.report_only else []
@@ -206,11 +280,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if p.stdout:
             print(p.stdout, end="", file=sys.stderr)
         if not summary.is_file():
-            raise PocketPeftError(f"`python -m benchmarks.report` exited with status {p.returncode} before writing "
-                                  "its summary (see the messages above)")
+            raise PocketPeftError(
+                f"`python -m benchmarks.report` exited with status {p.returncode} before writing "
+                "its summary (see the messages above)"
+            )
         obj = json.loads(summary.read_text(encoding="utf-8"))
-    _emit(args, obj, lambda o: (f"report: {o['report']} ({len(o['results'])} result files, plots: "
-                                f"{', '.join(o['plots']) or 'none'})" + (f"; FAILED: {', '.join(o['failed'])}" if o["failed"] else "")))
+    _emit(
+        args,
+        obj,
+        lambda o: (
+            f"report: {o['report']} ({len(o['results'])} result files, plots: "
+            f"{', '.join(o['plots']) or 'none'})" + (f"; FAILED: {', '.join(o['failed'])}" if o["failed"] else "")
+        ),
+    )
     if obj["failed"]:
         raise SystemExit(1)
 
@@ -241,15 +323,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=64)
     e.add_argument("--batch", type=int, default=8)
     e.add_argument("--seed", type=int, default=0, help="seed of the initial LoRA weights")
-    e.add_argument("--gguf-linear", choices=["native", "f32"],
-                   help="gguf target: linears as the bundle's own q4_0/q8_0 bytes (native, the default) or their "
-                        "exact float32 values, so llama.cpp's suggestions match the torch backend's")
-    e.add_argument("--onnx-rows", type=int, metavar="N",
-                   help="onnx target: rows of the training graph (default --batch); a batch then runs as "
-                        "micro-batches of N rows, less device memory (1 or 2 for a phone-sized budget)")
-    e.add_argument("--onnx-q4", choices=["packed", "int8"],
-                   help="onnx target, q4_0: weights as packed nibbles (default) or one int8 each "
-                        "(twice the bytes, cheaper to dequantize; pairs with --onnx-rows 1 or 2)")
+    e.add_argument(
+        "--gguf-linear",
+        choices=["native", "f32"],
+        help="gguf target: linears as the bundle's own q4_0/q8_0 bytes (native, the default) or their "
+        "exact float32 values, so llama.cpp's suggestions match the torch backend's",
+    )
+    e.add_argument(
+        "--onnx-rows",
+        type=int,
+        metavar="N",
+        help="onnx target: rows of the training graph (default --batch); a batch then runs as "
+        "micro-batches of N rows, less device memory (1 or 2 for a phone-sized budget)",
+    )
+    e.add_argument(
+        "--onnx-q4",
+        choices=["packed", "int8"],
+        help="onnx target, q4_0: weights as packed nibbles (default) or one int8 each "
+        "(twice the bytes, cheaper to dequantize; pairs with --onnx-rows 1 or 2)",
+    )
     e.set_defaults(fn=cmd_export)
 
     t = common(sub.add_parser("train", help="update the LoRA adapter on text (one message per line)"))
@@ -261,9 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int)
     g.add_argument("--seconds", type=float)
     t.add_argument("--adapter-out", help="write the updated adapter here (PEFT format)")
-    t.add_argument("--update", default="auto", choices=["auto", "backprop", "forward-only"],
-                   help="backprop, or forward-only (SPSA) updates from forward passes alone (the NPU path); "
-                        "auto: backprop where the backend can")
+    t.add_argument(
+        "--update",
+        default="auto",
+        choices=["auto", "backprop", "forward-only"],
+        help="backprop, or forward-only (SPSA) updates from forward passes alone (the NPU path); "
+        "auto: backprop where the backend can",
+    )
     t.set_defaults(fn=cmd_train)
 
     v = common(sub.add_parser("eval", help="loss, perplexity, next-token/next-word accuracy, keystroke savings"))
@@ -271,15 +367,23 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--text", "--texts", dest="text", required=True, help="UTF-8 text file, one message per line")
     v.add_argument("--adapter")
     v.add_argument("--backend", default="auto")
-    v.add_argument("--keystrokes", type=int, default=20, metavar="N",
-                   help="type the first N messages with k=3 suggestions for next-word accuracy and keystroke "
-                        "savings (0 skips; each character is one suggest call)")
+    v.add_argument(
+        "--keystrokes",
+        type=int,
+        default=20,
+        metavar="N",
+        help="type the first N messages with k=3 suggestions for next-word accuracy and keystroke "
+        "savings (0 skips; each character is one suggest call)",
+    )
     v.set_defaults(fn=cmd_eval)
 
     s = common(sub.add_parser("suggest", help="the k most likely next words after a prefix, and the latency"))
     s.add_argument("bundle")
-    s.add_argument("prefix", help="the message typed so far ('' for a new message, '-' to read UTF-8 from stdin); "
-                                  "the text after its last space is the word being completed")
+    s.add_argument(
+        "prefix",
+        help="the message typed so far ('' for a new message, '-' to read UTF-8 from stdin); "
+        "the text after its last space is the word being completed",
+    )
     s.add_argument("-k", type=int, default=3, help="how many words (default 3)")
     s.add_argument("--adapter", help="PEFT adapter directory to apply")
     s.add_argument("--backend", default="auto", help="auto, NAME or NAME:DEVICE (see `pocketpeft backends`)")
@@ -287,8 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = common(sub.add_parser("backends", help="what this machine can run, and what auto picks"))
     b.add_argument("--infer-only", action="store_true", help="select for inference rather than training")
-    b.add_argument("--update", default="auto", choices=["auto", "backprop", "forward-only"],
-                   help="how training would update the adapter (see `train --update`)")
+    b.add_argument(
+        "--update",
+        default="auto",
+        choices=["auto", "backprop", "forward-only"],
+        help="how training would update the adapter (see `train --update`)",
+    )
     b.set_defaults(fn=cmd_backends)
 
     d = common(sub.add_parser("demo", help="the main job: personalize SmolLM2 on one chitchat sender"))
@@ -297,10 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quant", default="q4_0", choices=["q4_0", "q8_0", "nf4", "f16", "f32"])
     d.add_argument("--out", default="pocketpeft-demo", help="where the report and adapter go")
     d.add_argument("--interactive", action="store_true", help="type messages, see suggestions, learn when you pause")
-    d.add_argument("--update-seconds", type=float, default=15.0, help="time box of each background update (--interactive)")
+    d.add_argument(
+        "--update-seconds", type=float, default=15.0, help="time box of each background update (--interactive)"
+    )
     d.set_defaults(fn=cmd_demo)
 
-    bn = common(sub.add_parser("bench", help="the benchmark suite (source checkout): runs suites, writes JSON + a report"))
+    bn = common(
+        sub.add_parser("bench", help="the benchmark suite (source checkout): runs suites, writes JSON + a report")
+    )
     bn.add_argument("--suite", default="all", choices=["train", "suggest", "quality", "export", "memory", "all"])
     bn.add_argument("--quick", action="store_true", help="sizes that finish in minutes (full sizes otherwise)")
     bn.add_argument("--out", help="results directory (default benchmarks/results; the report goes to OUT/report)")

@@ -58,12 +58,19 @@ def demo_personalizer(sess, store: str | Path, sender: str, serve_session=None, 
     from pocketpeft.corpus import general_texts
 
     extra = {} if word_weight is None else {"word_weight": word_weight}
-    return runtime.Personalizer(sess, store, serve_session=serve_session, holdout_max=40,
-                                general=general_texts(exclude=[sender], n=40, seed=7), **extra)
+    return runtime.Personalizer(
+        sess,
+        store,
+        serve_session=serve_session,
+        holdout_max=40,
+        general=general_texts(exclude=[sender], n=40, seed=7),
+        **extra,
+    )
 
 
-def evaluate_personalization(serve, words, test: list[str], keystroke_texts: list[str], word_weight: float,
-                             general: list[str] | None = None) -> dict[str, Any]:
+def evaluate_personalization(
+    serve, words, test: list[str], keystroke_texts: list[str], word_weight: float, general: list[str] | None = None
+) -> dict[str, Any]:
     """One side (base or personalized) of the demo's comparison, from the serving session
     ``serve`` as it is now: the held-out evaluation of ``test`` (``heldout``: loss, perplexity,
     next-token accuracy), the keystroke metrics of typing ``keystroke_texts`` scored from the same
@@ -123,8 +130,10 @@ def _plot(path: Path, report: dict[str, Any]) -> None:
     b.plot(range(1, len(losses) + 1), losses)
     b.set_xlabel("update step")
     b.set_ylabel("training loss")
-    b.set_title(f"{report['update']['steps']} steps in {report['update']['train_seconds']:.0f}s "
-                f"({'accepted' if report['update']['accepted'] else 'rejected'})")
+    b.set_title(
+        f"{report['update']['steps']} steps in {report['update']['train_seconds']:.0f}s "
+        f"({'accepted' if report['update']['accepted'] else 'rejected'})"
+    )
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -133,10 +142,19 @@ def _plot(path: Path, report: dict[str, Any]) -> None:
     tmp.unlink()
 
 
-def run_demo(sender: str | None = None, seconds: float = 60.0, quant: str = "q4_0", out_dir: str | Path = "pocketpeft-demo",
-             cache: Path | None = None, progress: bool = False, max_test_messages: int = 60,
-             keystroke_messages: int = 20, keystroke_seconds: float = 15.0, examples: int = 3,
-             log: Log | None = print) -> dict[str, Any]:
+def run_demo(
+    sender: str | None = None,
+    seconds: float = 60.0,
+    quant: str = "q4_0",
+    out_dir: str | Path = "pocketpeft-demo",
+    cache: Path | None = None,
+    progress: bool = False,
+    max_test_messages: int = 60,
+    keystroke_messages: int = 20,
+    keystroke_seconds: float = 15.0,
+    examples: int = 3,
+    log: Log | None = print,
+) -> dict[str, Any]:
     """Run the demo; returns (and writes to ``out_dir/report.json``, plot in ``out_dir/report.png``)
     the before/after report. The user's store lives in ``out_dir/store`` and is started afresh.
 
@@ -165,16 +183,18 @@ def run_demo(sender: str | None = None, seconds: float = 60.0, quant: str = "q4_
     serving = runtime.open(bundle, backend=backend, need_train=False) if backend else None
     p = demo_personalizer(sess, out / "store", sender, serve_session=serving)
     serve = p.serve_session
-    say(f"sender {sender}: {len(train)} earlier messages to learn from, {len(test)} later ones held out; "
+    say(
+        f"sender {sender}: {len(train)} earlier messages to learn from, {len(test)} later ones held out; "
         f"training on {sess.backend.name}:{sess.backend.device}, suggestions from "
-        f"{serve.backend.name}:{serve.backend.device}")
+        f"{serve.backend.name}:{serve.backend.device}"
+    )
     prefixes = _example_prefixes(test, examples)
-    base_sugg = [p.suggest(x, 3) for x in prefixes]   # nothing observed yet: the base model alone
-    words = WordCounts(train)                          # what p counts once it has observed `train`
+    base_sugg = [p.suggest(x, 3) for x in prefixes]  # nothing observed yet: the base model alone
+    words = WordCounts(train)  # what p counts once it has observed `train`
     t_first = time.perf_counter()
     keystrokes_with_words(serve.predictor, words, ks_texts[:1], p.word_weight)
     per_message = max(time.perf_counter() - t_first, 1e-3)
-    ks_texts = ks_texts[:max(1, min(len(ks_texts), int(keystroke_seconds / per_message)))]
+    ks_texts = ks_texts[: max(1, min(len(ks_texts), int(keystroke_seconds / per_message)))]
     ev = evaluate_personalization(serve, words, test, ks_texts, p.word_weight, general=p.general)
     before, with_words, general_before = {**ev["heldout"], **ev["model"]}, ev["with_words"], ev["general_loss"]
     p.observe(train)
@@ -185,15 +205,26 @@ def run_demo(sender: str | None = None, seconds: float = 60.0, quant: str = "q4_
     lora_alone, both, general_after = ev["model"], ev["with_words"], ev["general_loss"]
     after = {**ev["heldout"], **both}
     pers_sugg = [p.suggest(x, 3) for x in prefixes]
-    report = {"sender": sender, "quant": quant, "backend": f"{sess.backend.name}:{sess.backend.device}",
-              "serving_backend": f"{serve.backend.name}:{serve.backend.device}",
-              "export_seconds": round(export_s, 1), "seconds_budget": seconds,
-              "train_messages": len(train), "test_messages": len(test), "keystroke_messages": len(ks_texts),
-              "update": upd.to_dict(), "version": p.version, "before": before, "after": after,
-              "breakdown": {"base_with_word_counts": with_words, "lora_alone": lora_alone, "word_weight": p.word_weight},
-              "general_loss": {"base": general_before, "personalized": general_after},
-              "examples": [{"prefix": x, "base": b, "personalized": s} for x, b, s in zip(prefixes, base_sugg, pers_sugg)],
-              "peak_rss_mb": round(peak_rss_mib(), 1), "adapter": str(out / "store" / "adapters")}
+    report = {
+        "sender": sender,
+        "quant": quant,
+        "backend": f"{sess.backend.name}:{sess.backend.device}",
+        "serving_backend": f"{serve.backend.name}:{serve.backend.device}",
+        "export_seconds": round(export_s, 1),
+        "seconds_budget": seconds,
+        "train_messages": len(train),
+        "test_messages": len(test),
+        "keystroke_messages": len(ks_texts),
+        "update": upd.to_dict(),
+        "version": p.version,
+        "before": before,
+        "after": after,
+        "breakdown": {"base_with_word_counts": with_words, "lora_alone": lora_alone, "word_weight": p.word_weight},
+        "general_loss": {"base": general_before, "personalized": general_after},
+        "examples": [{"prefix": x, "base": b, "personalized": s} for x, b, s in zip(prefixes, base_sugg, pers_sugg)],
+        "peak_rss_mb": round(peak_rss_mib(), 1),
+        "adapter": str(out / "store" / "adapters"),
+    }
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
     out.mkdir(parents=True, exist_ok=True)
     _plot(out / "report.png", report)
@@ -207,9 +238,14 @@ def run_demo(sender: str | None = None, seconds: float = 60.0, quant: str = "q4_
 def _print_report(r: dict[str, Any], out: Path, log: Log) -> None:
     log("")
     log(f"{'held-out metric':<26}{'base':>10}{'personalized':>14}")
-    rows = (("next_word_top3", "next-word top-3", True), ("keystroke_savings", "keystroke savings", True),
-            ("next_word_top1", "next-word top-1", True), ("top3", "next-token top-3", True),
-            ("loss", "loss", False), ("perplexity", "perplexity", False))
+    rows = (
+        ("next_word_top3", "next-word top-3", True),
+        ("keystroke_savings", "keystroke savings", True),
+        ("next_word_top1", "next-word top-1", True),
+        ("top3", "next-token top-3", True),
+        ("loss", "loss", False),
+        ("perplexity", "perplexity", False),
+    )
     for k, label, pct in rows:
         a, b = r["before"][k], r["after"][k]
         fmt = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.3f}")
@@ -217,23 +253,28 @@ def _print_report(r: dict[str, Any], out: Path, log: Log) -> None:
     g = r["general_loss"]
     log(f"{'other people: loss':<26}{g['base']:>10.3f}{g['personalized']:>14.3f}")
     bd = r["breakdown"]
-    log(f"personalized = the LoRA update + the sender's word counts (weight {bd['word_weight']:g}); next-word top-3 "
+    log(
+        f"personalized = the LoRA update + the sender's word counts (weight {bd['word_weight']:g}); next-word top-3 "
         f"with LoRA alone {100 * bd['lora_alone']['next_word_top3']:.1f}%, word counts alone "
-        f"{100 * bd['base_with_word_counts']['next_word_top3']:.1f}%")
+        f"{100 * bd['base_with_word_counts']['next_word_top3']:.1f}%"
+    )
     log("")
     for e in r["examples"]:
         log(f"  {e['prefix']!r:<40} base {', '.join(e['base']):<30} personalized {', '.join(e['personalized'])}")
     u = r["update"]
     log("")
-    log(f"update: {u['steps']} steps, {u['tokens']} tokens, {u['train_seconds']:.1f}s training / {u['seconds']:.1f}s "
+    log(
+        f"update: {u['steps']} steps, {u['tokens']} tokens, {u['train_seconds']:.1f}s training / {u['seconds']:.1f}s "
         f"with the quality gate; peak RSS {r['peak_rss_mb']:.0f} MiB; whole demo {r['total_seconds']:.0f}s "
-        f"(export {r['export_seconds']:.0f}s)")
+        f"(export {r['export_seconds']:.0f}s)"
+    )
     log(f"report: {out / 'report.json'}, plot: {out / 'report.png'}, adapter versions: {r['adapter']}")
 
 
 # ------------------------------------------------------------------------- interactive
-def interactive_loop(personalizer, read_line: Callable[[], str | None], log: Log = print,
-                     update_seconds: float = 15.0) -> list[dict]:
+def interactive_loop(
+    personalizer, read_line: Callable[[], str | None], log: Log = print, update_seconds: float = 15.0
+) -> list[dict]:
     """A line-based keyboard over ``personalizer``: for each submitted message, show the
     suggestions offered before every word (``✓`` when the word was among them) and for the next
     word, then store the message and learn from it in a background thread (one update at a time).
@@ -251,8 +292,10 @@ def interactive_loop(personalizer, read_line: Callable[[], str | None], log: Log
     def learn() -> None:
         r = personalizer.update(max_seconds=update_seconds)
         reports.append(r.to_dict())
-        log(f"  [learned: {'new version ' + str(r.version) if r.accepted else 'kept version ' + str(r.version)}"
-            f" — {r.reason}]")
+        log(
+            f"  [learned: {'new version ' + str(r.version) if r.accepted else 'kept version ' + str(r.version)}"
+            f" — {r.reason}]"
+        )
 
     while (line := read_line()) is not None:
         line = line.strip()
@@ -292,8 +335,14 @@ def interactive_loop(personalizer, read_line: Callable[[], str | None], log: Log
     return reports
 
 
-def run_interactive(quant: str = "q4_0", out_dir: str | Path = "pocketpeft-demo", cache: Path | None = None,
-                    update_seconds: float = 15.0, progress: bool = False, log: Log = print) -> list[dict]:
+def run_interactive(
+    quant: str = "q4_0",
+    out_dir: str | Path = "pocketpeft-demo",
+    cache: Path | None = None,
+    update_seconds: float = 15.0,
+    progress: bool = False,
+    log: Log = print,
+) -> list[dict]:
     """``pocketpeft demo --interactive``: type messages, see suggestions, and the model learns from
     them in the background (stored in ``out_dir/interactive-store``, kept between runs)."""
     from pocketpeft import runtime

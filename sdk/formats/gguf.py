@@ -35,8 +35,8 @@ def base_path(kind: str) -> str:
 class GgufLinear(str, enum.Enum):
     """How the gguf target stores frozen linears."""
 
-    NATIVE = "native"   # the bundle's own q4_0/q8_0 bytes
-    F32 = "f32"         # their exact float32 values (llama.cpp then computes as torch does)
+    NATIVE = "native"  # the bundle's own q4_0/q8_0 bytes
+    F32 = "f32"  # their exact float32 values (llama.cpp then computes as torch does)
 
 
 class GgufNf4(str, enum.Enum):
@@ -76,14 +76,25 @@ class GgufOptions:
     def to_dict(self) -> dict[str, Any]:
         return {"linear": self.linear.value, "nf4": self.nf4.value, "passthrough": self.passthrough}
 
+
 ARCH = "llama"
-PERMUTATION = ("convert_hf_to_gguf LlamaModel.permute on attn_q (n_head) and attn_k (n_head_kv) rows: "
-               "HF rotate-half order -> llama.cpp interleaved pairs")
+PERMUTATION = (
+    "convert_hf_to_gguf LlamaModel.permute on attn_q (n_head) and attn_k (n_head_kv) rows: "
+    "HF rotate-half order -> llama.cpp interleaved pairs"
+)
 
 #: HF module suffix -> GGUF tensor stem, as llama.cpp names a llama block.
-HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+HF_TO_GGUF = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
 _GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
@@ -101,7 +112,8 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF rotate-half row order -> llama.cpp's interleaved pairs, per head (rows of any dtype:
     float weights or quantized block bytes, whose blocks run along a row)."""
     return np.ascontiguousarray(
-        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
 
 
 class _FastGGUFReader(gguf.GGUFReader):
@@ -128,8 +140,9 @@ def open_gguf(path: str | os.PathLike) -> Any:
     except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as e:
         raise CorruptFileError(f"GGUF file {path} is truncated or corrupt: {e}") from e
     if end > path.stat().st_size or any(t.data.nbytes != t.n_bytes for t in reader.tensors):
-        raise CorruptFileError(f"GGUF file {path} is truncated: its tensors need {end} bytes, "
-                               f"it has {path.stat().st_size}")
+        raise CorruptFileError(
+            f"GGUF file {path} is truncated: its tensors need {end} bytes, it has {path.stat().st_size}"
+        )
     return reader
 
 

@@ -25,8 +25,9 @@ from pocketpeft.errors import AdapterShapeError, ConfigError
 
 from .gguf import HF_TO_GGUF, permute_rows, writing_gguf
 
-_PEFT_KEY = re.compile(re.escape(PEFT_PREFIX)
-                       + r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight")
+_PEFT_KEY = re.compile(
+    re.escape(PEFT_PREFIX) + r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight"
+)
 
 
 def gguf_lora_name(peft_key: str) -> str:
@@ -35,8 +36,10 @@ def gguf_lora_name(peft_key: str) -> str:
     m = _PEFT_KEY.fullmatch(peft_key)
     stem = HF_TO_GGUF.get(f"{m.group(2)}.{m.group(3)}") if m else None
     if m is None or stem is None or stem.endswith("_norm"):
-        raise AdapterShapeError(f"adapter tensor {peft_key!r} is not a LoRA tensor of a llama linear layer "
-                                f"(expected {PEFT_PREFIX}model.layers.N.self_attn.q_proj.lora_A.weight and the like)")
+        raise AdapterShapeError(
+            f"adapter tensor {peft_key!r} is not a LoRA tensor of a llama linear layer "
+            f"(expected {PEFT_PREFIX}model.layers.N.self_attn.q_proj.lora_A.weight and the like)"
+        )
     return f"blk.{int(m.group(1))}.{stem}.weight.lora_{m.group(4).lower()}"
 
 
@@ -49,13 +52,19 @@ def _as_adapter(adapter: Any, lora: LoraConfig | None) -> Adapter:
         if lora is None:
             raise ConfigError("a bare tensor mapping needs the LoRA config (pass the bundle manifest)")
         return Adapter(lora, dict(adapter))
-    raise ConfigError("expected an Adapter, a PEFT adapter directory or a tensor mapping, "
-                      f"got {type(adapter).__name__}")
+    raise ConfigError(
+        f"expected an Adapter, a PEFT adapter directory or a tensor mapping, got {type(adapter).__name__}"
+    )
 
 
-def adapter_to_gguf(adapter: "Adapter | str | os.PathLike | Mapping[str, Any]", out_path: "str | os.PathLike",
-                    manifest: Any = None, *, arch: ModelConfig | None = None,
-                    name: str = "pocketpeft-adapter") -> dict[str, Any]:
+def adapter_to_gguf(
+    adapter: "Adapter | str | os.PathLike | Mapping[str, Any]",
+    out_path: "str | os.PathLike",
+    manifest: Any = None,
+    *,
+    arch: ModelConfig | None = None,
+    name: str = "pocketpeft-adapter",
+) -> dict[str, Any]:
     """Convert a PEFT adapter (an :class:`Adapter`, an adapter directory, or a PEFT-keyed tensor
     mapping, which then takes the manifest's LoRA config) into a GGUF LoRA file at ``out_path``.
 

@@ -51,8 +51,8 @@ IO_INFER_LOSS = "loss"
 class OnnxQ4(str, enum.Enum):
     """How q4_0 weights are stored in the onnx graphs."""
 
-    PACKED = "packed"   # two nibbles per byte, as the bundle holds them
-    INT8 = "int8"       # one int8 (nibble - 8) per weight: twice the bytes, cheaper to dequantize
+    PACKED = "packed"  # two nibbles per byte, as the bundle holds them
+    INT8 = "int8"  # one int8 (nibble - 8) per weight: twice the bytes, cheaper to dequantize
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,13 @@ class OnnxOptions:
 
     def __post_init__(self) -> None:
         if self.rows is not None and (isinstance(self.rows, bool) or not isinstance(self.rows, int) or self.rows < 1):
-            raise ConfigError(f"OnnxOptions.rows must be None or a positive integer (rows per training-graph run), "
-                              f"got {self.rows!r}")
+            raise ConfigError(
+                f"OnnxOptions.rows must be None or a positive integer (rows per training-graph run), got {self.rows!r}"
+            )
         try:
-            q4 = OnnxQ4(self.q4.strip().lower() if isinstance(self.q4, str) and not isinstance(self.q4, OnnxQ4)
-                        else self.q4)
+            q4 = OnnxQ4(
+                self.q4.strip().lower() if isinstance(self.q4, str) and not isinstance(self.q4, OnnxQ4) else self.q4
+            )
         except ValueError:
             raise ConfigError(f"OnnxOptions.q4 must be one of {[q.value for q in OnnxQ4]}, got {self.q4!r}") from None
         object.__setattr__(self, "q4", q4)

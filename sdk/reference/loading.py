@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 import torch
 from gguf.quants import dequantize
@@ -76,8 +75,9 @@ def load_base(source: str | os.PathLike, progress: bool = False) -> LoadedBase:
         return loaded
     path = Path(os.fspath(source)).expanduser()
     if not path.exists():
-        raise ModelFileNotFoundError(f"model source {str(path)!r} does not exist; "
-                                     "give 'smollm2', a .gguf file or an HF model folder")
+        raise ModelFileNotFoundError(
+            f"model source {str(path)!r} does not exist; give 'smollm2', a .gguf file or an HF model folder"
+        )
     path = path.resolve()
     if path.is_dir():
         return _load_hf_dir(path, progress)
@@ -85,8 +85,10 @@ def load_base(source: str | os.PathLike, progress: bool = False) -> LoadedBase:
         magic = fh.read(4)
     if magic == b"GGUF" or path.suffix.lower() == ".gguf":
         return _load_gguf(path, progress)
-    raise UnsupportedModelError(f"{path} is neither a GGUF file nor an HF model folder; "
-                                "for a Hugging Face model pass the folder holding config.json")
+    raise UnsupportedModelError(
+        f"{path} is neither a GGUF file nor an HF model folder; "
+        "for a Hugging Face model pass the folder holding config.json"
+    )
 
 
 # ---- GGUF ---------------------------------------------------------------------------------
@@ -104,24 +106,37 @@ def _gguf_config(reader: Any, arch: str, tokenizer: Tokenizer) -> ModelConfig:
     vocab = get("vocab_size", None) or (int(embd.shape[1]) if embd is not None else tokenizer.vocab_size)
     try:
         return ModelConfig(
-            vocab_size=int(vocab), hidden_size=get("embedding_length"), intermediate_size=get("feed_forward_length"),
-            num_hidden_layers=get("block_count"), num_attention_heads=get("attention.head_count"),
+            vocab_size=int(vocab),
+            hidden_size=get("embedding_length"),
+            intermediate_size=get("feed_forward_length"),
+            num_hidden_layers=get("block_count"),
+            num_attention_heads=get("attention.head_count"),
             num_key_value_heads=get("attention.head_count_kv", None) or get("attention.head_count"),
             max_position_embeddings=get("context_length", 2048),
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(get("rope.freq_base", 10000.0)),
             tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
             head_dim=key_len or get("rope.dimension_count", None),
-            bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, model_type=arch)
+            bos_token_id=tokenizer.bos_id,
+            eos_token_id=tokenizer.eos_id,
+            model_type=arch,
+        )
     except (ValueError, TypeError) as e:  # ConfigError is a ValueError
         raise CorruptFileError(f"GGUF {arch}.* metadata does not describe a valid model: {e}") from e
 
 
 _GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_GGUF_BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-               "ffn_down": "mlp.down_proj"}
+_GGUF_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 
@@ -134,8 +149,9 @@ def _hf_name(gguf_name: str) -> str | None:
         return f"model.layers.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}.weight"
     if m and m.group(2) == "attn_rot_embd":
         return None
-    raise UnsupportedModelError(f"GGUF tensor {gguf_name!r} has no place in a Llama model (biases, experts "
-                                "and extra tensors are not supported)")
+    raise UnsupportedModelError(
+        f"GGUF tensor {gguf_name!r} has no place in a Llama model (biases, experts and extra tensors are not supported)"
+    )
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -149,8 +165,9 @@ def _load_gguf(path: Path, progress: bool) -> LoadedBase:
     reader = open_gguf(path)
     arch = gguf_field(reader, "general.architecture")
     if arch not in GGUF_ARCHS:
-        raise UnsupportedModelError(f"GGUF architecture {arch!r} ({path.name}) is not supported; "
-                                    f"supported: {', '.join(GGUF_ARCHS)}")
+        raise UnsupportedModelError(
+            f"GGUF architecture {arch!r} ({path.name}) is not supported; supported: {', '.join(GGUF_ARCHS)}"
+        )
     tokenizer = Tokenizer.from_gguf(reader)
     config = _gguf_config(reader, arch, tokenizer)
     sd: dict[str, torch.Tensor] = {}
@@ -162,8 +179,9 @@ def _load_gguf(path: Path, progress: bool) -> LoadedBase:
         try:
             w = dequantize(t.data, t.tensor_type)
         except (NotImplementedError, ValueError) as e:
-            raise UnsupportedModelError(f"GGUF tensor {t.name} has type {t.tensor_type.name}, "
-                                        f"which cannot be dequantized: {e}") from e
+            raise UnsupportedModelError(
+                f"GGUF tensor {t.name} has type {t.tensor_type.name}, which cannot be dequantized: {e}"
+            ) from e
         if not w.flags.writeable:  # F32/F16 come back as views into the read-only file map
             w = w.copy()
         w = w.astype(np.float32, copy=False)
@@ -190,12 +208,17 @@ def _hf_config(cfg: dict[str, Any], where: Path) -> ModelConfig:
         if rs is not None and (not isinstance(rs, dict) or rs.get("rope_type", rs.get("type", "default")) != "default"):
             bad.append(f"{k}={rs!r}")
     sw = cfg.get("sliding_window")
-    if sw is not None and cfg.get("use_sliding_window", True) and not (
-            isinstance(sw, int) and sw >= cfg.get("max_position_embeddings", 0)):
+    if (
+        sw is not None
+        and cfg.get("use_sliding_window", True)
+        and not (isinstance(sw, int) and sw >= cfg.get("max_position_embeddings", 0))
+    ):
         bad.append(f"sliding_window={sw!r}")
     if bad:
-        raise UnsupportedModelError(f"{where} uses options pocketpeft cannot represent: {', '.join(bad)} "
-                                    "(needs no biases, silu, plain RoPE, full attention)")
+        raise UnsupportedModelError(
+            f"{where} uses options pocketpeft cannot represent: {', '.join(bad)} "
+            "(needs no biases, silu, plain RoPE, full attention)"
+        )
     try:
         return ModelConfig.from_dict(cfg)
     except (TypeError, ValueError) as e:
@@ -218,8 +241,10 @@ def _load_hf_dir(folder: Path, progress: bool) -> LoadedBase:
             raise CorruptFileError(f"{index} has no weight_map")
         files = sorted({folder / f for f in weight_map.values()})
     else:
-        raise ModelFileNotFoundError(f"model folder {folder} has no model.safetensors or model.safetensors.index.json "
-                                     "(only safetensors weights are supported)")
+        raise ModelFileNotFoundError(
+            f"model folder {folder} has no model.safetensors or model.safetensors.index.json "
+            "(only safetensors weights are supported)"
+        )
     for f in files:
         if not f.is_file():
             raise ModelFileNotFoundError(f"weights file {f} is missing")
@@ -251,11 +276,19 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
     for n in range(config.num_hidden_layers):
         p = f"model.layers.{n}."
-        shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                       p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
-                       p + "post_attention_layernorm.weight": (h,)})
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (i, h),
+                p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
+        )
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, h)
     return shapes
@@ -263,8 +296,9 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def _check_tensors(sd: dict[str, torch.Tensor], config: ModelConfig, where: str, tokenizer: Tokenizer) -> None:
     if tokenizer.vocab_size > config.vocab_size:
-        raise UnsupportedModelError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
-                                    f"embeds only {config.vocab_size}")
+        raise UnsupportedModelError(
+            f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model embeds only {config.vocab_size}"
+        )
     shapes = expected_shapes(config)
     if config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)

@@ -19,7 +19,6 @@ from pocketpeft.config import LoraConfig
 from pocketpeft.errors import AdapterShapeError
 
 
-
 class LoraLinear(nn.Module):
     """``base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`` with a frozen base."""
 
@@ -64,8 +63,11 @@ def inject_lora(model: nn.Module, cfg: LoraConfig, seed: int | None = 0) -> nn.M
     if seed is not None:
         torch.manual_seed(seed)
     try:
-        targets = [(name, mod) for name, mod in model.named_modules()
-                   if name.rsplit(".", 1)[-1] in cfg.target_modules and not isinstance(mod, LoraLinear)]
+        targets = [
+            (name, mod)
+            for name, mod in model.named_modules()
+            if name.rsplit(".", 1)[-1] in cfg.target_modules and not isinstance(mod, LoraLinear)
+        ]
         for name, mod in targets:
             parent_name, child = name.rsplit(".", 1)
             parent = model.get_submodule(parent_name)
@@ -116,11 +118,13 @@ def load_lora_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor]) 
     if missing or unexpected:
         raise AdapterShapeError(
             f"adapter tensors don't match the model's LoRA layers: {len(missing)} missing (e.g. {missing[:2]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
     for k, p in expected.items():
         if tuple(given[k].shape) != tuple(p.shape):
-            raise AdapterShapeError(f"adapter tensor {k} has shape {tuple(given[k].shape)}, "
-                                    f"the model expects {tuple(p.shape)}")
+            raise AdapterShapeError(
+                f"adapter tensor {k} has shape {tuple(given[k].shape)}, the model expects {tuple(p.shape)}"
+            )
         if not torch.isfinite(torch.as_tensor(given[k])).all():
             raise AdapterShapeError(f"adapter tensor {k} holds NaN or inf values")
     for k, p in expected.items():

@@ -16,6 +16,7 @@ from torch import nn
 
 from pocketpeft.config import LINEAR_MODULES, ModelConfig, QuantFormat
 from pocketpeft.errors import SequenceTooLongError, UnsupportedModelError
+
 from .quant import QuantLinear
 
 #: A factory for the frozen linear layers: (in_features, out_features, hf_name) -> module.
@@ -43,7 +44,9 @@ class RMSNorm(nn.Module):
 def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [T, head_dim] for integer ``positions`` [T] (HF's cat(freqs, freqs) layout)."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).to(torch.float32) / dim))
+    inv_freq = 1.0 / (
+        cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).to(torch.float32) / dim)
+    )
     freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
@@ -163,7 +166,8 @@ class CausalLM(nn.Module):
         if start_pos + t > self.config.max_position_embeddings:
             raise SequenceTooLongError(
                 f"sequence of {start_pos + t} tokens exceeds the model's context of "
-                f"{self.config.max_position_embeddings}")
+                f"{self.config.max_position_embeddings}"
+            )
         positions = torch.arange(start_pos, start_pos + t, device=input_ids.device)
         cos, sin = rope_tables(self.config, positions)
         mask = None
@@ -203,8 +207,12 @@ def linear_names(cfg: ModelConfig) -> list[str]:
     return names
 
 
-def build_from_float(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor],
-                     quant: QuantFormat | str = QuantFormat.F32, progress: bool = False) -> CausalLM:
+def build_from_float(
+    cfg: ModelConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    quant: QuantFormat | str = QuantFormat.F32,
+    progress: bool = False,
+) -> CausalLM:
     """Build a :class:`CausalLM` from an HF-named float state dict, quantizing every frozen
     linear layer to ``quant``. Raises :class:`UnsupportedModelError` for missing/misshapen tensors."""
     quant = QuantFormat.parse(quant)
@@ -212,6 +220,7 @@ def build_from_float(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor],
     todo = None
     if progress:
         from tqdm.auto import tqdm
+
         todo = tqdm(total=len(names), desc=f"quantize {quant.value}", unit="layer", leave=False)
 
     def make(i: int, o: int, name: str) -> nn.Module:
@@ -233,13 +242,13 @@ def build_from_float(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor],
     missing, unexpected = model.load_state_dict(rest, strict=False)
     missing = [k for k in missing if k.rsplit(".", 1)[0] not in names]
     if missing or unexpected:
-        raise UnsupportedModelError(f"base weights don't match the architecture: missing {missing[:5]}, "
-                                    f"unexpected {unexpected[:5]}")
+        raise UnsupportedModelError(
+            f"base weights don't match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model.requires_grad_(False).eval()
 
 
-def build_quantized(cfg: ModelConfig, quant: QuantFormat | str,
-                    state_dict: Mapping[str, torch.Tensor]) -> CausalLM:
+def build_quantized(cfg: ModelConfig, quant: QuantFormat | str, state_dict: Mapping[str, torch.Tensor]) -> CausalLM:
     """Build a :class:`CausalLM` from a state dict that already holds quantized buffers
     (what :func:`build_from_float` produced and a bundle stores)."""
     quant = QuantFormat.parse(quant)

@@ -17,19 +17,45 @@ import torch.nn.functional as F
 from pocketpeft.config import QuantFormat
 from pocketpeft.errors import ConfigError, QuantizationError
 
-__all__ = ["BLOCK", "NF4_CODE", "QuantLinear", "dequantize", "dequantize_lut", "from_bnb", "from_gguf_blocks",
-           "quantize", "storage_bytes", "to_bnb", "to_gguf_blocks"]
+__all__ = [
+    "BLOCK",
+    "NF4_CODE",
+    "QuantLinear",
+    "dequantize",
+    "dequantize_lut",
+    "from_bnb",
+    "from_gguf_blocks",
+    "quantize",
+    "storage_bytes",
+    "to_bnb",
+    "to_gguf_blocks",
+]
 
 #: Elements per block (along in_features) of each block format.
 BLOCK = {QuantFormat.Q8_0: 32, QuantFormat.Q4_0: 32, QuantFormat.NF4: 64}
 
 #: The 16 NF4 values, exactly bitsandbytes' ``get_4bit_type("nf4")`` table (float32, sorted).
-NF4_CODE = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-], dtype=torch.float32)
+NF4_CODE = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=torch.float32,
+)
 # bitsandbytes buckets by the float32 midpoints between neighbouring code values.
 _NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
 _GGUF_BLOCK_BYTES = {QuantFormat.Q8_0: 34, QuantFormat.Q4_0: 18}
@@ -50,7 +76,8 @@ def _check_shape(shape, fmt: QuantFormat, name: str = "weight") -> tuple[int, in
     blk = BLOCK.get(fmt)
     if blk and inf % blk:
         raise QuantizationError(
-            f"{name} {tuple(shape)}: in_features={inf} is not a multiple of the {fmt.value} block size {blk}")
+            f"{name} {tuple(shape)}: in_features={inf} is not a multiple of the {fmt.value} block size {blk}"
+        )
     return out, inf
 
 
@@ -103,7 +130,8 @@ def quantize(weight: torch.Tensor, fmt: QuantFormat | str, *, name: str = "weigh
     scales = d.squeeze(-1).to(torch.float16)
     if not bool(torch.isfinite(scales).all()):
         raise QuantizationError(
-            f"{name} {tuple(weight.shape)}: a block scale overflows float16 (max |value| {float(w.abs().max()):g})")
+            f"{name} {tuple(weight.shape)}: a block scale overflows float16 (max |value| {float(w.abs().max()):g})"
+        )
     return {"qweight": qweight, "scales": scales}
 
 
@@ -124,8 +152,9 @@ def _nibbles(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q & 15, torch.div(q, 16, rounding_mode="floor")
 
 
-def dequantize(buffers: dict[str, torch.Tensor], fmt: QuantFormat | str, shape: tuple[int, int],
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(
+    buffers: dict[str, torch.Tensor], fmt: QuantFormat | str, shape: tuple[int, int], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Rebuild the ``[out, in]`` weight of ``shape`` from ``quantize``'s buffers, as ``dtype``.
 
     Values are computed in float32 exactly as ggml (``d * (q - 8)``, ``d * q``) and bitsandbytes
@@ -170,8 +199,9 @@ def _pair_lut(fmt: QuantFormat, device: torch.device) -> torch.Tensor:
     return lut
 
 
-def dequantize_lut(buffers: dict[str, torch.Tensor], fmt: QuantFormat, shape: tuple[int, int],
-                   dtype: torch.dtype) -> torch.Tensor:
+def dequantize_lut(
+    buffers: dict[str, torch.Tensor], fmt: QuantFormat, shape: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
     """:func:`dequantize` for eager GPU work: the same float32 values (bit for bit), in a few
     kernels instead of a dozen, by looking each packed byte up in a 256-entry pair table.
     4-bit formats only (the others are already a cast and a multiply); not for export (a graph
@@ -234,7 +264,8 @@ def from_gguf_blocks(raw: np.ndarray, fmt: QuantFormat | str, shape: tuple[int, 
     nb, bb = inf // 32, _GGUF_BLOCK_BYTES[fmt]
     if raw.size != out * nb * bb:
         raise QuantizationError(
-            f"{fmt.value} data for shape {tuple(shape)}: expected {out * nb * bb} bytes, got {raw.size}")
+            f"{fmt.value} data for shape {tuple(shape)}: expected {out * nb * bb} bytes, got {raw.size}"
+        )
     blocks = torch.from_numpy(raw.copy()).reshape(out, nb, bb)
     scales = blocks[..., :2].contiguous().view(torch.float16).reshape(out, nb)
     q = blocks[..., 2:].contiguous()
@@ -256,7 +287,8 @@ def from_bnb(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int])
     if packed.numel() != out * inf // 2 or absmax.numel() != out * inf // 64:
         raise QuantizationError(
             f"nf4 data for shape {tuple(shape)}: expected {out * inf // 2} packed bytes and {out * inf // 64} "
-            f"absmax values, got {packed.numel()} and {absmax.numel()}")
+            f"absmax values, got {packed.numel()} and {absmax.numel()}"
+        )
     return {"qweight": packed.reshape(out, inf // 2).clone(), "absmax": absmax.detach().float().reshape(-1).clone()}
 
 

@@ -24,12 +24,13 @@ from pocketpeft.export.coreml_target import PACKAGE, QUANT_OPS, SIGNATURE, corem
 
 LORA = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
 SEQ = 16
-N_LINEAR = 2 * len(LINEAR_MODULES)   # the tiny model: 2 layers x 7 frozen linears
+N_LINEAR = 2 * len(LINEAR_MODULES)  # the tiny model: 2 layers x 7 frozen linears
 
 
 def _export(src, out, quant):
-    return pp.export(src, out, quant=quant, lora=pp.LoraConfig(**LORA), targets=["torch", "coreml"],
-                     seq_len=SEQ, batch_size=2)
+    return pp.export(
+        src, out, quant=quant, lora=pp.LoraConfig(**LORA), targets=["torch", "coreml"], seq_len=SEQ, batch_size=2
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,11 @@ def _stored_program(bundle):
 
     path = bundle.root / PACKAGE
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
-    return load(spec, specification_version=spec.specificationVersion,
-                file_weights_dir=str(path / "Data" / "com.apple.CoreML" / "weights"))
+    return load(
+        spec,
+        specification_version=spec.specificationVersion,
+        file_weights_dir=str(path / "Data" / "com.apple.CoreML" / "weights"),
+    )
 
 
 def _bundle_weights(bundle):
@@ -63,6 +67,7 @@ def _bundle_weights(bundle):
 def _dense(op) -> np.ndarray:
     """Dequantize a stored constexpr weight in float32 numpy, from its op's definition:
     ``scale * (data - offset)`` blockwise, ``lut[index]`` for a palettized input."""
+
     def val(name):
         v = op.inputs.get(name)
         return None if v is None else v.val
@@ -79,7 +84,8 @@ def _dense(op) -> np.ndarray:
     offset = np.zeros_like(scale) if offset is None else offset.astype(np.float32)
     reps = [d // s for d, s in zip(data.shape, scale.shape)]
     return np.repeat(np.repeat(scale, reps[0], 0), reps[1], 1) * (
-        data - np.repeat(np.repeat(offset, reps[0], 0), reps[1], 1))
+        data - np.repeat(np.repeat(offset, reps[0], 0), reps[1], 1)
+    )
 
 
 def test_package_spec_inputs_outputs_and_quantized_ops(bundles):
@@ -95,7 +101,7 @@ def test_package_spec_inputs_outputs_and_quantized_ops(bundles):
     assert d["inputs"] == expected and len(m.trainable) == 8
     assert d["outputs"] == {"logits": ([1, SEQ, m.arch.vocab_size], "FLOAT16")}
     assert d["ops"].get("constexpr_blockwise_shift_scale") == N_LINEAR
-    assert d["metadata"]["pocketpeft.reference.quant"] == "q4_0" and d["spec_version"] >= 9   # iOS 18
+    assert d["metadata"]["pocketpeft.reference.quant"] == "q4_0" and d["spec_version"] >= 9  # iOS 18
     sig = json.loads(b.path_of(SIGNATURE).read_text())
     assert {v["peft_key"] for n, v in sig["inputs"].items() if n != "input_ids"} == set(m.trainable)
     assert all(coreml_name(v["peft_key"]) == n for n, v in sig["inputs"].items() if n != "input_ids")
@@ -128,14 +134,17 @@ def test_stored_weights_are_the_bundles_quantized_weights(bundles, quant):
             ours = {k.rsplit(".", 1)[1]: v for k, v in bufs.items() if k.rsplit(".", 1)[0] == hf}
             shape = (ours["qweight"].shape[0], 128 if mod == "down_proj" else 64)
             want = dequantize(ours, quant, shape).numpy()
-            op = next(o for n, o in ops.items() if n.startswith(coreml_name(hf)) and
-                      o.op_type == "constexpr_blockwise_shift_scale")
+            op = next(
+                o
+                for n, o in ops.items()
+                if n.startswith(coreml_name(hf)) and o.op_type == "constexpr_blockwise_shift_scale"
+            )
             got = _dense(op)
             assert got.shape == want.shape
-            if quant == "nf4":   # code values and absmax are float16 in Core ML
-                np.testing.assert_allclose(got, want, rtol=2 ** -10, atol=0)
+            if quant == "nf4":  # code values and absmax are float16 in Core ML
+                np.testing.assert_allclose(got, want, rtol=2**-10, atol=0)
                 assert op.inputs["data"].op.op_type == "constexpr_lut_to_dense"
-            else:                # same integers, same fp16 scales: exact in float32
+            else:  # same integers, same fp16 scales: exact in float32
                 np.testing.assert_array_equal(got, want)
                 bits = "uint4" if quant == "q4_0" else "int8"
                 assert builtin_to_string(op.inputs["data"].dtype) == bits
@@ -158,17 +167,32 @@ def test_prediction_matches_torch_backend(bundles):
     lora = {coreml_name(k): v for k, v in b.initial_adapter().tensors.items()}
     ml = ct.models.MLModel(str(b.root / PACKAGE))
     padded = np.zeros((1, SEQ), np.int32)
-    padded[0, :len(ids)] = ids
-    got = ml.predict({"input_ids": padded, **lora})["logits"][0, :len(ids)].astype(np.float32)
-    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()   # float16 compute
+    padded[0, : len(ids)] = ids
+    got = ml.predict({"input_ids": padded, **lora})["logits"][0, : len(ids)].astype(np.float32)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()  # float16 compute
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
 
 
 @pytest.mark.slow
 def test_cli_exports_smollm2_to_gguf_and_coreml(smollm2_path, tmp_path):
     out = tmp_path / "B"
-    r = subprocess.run([sys.executable, "-m", "pocketpeft", "export", "smollm2", "--targets", "gguf,coreml",
-                        "--out", str(out), "--json"], capture_output=True, text=True, timeout=3000)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pocketpeft",
+            "export",
+            "smollm2",
+            "--targets",
+            "gguf,coreml",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=3000,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     obj = json.loads(r.stdout)
     assert sorted(obj["targets"]) == ["coreml", "gguf", "torch"]

@@ -6,14 +6,20 @@ import shutil
 import pytest
 
 import pocketpeft as pp
-from pocketpeft.errors import (ConfigError, CorruptFileError, ModelFileNotFoundError, UnsupportedModelError)
+from pocketpeft.errors import ConfigError, CorruptFileError, ModelFileNotFoundError, UnsupportedModelError
 from pocketpeft.manifest import Bundle
 
 
 @pytest.fixture(scope="module")
 def bundle(tiny_hf_dir, tmp_path_factory):
-    return pp.export(tiny_hf_dir, tmp_path_factory.mktemp("b") / "bundle", quant="nf4",
-                     lora=pp.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]), seq_len=16, batch_size=2)
+    return pp.export(
+        tiny_hf_dir,
+        tmp_path_factory.mktemp("b") / "bundle",
+        quant="nf4",
+        lora=pp.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+        seq_len=16,
+        batch_size=2,
+    )
 
 
 def test_manifest_records_the_contract(bundle):
@@ -21,10 +27,16 @@ def test_manifest_records_the_contract(bundle):
     raw = json.loads((bundle.root / "manifest.json").read_text())
     assert raw["format"] == "pocketpeft-bundle" and raw["quant"] == "nf4"
     assert len(m.base_sha256) == 64 and m.arch.hidden_size == 64
-    assert set(m.trainable) == {f"base_model.model.model.layers.{i}.self_attn.{p}_proj.lora_{ab}.weight"
-                                for i in range(2) for p in "qv" for ab in "AB"}
+    assert set(m.trainable) == {
+        f"base_model.model.model.layers.{i}.self_attn.{p}_proj.lora_{ab}.weight"
+        for i in range(2)
+        for p in "qv"
+        for ab in "AB"
+    }
     assert m.trainable["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] == [2, 64]
-    assert {"manifest.json"}.isdisjoint(m.files) and "tokenizer.json" in m.files and "torch/model.safetensors" in m.files
+    assert (
+        {"manifest.json"}.isdisjoint(m.files) and "tokenizer.json" in m.files and "torch/model.safetensors" in m.files
+    )
     assert m.targets["torch"]["files"] == ["torch/model.safetensors"]
     assert m.versions["pocketpeft"] == pp.__version__ and "torch" in m.versions
     bundle.verify()
@@ -84,15 +96,15 @@ def test_export_from_gguf_and_unsupported_arch(tiny_gguf_path, tiny_hf_dir, tmp_
 def test_general_text_is_shipped_with_its_hash(tiny_hf_dir, tmp_path):
     """``general_text`` becomes ``general.txt`` (one message per line, inner line breaks as
     spaces), a shared file with its sha256; the bundle reads it back."""
-    from pocketpeft.manifest import GENERAL_TEXT
     from pocketpeft.fsutil import sha256_file
+    from pocketpeft.manifest import GENERAL_TEXT
 
     texts = ["see you at the game tonight", "two\nlines\r\nhere", "   ", "last one"]
     b = pp.export(tiny_hf_dir, tmp_path / "b", quant="q8_0", seq_len=16, batch_size=2, general_text=texts)
     info = b.manifest.files[GENERAL_TEXT]
     assert info["target"] == "shared" and info["sha256"] == sha256_file(b.root / GENERAL_TEXT)
     assert b.general_texts() == ["see you at the game tonight", "two lines here", "last one"]
-    assert b.manifest.options == {}   # only the exported targets' options are recorded
+    assert b.manifest.options == {}  # only the exported targets' options are recorded
     b.verify()
     none = pp.export(tiny_hf_dir, tmp_path / "c", quant="q8_0", seq_len=16, batch_size=2, general_text=[])
     assert GENERAL_TEXT not in none.manifest.files and none.general_texts() == []

@@ -13,9 +13,9 @@ import torch
 
 import pocketpeft as pp
 from pocketpeft.errors import AdapterShapeError, ConfigError
+from pocketpeft.export.gguf_target import permute_rows, write_base_gguf
 from pocketpeft.formats.gguf import GgufOptions
 from pocketpeft.formats.gguf_lora import adapter_to_gguf, gguf_lora_name
-from pocketpeft.export.gguf_target import permute_rows, write_base_gguf
 from pocketpeft.reference.loading import gguf_field, load_base, open_gguf
 from pocketpeft.reference.model import build_from_float, dequantized_state_dict
 from pocketpeft.reference.quant import from_gguf_blocks, to_gguf_blocks
@@ -26,8 +26,16 @@ Q = gguf.GGMLQuantizationType
 
 
 def _export(src, tmp_path_factory, quant, tag, gguf=None):
-    return pp.export(src, tmp_path_factory.mktemp(tag) / "b", quant=quant, lora=pp.LoraConfig(**LORA),
-                     targets=["torch", "gguf"], seq_len=16, batch_size=2, gguf=gguf)
+    return pp.export(
+        src,
+        tmp_path_factory.mktemp(tag) / "b",
+        quant=quant,
+        lora=pp.LoraConfig(**LORA),
+        targets=["torch", "gguf"],
+        seq_len=16,
+        batch_size=2,
+        gguf=gguf,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +79,24 @@ def test_bundle_records_the_gguf_target(q4_bundle):
 def test_metadata_is_what_llama_cpp_reads(q4_bundle, smollm2_reader):
     r = open_gguf(q4_bundle.root / "gguf" / "base.q4_0.gguf")
     a = q4_bundle.manifest.arch
-    expect = {"general.architecture": "llama", "general.type": "model", "llama.block_count": 2,
-              "llama.context_length": 2048, "llama.embedding_length": 64, "llama.feed_forward_length": 128,
-              "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 16,
-              "llama.vocab_size": 49152, "general.file_type": int(gguf.LlamaFileType.MOSTLY_Q4_0),
-              "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.bos_token_id": 1,
-              "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.add_bos_token": False}
+    expect = {
+        "general.architecture": "llama",
+        "general.type": "model",
+        "llama.block_count": 2,
+        "llama.context_length": 2048,
+        "llama.embedding_length": 64,
+        "llama.feed_forward_length": 128,
+        "llama.attention.head_count": 4,
+        "llama.attention.head_count_kv": 2,
+        "llama.rope.dimension_count": 16,
+        "llama.vocab_size": 49152,
+        "general.file_type": int(gguf.LlamaFileType.MOSTLY_Q4_0),
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "smollm",
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.add_bos_token": False,
+    }
     assert {k: gguf_field(r, k) for k in expect} == expect
     assert gguf_field(r, "llama.rope.freq_base") == pytest.approx(a.rope_theta)
     assert gguf_field(r, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(a.rms_norm_eps)
@@ -94,8 +114,12 @@ def test_quantized_bytes_are_ours_and_read_back_to_the_same_weights(q4_bundle):
     ts = _tensors(r)
     model = _torch_model(q4_bundle)
     a = q4_bundle.manifest.arch
-    for hf, stem, heads in (("self_attn.q_proj", "attn_q", 4), ("self_attn.k_proj", "attn_k", 2),
-                            ("self_attn.v_proj", "attn_v", None), ("mlp.down_proj", "ffn_down", None)):
+    for hf, stem, heads in (
+        ("self_attn.q_proj", "attn_q", 4),
+        ("self_attn.k_proj", "attn_k", 2),
+        ("self_attn.v_proj", "attn_v", None),
+        ("mlp.down_proj", "ffn_down", None),
+    ):
         for i in range(2):
             mod = model.get_submodule(f"model.layers.{i}.{hf}")
             ours = to_gguf_blocks({"qweight": mod.qweight, "scales": mod.scales}, "q4_0")
@@ -105,8 +129,9 @@ def test_quantized_bytes_are_ours_and_read_back_to_the_same_weights(q4_bundle):
             assert np.array_equal(raw, permute_rows(ours, heads) if heads else ours)
             if heads is None:  # and back into our buffers, bit for bit
                 bufs = from_gguf_blocks(raw, "q4_0", (mod.out_features, mod.in_features))
-                assert torch.equal(bufs["qweight"], mod.qweight) and torch.equal(bufs["scales"].view(torch.int16),
-                                                                                 mod.scales.view(torch.int16))
+                assert torch.equal(bufs["qweight"], mod.qweight) and torch.equal(
+                    bufs["scales"].view(torch.int16), mod.scales.view(torch.int16)
+                )
     # gguf-py's dequantization of the file, Q/K un-permuted, equals ours exactly
     q0 = gguf.quants.dequantize(ts["blk.0.attn_q.weight"].data, Q.Q4_0)
     want = model.get_submodule("model.layers.0.self_attn.q_proj").dequantized_weight().numpy()
@@ -130,11 +155,14 @@ def test_q8_0_bytes_and_nf4_written_as_f16_or_q8_0(tiny_loaded, tmp_path):
     ts = _tensors(open_gguf(tmp_path / "q8.gguf"))
     up = m8.get_submodule("model.layers.1.mlp.up_proj")
     assert ts["blk.1.ffn_up.weight"].tensor_type == Q.Q8_0
-    assert np.array_equal(np.asarray(ts["blk.1.ffn_up.weight"].data),
-                          to_gguf_blocks({"qweight": up.qweight, "scales": up.scales}, "q8_0"))
+    assert np.array_equal(
+        np.asarray(ts["blk.1.ffn_up.weight"].data), to_gguf_blocks({"qweight": up.qweight, "scales": up.scales}, "q8_0")
+    )
     k = m8.get_submodule("model.layers.0.self_attn.k_proj")
-    assert np.array_equal(np.asarray(ts["blk.0.attn_k.weight"].data),
-                          permute_rows(to_gguf_blocks({"qweight": k.qweight, "scales": k.scales}, "q8_0"), 2))
+    assert np.array_equal(
+        np.asarray(ts["blk.0.attn_k.weight"].data),
+        permute_rows(to_gguf_blocks({"qweight": k.qweight, "scales": k.scales}, "q8_0"), 2),
+    )
 
     m4 = build_from_float(cfg, sd, "nf4")
     want = m4.get_submodule("model.layers.0.self_attn.v_proj").dequantized_weight()
@@ -186,8 +214,11 @@ def test_linear_as_f32_writes_the_exact_dequantized_weights(tiny_loaded, tmp_pat
     info = write_base_gguf(m4, tmp_path / "f32.gguf", tokenizer=tok, linear_as="f32")
     assert info["linear_type"] == "f32" and info["embedding_type"] == "f32" and set(info["tensor_types"]) == {"f32"}
     ts = _tensors(open_gguf(tmp_path / "f32.gguf"))
-    for hf, stem, heads in (("self_attn.q_proj", "attn_q", 4), ("self_attn.k_proj", "attn_k", 2),
-                            ("mlp.down_proj", "ffn_down", None)):
+    for hf, stem, heads in (
+        ("self_attn.q_proj", "attn_q", 4),
+        ("self_attn.k_proj", "attn_k", 2),
+        ("mlp.down_proj", "ffn_down", None),
+    ):
         want = m4.get_submodule(f"model.layers.1.{hf}").dequantized_weight().numpy()
         t = ts[f"blk.1.{stem}.weight"]
         assert t.tensor_type == Q.F32
@@ -218,8 +249,15 @@ def test_gguf_source_tokenizer_copied_and_q4_1_passthrough(q4_1_gguf, tmp_path_f
 
 def test_passthrough_needs_a_gguf_source(q4_bundle, tiny_hf_dir, tmp_path):
     with pytest.raises(ConfigError, match="GGUF"):
-        pp.export(tiny_hf_dir, tmp_path / "b", quant="q4_0", targets=["torch", "gguf"], seq_len=16, batch_size=2,
-                  gguf=GgufOptions(passthrough=True))
+        pp.export(
+            tiny_hf_dir,
+            tmp_path / "b",
+            quant="q4_0",
+            targets=["torch", "gguf"],
+            seq_len=16,
+            batch_size=2,
+            gguf=GgufOptions(passthrough=True),
+        )
     assert not (tmp_path / "b").exists()
 
 
@@ -253,10 +291,12 @@ def test_adapter_to_gguf_layout_and_metadata(q4_bundle, tmp_path):
     assert np.array_equal(ts["blk.1.attn_v.weight.lora_b"].data, tensors[p + "v_proj.lora_B.weight"])
     assert np.array_equal(ts["blk.1.attn_output.weight.lora_b"].data, tensors[p + "o_proj.lora_B.weight"])
     # Q/K: lora_b rows permuted like the base's rows (n_head for q, n_head_kv for k)
-    assert np.array_equal(ts["blk.1.attn_q.weight.lora_b"].data,
-                          llamacpp_permute(tensors[p + "q_proj.lora_B.weight"], 4))
-    assert np.array_equal(ts["blk.1.attn_k.weight.lora_b"].data,
-                          llamacpp_permute(tensors[p + "k_proj.lora_B.weight"], 4, 2))
+    assert np.array_equal(
+        ts["blk.1.attn_q.weight.lora_b"].data, llamacpp_permute(tensors[p + "q_proj.lora_B.weight"], 4)
+    )
+    assert np.array_equal(
+        ts["blk.1.attn_k.weight.lora_b"].data, llamacpp_permute(tensors[p + "k_proj.lora_B.weight"], 4, 2)
+    )
     assert gguf_lora_name(p + "k_proj.lora_A.default.weight") == "blk.1.attn_k.weight.lora_a"
 
 

@@ -18,9 +18,9 @@ STEPS = 20
 #: the training backends checked against torch here
 TRAINING = ("torch", "executorch", "onnxruntime")
 # Stated tolerances (fp32 everywhere; differences come from kernel summation order, amplified by Adam):
-LOSS_RTOL = 2e-3      # per step, relative
-ADAPTER_ATOL = 2e-3   # final LoRA tensors, absolute (their scale is ~1e-1)
-LOGITS_ATOL = 1e-4    # initial logits
+LOSS_RTOL = 2e-3  # per step, relative
+ADAPTER_ATOL = 2e-3  # final LoRA tensors, absolute (their scale is ~1e-1)
+LOGITS_ATOL = 1e-4  # initial logits
 KNOWN_GAPS: dict[str, str] = {}  # backend -> reason, run as strict xfail
 
 
@@ -44,8 +44,15 @@ def _params():
 @pytest.fixture(scope="module", params=["q4_0", "nf4"])
 def bundle(request, tiny_hf_dir, tmp_path_factory):
     targets = [backend_target(n) for n in TRAINING if n == "torch" or probe(n).available]
-    return pp.export(tiny_hf_dir, tmp_path_factory.mktemp("parity") / request.param, quant=request.param,
-                     lora=pp.LoraConfig(r=4, lora_alpha=8), targets=targets, seq_len=32, batch_size=4)
+    return pp.export(
+        tiny_hf_dir,
+        tmp_path_factory.mktemp("parity") / request.param,
+        quant=request.param,
+        lora=pp.LoraConfig(r=4, lora_alpha=8),
+        targets=targets,
+        seq_len=32,
+        batch_size=4,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +88,9 @@ def test_loss_curve_and_adapter_match_reference(bundle, reference, name, tmp_pat
     # the adapter this backend saves loads in the reference with the same logits
     sess.save_adapter(tmp_path / "ad")
     ref = pp.runtime.open(bundle, backend="torch", adapter=tmp_path / "ad")
-    np.testing.assert_allclose(ref.logits(reference["ids"]), sess.logits(reference["ids"]), atol=LOGITS_ATOL * 10, rtol=0)
+    np.testing.assert_allclose(
+        ref.logits(reference["ids"]), sess.logits(reference["ids"]), atol=LOGITS_ATOL * 10, rtol=0
+    )
 
 
 @pytest.mark.parametrize("name", _params())

@@ -18,12 +18,11 @@ import torch
 
 import pocketpeft as pp
 from pocketpeft.adapter import Adapter, save_adapter
-from pocketpeft.runtime.backends.peft_backend import build_hf_model
 from pocketpeft.registry import backend_target
+from pocketpeft.runtime.backends.peft_backend import build_hf_model
 from pocketpeft.runtime.selection import probe
 from tests.helpers import CHAT
-from tests.parity.test_backend_parity import (ADAPTER_ATOL, LOGITS_ATOL, LOSS_RTOL, STEPS, TRAINING, _session,
-                                              reference)
+from tests.parity.test_backend_parity import ADAPTER_ATOL, LOGITS_ATOL, LOSS_RTOL, STEPS, TRAINING, _session, reference
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
@@ -39,8 +38,15 @@ __all__ = ["reference"]  # the parity suite's torch reference run, here over the
 @pytest.fixture(scope="module")
 def bundle(tiny_hf_dir, tmp_path_factory):
     """nf4, torch target only: the fast half of the server parity."""
-    return pp.export(tiny_hf_dir, tmp_path_factory.mktemp("server") / "nf4", quant="nf4", lora=LORA,
-                     targets=["torch"], seq_len=16, batch_size=4)
+    return pp.export(
+        tiny_hf_dir,
+        tmp_path_factory.mktemp("server") / "nf4",
+        quant="nf4",
+        lora=LORA,
+        targets=["torch"],
+        seq_len=16,
+        batch_size=4,
+    )
 
 
 def _train(bundle, name, steps=STEPS, seed=0):
@@ -71,8 +77,10 @@ def test_torch_loss_curve_and_adapter_match_peft(reference, server):
 
 def test_device_adapter_loads_on_the_server_with_same_logits(bundle, reference, tmp_path):
     m = bundle.manifest
-    path = save_adapter(Adapter(m.lora, {k: torch.from_numpy(v) for k, v in reference["adapter"].items()},
-                                m.base_sha256), tmp_path / "from_torch")
+    path = save_adapter(
+        Adapter(m.lora, {k: torch.from_numpy(v) for k, v in reference["adapter"].items()}, m.base_sha256),
+        tmp_path / "from_torch",
+    )
     ids = reference["ids"]
     device = pp.runtime.open(bundle, backend="torch", adapter=path).logits(ids)
     assert np.abs(device - reference["logits0"]).max() > 1e-3, "the trained adapter should change the logits"
@@ -113,11 +121,19 @@ def test_torch_path_keeps_every_tensor_on_the_model_device(bundle):
 
 # ---------------------------------------------------------------- other device backends (slow)
 
+
 @pytest.fixture(scope="module")
 def device_bundle(tiny_hf_dir, tmp_path_factory):
     targets = [backend_target(n) for n in TRAINING if n == "torch" or probe(n).available]
-    return pp.export(tiny_hf_dir, tmp_path_factory.mktemp("server_devices") / "nf4", quant="nf4", lora=LORA,
-                     targets=targets, seq_len=32, batch_size=4)
+    return pp.export(
+        tiny_hf_dir,
+        tmp_path_factory.mktemp("server_devices") / "nf4",
+        quant="nf4",
+        lora=LORA,
+        targets=targets,
+        seq_len=32,
+        batch_size=4,
+    )
 
 
 def _device_params():
@@ -135,8 +151,9 @@ def _device_params():
 def test_device_backend_matches_peft_both_ways(device_bundle, name, tmp_path):
     srv, srv_rep = _train(device_bundle, "peft")
     dev, dev_rep = _train(device_bundle, name)
-    _assert_same_training(dev_rep.losses, dev.backend.get_adapter(),
-                          {"losses": srv_rep.losses, "adapter": srv.backend.get_adapter()})
+    _assert_same_training(
+        dev_rep.losses, dev.backend.get_adapter(), {"losses": srv_rep.losses, "adapter": srv.backend.get_adapter()}
+    )
     ids = dev.tokenizer.encode("see you at the game tonight")
     dev.save_adapter(tmp_path / "dev")
     on_server = pp.runtime.open(device_bundle, backend="peft", adapter=tmp_path / "dev")
@@ -147,6 +164,7 @@ def test_device_backend_matches_peft_both_ways(device_bundle, name, tmp_path):
 
 
 # ---------------------------------------------------------------- CUDA
+
 
 @pytest.mark.cuda
 @CUDA
@@ -175,8 +193,10 @@ def test_adapters_move_between_a_cpu_device_and_a_cuda_server(bundle, reference,
     """A torch adapter trained on the CPU serves the same logits from peft + bitsandbytes on the
     GPU; an adapter trained there (written by peft's save_pretrained) does the same on the CPU."""
     m = bundle.manifest
-    path = save_adapter(Adapter(m.lora, {k: torch.from_numpy(v) for k, v in reference["adapter"].items()},
-                                m.base_sha256), tmp_path / "from_cpu")
+    path = save_adapter(
+        Adapter(m.lora, {k: torch.from_numpy(v) for k, v in reference["adapter"].items()}, m.base_sha256),
+        tmp_path / "from_cpu",
+    )
     ids = reference["ids"]
     device = pp.runtime.open(bundle, backend="torch", adapter=path).logits(ids)
     on_gpu = pp.runtime.open(bundle, backend="peft:cuda:0", adapter=path)

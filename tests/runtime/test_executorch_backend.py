@@ -12,14 +12,20 @@ import shutil
 import numpy as np
 import pytest
 
-pytest.importorskip("executorch.extension.training", reason="executorch is not installed (pip install 'pocketpeft[executorch]')")
+pytest.importorskip(
+    "executorch.extension.training", reason="executorch is not installed (pip install 'pocketpeft[executorch]')"
+)
 
 import pocketpeft as pp  # noqa: E402
-from pocketpeft.text import pack_rows  # noqa: E402
-from pocketpeft.errors import (AdapterShapeError, CorruptFileError, ModelFileNotFoundError,  # noqa: E402
-                               SequenceTooLongError)
+from pocketpeft.errors import (
+    AdapterShapeError,
+    CorruptFileError,
+    ModelFileNotFoundError,  # noqa: E402
+    SequenceTooLongError,
+)
 from pocketpeft.fsutil import sha256_file  # noqa: E402
 from pocketpeft.runtime import TrainConfig  # noqa: E402
+from pocketpeft.text import pack_rows  # noqa: E402
 from tests.helpers import CHAT  # noqa: E402
 
 pytestmark = pytest.mark.backend("executorch")
@@ -96,7 +102,10 @@ def test_partial_and_oversized_batches_are_exact(bundle, rows, n_rows):
     labels[0, 10:] = -100  # uneven token counts across calls
     ref, et = _open(bundle, "torch", lr=5e-3), _open(bundle, "executorch", lr=5e-3)
     for _ in range(2):
-        a, b = ref.backend.train_step(inputs[:n_rows], labels[:n_rows]), et.backend.train_step(inputs[:n_rows], labels[:n_rows])
+        a, b = (
+            ref.backend.train_step(inputs[:n_rows], labels[:n_rows]),
+            et.backend.train_step(inputs[:n_rows], labels[:n_rows]),
+        )
         assert b.tokens == a.tokens and not b.skipped
         assert b.loss == pytest.approx(a.loss, rel=1e-5) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-4)
 
@@ -133,7 +142,8 @@ def test_train_graph_has_only_lora_trainables(bundle):
     assert len(outs) == 1 and outs[0].ndim == 0  # the loss is the only user output
     params = tm.named_parameters()
     assert {f: list(p.shape) for f, p in params.items()} == {
-        f: bundle.manifest.trainable[sig["train"]["parameters"][f]] for f in fqns}
+        f: bundle.manifest.trainable[sig["train"]["parameters"][f]] for f in fqns
+    }
 
 
 def test_non_finite_loss_skips_step_and_keeps_weights(bundle, rows):

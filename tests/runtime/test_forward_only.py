@@ -15,22 +15,34 @@ import torch
 import torch.nn.functional as F
 
 import pocketpeft as pp
-from pocketpeft.text import pack_rows
 from pocketpeft.errors import AdapterShapeError, BackendUnavailableError, ConfigError
 from pocketpeft.reference.lora import load_lora_state_dict, lora_parameters
 from pocketpeft.runtime import ForwardOnlyConfig, ForwardOnlyTrainer, TrainConfig
 from pocketpeft.runtime.forward_only import direction, directional_derivative
+from pocketpeft.text import pack_rows
 from tests.helpers import CHAT
 
-HELD_OUT = ["are you going to the party tomorrow night", "i'll see you at the game later",
-            "did you do the reading for class yet", "ok cool see you then", "what time should i pick you up"]
+HELD_OUT = [
+    "are you going to the party tomorrow night",
+    "i'll see you at the game later",
+    "did you do the reading for class yet",
+    "ok cool see you then",
+    "what time should i pick you up",
+]
 
 
 @pytest.fixture(scope="module")
 def bundle(tiny_hf_dir, tmp_path_factory):
     pytest.importorskip("onnxruntime")
-    return pp.export(tiny_hf_dir, tmp_path_factory.mktemp("fo") / "b", quant="q4_0", lora=pp.LoraConfig(r=4, lora_alpha=8),
-                     targets=["torch", "onnx"], seq_len=32, batch_size=4)
+    return pp.export(
+        tiny_hf_dir,
+        tmp_path_factory.mktemp("fo") / "b",
+        quant="q4_0",
+        lora=pp.LoraConfig(r=4, lora_alpha=8),
+        targets=["torch", "onnx"],
+        seq_len=32,
+        batch_size=4,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +53,9 @@ def rows(bundle):
 
 def _random_adapter(bundle, seed=0, scale=0.1):
     rng = np.random.default_rng(seed)
-    return {k: (rng.standard_normal(s) * scale).astype(np.float32) for k, s in sorted(bundle.manifest.trainable.items())}
+    return {
+        k: (rng.standard_normal(s) * scale).astype(np.float32) for k, s in sorted(bundle.manifest.trainable.items())
+    }
 
 
 def _torch(bundle, adapter=None):
@@ -61,7 +75,7 @@ def _autograd_grad(model, ids, labels):
     logits = model(ids)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
     loss.backward()
-    keys = list(lora_state_dict(model))   # model order, A then B: the order of lora_parameters
+    keys = list(lora_state_dict(model))  # model order, A then B: the order of lora_parameters
     return {k: p.grad.detach().double().numpy().copy() for k, p in zip(keys, lora_parameters(model))}
 
 
@@ -74,7 +88,7 @@ def test_direction_is_regenerated_not_stored():
     for other in (dict(direction(8, 3, 0, shapes)), dict(direction(7, 4, 0, shapes)), dict(direction(7, 3, 1, shapes))):
         assert not np.array_equal(other["b"], z1["b"])
     b = z1["b"].astype(np.float64)
-    assert abs(b.mean()) < 0.01 and abs(b.std() - 1) < 0.01   # standard normal, 210k draws
+    assert abs(b.mean()) < 0.01 and abs(b.std() - 1) < 0.01  # standard normal, 210k draws
 
 
 def test_estimator_matches_autograd_directional_derivative_float64(bundle, rows, monkeypatch):
@@ -84,8 +98,9 @@ def test_estimator_matches_autograd_directional_derivative_float64(bundle, rows,
     swamp a float64 central difference, so here it keeps its input's dtype."""
     from pocketpeft.reference.model import RMSNorm
 
-    monkeypatch.setattr(RMSNorm, "forward",
-                        lambda self, x: self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)))
+    monkeypatch.setattr(
+        RMSNorm, "forward", lambda self, x: self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+    )
     ids, labels = rows
     model = _torch(bundle, _random_adapter(bundle)).model.double()
     theta = {k: v.astype(np.float64) for k, v in _random_adapter(bundle).items()}
@@ -97,15 +112,18 @@ def test_estimator_matches_autograd_directional_derivative_float64(bundle, rows,
     def loss(tensors):
         load_lora_state_dict(model, {k: torch.from_numpy(v) for k, v in tensors.items()})
         logits = model(torch.as_tensor(ids))
-        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.as_tensor(labels).reshape(-1),
-                                     ignore_index=-100))
+        return float(
+            F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), torch.as_tensor(labels).reshape(-1), ignore_index=-100
+            )
+        )
 
     for k in range(3):
         z = {key: v.astype(np.float64) for key, v in direction(11, 0, k, shapes)}
         exact = sum(float(np.sum(grad[key] * z[key])) for key in theta)
         est = directional_derivative(loss, theta, z, eps=1e-6)
         assert est == pytest.approx(exact, rel=1e-7), (k, est, exact)
-        assert abs(exact) > 1e-3   # a real signal, not two zeros agreeing
+        assert abs(exact) > 1e-3  # a real signal, not two zeros agreeing
 
 
 def test_trainer_step_is_spsa_against_autograd(bundle, rows):
@@ -135,7 +153,8 @@ def test_no_backward_graph_is_built(bundle, rows):
     fo = ForwardOnlyTrainer(_torch(bundle))
     seen = []
     hook = fo.inner.model.register_forward_hook(
-        lambda m, a, out: seen.append((torch.is_grad_enabled(), out.requires_grad, out.grad_fn)))
+        lambda m, a, out: seen.append((torch.is_grad_enabled(), out.requires_grad, out.grad_fn))
+    )
     try:
         fo.train_step(ids, labels)
     finally:
@@ -157,7 +176,9 @@ def test_onnx_inference_graph_gives_the_torch_loss(bundle, rows):
     assert type(o.session) is ort.InferenceSession
     assert not o.capabilities().train and o.capabilities().forward_only
     et, eo = t.eval_batch(ids, labels), o.eval_batch(ids, labels)
-    assert eo.loss_sum == pytest.approx(et.loss_sum, rel=1e-5) and o.loss_sum(ids, labels) == pytest.approx(et.loss_sum, rel=1e-5)
+    assert eo.loss_sum == pytest.approx(et.loss_sum, rel=1e-5) and o.loss_sum(ids, labels) == pytest.approx(
+        et.loss_sum, rel=1e-5
+    )
     assert (eo.tokens, eo.top1, eo.top3) == (et.tokens, et.top1, et.top3)
     np.testing.assert_allclose(o.logits(ids[:2, :9]), t.logits(ids[:2, :9]), atol=1e-4)
     with pytest.raises(AdapterShapeError, match="shape"):
@@ -167,14 +188,19 @@ def test_onnx_inference_graph_gives_the_torch_loss(bundle, rows):
 
 
 def _train(bundle, backend, steps, seed=0):
-    sess = pp.runtime.open(bundle, backend=backend, update="forward-only", train_config=TrainConfig(seed=seed),
-                           forward_only=ForwardOnlyConfig(lr=2e-2, eps=1e-3))
+    sess = pp.runtime.open(
+        bundle,
+        backend=backend,
+        update="forward-only",
+        train_config=TrainConfig(seed=seed),
+        forward_only=ForwardOnlyConfig(lr=2e-2, eps=1e-3),
+    )
     before = sess.eval(HELD_OUT).loss
     rep = sess.train(CHAT, steps=steps)
     return sess, before, rep
 
 
-@pytest.mark.slow   # 36 forward-only steps: 80 s on a loaded 2-core machine
+@pytest.mark.slow  # 36 forward-only steps: 80 s on a loaded 2-core machine
 def test_updates_reduce_held_out_loss_reproducibly(bundle):
     """30 steps lower the held-out loss (measured: 10.740 -> 10.722; backprop's AdamW gets
     10.604 in 20); the same seed gives the same adapter bit for bit, another seed another run."""
@@ -247,8 +273,26 @@ def test_cli_train_forward_only(bundle, tmp_path, capsys):
 
     text = tmp_path / "msgs.txt"
     text.write_text("\n".join(CHAT[:8]) + "\n", encoding="utf-8")
-    assert main(["train", str(bundle.root), "--text", str(text), "--steps", "1", "--update", "forward-only",
-                 "--backend", "onnxruntime-infer", "--adapter-out", str(tmp_path / "ad"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(bundle.root),
+                "--text",
+                str(text),
+                "--steps",
+                "1",
+                "--update",
+                "forward-only",
+                "--backend",
+                "onnxruntime-infer",
+                "--adapter-out",
+                str(tmp_path / "ad"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["backend"] == "onnxruntime-infer+forward-only" and out["steps"] == 1
     assert (tmp_path / "ad" / "adapter_model.safetensors").is_file()
@@ -308,4 +352,4 @@ def test_loss_sum_is_used_where_the_backend_supports_it(with_loss_sum):
     assert not r.skipped and r.tokens == 4
     assert (inner.loss_sum_calls, inner.eval_calls) == ((4, 0) if with_loss_sum else (0, 4))
     with pytest.raises(NotImplementedError, match="no incremental decoder"):
-        t.decoder()   # the predictor then falls back to recomputing over logits
+        t.decoder()  # the predictor then falls back to recomputing over logits

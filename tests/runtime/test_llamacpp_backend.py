@@ -24,22 +24,28 @@ import shutil
 import time
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (pip install 'pocketpeft[llamacpp]')")
 
 import pocketpeft as pp  # noqa: E402
-from pocketpeft.text import pack_rows  # noqa: E402
-from pocketpeft.errors import (AdapterShapeError, BackendUnavailableError, CorruptFileError,  # noqa: E402
-                               InputTextError, ModelFileNotFoundError, SequenceTooLongError)
+from pocketpeft.errors import (
+    AdapterShapeError,
+    BackendUnavailableError,
+    CorruptFileError,  # noqa: E402
+    InputTextError,
+    ModelFileNotFoundError,
+    SequenceTooLongError,
+)
 from pocketpeft.manifest import Bundle  # noqa: E402
 from pocketpeft.runtime import TrainConfig  # noqa: E402
 from pocketpeft.runtime.backends import llamacpp_backend, torch_backend  # noqa: E402
+from pocketpeft.text import pack_rows  # noqa: E402
 from tests.helpers import CHAT, run_without_torch  # noqa: E402
 
 LORA = dict(r=4, lora_alpha=8)
-REL_TOL = 0.025   # max |dlogit| / max |torch logit| on a q8_0 base (measured ~0.004)
+REL_TOL = 0.025  # max |dlogit| / max |torch logit| on a q8_0 base (measured ~0.004)
 
 
 def _threads():
@@ -48,8 +54,15 @@ def _threads():
 
 @pytest.fixture(scope="module")
 def bundle(tiny_hf_dir, tmp_path_factory):
-    return pp.export(tiny_hf_dir, tmp_path_factory.mktemp("llama_q8") / "b", quant="q8_0",
-                     lora=pp.LoraConfig(**LORA), targets=["torch", "gguf"], seq_len=16, batch_size=2)
+    return pp.export(
+        tiny_hf_dir,
+        tmp_path_factory.mktemp("llama_q8") / "b",
+        quant="q8_0",
+        lora=pp.LoraConfig(**LORA),
+        targets=["torch", "gguf"],
+        seq_len=16,
+        batch_size=2,
+    )
 
 
 def _load(name, bundle):
@@ -118,10 +131,17 @@ def test_f32_base_matches_torch_exactly(bundle, ref, tmp_path, ids):
     model = build_from_float(bundle.manifest.arch, sd, "f32")
     info = write_base_gguf(model, tmp_path / "f32.gguf", tokenizer=bundle.tokenizer(), embedding="f32")
     assert info["tensor_types"] == {"f32": 20}
-    llm = llama_cpp.Llama(str(tmp_path / "f32.gguf"), n_ctx=64, n_threads=1, logits_all=True, verbose=False,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    llm = llama_cpp.Llama(
+        str(tmp_path / "f32.gguf"),
+        n_ctx=64,
+        n_threads=1,
+        logits_all=True,
+        verbose=False,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+    )
     llm.eval(ids[0].tolist())
-    got = np.array(llm.scores[:ids.shape[1]])
+    got = np.array(llm.scores[: ids.shape[1]])
     with torch.no_grad():
         want = model(torch.from_numpy(ids[:1]))[0].numpy()
     np.testing.assert_allclose(got, want, atol=2e-5)
@@ -151,7 +171,7 @@ def test_adapter_hot_swap_matches_torch_without_reloading(bundle, lc, ids):
     t.set_adapter(a2)
     lc.set_adapter(a2)
     _assert_close(lc.logits(ids), t.logits(ids))
-    lc.set_adapter(a1)   # and back: the same logits as the first time
+    lc.set_adapter(a1)  # and back: the same logits as the first time
     np.testing.assert_allclose(lc.logits(ids), got1, atol=1e-6)
     initial = dict(bundle.initial_adapter().tensors)
     lc.set_adapter(initial)
@@ -191,7 +211,7 @@ def test_decoder_uses_the_kv_cache(lc, ref, ids):
     b = np.concatenate([d.extend([t]) for t in row[6:12]])
     np.testing.assert_allclose(b, full[6:12], atol=1e-3 * np.abs(full).max())
     _assert_close(b, td.extend(row[6:12]))
-    lc.logits(ids[1:2])   # another user of the same context: the decoder re-evaluates its prefix
+    lc.logits(ids[1:2])  # another user of the same context: the decoder re-evaluates its prefix
     c = d.extend(row[12:16])
     np.testing.assert_allclose(c, full[12:16], atol=1e-3 * np.abs(full).max())
     assert d.n_tokens == 16 and d.extend([]).shape == (0, 49152)
@@ -216,31 +236,31 @@ def test_branch_logits_match_full_evaluation(bundle, lc, ids):
             want = alone(s)
             np.testing.assert_allclose(g, want, atol=1e-3 * np.abs(want).max())
 
-    lc.logits(ids[1:2])                        # sequence 0 now holds another row
+    lc.logits(ids[1:2])  # sequence 0 now holds another row
     sib = [ctx + [t] for t in range(300, 308)]
     got = lc.branch_logits(sib)
-    assert lc.last_branch_tokens == 8 + 8      # the shared context once, then one token per branch
+    assert lc.last_branch_tokens == 8 + 8  # the shared context once, then one token per branch
     check(sib, got)
     deeper = [ctx + [303, t] for t in range(400, 404)] + [ctx + [300]]
     got = lc.branch_logits(deeper)
-    assert lc.last_branch_tokens == 4 + 1      # each extends a cached branch by one token
+    assert lc.last_branch_tokens == 4 + 1  # each extends a cached branch by one token
     check(deeper, got)
-    d = lc.decoder()                           # sequence 0 is independent of the branches
+    d = lc.decoder()  # sequence 0 is independent of the branches
     d.extend(row[:12])
     np.testing.assert_allclose(lc.branch_logits([ctx + [303, 401]])[0], got[1], atol=1e-5)
-    many = [row[:3] + [t] for t in range(500, 540)] + [row[3:9] + [1, 2]]   # > _N_SEQ branches, 3 groups
+    many = [row[:3] + [t] for t in range(500, 540)] + [row[3:9] + [1, 2]]  # > _N_SEQ branches, 3 groups
     got, pick = lc.branch_logits(many), list(range(0, len(many), 7)) + [len(many) - 1]
     check([many[i] for i in pick], got[pick])
     assert len(lc._branches) <= llamacpp_backend._N_SEQ - 1
     lc.set_adapter(_random_adapter(bundle, 3))
     try:
-        assert not lc._branches                # their K/V came from the old weights
+        assert not lc._branches  # their K/V came from the old weights
         check(sib[:3], lc.branch_logits(sib[:3]))
     finally:
         lc.set_adapter(dict(bundle.initial_adapter().tensors))
     with pytest.raises(SequenceTooLongError):
         lc.branch_logits([[1] * (lc._n_ctx + 1)])
-    for bad in ([], [[]], [[1, 10 ** 6]]):
+    for bad in ([], [[]], [[1, 10**6]]):
         with pytest.raises(InputTextError):
             lc.branch_logits(bad)
 
@@ -252,7 +272,7 @@ def test_batched_suggestions_equal_sequential(bundle, lc):
     from pocketpeft.runtime.predictor import Predictor
 
     tok = bundle.tokenizer()
-    one, eight = (Predictor(lc, tok, batch=b, max_forwards=10 ** 6) for b in (1, 8))   # no pass cap: exact
+    one, eight = (Predictor(lc, tok, batch=b, max_forwards=10**6) for b in (1, 8))  # no pass cap: exact
     text = "hello there, how are you doing today"
     passes = {1: 0, 8: 0}
     for i in range(1, len(text) + 1):
@@ -265,7 +285,7 @@ def test_batched_suggestions_equal_sequential(bundle, lc):
     assert passes[8] < passes[1]
     t = time.perf_counter()
     eight.prefetch("hello there, how are", 3, seconds=0.3)
-    assert time.perf_counter() - t < 0.3 + 0.25   # one pass may overrun its estimate
+    assert time.perf_counter() - t < 0.3 + 0.25  # one pass may overrun its estimate
 
 
 def test_inference_only_and_session(bundle, lc, ids):
@@ -301,7 +321,7 @@ def test_load_errors(bundle, lc, tmp_path):
     with pytest.raises(CorruptFileError, match="bytes"):
         llamacpp_backend.create("cpu").load(Bundle(trunc))
 
-    junk = copy("junk")   # a consistent manifest over a file llama.cpp cannot parse
+    junk = copy("junk")  # a consistent manifest over a file llama.cpp cannot parse
     base = junk / "gguf" / "base.q8_0.gguf"
     base.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 4000)
     m = json.loads((junk / "manifest.json").read_text())
@@ -326,19 +346,22 @@ def test_smollm2_q4_0_parity_and_token_latency(tmp_path_factory):
     time per incremental token of each decoder (printed, not asserted: the box is shared)."""
     b = pp.export("smollm2", tmp_path_factory.mktemp("smol") / "b", quant="q4_0", targets=["torch", "gguf"])
     info = json.loads((b.root / "gguf" / "info.json").read_text())
-    assert info["linear_type"] == "q4_0" and info["embedding_type"] == "q8_0"   # exact: SmolLM2's own Q8_0
+    assert info["linear_type"] == "q4_0" and info["embedding_type"] == "q8_0"  # exact: SmolLM2's own Q8_0
     assert info["tokenizer"] == "copied from SmolLM2-135M-Instruct.Q4_1.gguf"
     t = torch_backend.create("cpu")
     t.load(b)
-    lc = llamacpp_backend.create("cpu")   # default threads (2) unless POCKETPEFT_THREADS is set
+    lc = llamacpp_backend.create("cpu")  # default threads (2) unless POCKETPEFT_THREADS is set
     lc.load(b)
-    ids = np.array([b.tokenizer().encode("The quick brown fox jumps over the lazy dog. See you at the station "
-                                         "tomorrow morning!")])
+    ids = np.array(
+        [b.tokenizer().encode("The quick brown fox jumps over the lazy dog. See you at the station tomorrow morning!")]
+    )
     want, got = t.logits(ids)[0], lc.logits(ids)[0]
     agree = (got.argmax(-1) == want.argmax(-1)).mean()
     gap = float((want.max(-1) - want[np.arange(len(want)), got.argmax(-1)]).max())
-    print(f"\nSmolLM2 q4_0: {ids.shape[1]} tokens, top-1 agreement {agree:.2f}, max |dlogit| "
-          f"{np.abs(got - want).max():.3f} (max |logit| {np.abs(want).max():.1f}), worst pick gap {gap:.3f}")
+    print(
+        f"\nSmolLM2 q4_0: {ids.shape[1]} tokens, top-1 agreement {agree:.2f}, max |dlogit| "
+        f"{np.abs(got - want).max():.3f} (max |logit| {np.abs(want).max():.1f}), worst pick gap {gap:.3f}"
+    )
     assert agree >= 0.8 and gap <= 1.0
     prompt, cont = ids[0, :12].tolist(), ids[0, 12:].tolist()
     for name, dec in (("llamacpp", lc.decoder()), ("torch", t.decoder())):
@@ -348,8 +371,10 @@ def test_smollm2_q4_0_parity_and_token_latency(tmp_path_factory):
             t0 = time.perf_counter()
             dec.extend([tok])
             times.append(time.perf_counter() - t0)
-        print(f"{name} decoder: {1000 * np.median(times):.1f} ms per incremental token (median of {len(times)}, "
-              f"threads={os.environ.get('POCKETPEFT_THREADS', '2') if name == 'llamacpp' else 'torch default'})")
+        print(
+            f"{name} decoder: {1000 * np.median(times):.1f} ms per incremental token (median of {len(times)}, "
+            f"threads={os.environ.get('POCKETPEFT_THREADS', '2') if name == 'llamacpp' else 'torch default'})"
+        )
     lc.close()
 
 
@@ -370,14 +395,18 @@ def test_serves_without_torch(bundle, lc, ids, tmp_path):
         "np.save(sys.argv[3] + '.out.npy', lg)\n"
         "ev = sess.eval(sys.argv[5].split('|')).to_dict()\n"
         "print(json.dumps({'torch': [m for m in sys.modules if m.split('.')[0] == 'torch'], 'eval': ev}))\n",
-        str(bundle.root), str(tmp_path / "ad"), str(tmp_path / "ids.npy"), _threads(), "|".join(CHAT[:6]))
+        str(bundle.root),
+        str(tmp_path / "ad"),
+        str(tmp_path / "ids.npy"),
+        _threads(),
+        "|".join(CHAT[:6]),
+    )
     assert out["torch"] == []
     lc.set_adapter(tensors)
     try:
         np.testing.assert_allclose(np.load(tmp_path / "ids.npy.out.npy"), lc.logits(ids[:1]), atol=1e-5)
         # Session.eval on the device (numpy sums) equals the torch sums over this process's logits
         from pocketpeft.runtime.backends.torch_backend import eval_sums as torch_sums
-
 
         x, y = pack_rows(bundle.tokenizer(), CHAT[:6], bundle.manifest.seq_len)
         ref = torch_sums(torch.from_numpy(lc.logits(x)), torch.from_numpy(y))
@@ -398,8 +427,8 @@ def test_numpy_eval_sums_equal_torch():
     logits = rng.standard_normal((3, 7, 50)).astype(np.float32) * 4
     labels = rng.integers(0, 50, (3, 7))
     labels[0, :3] = -100
-    labels[1] = logits[1].argmax(-1)                   # top-1 hits
-    labels[2, :4] = np.argsort(logits[2, :4], -1)[:, -3]   # third best: top-3 hits only
+    labels[1] = logits[1].argmax(-1)  # top-1 hits
+    labels[2, :4] = np.argsort(logits[2, :4], -1)[:, -3]  # third best: top-3 hits only
     got, ref = eval_sums(logits, labels), torch_sums(torch.from_numpy(logits), torch.from_numpy(labels))
     assert (got.tokens, got.top1, got.top3) == (ref.tokens, ref.top1, ref.top3)
     assert got.loss_sum == pytest.approx(ref.loss_sum, rel=1e-5)

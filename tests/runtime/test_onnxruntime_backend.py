@@ -16,10 +16,14 @@ import pytest
 pytest.importorskip("onnxruntime.training", reason="needs onnxruntime-training (pip install 'pocketpeft[onnx]')")
 
 import pocketpeft as pp  # noqa: E402
-from pocketpeft.text import pack_rows  # noqa: E402
-from pocketpeft.errors import (AdapterShapeError, CorruptFileError, ModelFileNotFoundError,  # noqa: E402
-                               SequenceTooLongError)
+from pocketpeft.errors import (
+    AdapterShapeError,
+    CorruptFileError,
+    ModelFileNotFoundError,  # noqa: E402
+    SequenceTooLongError,
+)
 from pocketpeft.runtime import TrainConfig  # noqa: E402
+from pocketpeft.text import pack_rows  # noqa: E402
 from tests.helpers import CHAT, run_without_torch  # noqa: E402
 
 LORA = dict(r=4, lora_alpha=8)
@@ -27,8 +31,15 @@ PROMPTS = ["see you at the game tonight", "did you finish the homework"]
 
 
 def _export(tiny_hf_dir, tmp_path_factory, quant):
-    return pp.export(tiny_hf_dir, tmp_path_factory.mktemp(f"ort_{quant}") / "b", quant=quant,
-                     lora=pp.LoraConfig(**LORA), targets=["torch", "onnx"], seq_len=32, batch_size=4)
+    return pp.export(
+        tiny_hf_dir,
+        tmp_path_factory.mktemp(f"ort_{quant}") / "b",
+        quant=quant,
+        lora=pp.LoraConfig(**LORA),
+        targets=["torch", "onnx"],
+        seq_len=32,
+        batch_size=4,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +53,10 @@ def rows(bundle):
 
 
 def _pair(bundle, cfg=None):
-    return (pp.runtime.open(bundle, backend="torch", train_config=cfg),
-            pp.runtime.open(bundle, backend="onnxruntime", train_config=cfg))
+    return (
+        pp.runtime.open(bundle, backend="torch", train_config=cfg),
+        pp.runtime.open(bundle, backend="onnxruntime", train_config=cfg),
+    )
 
 
 def _random_adapter(bundle, seed=0):
@@ -62,7 +75,7 @@ def test_initial_logits_match_torch(bundle, rows):
     t, o = _pair(bundle)
     ids = t.tokenizer.encode(PROMPTS[0])
     np.testing.assert_allclose(o.logits(ids), t.logits(ids), atol=1e-4)
-    batch = rows[0][:3, :17]   # dynamic batch and length
+    batch = rows[0][:3, :17]  # dynamic batch and length
     np.testing.assert_allclose(o.backend.logits(batch), t.backend.logits(batch), atol=1e-4)
 
 
@@ -123,12 +136,12 @@ def test_only_lora_is_trainable_in_checkpoint(bundle):
 
     onnx_dir = bundle.root / "onnx"
     state = CheckpointState.load_checkpoint(str(onnx_dir / "checkpoint"))
-    Module(str(onnx_dir / "training_model.onnx"), state, device="cpu")   # parameters are readable once bound
+    Module(str(onnx_dir / "training_model.onnx"), state, device="cpu")  # parameters are readable once bound
     params = {n: p for n, p in state.parameters}
     trainable = {n: list(p.data.shape) for n, p in params.items() if p.requires_grad}
     assert trainable == bundle.manifest.trainable
     frozen = {n: p.data.dtype for n, p in params.items() if not p.requires_grad}
-    assert frozen["model.layers.0.self_attn.q_proj.base_layer.qweight"] == np.uint8   # 4-bit stays packed
+    assert frozen["model.layers.0.self_attn.q_proj.base_layer.qweight"] == np.uint8  # 4-bit stays packed
     assert frozen["model.embed_tokens.weight"] == np.float32
     io = json.loads((onnx_dir / "io.json").read_text())
     assert set(io["lora"]) == set(bundle.manifest.trainable)
@@ -146,12 +159,12 @@ def test_infer_onnx_takes_lora_inputs(bundle, rows):
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(bundle.root / "onnx" / "infer.onnx"), so, providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["input_ids", *bundle.manifest.trainable]
-    assert [i.name for i in sess.get_overridable_initializers()] == ["labels"]   # optional, written at export
+    assert [i.name for i in sess.get_overridable_initializers()] == ["labels"]  # optional, written at export
     assert [o.name for o in sess.get_outputs()] == ["logits", "loss_sum"]
     for ids in (rows[0][:2, :11], rows[0][:1, :1]):
         (got,) = sess.run(["logits"], {"input_ids": ids, **adapter})
         np.testing.assert_allclose(got, t.backend.logits(ids), atol=1e-4)
-        got, loss = sess.run(None, {"input_ids": ids, **adapter})   # no labels: nothing scored
+        got, loss = sess.run(None, {"input_ids": ids, **adapter})  # no labels: nothing scored
         assert loss == 0.0
     ids, labels = rows[0][:2], rows[1][:2]
     (loss,) = sess.run(["loss_sum"], {"input_ids": ids, "labels": labels, **adapter})
@@ -227,8 +240,9 @@ def test_bundle_without_onnx_target(bundle, tmp_path):
 
 def test_non_finite_loss_skips_step_and_keeps_state(bundle, rows):
     inputs, labels = rows
-    o = pp.runtime.open(bundle, backend="onnxruntime",
-                        train_config=TrainConfig(lr=1e30, warmup_steps=0, grad_clip=0.0, total_steps=6))
+    o = pp.runtime.open(
+        bundle, backend="onnxruntime", train_config=TrainConfig(lr=1e30, warmup_steps=0, grad_clip=0.0, total_steps=6)
+    )
     be = o.backend
     be.configure(o.train_config)
 
@@ -259,8 +273,16 @@ def test_low_memory_export_options_train_as_torch(tiny_hf_dir, tmp_path, rows):
     from pocketpeft.errors import ConfigError
     from pocketpeft.export import OnnxOptions
 
-    b = pp.export(tiny_hf_dir, tmp_path / "b", quant="q4_0", lora=pp.LoraConfig(**LORA), targets=["torch", "onnx"],
-                  seq_len=32, batch_size=4, onnx=OnnxOptions(rows=1, q4="int8"))
+    b = pp.export(
+        tiny_hf_dir,
+        tmp_path / "b",
+        quant="q4_0",
+        lora=pp.LoraConfig(**LORA),
+        targets=["torch", "onnx"],
+        seq_len=32,
+        batch_size=4,
+        onnx=OnnxOptions(rows=1, q4="int8"),
+    )
     io = json.loads((b.root / "onnx" / "io.json").read_text())
     assert io["training_model"]["inputs"]["input_ids"] == [1, 32] and io["q4_0_storage"] == "int8"
     assert b.manifest.options == {"onnx": {"rows": 1, "q4": "int8"}}
@@ -284,8 +306,16 @@ def test_low_memory_export_options_train_as_torch(tiny_hf_dir, tmp_path, rows):
         with pytest.raises(ConfigError, match=rf"OnnxOptions\.{field}"):
             OnnxOptions(**{field: bad})
     with pytest.raises(ConfigError, match="OnnxOptions"):
-        pp.export(tiny_hf_dir, tmp_path / "bad", quant="q4_0", lora=pp.LoraConfig(**LORA), targets=["onnx"],
-                  seq_len=32, batch_size=4, onnx={"rows": 1})
+        pp.export(
+            tiny_hf_dir,
+            tmp_path / "bad",
+            quant="q4_0",
+            lora=pp.LoraConfig(**LORA),
+            targets=["onnx"],
+            seq_len=32,
+            batch_size=4,
+            onnx={"rows": 1},
+        )
     assert not (tmp_path / "bad").exists()
 
 
@@ -300,7 +330,10 @@ def test_trains_without_torch(bundle, tmp_path):
         "rep = sess.train(json.load(open(sys.argv[2])), steps=3, seed=0)\n"
         "sess.save_adapter(sys.argv[3])\n"
         "print(json.dumps({'losses': rep.losses, 'torch': [m for m in sys.modules if m.split('.')[0] == 'torch']}))\n",
-        str(bundle.root), str(tmp_path / "texts.json"), str(tmp_path / "ad"))
+        str(bundle.root),
+        str(tmp_path / "texts.json"),
+        str(tmp_path / "ad"),
+    )
     assert out["torch"] == []
     ref = pp.runtime.open(bundle, backend="torch")
     rep = ref.train(CHAT, steps=3, seed=0)

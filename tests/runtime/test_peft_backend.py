@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import pocketpeft as pp
-from pocketpeft.text import pack_rows
 from pocketpeft.errors import AdapterShapeError, ConfigError
 from pocketpeft.registry import BACKENDS
 from pocketpeft.runtime import TrainConfig
 from pocketpeft.runtime.backends import peft_backend
 from pocketpeft.runtime.selection import probe
+from pocketpeft.text import pack_rows
 from tests.helpers import CHAT
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -204,8 +204,13 @@ def test_gpu_benchmark_smoke_runs_end_to_end(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_train", "--smoke", "--out", str(tmp_path)],
-                       cwd=root, capture_output=True, text=True, timeout=1800)
+    p = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_train", "--smoke", "--out", str(tmp_path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "gpu_train_smoke_cpu.json").read_text())
     assert set(res["results"]) == {"pocketpeft eager", "peft+bnb nf4", "peft bf16 base"}

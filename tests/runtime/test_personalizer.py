@@ -39,8 +39,14 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def bundle(tiny_hf_dir, tmp_path_factory):
-    return pp.export(tiny_hf_dir, tmp_path_factory.mktemp("pb") / "bundle", quant="q4_0",
-                     lora=pp.LoraConfig(r=4, lora_alpha=8), seq_len=32, batch_size=4)
+    return pp.export(
+        tiny_hf_dir,
+        tmp_path_factory.mktemp("pb") / "bundle",
+        quant="q4_0",
+        lora=pp.LoraConfig(r=4, lora_alpha=8),
+        seq_len=32,
+        batch_size=4,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +76,10 @@ def test_gate_accepts_real_text_and_rejects_spam_and_garbage(bundle, user, tmp_p
     assert p.texts.stats()["trained"] == 400 - r.heldout_messages
 
     rng = np.random.default_rng(0)
-    junk = {"spam": ["BUY CHEAP WATCHES NOW at www.cheap-watches.biz !!!"] * 200,
-            "garbage": ["".join(chr(c) for c in rng.integers(33, 0x2000, 40)) for _ in range(200)]}
+    junk = {
+        "spam": ["BUY CHEAP WATCHES NOW at www.cheap-watches.biz !!!"] * 200,
+        "garbage": ["".join(chr(c) for c in rng.integers(33, 0x2000, 40)) for _ in range(200)],
+    }
     for kind, texts in junk.items():
         p.observe(texts)
         r = p.update(max_steps=10)
@@ -83,7 +91,7 @@ def test_gate_accepts_real_text_and_rejects_spam_and_garbage(bundle, user, tmp_p
         assert tensors_sha256(p.serving()[1]) == committed
     assert p.update(max_steps=2).reason == "no new text to learn from"
     rows = p.texts.stats()
-    assert rows["rejected"] > 0 and rows["trained"] == 380     # 400 minus the 20 held out then
+    assert rows["rejected"] > 0 and rows["trained"] == 380  # 400 minus the 20 held out then
 
 
 def test_bad_input_and_foreign_store(bundle, user, tmp_path):
@@ -119,7 +127,7 @@ def test_restore_and_reopen(bundle, user, tmp_path):
     one = p.adapters.version(1).sha256
     assert tensors_sha256(p.session.backend.get_adapter()) == one and tensors_sha256(p.serving()[1]) == one
     p.close()
-    q = Personalizer(_open(bundle), tmp_path, general=general)     # a fresh process would see the same
+    q = Personalizer(_open(bundle), tmp_path, general=general)  # a fresh process would see the same
     assert q.version == 1 and tensors_sha256(q.session.backend.get_adapter()) == one
 
 
@@ -130,21 +138,23 @@ def test_serving_during_update_sees_only_committed_adapters(bundle, user, tmp_pa
     seen, answers = [], []
     ids = p.serve_session.tokenizer.encode("see you at the game tonight")
     for i in range(2):
-        p.observe(train[i * 100:(i + 1) * 100])
+        p.observe(train[i * 100 : (i + 1) * 100])
         t = threading.Thread(target=p.update, kwargs={"max_steps": 4})
         t.start()
         while t.is_alive():
             v, tensors = p.serving()
             seen.append((v, tensors_sha256(tensors), t.is_alive()))
             assert len(p.suggest("see you at the", k=3)) > 0
-            with p._serve_lock:      # (version, logits) of one moment
+            with p._serve_lock:  # (version, logits) of one moment
                 answers.append((p.version, p.logits(ids)))
         t.join()
     assert sum(alive for *_, alive in seen) > 3, "suggestions were not answered while updates ran"
     committed = {v.version: v.sha256 for v in p.versions()}
     assert sorted(committed) == [1, 2]
     for v, h, _ in seen:
-        assert h == (initial if v is None else committed[v]), f"served tensors of version {v} are not the committed ones"
+        assert h == (initial if v is None else committed[v]), (
+            f"served tensors of version {v} are not the committed ones"
+        )
     # what was served under each version is what a fresh session with that version computes
     ref = {}
     for v, got in answers:
@@ -178,12 +188,12 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow      # every run starts a fresh Python process (> 30 s in all)
+@pytest.mark.slow  # every run starts a fresh Python process (> 30 s in all)
 @pytest.mark.parametrize("kills", [4, 20])
 def test_sigkill_at_random_moments_keeps_last_commit(bundle, user, tmp_path, kills):
     train, general = user
     data = tmp_path / "data.json"
-    data.write_text(json.dumps({"texts": [train[i:i + 5] for i in range(0, 200, 5)], "general": general[:10]}))
+    data.write_text(json.dumps({"texts": [train[i : i + 5] for i in range(0, 200, 5)], "general": general[:10]}))
     (tmp_path / "child.py").write_text(CHILD)
     store = tmp_path / "store"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -191,8 +201,14 @@ def test_sigkill_at_random_moments_keeps_last_commit(bundle, user, tmp_path, kil
     last: tuple[int, str] | None = None
     total_commits = 0
     for k in range(kills):
-        proc = subprocess.Popen([sys.executable, str(tmp_path / "child.py"), str(bundle.root), str(store), str(data)],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+        proc = subprocess.Popen(
+            [sys.executable, str(tmp_path / "child.py"), str(bundle.root), str(store), str(data)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
         reader.start()
@@ -219,12 +235,12 @@ def test_sigkill_at_random_moments_keeps_last_commit(bundle, user, tmp_path, kil
             # the kill may land after the pointer moved but before "committed" was printed
             assert cur in (last[0], last[0] + 1), (cur, last)
         if cur is not None:
-            v = st.version(cur)                   # loads, tensors match their recorded sha256
+            v = st.version(cur)  # loads, tensors match their recorded sha256
             if last and cur == last[0]:
                 assert v.sha256 == last[1]
             last = (cur, v.sha256)
             sess = pp.runtime.open(bundle, backend="torch")
-            sess.load_adapter(v.path)             # and loads into a session
+            sess.load_adapter(v.path)  # and loads into a session
         assert not [p.name for p in st.versions_dir.glob(".*")] if st.versions_dir.exists() else True
         texts = TextStore(store / "text.sqlite", bundle.manifest.base_sha256)
         texts.rows()
@@ -242,10 +258,10 @@ def test_interactive_loop_suggests_and_learns(bundle, user, tmp_path):
     out: list[str] = []
     reports = interactive_loop(p, lambda: next(lines), out.append, update_seconds=15)
     text = "\n".join(out)
-    assert "see[" in text and "game" in text and "next:" in text     # per-word and next-word suggestions
+    assert "see[" in text and "game" in text and "next:" in text  # per-word and next-word suggestions
     assert reports and reports[0]["steps"] > 0, reports
-    assert "wiped {'messages': 62," in text           # 60 observed + the 2 typed messages
-    assert p.texts.stats()["messages"] == 0          # wiped
+    assert "wiped {'messages': 62," in text  # 60 observed + the 2 typed messages
+    assert p.texts.stats()["messages"] == 0  # wiped
 
 
 def test_observed_words_are_suggested_at_once_and_wiped_with_the_text(bundle, user, tmp_path):
@@ -254,22 +270,22 @@ def test_observed_words_are_suggested_at_once_and_wiped_with_the_text(bundle, us
     p = Personalizer(sess, tmp_path / "store", general=general[:8])
     assert "zorblax" not in [w.lower() for w in p.suggest("see you zo", 3)]
     p.observe(["see you at zorblax tonight"] * 3 + train[:50])
-    assert p.suggest("see you at zo", 3)[0] == "zorblax"       # before any update
-    assert p.suggest("See you at Zo", 1) == ["Zorblax"]         # cased like the typed word
+    assert p.suggest("see you at zo", 3)[0] == "zorblax"  # before any update
+    assert p.suggest("See you at Zo", 1) == ["Zorblax"]  # cased like the typed word
     mixed = p.eval_keystrokes(["see you at zorblax tonight"])
     # the benchmark's one-pass scoring ranks exactly as suggest() does
     pair = keystrokes_with_words(p.serve_session.predictor, p.words, ["see you at zorblax tonight"], p.word_weight)
     assert pair[1] == mixed
     model_only = p.serve_session.suggest("see you at zo", 3)
     p.word_weight = 0.0
-    assert p.suggest("see you at zo", 3) == model_only          # weight 0: the model alone
+    assert p.suggest("see you at zo", 3) == model_only  # weight 0: the model alone
     alone = p.eval_keystrokes(["see you at zorblax tonight"])
     assert mixed["words"] == alone["words"] == 5
     assert mixed["next_word_top3"] >= 0.8 > alone["next_word_top3"]
     assert mixed["keystroke_savings"] > alone["keystroke_savings"]
     p.word_weight = 0.2
     p.close()
-    p = Personalizer(_open(bundle), tmp_path / "store", general=general[:8])   # counts rebuilt from the store
+    p = Personalizer(_open(bundle), tmp_path / "store", general=general[:8])  # counts rebuilt from the store
     assert p.suggest("see you at zo", 1) == ["zorblax"]
     p.wipe()
     assert "zorblax" not in [w.lower() for w in p.suggest("see you at zo", 3)]
@@ -281,10 +297,17 @@ def test_observed_words_are_suggested_at_once_and_wiped_with_the_text(bundle, us
 def test_general_text_comes_from_the_bundle_or_the_check_is_skipped(bundle, user, tiny_hf_dir, tmp_path):
     train, _ = user
     p = Personalizer(_open(bundle), tmp_path / "a")
-    assert p.general and p.general == bundle.general_texts()      # the bundle's general.txt
+    assert p.general and p.general == bundle.general_texts()  # the bundle's general.txt
     p.close()
-    bare = pp.export(tiny_hf_dir, tmp_path / "bare", quant="q4_0", lora=pp.LoraConfig(r=4, lora_alpha=8),
-                     seq_len=32, batch_size=4, general_text=[])
+    bare = pp.export(
+        tiny_hf_dir,
+        tmp_path / "bare",
+        quant="q4_0",
+        lora=pp.LoraConfig(r=4, lora_alpha=8),
+        seq_len=32,
+        batch_size=4,
+        general_text=[],
+    )
     assert bare.general_texts() == []
     q = Personalizer(_open(bare), tmp_path / "b", holdout_fraction=0.0)
     assert q.general == []

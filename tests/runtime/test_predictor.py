@@ -43,8 +43,9 @@ def bundle(tiny_hf_model, smollm2_tokenizer, tmp_path_factory):
     d = tmp_path_factory.mktemp("peaked")
     model.save_pretrained(d / "hf", safe_serialization=True)
     smollm2_tokenizer.save(d / "hf" / "tokenizer.json")
-    return pp.export(d / "hf", d / "bundle", quant="q4_0", lora=pp.LoraConfig(r=4, lora_alpha=8),
-                     seq_len=32, batch_size=4)
+    return pp.export(
+        d / "hf", d / "bundle", quant="q4_0", lora=pp.LoraConfig(r=4, lora_alpha=8), seq_len=32, batch_size=4
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +71,13 @@ def boundary(base):
     out = []
     for i in range(tok.vocab_size):
         s = tok.token_str(i)
-        if i in special or (s and (s[0].isspace() or not (s[0].isalnum() or s[0] in "'\u2019\ufffd"
-                                                          or unicodedata.category(s[0]).startswith("M")))):
+        if i in special or (
+            s
+            and (
+                s[0].isspace()
+                or not (s[0].isalnum() or s[0] in "'\u2019\ufffd" or unicodedata.category(s[0]).startswith("M"))
+            )
+        ):
             out.append(i)
     return np.array(out)
 
@@ -88,17 +94,20 @@ def reference_probs(sess, boundary, context_text, words, casings=True):
     sequence doesn't change its logits); ``Session.logits`` is this call for one sequence."""
     tok = sess.tokenizer
     ctx = [tok.eos_id] + (tok.encode(context_text) if context_text else [])
-    rows = [(w, ctx + tok.encode((" " if context_text else "") + sp))
-            for w in words for sp in ({w.lower(), w.capitalize(), w.upper()} if casings else {w})]
+    rows = [
+        (w, ctx + tok.encode((" " if context_text else "") + sp))
+        for w in words
+        for sp in ({w.lower(), w.capitalize(), w.upper()} if casings else {w})
+    ]
     out = dict.fromkeys(words, 0.0)
     for s in range(0, len(rows), 16):
-        chunk = rows[s:s + 16]
+        chunk = rows[s : s + 16]
         width = max(len(ids) for _, ids in chunk)
         batch = np.array([ids + [tok.eos_id] * (width - len(ids)) for _, ids in chunk], np.int64)
         logits = sess.backend.logits(batch)
         for (w, ids), lg in zip(chunk, logits):
-            lp = _log_softmax(lg[:len(ids)])
-            path = sum(lp[len(ctx) - 1 + j, t] for j, t in enumerate(ids[len(ctx):]))
+            lp = _log_softmax(lg[: len(ids)])
+            path = sum(lp[len(ctx) - 1 + j, t] for j, t in enumerate(ids[len(ctx) :]))
             out[w] += math.exp(path) * np.exp(lp[-1, boundary]).sum()
     return out
 
@@ -137,8 +146,16 @@ def counting(monkeypatch, sess):
 
 def test_suggestions_complete_the_typed_word(base):
     pred = Predictor(base.backend, base.tokenizer)
-    cases = [("", ""), ("see you at the ", ""), ("see you at the g", "g"), ("i do", "do"),
-             ("i don'", "don'"), ("See", "See"), ("ok SE", "SE"), ("hi\nwha", "wha")]
+    cases = [
+        ("", ""),
+        ("see you at the ", ""),
+        ("see you at the g", "g"),
+        ("i do", "do"),
+        ("i don'", "don'"),
+        ("See", "See"),
+        ("ok SE", "SE"),
+        ("hi\nwha", "wha"),
+    ]
     for prefix, partial in cases:
         for k in (1, 3, 5):
             out = pred.suggest(prefix, k)
@@ -158,7 +175,7 @@ def test_probabilities_match_full_sequence_logits(base, boundary):
     pred = Predictor(base.backend, base.tokenizer, max_forwards=64)
     for prefix in ["", "see you at the ", "see you at the g", "i don't know what t"]:
         scored = pred.suggest_scored(prefix, 3)
-        context_text = prefix[:len(prefix) - len(prefix.split(" ")[-1])].rstrip()
+        context_text = prefix[: len(prefix) - len(prefix.split(" ")[-1])].rstrip()
         assert [p for _, p in scored] == sorted((p for _, p in scored), reverse=True)
         for word, p in scored:
             # at least the returned spelling's own path; at most every casing (plus rare tokenizations)
@@ -186,11 +203,11 @@ def test_incremental_typing_matches_a_fresh_predictor(trained):
         for i in range(len(msg) + 1):
             a = inc.suggest_scored(msg[:i], 3)
             if i % 2 and i != len(msg):
-                continue                    # every keystroke typed, every other one checked
+                continue  # every keystroke typed, every other one checked
             b = Predictor(sess.backend, sess.tokenizer, max_forwards=64).suggest_scored(msg[:i], 3)
             wa, wb = [w for w, _ in a], [w for w, _ in b]
             pa, pb = [p for _, p in a], [p for _, p in b]
-            assert wa == wb or np.allclose(pa, pb, rtol=1e-4), (msg[:i], a, b)   # only a near-tie may reorder
+            assert wa == wb or np.allclose(pa, pb, rtol=1e-4), (msg[:i], a, b)  # only a near-tie may reorder
             np.testing.assert_allclose(pa, pb, rtol=1e-3)
 
 
@@ -200,13 +217,13 @@ def test_next_keystroke_reuses_the_cache(trained, monkeypatch):
     pred = Predictor(sess.backend, sess.tokenizer)
     pred.suggest("see you at the ga")
     first = sum(n for _, n in log)
-    assert first >= 5                                   # eos see you at the, at least once
+    assert first >= 5  # eos see you at the, at least once
     del log[:]
     pred.suggest("see you at the gam")
     second = sum(n for _, n in log)
     assert second == pred.last_forward_tokens and second <= 2 * 3 and second < first, (first, second)
     pred.suggest("see you at the gam")
-    assert pred.last_forward_tokens == 0                # the same keystroke again: all memoized
+    assert pred.last_forward_tokens == 0  # the same keystroke again: all memoized
     msg = MESSAGES[0]
     for i in range(len("see you at the gam") + 1, len(msg) + 1):
         pred.suggest(msg[:i])
@@ -222,7 +239,7 @@ def test_prefetch_answers_next_keystrokes_without_forwards(trained):
     pred = Predictor(sess.backend, sess.tokenizer, max_forwards=64)
     typed = "see you at the g"
     pred.suggest(typed)
-    assert pred.prefetch(typed, seconds=0.0) == 0 and pred.last_forwards > 0   # no idle time: no work
+    assert pred.prefetch(typed, seconds=0.0) == 0 and pred.last_forwards > 0  # no idle time: no work
     ran = pred.prefetch(typed, seconds=60.0, width=3)
     assert ran > 0
     foreseen = [typed + w[1] for w in pred.suggest(typed, 3) if len(w) > 1]
@@ -240,7 +257,7 @@ def test_prefetch_answers_next_keystrokes_without_forwards(trained):
 def test_training_personalizes_and_invalidates_the_cache(trained):
     sess, before = trained
     after = {p: sess.suggest(p) for p in PROBES}
-    assert after != before                                  # adapter_version moved: caches dropped
+    assert after != before  # adapter_version moved: caches dropped
     fresh = Predictor(sess.backend, sess.tokenizer)
     assert after == {p: fresh.suggest(p) for p in PROBES}
     assert after["see you at the g"][0] == "game" and "game" not in before["see you at the g"]
@@ -278,8 +295,14 @@ def test_eval_keystrokes_agrees_with_brute_force(trained, boundary):
 
 
 def test_keystroke_metrics_arithmetic():
-    answers = {"": ["hello", "hi", "hey"], "hello ": ["there", "you", "we"], "hello w": ["world"],
-               "ok, ": ["see", "so", "sure"], "ok, see ": ["u", "ya", "you"], "o": ["ok"]}
+    answers = {
+        "": ["hello", "hi", "hey"],
+        "hello ": ["there", "you", "we"],
+        "hello w": ["world"],
+        "ok, ": ["see", "so", "sure"],
+        "ok, see ": ["u", "ya", "you"],
+        "o": ["ok"],
+    }
     calls = []
 
     def stub(prefix, k):
@@ -289,12 +312,18 @@ def test_keystroke_metrics_arithmetic():
     res = keystroke_metrics(stub, ["hello   world", "ok, see you!", " :) "], k=3)
     # hello: tapped at once (5 + space - tap); world: tapped after "w" (4 - tap); ok: tapped after
     # "o" but no space follows ("ok,"): 0; see: 3 + space - tap; you: 3 - tap ("you!"); ":)" no word
-    assert res == {"next_word_top1": 2 / 5, "next_word_top3": 3 / 5, "keystroke_savings": 13 / 25,
-                   "words": 5, "chars": 11 + 12 + 2, "messages": 3}
+    assert res == {
+        "next_word_top1": 2 / 5,
+        "next_word_top3": 3 / 5,
+        "keystroke_savings": 13 / 25,
+        "words": 5,
+        "chars": 11 + 12 + 2,
+        "messages": 3,
+    }
     assert ("", 3) in calls and ("hello w", 3) in calls
     calls.clear()
     res1 = keystroke_metrics(stub, ["ok, see you!"], k=1)
-    assert ("ok, see ", 3) in calls and ("ok, see y", 1) in calls   # word starts ask for 3 (top-3)
+    assert ("ok, see ", 3) in calls and ("ok, see y", 1) in calls  # word starts ask for 3 (top-3)
     assert res1["keystroke_savings"] == 3 / 12 and res1["next_word_top3"] == 2 / 3
     assert message_words("ok :) bye-bye 6!") == [(0, "ok", True), (6, "bye", False), (14, "6", False)]
     assert keystroke_metrics(stub, ["a b", "c d", "e f"], max_messages=2)["messages"] == 2
@@ -324,17 +353,17 @@ def test_long_prefix_is_trimmed_to_the_last_words(base, monkeypatch):
     log = counting(monkeypatch, base)
     pred = Predictor(base.backend, base.tokenizer, max_context=48)
     budget = 48 - pred.max_word_tokens - 1
-    for reps in (12, 40):                               # ~90 tokens; ~1100 characters (pre-cut)
+    for reps in (12, 40):  # ~90 tokens; ~1100 characters (pre-cut)
         out = pred.suggest("see you at the game tonight " * reps + "ga", 3)
         assert pred.last_trimmed and out and all(w.lower().startswith("ga") for w in out)
         assert max(start + n for start, n in log) <= 48
-    first = [n for start, n in log if start == 0]           # each trimmed context, run once
+    first = [n for start, n in log if start == 0]  # each trimmed context, run once
     assert first and all(n <= budget for n in first)
     assert len(base.tokenizer.encode("see you at the game tonight " * 12)) > budget
     pred.suggest("see you at the ga")
     assert not pred.last_trimmed
     sess = pp.runtime.open(base.bundle, backend="torch", need_train=False)
-    assert len(sess.suggest("tonight " * 3000 + "see you at the ga")) >= 1   # beyond the 2048 context
+    assert len(sess.suggest("tonight " * 3000 + "see you at the ga")) >= 1  # beyond the 2048 context
     assert sess._predictor.last_trimmed
 
 
@@ -342,10 +371,10 @@ def test_long_prefix_is_trimmed_to_the_last_words(base, monkeypatch):
 def test_smollm2_suggests_plausible_words(tmp_path):
     bundle = pp.export("smollm2", tmp_path / "bundle", quant="q4_0", targets=["torch"])
     sess = pp.runtime.open(bundle, backend="torch", need_train=False)
-    completions = sess.suggest("see you at the", k=3)      # "the" is still being typed
+    completions = sess.suggest("see you at the", k=3)  # "the" is still being typed
     assert len(completions) == 3 and all(w.startswith("the") for w in completions), completions
     pred = sess._predictor
-    scored = pred.suggest_scored("see you at the ", k=3)   # the next word
+    scored = pred.suggest_scored("see you at the ", k=3)  # the next word
     assert len(scored) == 3 and all(w.isalpha() and w.islower() and p > 1e-3 for w, p in scored), scored
     lat = []
     for msg in ["see you at the game tonight", "sorry to cut this short, good luck"]:
@@ -353,16 +382,18 @@ def test_smollm2_suggests_plausible_words(tmp_path):
             t = time.perf_counter()
             sess.suggest(msg[:i])
             lat.append(time.perf_counter() - t)
-    print(f"\nsuggest('see you at the') = {completions}; next word: {scored}\n"
-          f"per-keystroke latency over {len(lat)} keystrokes: p50 {np.median(lat) * 1e3:.0f} ms, "
-          f"p95 {np.percentile(lat, 95) * 1e3:.0f} ms (torch {torch.get_num_threads()} threads)")
+    print(
+        f"\nsuggest('see you at the') = {completions}; next word: {scored}\n"
+        f"per-keystroke latency over {len(lat)} keystrokes: p50 {np.median(lat) * 1e3:.0f} ms, "
+        f"p95 {np.percentile(lat, 95) * 1e3:.0f} ms (torch {torch.get_num_threads()} threads)"
+    )
 
 
 def test_adapter_version_moves_with_every_weight_change(bundle, tmp_path):
     sess = pp.runtime.open(bundle, backend="torch")
     train_step = type(sess.backend).train_step
     sess.suggest("see you")
-    assert sess.backend.train_step.__func__ is train_step        # no monkeypatched verbs
+    assert sess.backend.train_step.__func__ is train_step  # no monkeypatched verbs
     v = sess.adapter_version
     sess.train(MESSAGES, steps=2)
     assert sess.adapter_version == v + 2

@@ -39,8 +39,13 @@ def test_open_with_unknown_backend_names_it(tmp_path):
 
 def test_backend_target_names_the_bundle_target_each_backend_reads():
     assert {name: backend_target(name) for name in BACKENDS} == {
-        "torch": "torch", "executorch": "executorch", "onnxruntime": "onnx", "onnxruntime-infer": "onnx",
-        "llamacpp": "gguf", "peft": "torch"}
+        "torch": "torch",
+        "executorch": "executorch",
+        "onnxruntime": "onnx",
+        "onnxruntime-infer": "onnx",
+        "llamacpp": "gguf",
+        "peft": "torch",
+    }
     assert backend_target("torch:cpu") == "torch"
     with pytest.raises(BackendNotFoundError):
         backend_target("tensorrt")
@@ -49,8 +54,16 @@ def test_backend_target_names_the_bundle_target_each_backend_reads():
 def test_open_checks_the_backends_target_before_loading(tiny_hf_dir, tmp_path, monkeypatch):
     from pocketpeft.runtime import selection
 
-    b = pp.export(tiny_hf_dir, tmp_path / "bundle", quant="q4_0", lora=pp.LoraConfig(r=4, lora_alpha=8),
-                  seq_len=32, batch_size=4, targets="torch", general_text=[])
+    b = pp.export(
+        tiny_hf_dir,
+        tmp_path / "bundle",
+        quant="q4_0",
+        lora=pp.LoraConfig(r=4, lora_alpha=8),
+        seq_len=32,
+        batch_size=4,
+        targets="torch",
+        general_text=[],
+    )
     assert b.targets == ["torch"]
     # pretend the torch backend read another target: open must refuse before creating it
     monkeypatch.setitem(BACKENDS, "torch", dataclasses.replace(BACKENDS["torch"], target="gguf"))

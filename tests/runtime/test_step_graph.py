@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import pocketpeft as pp
-from pocketpeft.text import pack_rows
 from pocketpeft.errors import ConfigError
 from pocketpeft.runtime import TrainConfig
 from pocketpeft.runtime.backends import torch_backend
+from pocketpeft.text import pack_rows
 from tests.helpers import CHAT
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; torch sees none here")
@@ -22,9 +22,15 @@ CFG = TrainConfig(lr=5e-3, warmup_steps=2, total_steps=STEPS, grad_clip=1.0, wei
 
 @pytest.fixture(scope="module")
 def bundle(tiny_hf_dir, tmp_path_factory):
-    return pp.export(tiny_hf_dir, tmp_path_factory.mktemp("g") / "nf4", quant="nf4",
-                     lora=pp.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-                     targets=["torch"], seq_len=32, batch_size=4)
+    return pp.export(
+        tiny_hf_dir,
+        tmp_path_factory.mktemp("g") / "nf4",
+        quant="nf4",
+        lora=pp.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+        targets=["torch"],
+        seq_len=32,
+        batch_size=4,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +38,7 @@ def rows(bundle):
     return pack_rows(pp.runtime.open(bundle, backend="torch").tokenizer, CHAT, 32)
 
 
-def _run(bundle, rows, device="cpu", dtype="float32", step="eager", cfg=CFG, steps=STEPS, shapes=(4,),
-         compile=False):
+def _run(bundle, rows, device="cpu", dtype="float32", step="eager", cfg=CFG, steps=STEPS, shapes=(4,), compile=False):
     """``steps`` train steps cycling through batch sizes ``shapes``; (results, adapter)."""
     be = torch_backend.create(device, dtype, step=step, compile=compile)
     be.load(bundle)
@@ -43,7 +48,7 @@ def _run(bundle, rows, device="cpu", dtype="float32", step="eager", cfg=CFG, ste
     for i in range(steps):
         b = shapes[i % len(shapes)]
         j = (i * 4) % (len(inputs) - b)
-        out.append(be.train_step(inputs[j:j + b], labels[j:j + b]))
+        out.append(be.train_step(inputs[j : j + b], labels[j : j + b]))
     return out, be.get_adapter()
 
 
@@ -75,7 +80,7 @@ def _poisoned_run(bundle, rows, device="cpu", step="eager"):
     for i in range(5):
         with torch.no_grad():
             norm.copy_(torch.full_like(good, float("nan")) if i == 2 else good)
-        out.append(be.train_step(inputs[4 * i:4 * i + 4], labels[4 * i:4 * i + 4]))
+        out.append(be.train_step(inputs[4 * i : 4 * i + 4], labels[4 * i : 4 * i + 4]))
         adapters.append(be.get_adapter())
     return out, adapters
 
@@ -101,6 +106,7 @@ def test_bad_step_modes_are_config_errors():
 
 
 # ---------------------------------------------------------------- CUDA
+
 
 @pytest.mark.cuda
 @CUDA

@@ -13,7 +13,13 @@ import pytest
 import torch
 
 import pocketpeft as pp
-from pocketpeft.errors import BaseModelMismatchError, CorruptFileError, InputTextError, ModelFileNotFoundError, StoreError
+from pocketpeft.errors import (
+    BaseModelMismatchError,
+    CorruptFileError,
+    InputTextError,
+    ModelFileNotFoundError,
+    StoreError,
+)
 from pocketpeft.runtime.keyboard.store import NEW, REJECTED, TRAINED, AdapterStore, TextStore, tensors_sha256
 
 BASE = "a" * 64
@@ -30,8 +36,13 @@ def test_text_rows_markers_and_wal(tmp_path):
     st.mark(ids, TRAINED)
     st.mark([rows[2].id], REJECTED)
     assert [r.text for r in st.rows(TRAINED)] == ["hello there", "café later?"]
-    assert st.stats() == {"messages": 4, "bytes": sum(len(r.text.encode()) for r in rows), "new": 1, "trained": 2,
-                          "rejected": 1}
+    assert st.stats() == {
+        "messages": 4,
+        "bytes": sum(len(r.text.encode()) for r in rows),
+        "new": 1,
+        "trained": 2,
+        "rejected": 1,
+    }
     # an independent reader (sqlite3 itself) sees the committed rows and WAL mode
     db = sqlite3.connect(tmp_path / "t.sqlite")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -42,7 +53,7 @@ def test_text_rows_markers_and_wal(tmp_path):
 def test_text_byte_cap_drops_oldest(tmp_path):
     st = TextStore(tmp_path / "t.sqlite", BASE, max_bytes=100, max_message_bytes=40)
     for i in range(12):
-        st.add(f"message number {i:02d}")   # 17 bytes each
+        st.add(f"message number {i:02d}")  # 17 bytes each
     rows = st.rows()
     assert st.stats()["bytes"] <= 100 and len(rows) == 100 // 17
     assert [r.text for r in rows] == [f"message number {i:02d}" for i in range(12 - len(rows), 12)]
@@ -57,7 +68,7 @@ def test_text_wipe_removes_files(tmp_path):
     assert "t.sqlite" in out["files"] and "t.sqlite-wal" in out["files"]
     assert st.rows() == [] and st.stats()["messages"] == 0
     st.close()
-    for suffix in ("", "-wal", "-shm"):   # nothing of the old text remains on disk
+    for suffix in ("", "-wal", "-shm"):  # nothing of the old text remains on disk
         p = tmp_path / f"t.sqlite{suffix}"
         assert not p.exists() or b"private" not in p.read_bytes()
 
@@ -69,7 +80,7 @@ def test_text_bad_input_is_typed_and_stores_nothing(tmp_path, bad):
     with pytest.raises(InputTextError, match="message"):
         st.add(bad)
     with pytest.raises(InputTextError):
-        st.add_many(["fine", bad])          # all or none
+        st.add_many(["fine", bad])  # all or none
     assert [r.text for r in st.rows()] == ["kept"]
 
 
@@ -118,7 +129,7 @@ def test_versions_commit_list_restore_and_load_in_peft(tmp_path, peft_parts, tin
     assert (v1.version, v2.version) == (1, 2) and st.current_version() == 2
     assert [(v.version, v.metrics["heldout_loss_after"]) for v in st.list()] == [(1, 3.5), (2, 3.1)]
     assert st.restore(1).sha256 == tensors_sha256(_rand(tensors, 1)) and st.current_version() == 1
-    assert AdapterStore(tmp_path / "ad", BASE, lora).current_version() == 1     # survives reopen
+    assert AdapterStore(tmp_path / "ad", BASE, lora).current_version() == 1  # survives reopen
     # the version directory is a PEFT adapter: real peft loads it with these exact weights
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_hf_model), str(v2.path))
     got = peft.get_peft_model_state_dict(pm)
@@ -132,7 +143,7 @@ def test_damaged_version_is_detected(tmp_path, peft_parts):
     v = st.commit(_rand(tensors, 1))
     w = v.path / "adapter_model.safetensors"
     raw = bytearray(w.read_bytes())
-    raw[-5] ^= 0xFF                     # flip bits inside the last tensor's data
+    raw[-5] ^= 0xFF  # flip bits inside the last tensor's data
     w.write_bytes(bytes(raw))
     with pytest.raises(CorruptFileError, match="sha256"):
         st.load(1)
@@ -149,7 +160,7 @@ def test_adapter_store_of_another_base_is_refused(tmp_path, peft_parts):
 def _assert_v1_intact(st, tensors):
     assert st.current_version() == 1
     assert st.version(1).sha256 == tensors_sha256(_rand(tensors, 1))
-    assert sorted(p.name for p in st.versions_dir.iterdir()) == ["1"]   # nothing half-written left
+    assert sorted(p.name for p in st.versions_dir.iterdir()) == ["1"]  # nothing half-written left
 
 
 def test_full_disk_keeps_previous_version(tmp_path, peft_parts, monkeypatch):
@@ -161,7 +172,7 @@ def test_full_disk_keeps_previous_version(tmp_path, peft_parts, monkeypatch):
     st.commit(_rand(tensors, 1))
 
     def full(tensors, filename, metadata=None):
-        with open(filename, "wb") as fh:        # a partial file, then the disk fills up
+        with open(filename, "wb") as fh:  # a partial file, then the disk fills up
             fh.write(b"\x00" * 100)
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -212,5 +223,6 @@ def test_pointer_write_failure_keeps_previous_current(tmp_path, peft_parts, monk
     assert json.loads((st.root / "current").read_text()) == {"version": 1}
     # the orphaned complete version 2 is never made current by accident; the next commit is 3
     assert st.commit(_rand(tensors, 3)).version == 3 and st.current_version() == 3
-    assert np.isclose(st.load(2).tensors[next(iter(tensors))].sum().item(),
-                      _rand(tensors, 2)[next(iter(tensors))].sum().item())
+    assert np.isclose(
+        st.load(2).tensors[next(iter(tensors))].sum().item(), _rand(tensors, 2)[next(iter(tensors))].sum().item()
+    )

@@ -7,16 +7,22 @@ import pytest
 import torch
 
 import pocketpeft as pp
-from pocketpeft.text import pack_rows
 from pocketpeft.errors import ConfigError, InputTextError, SequenceTooLongError
 from pocketpeft.runtime import TrainConfig
+from pocketpeft.text import pack_rows
 from tests.helpers import CHAT
 
 
 @pytest.fixture(scope="module")
 def bundle(tiny_hf_dir, tmp_path_factory):
-    return pp.export(tiny_hf_dir, tmp_path_factory.mktemp("b") / "bundle", quant="q4_0",
-                     lora=pp.LoraConfig(r=4, lora_alpha=8), seq_len=32, batch_size=4)
+    return pp.export(
+        tiny_hf_dir,
+        tmp_path_factory.mktemp("b") / "bundle",
+        quant="q4_0",
+        lora=pp.LoraConfig(r=4, lora_alpha=8),
+        seq_len=32,
+        batch_size=4,
+    )
 
 
 def test_training_lowers_loss_and_only_lora_moves(bundle):
@@ -38,11 +44,13 @@ def test_eval_metrics_match_logits(bundle):
     texts = CHAT[:8]
     rep = sess.eval(texts)
     inputs, labels = pack_rows(sess.tokenizer, texts, bundle.manifest.seq_len)
-    lg = np.concatenate([sess.backend.logits(inputs[i:i + 1]) for i in range(len(inputs))])
+    lg = np.concatenate([sess.backend.logits(inputs[i : i + 1]) for i in range(len(inputs))])
     valid = labels != -100
     tgt = labels[valid]
     flat = lg[valid]
-    logp = flat - np.log(np.exp(flat - flat.max(-1, keepdims=True)).sum(-1, keepdims=True)) - flat.max(-1, keepdims=True)
+    logp = (
+        flat - np.log(np.exp(flat - flat.max(-1, keepdims=True)).sum(-1, keepdims=True)) - flat.max(-1, keepdims=True)
+    )
     nll = -logp[np.arange(len(tgt)), tgt].mean()
     top3 = np.argsort(-flat, axis=-1)[:, :3]
     assert rep.tokens == len(tgt)
@@ -72,8 +80,9 @@ def test_schedule_warms_up_then_decays():
 
 def test_non_finite_loss_skips_step_and_keeps_weights(bundle):
     # a divergent learning rate blows the adapter up; the next steps see an inf/NaN loss or gradient
-    sess = pp.runtime.open(bundle, backend="torch",
-                           train_config=TrainConfig(lr=1e30, warmup_steps=0, grad_clip=0.0, total_steps=6))
+    sess = pp.runtime.open(
+        bundle, backend="torch", train_config=TrainConfig(lr=1e30, warmup_steps=0, grad_clip=0.0, total_steps=6)
+    )
     sess.backend.configure(sess.train_config)
     inputs, labels = pack_rows(sess.tokenizer, CHAT, 32)
     results, snapshots = [], []
@@ -90,22 +99,27 @@ def test_non_finite_loss_skips_step_and_keeps_weights(bundle):
 
 
 def test_session_reports_skips(bundle):
-    sess = pp.runtime.open(bundle, backend="torch",
-                           train_config=TrainConfig(lr=1e30, warmup_steps=0, grad_clip=0.0))
+    sess = pp.runtime.open(bundle, backend="torch", train_config=TrainConfig(lr=1e30, warmup_steps=0, grad_clip=0.0))
     rep = sess.train(CHAT, steps=5)
     assert rep.skipped_steps and all(0 <= s < 5 for s in rep.skipped_steps)
 
 
 def test_time_boxed_training_stops(bundle):
     sess = pp.runtime.open(bundle, backend="torch")
-    rep = sess.train(CHAT, seconds=1.0)   # no step limit: only the time box can end it
-    assert rep.stopped_by == "seconds" and rep.steps >= 1   # it stops before a step would overrun
+    rep = sess.train(CHAT, seconds=1.0)  # no step limit: only the time box can end it
+    assert rep.stopped_by == "seconds" and rep.steps >= 1  # it stops before a step would overrun
 
 
-@pytest.mark.parametrize("texts, err", [
-    ([], InputTextError), (["", "   \n"], InputTextError), ([b"\xff\xfe caf\xe9"], InputTextError),
-    (["ok", "bin\x00ary"], InputTextError), ([42], InputTextError),
-])
+@pytest.mark.parametrize(
+    "texts, err",
+    [
+        ([], InputTextError),
+        (["", "   \n"], InputTextError),
+        ([b"\xff\xfe caf\xe9"], InputTextError),
+        (["ok", "bin\x00ary"], InputTextError),
+        ([42], InputTextError),
+    ],
+)
 def test_bad_text_is_a_typed_error(bundle, texts, err):
     sess = pp.runtime.open(bundle, backend="torch")
     with pytest.raises(err):

@@ -5,23 +5,23 @@ import math
 
 import pytest
 
-from pocketpeft.runtime.keystrokes import keystroke_metrics
 from pocketpeft.runtime.keyboard.wordcounts import WordCounts, mix_scored
+from pocketpeft.runtime.keystrokes import keystroke_metrics
 
 CROWD = ["see you later", "see you soon", "see you soon!", "thank you so much", "So, what's up?"]
 
 
 def test_counts_complete_words_in_context_and_learn_the_users_text():
     crowd = WordCounts(CROWD)
-    assert crowd.suggest("see you ", 2) == ["soon", "later"]          # trigram counts, most frequent first
-    assert crowd.suggest("see you l", 3) == ["later"]                  # the partial word is completed
-    assert crowd.suggest("", 1) == ["see"]                             # message start
-    assert crowd.suggest("Thank You S", 3)[0] == "so"                  # case-insensitive context and prefix
-    assert crowd.suggest("zzz q", 3) == []                             # nothing starts with q: no invention
+    assert crowd.suggest("see you ", 2) == ["soon", "later"]  # trigram counts, most frequent first
+    assert crowd.suggest("see you l", 3) == ["later"]  # the partial word is completed
+    assert crowd.suggest("", 1) == ["see"]  # message start
+    assert crowd.suggest("Thank You S", 3)[0] == "so"  # case-insensitive context and prefix
+    assert crowd.suggest("zzz q", 3) == []  # nothing starts with q: no invention
     assert WordCounts().suggest("see you ", 3) == []
     mine = crowd.personalized(["see you tomorrow"] * 3)
     assert mine.suggest("see you ", 1) == ["tomorrow"]
-    assert crowd.suggest("see you ", 2) == ["soon", "later"]           # the crowd's counts are not changed
+    assert crowd.suggest("see you ", 2) == ["soon", "later"]  # the crowd's counts are not changed
     before = keystroke_metrics(crowd.suggest, ["see you tomorrow"])
     after = keystroke_metrics(mine.suggest, ["see you tomorrow"])
     assert before["next_word_top3"] < after["next_word_top3"] == 1.0
@@ -49,4 +49,4 @@ def test_mix_ranks_model_and_counts_together_and_keeps_casing():
     mixed = mix_scored(lm, counts, "see you ", 0.5, 3)
     assert [w for w, _ in mixed] == ["tomorrow", "soon", "Later"]
     assert mixed[0][1] == pytest.approx(0.45) and mixed[1][1] == pytest.approx(0.175)
-    assert mix_scored([], {"tomorrow": 1.0}, "see you To", 0.2, 1)[0][0] == "Tomorrow"   # cased like the typed word
+    assert mix_scored([], {"tomorrow": 1.0}, "see you To", 0.2, 1)[0][0] == "Tomorrow"  # cased like the typed word

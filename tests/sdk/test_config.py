@@ -19,11 +19,18 @@ def test_lora_config_mirrors_peft_and_round_trips():
     assert as_lora_config({"r": 2, "target_modules": "q_proj,k_proj"}).target_modules == ["q_proj", "k_proj"]
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"r": 0}, "positive integer"), ({"lora_alpha": float("nan")}, "lora_alpha"),
-    ({"lora_dropout": 1.0}, "dropout"), ({"target_modules": ["attn"]}, "unknown module"),
-    ({"target_modules": []}, "empty"), ({"bias": "all"}, "bias"), ({"init_lora_weights": "pissa"}, "init_lora_weights"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"r": 0}, "positive integer"),
+        ({"lora_alpha": float("nan")}, "lora_alpha"),
+        ({"lora_dropout": 1.0}, "dropout"),
+        ({"target_modules": ["attn"]}, "unknown module"),
+        ({"target_modules": []}, "empty"),
+        ({"bias": "all"}, "bias"),
+        ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+    ],
+)
 def test_lora_config_rejects_bad_values(kw, match):
     with pytest.raises(ConfigError, match=match):
         LoraConfig(**kw)
@@ -43,5 +50,11 @@ def test_quant_format_and_model_config_validation():
     with pytest.raises(ConfigError, match="q4_0"):
         QuantFormat.parse("int3")
     with pytest.raises(ConfigError, match="num_key_value_heads"):
-        ModelConfig(vocab_size=10, hidden_size=64, intermediate_size=8, num_hidden_layers=1,
-                    num_attention_heads=4, num_key_value_heads=3)
+        ModelConfig(
+            vocab_size=10,
+            hidden_size=64,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=3,
+        )

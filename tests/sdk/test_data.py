@@ -2,9 +2,8 @@ import numpy as np
 import pytest
 
 from pocketpeft.corpus import sender_split, top_senders
-
-from pocketpeft.text import IGNORE, pack_rows, read_text_file, validate_texts
 from pocketpeft.errors import InputTextError, ModelFileNotFoundError
+from pocketpeft.text import IGNORE, pack_rows, read_text_file, validate_texts
 
 
 def test_pack_rows_aligns_targets_and_pads(smollm2_tokenizer):

@@ -15,9 +15,19 @@ import torch
 from pocketpeft.errors import CorruptFileError, ModelFileNotFoundError, UnsupportedModelError
 from pocketpeft.reference.loading import LoadedBase, default_model_path, load_base, sha256_files
 
-CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings", "head_dim",
-                 "bos_token_id", "eos_token_id")
+CONFIG_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "head_dim",
+    "bos_token_id",
+    "eos_token_id",
+)
 
 
 def _assert_config_matches(ours, hf_config) -> None:
@@ -48,7 +58,8 @@ def smollm2_loaded(smollm2_path) -> tuple[LoadedBase, float]:
 def hf_gguf_model(smollm2_path):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32).eval()
+        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32
+    ).eval()
 
 
 @pytest.mark.slow
@@ -70,9 +81,11 @@ def test_smollm2_qk_are_unpermuted(smollm2_loaded, smollm2_reader):
 
     loaded, _ = smollm2_loaded
     raw = {t.name: t for t in smollm2_reader.tensors}
-    for gname, key in (("blk.3.attn_q.weight", "model.layers.3.self_attn.q_proj.weight"),
-                       ("blk.3.attn_k.weight", "model.layers.3.self_attn.k_proj.weight"),
-                       ("blk.3.attn_v.weight", "model.layers.3.self_attn.v_proj.weight")):
+    for gname, key in (
+        ("blk.3.attn_q.weight", "model.layers.3.self_attn.q_proj.weight"),
+        ("blk.3.attn_k.weight", "model.layers.3.self_attn.k_proj.weight"),
+        ("blk.3.attn_v.weight", "model.layers.3.self_attn.v_proj.weight"),
+    ):
         w = torch.from_numpy(dequantize(raw[gname].data, raw[gname].tensor_type).copy())
         ours = loaded.state_dict[key]
         if "attn_v" in gname:
@@ -99,17 +112,19 @@ def test_smollm2_generates_sensible_text(smollm2_loaded):
     ids = torch.tensor([tk.encode(prompt)])
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tk.pad_id)
-    assert "Paris" in tk.decode(out[0, ids.shape[1]:].tolist())
+    assert "Paris" in tk.decode(out[0, ids.shape[1] :].tolist())
 
 
 @pytest.mark.slow
 def test_tiny_gguf_writer_agrees_with_transformers(tiny_gguf_path, tiny_hf_model):
     """Cross-check of the test's own GGUF writer: transformers reads it back to the HF weights."""
     transformers = pytest.importorskip("transformers")
-    m = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_gguf_path.parent), gguf_file=tiny_gguf_path.name,
-                                                          dtype=torch.float32)
-    _assert_same_weights({k: v for k, v in m.state_dict().items() if k != "lm_head.weight"},
-                         tiny_hf_model.state_dict(), tied=True)
+    m = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tiny_gguf_path.parent), gguf_file=tiny_gguf_path.name, dtype=torch.float32
+    )
+    _assert_same_weights(
+        {k: v for k, v in m.state_dict().items() if k != "lm_head.weight"}, tiny_hf_model.state_dict(), tied=True
+    )
 
 
 # ---- tiny model, GGUF and HF folder -------------------------------------------------------
@@ -193,13 +208,17 @@ def test_unknown_model_type(tmp_path, tiny_hf_dir):
         load_base(d)
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"attention_bias": True}, "attention_bias"), ({"mlp_bias": True}, "mlp_bias"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_parameters"),
-    ({"model_type": "mistral", "sliding_window": 512}, "sliding_window"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_parameters"),
+        ({"model_type": "mistral", "sliding_window": 512}, "sliding_window"),
+    ],
+)
 def test_unrepresentable_config(tmp_path, tiny_hf_dir, change, field):
     d = _copy_dir_with_config(tiny_hf_dir, tmp_path / "m", **change)
     with pytest.raises(UnsupportedModelError, match=field):

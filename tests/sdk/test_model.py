@@ -11,9 +11,18 @@ from pocketpeft.reference.model import build_from_float, build_quantized, dequan
 
 def _tiny_hf(tie: bool, seed: int = 0):
     torch.manual_seed(seed)
-    hc = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
-                                  rope_theta=100000.0, max_position_embeddings=128, rms_norm_eps=1e-5)
+    hc = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        rope_theta=100000.0,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+    )
     return transformers.LlamaForCausalLM(hc).eval(), ModelConfig.from_dict(hc.to_dict())
 
 
@@ -89,7 +98,8 @@ def test_smollm2_logits_match_transformers_gguf_loader(smollm2_path):
     base = load_base("smollm2")
     ours = build_from_float(base.config, base.state_dict, "f32")
     ref = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path), dtype=torch.float32).eval()
+        os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path), dtype=torch.float32
+    ).eval()
     ids = torch.tensor([base.tokenizer.encode("hey are you coming to the game tonight? i think we should leave at 6")])
     with torch.no_grad():
         a, b = ours(ids), ref(ids).logits

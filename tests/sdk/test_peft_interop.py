@@ -7,7 +7,7 @@ import torch
 
 import pocketpeft as pp
 from pocketpeft.adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter
-from pocketpeft.errors import (AdapterShapeError, BaseModelMismatchError, CorruptFileError, ModelFileNotFoundError)
+from pocketpeft.errors import AdapterShapeError, BaseModelMismatchError, CorruptFileError, ModelFileNotFoundError
 from tests.helpers import CHAT, hf_model_from_backend
 
 LORA = pp.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -15,8 +15,9 @@ LORA = pp.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_p
 
 @pytest.fixture(scope="module")
 def bundle(tiny_hf_dir, tmp_path_factory):
-    return pp.export(tiny_hf_dir, tmp_path_factory.mktemp("b") / "bundle", quant="q4_0", lora=LORA,
-                     seq_len=32, batch_size=4)
+    return pp.export(
+        tiny_hf_dir, tmp_path_factory.mktemp("b") / "bundle", quant="q4_0", lora=LORA, seq_len=32, batch_size=4
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,16 @@ def test_peft_adapter_loads_in_pocketpeft_with_same_logits(bundle, tmp_path):
     sess = pp.runtime.open(bundle, backend="torch")
     hf = hf_model_from_backend(sess.backend)
     torch.manual_seed(1)
-    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                                 init_lora_weights=False, task_type="CAUSAL_LM")).eval()
+    pm = peft.get_peft_model(
+        hf,
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        ),
+    ).eval()
     pm.save_pretrained(str(tmp_path / "from_peft"))
     ids = np.array(sess.tokenizer.encode("see you at the game"))
     with torch.no_grad():
@@ -70,10 +79,13 @@ def test_adapter_files_are_peft_format(trained):
 
 def test_adapter_for_another_base_or_shape_is_refused(trained, tiny_hf_dir, tmp_path):
     sess, path = trained
-    import json, shutil
+    import json
+    import shutil
+
     fake = tmp_path / "fake"
     shutil.copytree(path, fake)
     from safetensors.torch import load_file, save_file
+
     t = load_file(str(fake / WEIGHTS_NAME))
     save_file(t, str(fake / WEIGHTS_NAME), metadata={"format": "pt", "pocketpeft.base_sha256": "0" * 64})
     with pytest.raises(BaseModelMismatchError, match="trained on base"):
@@ -96,6 +108,7 @@ def test_corrupt_or_missing_adapter_keeps_current_weights(trained, tmp_path):
     sess, path = trained
     before = sess.backend.get_adapter()
     import shutil
+
     bad = tmp_path / "bad"
     shutil.copytree(path, bad)
     data = (bad / WEIGHTS_NAME).read_bytes()
@@ -119,16 +132,27 @@ def test_bf16_and_fp16_adapters_load_as_float32(bundle, tmp_path):
     sess = pp.runtime.open(bundle, backend="torch")
     hf = hf_model_from_backend(sess.backend)
     torch.manual_seed(2)
-    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                                 init_lora_weights=False, task_type="CAUSAL_LM"))
+    pm = peft.get_peft_model(
+        hf,
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        ),
+    )
     for i, (name, p) in enumerate((n, p) for n, p in pm.named_parameters() if "lora_" in n):
         p.data = p.data.to(torch.bfloat16 if i % 2 else torch.float16)
     pm.save_pretrained(str(tmp_path / "half"))
     want = {k: v.float().numpy() for k, v in load_file(str(tmp_path / "half" / WEIGHTS_NAME)).items()}
-    assert {str(v.dtype) for v in load_file(str(tmp_path / "half" / WEIGHTS_NAME)).values()} == {"torch.bfloat16", "torch.float16"}
+    assert {str(v.dtype) for v in load_file(str(tmp_path / "half" / WEIGHTS_NAME)).values()} == {
+        "torch.bfloat16",
+        "torch.float16",
+    }
     ad = load_adapter(tmp_path / "half")
     assert set(ad.tensors) == set(want)
     for k, v in want.items():
         assert ad.tensors[k].dtype == np.float32
         np.testing.assert_array_equal(ad.tensors[k], v)
-    sess.load_adapter(tmp_path / "half")   # and the session takes it
+    sess.load_adapter(tmp_path / "half")  # and the session takes it

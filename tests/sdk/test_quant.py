@@ -9,8 +9,18 @@ import torch.nn.functional as F
 
 from pocketpeft.config import QuantFormat
 from pocketpeft.errors import QuantizationError
-from pocketpeft.reference.quant import (BLOCK, NF4_CODE, QuantLinear, dequantize, from_bnb, from_gguf_blocks, quantize,
-                              storage_bytes, to_bnb, to_gguf_blocks)
+from pocketpeft.reference.quant import (
+    BLOCK,
+    NF4_CODE,
+    QuantLinear,
+    dequantize,
+    from_bnb,
+    from_gguf_blocks,
+    quantize,
+    storage_bytes,
+    to_bnb,
+    to_gguf_blocks,
+)
 
 gguf = pytest.importorskip("gguf")
 GT = gguf.GGMLQuantizationType
@@ -26,19 +36,33 @@ def _bnb():
 def _edge_weight() -> torch.Tensor:
     """Rows of 64 (two gguf blocks / one nf4 block) hitting the rounding corner cases."""
     g = torch.Generator().manual_seed(1)
-    rows = [torch.zeros(64)]                                             # all-zero blocks
-    r = torch.zeros(64); r[:32] = torch.randn(32, generator=g); rows.append(r)  # one zero block, one not
-    r = torch.full((64,), 0.5); r[0] = 127.0; r[32] = 127.0              # q8_0: d = 1, exact .5 ties
-    r[1:8] = torch.tensor([1.5, -2.5, 2.5, -0.5, 126.5, -126.5, 0.49999997]); rows.append(r)
-    r = torch.randn(64, generator=g); r[3], r[9] = -4.0, 4.0; r[35], r[40] = 4.0, -4.0  # q4_0: |max| ties, both signs
+    rows = [torch.zeros(64)]  # all-zero blocks
+    r = torch.zeros(64)
+    r[:32] = torch.randn(32, generator=g)
+    rows.append(r)  # one zero block, one not
+    r = torch.full((64,), 0.5)
+    r[0] = 127.0
+    r[32] = 127.0  # q8_0: d = 1, exact .5 ties
+    r[1:8] = torch.tensor([1.5, -2.5, 2.5, -0.5, 126.5, -126.5, 0.49999997])
     rows.append(r)
-    r = torch.arange(64, dtype=torch.float32) / 4 - 8; r[0] = -8.0; rows.append(r)  # q4_0: x*id + 8.5 on integers
-    r = torch.zeros(64); r[0] = 1.0; r[1:16] = (NF4_CODE[:-1] + NF4_CODE[1:])[:15] / 2  # nf4: values on midpoints
-    r[16:31] = -r[1:16]; rows.append(r)
-    rows.append(torch.randn(64, generator=g) * 1e5)                      # huge (fp16 scale still finite)
-    rows.append(torch.randn(64, generator=g) * 1e-6)                     # tiny (fp16 scale subnormal)
-    rows.append(torch.randn(64, generator=g) * 1e-30)                    # fp16 scale underflows to 0
-    r = torch.full((64,), -3.0); r[5] = 3.0; rows.append(r)             # constant magnitude
+    r = torch.randn(64, generator=g)
+    r[3], r[9] = -4.0, 4.0
+    r[35], r[40] = 4.0, -4.0  # q4_0: |max| ties, both signs
+    rows.append(r)
+    r = torch.arange(64, dtype=torch.float32) / 4 - 8
+    r[0] = -8.0
+    rows.append(r)  # q4_0: x*id + 8.5 on integers
+    r = torch.zeros(64)
+    r[0] = 1.0
+    r[1:16] = (NF4_CODE[:-1] + NF4_CODE[1:])[:15] / 2  # nf4: values on midpoints
+    r[16:31] = -r[1:16]
+    rows.append(r)
+    rows.append(torch.randn(64, generator=g) * 1e5)  # huge (fp16 scale still finite)
+    rows.append(torch.randn(64, generator=g) * 1e-6)  # tiny (fp16 scale subnormal)
+    rows.append(torch.randn(64, generator=g) * 1e-30)  # fp16 scale underflows to 0
+    r = torch.full((64,), -3.0)
+    r[5] = 3.0
+    rows.append(r)  # constant magnitude
     return torch.stack(rows)
 
 
@@ -91,11 +115,13 @@ def test_nf4_code_is_bitsandbytes_table():
 
 def test_layouts_and_storage():
     w = _weight((64, 128))
-    expect = {"f32": {"weight": ((64, 128), torch.float32)},
-              "f16": {"weight": ((64, 128), torch.float16)},
-              "q8_0": {"qweight": ((64, 128), torch.int8), "scales": ((64, 4), torch.float16)},
-              "q4_0": {"qweight": ((64, 64), torch.uint8), "scales": ((64, 4), torch.float16)},
-              "nf4": {"qweight": ((64, 64), torch.uint8), "absmax": ((128,), torch.float32)}}
+    expect = {
+        "f32": {"weight": ((64, 128), torch.float32)},
+        "f16": {"weight": ((64, 128), torch.float16)},
+        "q8_0": {"qweight": ((64, 128), torch.int8), "scales": ((64, 4), torch.float16)},
+        "q4_0": {"qweight": ((64, 64), torch.uint8), "scales": ((64, 4), torch.float16)},
+        "nf4": {"qweight": ((64, 64), torch.uint8), "absmax": ((128,), torch.float32)},
+    }
     for fmt, spec in expect.items():
         bufs = quantize(w, fmt)
         assert {k: (tuple(v.shape), v.dtype) for k, v in bufs.items()} == spec
@@ -153,15 +179,18 @@ def test_quant_linear_exports(fmt):
         assert "bitwise_and" in targets
 
 
-@pytest.mark.parametrize("bad, match", [
-    (torch.zeros(64), r"2-D"),
-    (torch.zeros(2, 2, 64), r"2-D"),
-    (torch.zeros(4, 48), r"multiple of the q8_0 block size 32"),
-    (torch.zeros(4, 64, dtype=torch.int32), r"floating-point"),
-    (torch.full((4, 64), float("nan")), r"NaN"),
-    (torch.full((4, 64), float("inf")), r"NaN or inf"),
-    (torch.full((4, 64), 1e7), r"overflows float16"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.zeros(64), r"2-D"),
+        (torch.zeros(2, 2, 64), r"2-D"),
+        (torch.zeros(4, 48), r"multiple of the q8_0 block size 32"),
+        (torch.zeros(4, 64, dtype=torch.int32), r"floating-point"),
+        (torch.full((4, 64), float("nan")), r"NaN"),
+        (torch.full((4, 64), float("inf")), r"NaN or inf"),
+        (torch.full((4, 64), 1e7), r"overflows float16"),
+    ],
+)
 def test_quantize_errors(bad, match):
     with pytest.raises(QuantizationError, match=match) as ei:
         quantize(bad, "q8_0", name="layers.0.q_proj")

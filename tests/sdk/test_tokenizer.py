@@ -61,8 +61,11 @@ def test_smollm2_matches_transformers_gguf_tokenizer(smollm2_tokenizer, hf_gguf_
     # lacks SmolLM2's Digits split; give its tokenizer the original SmolLM2 pre-tokenizer.
     original = HFTok.from_str(theirs.to_str())
     original.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     assert ours.vocab_size == theirs.get_vocab_size() == 49152
     assert ours.hf.get_vocab() == theirs.get_vocab()
     for text in TEXTS:
@@ -73,8 +76,9 @@ def test_smollm2_matches_transformers_gguf_tokenizer(smollm2_tokenizer, hf_gguf_
         assert ours.decode(ids) == text == hf_gguf_tokenizer.decode(ids), text
         assert ours.decode(ids, skip_special_tokens=True) == hf_gguf_tokenizer.decode(ids, skip_special_tokens=True)
     assert (ours.bos_id, ours.eos_id, ours.pad_id) == tuple(
-        hf_gguf_tokenizer.convert_tokens_to_ids(t) for t in
-        (hf_gguf_tokenizer.bos_token, hf_gguf_tokenizer.eos_token, hf_gguf_tokenizer.pad_token))
+        hf_gguf_tokenizer.convert_tokens_to_ids(t)
+        for t in (hf_gguf_tokenizer.bos_token, hf_gguf_tokenizer.eos_token, hf_gguf_tokenizer.pad_token)
+    )
 
 
 def test_smollm2_known_ids(smollm2_tokenizer):
@@ -108,8 +112,13 @@ def test_save_from_file_round_trip(smollm2_tokenizer, tmp_path):
     for src in (path, tmp_path):
         back = Tokenizer.from_file(src)
         assert back.to_json_str() == tk.to_json_str()
-        assert (back.vocab_size, back.bos_id, back.eos_id, back.pad_id, back.unk_id) == \
-            (tk.vocab_size, tk.bos_id, tk.eos_id, tk.pad_id, tk.unk_id)
+        assert (back.vocab_size, back.bos_id, back.eos_id, back.pad_id, back.unk_id) == (
+            tk.vocab_size,
+            tk.bos_id,
+            tk.eos_id,
+            tk.pad_id,
+            tk.unk_id,
+        )
         for text in TEXTS:
             assert back.encode(text) == tk.encode(text)
     # special tokens live in an HF-style tokenizer_config.json, merged into an existing one
