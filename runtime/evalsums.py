@@ -8,19 +8,32 @@ from pocketpeft.text import IGNORE
 
 from .protocol import EvalSums
 
+_ROWS = 256  # scored tokens per chunk: bounds the float32 temporaries to _ROWS x vocab
+
 
 def eval_sums(logits: np.ndarray, labels: np.ndarray) -> EvalSums:
     """Summed cross-entropy, scored tokens and top-1/top-3 hits of ``logits`` [..., vocab] against
-    aligned int ``labels`` (-100 ignored), computed in float64 from float32 logits, as the torch
-    backend's ``eval_sums`` computes them (a hit: fewer than 1 / 3 logits above the target's)."""
+    aligned int ``labels`` [...] (-100 ignored), as the torch backend's ``eval_sums`` computes them.
+
+    Cross-entropy is ``logsumexp(row) - row[target]`` with the row maximum subtracted first (a
+    stable log-softmax) on the float32 logits, each token's terms summed in float64. A top-k hit
+    is a target with fewer than k logits strictly above its own (torch's ``topk`` breaks exact
+    ties arbitrarily; real logits have none)."""
     labels = np.asarray(labels, dtype=np.int64)
+    logits = np.asarray(logits)
     valid = labels != IGNORE
-    lg = np.asarray(logits, dtype=np.float32)[valid].astype(np.float64)
     tg = labels[valid]
     if tg.size == 0:
         return EvalSums(0.0, 0, 0, 0)
-    m = lg.max(axis=-1, keepdims=True)
-    lse = m[:, 0] + np.log(np.exp(lg - m).sum(axis=-1))
-    target = lg[np.arange(tg.size), tg]
-    above = (lg > target[:, None]).sum(axis=-1)
-    return EvalSums(float((lse - target).sum()), int(tg.size), int((above == 0).sum()), int((above < 3).sum()))
+    lg = logits[valid]  # [N, vocab]; a copy of the scored rows only
+    loss, top1, top3 = 0.0, 0, 0
+    for s in range(0, tg.size, _ROWS):
+        x, t = lg[s : s + _ROWS].astype(np.float32, copy=False), tg[s : s + _ROWS]
+        m = x.max(axis=-1, keepdims=True)
+        lse = m[:, 0].astype(np.float64) + np.log(np.exp(x - m).sum(axis=-1, dtype=np.float64))
+        target = x[np.arange(t.size), t]
+        above = (x > target[:, None]).sum(axis=-1)
+        loss += float((lse - target.astype(np.float64)).sum())
+        top1 += int((above == 0).sum())
+        top3 += int((above < 3).sum())
+    return EvalSums(loss, int(tg.size), top1, top3)

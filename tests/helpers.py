@@ -46,3 +46,23 @@ def run_without_torch(code: str, *args: str, timeout: float = 600) -> dict:
     )
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def assert_skips_non_finite_steps(backend, inputs, labels, steps: int = 6) -> None:
+    """Train ``backend`` (configured with a divergent learning rate) for ``steps`` steps: some
+    step must be skipped for a non-finite loss or gradient, leaving the adapter as it was."""
+    import math
+
+    import numpy as np
+
+    results, snapshots = [], []
+    for _ in range(steps):
+        snapshots.append(backend.get_adapter())
+        results.append(backend.train_step(inputs, labels))
+    skipped = [i for i, r in enumerate(results) if r.skipped]
+    assert skipped, [r.loss for r in results]
+    i = skipped[0]
+    after = backend.get_adapter() if i == steps - 1 else snapshots[i + 1]
+    for k in after:
+        assert np.array_equal(after[k], snapshots[i][k], equal_nan=True), f"{k} changed on a skipped step"
+    assert not math.isfinite(results[i].loss) or not math.isfinite(results[i].grad_norm)

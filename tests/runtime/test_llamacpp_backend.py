@@ -380,8 +380,8 @@ def test_smollm2_q4_0_parity_and_token_latency(tmp_path_factory):
 
 def test_serves_without_torch(bundle, lc, ids, tmp_path):
     """On a device torch isn't installed: opening the bundle on llama.cpp with a PEFT adapter
-    (converted to a GGUF LoRA there) and computing logits must work with torch unimportable,
-    and give this process's llama.cpp logits for the same adapter."""
+    (converted to a GGUF LoRA there), computing logits and ``Session.eval`` must work with torch
+    unimportable, and give this process's llama.cpp logits and eval for the same adapter."""
     from pocketpeft.adapter import Adapter, save_adapter
 
     tensors = _random_adapter(bundle, seed=3)
@@ -405,15 +405,23 @@ def test_serves_without_torch(bundle, lc, ids, tmp_path):
     lc.set_adapter(tensors)
     try:
         np.testing.assert_allclose(np.load(tmp_path / "ids.npy.out.npy"), lc.logits(ids[:1]), atol=1e-5)
-        # Session.eval on the device (numpy sums) equals the torch sums over this process's logits
-        from pocketpeft.runtime.backends.torch_backend import eval_sums as torch_sums
-
+        # Session.eval on the device (numpy sums, no torch) equals the same eval in this process
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("POCKETPEFT_THREADS", _threads())
+            sess = pp.runtime.open(bundle.root, backend="llamacpp", adapter=tmp_path / "ad", need_train=False)
+        try:
+            here = sess.eval(CHAT[:6]).to_dict()
+        finally:
+            sess.backend.close()
+        assert out["eval"]["tokens"] == here["tokens"] > 0
+        for key in ("loss", "top1", "top3"):
+            assert out["eval"][key] == pytest.approx(here[key], rel=1e-6, abs=1e-9), key
+        # ... and the torch backend's sums over this process's llama.cpp logits
         x, y = pack_rows(bundle.tokenizer(), CHAT[:6], bundle.manifest.seq_len)
-        ref = torch_sums(torch.from_numpy(lc.logits(x)), torch.from_numpy(y))
-        assert out["eval"]["tokens"] == ref.tokens
-        assert out["eval"]["loss"] == pytest.approx(ref.loss_sum / ref.tokens, rel=1e-4)
-        assert out["eval"]["top1"] == pytest.approx(ref.top1 / ref.tokens, abs=1.5 / ref.tokens)
-        assert out["eval"]["top3"] == pytest.approx(ref.top3 / ref.tokens, abs=1.5 / ref.tokens)
+        ref = torch_backend.eval_sums(torch.from_numpy(lc.logits(x)), torch.from_numpy(y))
+        assert here["tokens"] == ref.tokens
+        assert here["loss"] == pytest.approx(ref.loss_sum / ref.tokens, rel=1e-5)
+        assert (here["top1"], here["top3"]) == pytest.approx((ref.top1 / ref.tokens, ref.top3 / ref.tokens))
     finally:
         lc.set_adapter(dict(bundle.initial_adapter().tensors))
 
@@ -422,6 +430,7 @@ def test_numpy_eval_sums_equal_torch():
     """runtime.evalsums (numpy, the device's) gives the torch backend's sums on random logits."""
     from pocketpeft.runtime.backends.torch_backend import eval_sums as torch_sums
     from pocketpeft.runtime.evalsums import eval_sums
+    from pocketpeft.runtime.protocol import EvalSums
 
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((3, 7, 50)).astype(np.float32) * 4
@@ -433,3 +442,12 @@ def test_numpy_eval_sums_equal_torch():
     assert (got.tokens, got.top1, got.top3) == (ref.tokens, ref.top1, ref.top3)
     assert got.loss_sum == pytest.approx(ref.loss_sum, rel=1e-5)
     assert ref.top3 > ref.top1 > 0
+    # more scored tokens than one chunk, large logits (a naive softmax would overflow float32)
+    logits = (rng.standard_normal((2, 300, 64)) * 30 + 100).astype(np.float32)
+    labels = rng.integers(0, 64, (2, 300))
+    labels[:, ::7] = -100
+    got, ref = eval_sums(logits, labels), torch_sums(torch.from_numpy(logits), torch.from_numpy(labels))
+    assert (got.tokens, got.top1, got.top3) == (ref.tokens, ref.top1, ref.top3)
+    assert got.loss_sum == pytest.approx(ref.loss_sum, rel=1e-5)
+    # nothing scored
+    assert eval_sums(logits[:, :2], np.full((2, 2), -100)) == EvalSums(0.0, 0, 0, 0)
