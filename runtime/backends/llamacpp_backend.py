@@ -17,21 +17,22 @@ which tokens it holds, a decoder reuses the longest common prefix and re-evaluat
 interleaving decoders and ``logits`` calls is correct (just slower). As in the torch backend,
 an adapter swap applies to tokens evaluated after it.
 
+Its parts: :mod:`.llamacpp_log` (llama.cpp's log, collected for error messages),
+:mod:`.llamacpp_context` (model + context through the C API) and :mod:`.llamacpp_branches` (the K/V
+sequences: sequence 0 and the branches); this module is the backend over them.
+
 Env: ``POCKETPEFT_THREADS`` (default 2), ``POCKETPEFT_LLAMACPP_N_CTX`` (default
 min(2048, the model's context)).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import functools
 import json
 import os
 import tempfile
-import weakref
 from collections import OrderedDict
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import numpy as np
 
@@ -43,18 +44,23 @@ from pocketpeft.errors import (
     InputTextError,
     MissingDependencyError,
     ModelFileNotFoundError,
-    SequenceTooLongError,
 )
 from pocketpeft.manifest import Bundle
 
 from ..evalsums import eval_sums
 from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
+from .llamacpp_branches import BRANCH_KEEP as _BRANCH_KEEP  # noqa: F401 - this module's names before the split
+from .llamacpp_branches import KVCache
+from .llamacpp_branches import common as _common  # noqa: F401
+from .llamacpp_context import N_BATCH as _N_BATCH  # noqa: F401
+from .llamacpp_context import N_SEQ as _N_SEQ  # noqa: F401
+from .llamacpp_context import LlamaContext
+from .llamacpp_context import LlamaContext as _Context  # noqa: F401
+from .llamacpp_log import errors as _errors
+from .llamacpp_log import llama_log as _llama_log
 
 NAME = "llamacpp"
 INFO = "gguf/info.json"
-_N_BATCH = 512
-_N_SEQ = 32  # K/V sequences in the (unified) cache: 0 for decoding, the rest for branches
-_BRANCH_KEEP = 16  # a branch is kept while at most this many of its tokens are not shared
 
 
 def _version() -> str:
@@ -95,51 +101,6 @@ def _threads() -> int:
         return 2
 
 
-_LOG_ERROR = 4  # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
-_log_sink: list[tuple[int, str]] = []
-
-
-@functools.lru_cache(maxsize=1)
-def _log_callback():
-    import llama_cpp
-
-    @llama_cpp.llama_log_callback
-    def collect(level: int, text: bytes, user_data) -> None:  # noqa: ANN001
-        _log_sink.append((level, text.decode("utf-8", "replace")))
-
-    return collect
-
-
-@contextlib.contextmanager
-def _llama_log() -> Iterator[list[tuple[int, str]]]:
-    """Collect llama.cpp's log lines (level, text) instead of printing them, for the duration.
-    llama-cpp-python 0.3.36 maps ggml's log levels off by one, so its own callback prints
-    warnings (e.g. "cannot use buft 'CPU_REPACK'" for every LoRA tensor) even with verbose=False;
-    errors are kept here for our exception messages instead."""
-    import llama_cpp
-
-    _log_sink.clear()
-    llama_cpp.llama_log_set(_log_callback(), ctypes.c_void_p(0))
-    try:
-        yield _log_sink
-    finally:
-        try:
-            from llama_cpp._logger import llama_log_callback as restore
-        except ImportError:  # pragma: no cover - a future llama-cpp-python without it: stay quiet
-            restore = _log_callback()
-        llama_cpp.llama_log_set(restore, ctypes.c_void_p(0))
-
-
-def _errors(log: list[tuple[int, str]]) -> str:
-    """The error lines of a collected log, joined (or a generic hint)."""
-    lines, keep = [], False
-    for level, text in log:
-        keep = level == _LOG_ERROR or (level == 5 and keep)
-        if keep and text.strip():
-            lines.append(text.strip())
-    return "; ".join(lines[-4:]) or "no error message from llama.cpp"
-
-
 def _train_unavailable() -> BackendUnavailableError:
     return BackendUnavailableError(
         "llamacpp is inference-only: it cannot train LoRA adapters; train with "
@@ -165,67 +126,6 @@ def base_gguf_path(bundle: Bundle):
     return bundle.path_of(rel)
 
 
-def _common(a: "list[int]", b: "list[int]") -> int:
-    """Length of the common prefix of two token lists."""
-    n, lim = 0, min(len(a), len(b))
-    while n < lim and a[n] == b[n]:
-        n += 1
-    return n
-
-
-class _Context:
-    """A llama.cpp model and one context, through the C API (llama-cpp-python's ``Llama`` does
-    not expose the unified multi-sequence K/V cache that :meth:`LlamaCppBackend.branch_logits`
-    needs). ``exact``: keep the K/V cache in float32 and flash attention off (for an f32 base
-    that is there to compute as torch does)."""
-
-    def __init__(self, path, n_ctx: int, threads: int, exact: bool) -> None:
-        import llama_cpp
-
-        llama_cpp.llama_backend_init()
-        try:  # as Llama(verbose=False) does, unless the application set the level itself
-            from llama_cpp._logger import logger, set_verbose
-
-            if logger.level == 0:
-                set_verbose(False)
-        except ImportError:  # pragma: no cover - a future llama-cpp-python without it
-            pass
-        mp = llama_cpp.llama_model_default_params()
-        mp.n_gpu_layers = 0
-        self.model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), mp)
-        if not self.model:
-            raise ValueError("llama_model_load_from_file failed")
-        cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, _N_BATCH, _N_BATCH
-        cp.n_threads = cp.n_threads_batch = threads
-        cp.n_seq_max, cp.kv_unified = _N_SEQ, True
-        cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        if exact:
-            cp.type_k = cp.type_v = 0  # GGML_TYPE_F32
-        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
-        if not self.ctx:
-            llama_cpp.llama_model_free(self.model)
-            raise ValueError("llama_init_from_model failed")
-        self._vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
-
-    def n_ctx(self) -> int:
-        import llama_cpp
-
-        return llama_cpp.llama_n_ctx(self.ctx)
-
-    def n_vocab(self) -> int:
-        return self._vocab
-
-    def close(self) -> None:
-        import llama_cpp
-
-        if self.ctx:
-            llama_cpp.llama_free(self.ctx)
-        if self.model:
-            llama_cpp.llama_model_free(self.model)
-        self.ctx = self.model = None
-
-
 class LlamaCppBackend:
     """llama.cpp inference backend; see the module docstring."""
 
@@ -235,15 +135,12 @@ class LlamaCppBackend:
         if device != "cpu":
             raise BackendUnavailableError(f"backend 'llamacpp' runs on 'cpu' only, not {device!r}")
         self.device = device
-        self.llm: _Context | None = None  # model + context, created once in load()
+        self.llm: LlamaContext | None = None  # model + context, created once in load()
         self.bundle: Bundle | None = None
         self._adapter: dict[str, np.ndarray] = {}
         self._lora = None  # the attached llama_adapter_lora pointer, or None
         self._tmp: tempfile.TemporaryDirectory | None = None
-        self._batch = self._batch_free = None
-        self._kv: list[int] = []  # tokens whose K/V sequence 0 of the cache holds
-        self._branches: OrderedDict[int, list[int]] = OrderedDict()  # sequence id -> its tokens, LRU first
-        self.last_branch_tokens = 0  # tokens the last branch_logits call evaluated
+        self._cache: KVCache | None = None  # the context's K/V sequences, created in load()
         self._swaps = 0
 
     def capabilities(self) -> Capabilities:
@@ -256,7 +153,7 @@ class LlamaCppBackend:
         (hash mismatch, or llama.cpp cannot read the file), :class:`MissingDependencyError`."""
         from pocketpeft._deps import require
 
-        llama_cpp = require("llama_cpp", "llamacpp")
+        require("llama_cpp", "llamacpp")
         path = base_gguf_path(bundle)
         self.close()  # a second load() replaces the first model cleanly
         with open(path, "rb") as fh:
@@ -269,24 +166,48 @@ class LlamaCppBackend:
             n_ctx = min(int(raw), arch.max_position_embeddings)
         with _llama_log() as log:
             try:
-                llm = _Context(path, n_ctx, _threads(), exact=path.name.endswith(".f32.gguf"))
+                llm = LlamaContext(path, n_ctx, _threads(), exact=path.name.endswith(".f32.gguf"))
             except (ValueError, RuntimeError, OSError) as e:
                 raise CorruptFileError(f"llama.cpp cannot load {path}: {e} ({_errors(log)})") from e
         if llm.n_vocab() != arch.vocab_size:
             raise CorruptFileError(f"{path} has a vocabulary of {llm.n_vocab()}, the manifest says {arch.vocab_size}")
-        self.llm, self.bundle, self._kv, self._branches = llm, bundle, [], OrderedDict()
-        self._n_ctx, self._vocab = llm.n_ctx(), llm.n_vocab()
-        self._mem = llama_cpp.llama_get_memory(llm.ctx)
-        self._batch = llama_cpp.llama_batch_init(_N_BATCH, 0, 1)
-        self._batch_free = weakref.finalize(self, llama_cpp.llama_batch_free, self._batch)
+        self.llm, self.bundle = llm, bundle
+        self._cache = KVCache(llm)
         self._tmp = tempfile.TemporaryDirectory(prefix="pocketpeft-lora-")
         self.set_adapter(bundle.initial_adapter().tensors)
 
     @property
-    def _llm(self):
+    def _llm(self) -> LlamaContext:
         if self.llm is None:
             raise RuntimeError("backend not loaded: call load(bundle) first")
         return self.llm
+
+    @property
+    def _kvc(self) -> KVCache:
+        _ = self._llm  # raises unless loaded
+        return self._cache
+
+    # the K/V cache's state, under the names it had before the cache was its own class
+    @property
+    def _n_ctx(self) -> int:
+        return self._kvc.n_ctx
+
+    @property
+    def _vocab(self) -> int:
+        return self._kvc.vocab
+
+    @property
+    def _kv(self) -> list[int]:
+        return self._cache.kv if self._cache is not None else []
+
+    @property
+    def _branches(self) -> "OrderedDict[int, list[int]]":
+        return self._cache.branches if self._cache is not None else OrderedDict()
+
+    @property
+    def last_branch_tokens(self) -> int:
+        """Tokens the last :meth:`branch_logits` call evaluated."""
+        return self._cache.last_branch_tokens if self._cache is not None else 0
 
     # ---- training: not here ----------------------------------------------------------------------
     def configure(self, cfg: TrainConfig) -> None:
@@ -296,67 +217,11 @@ class LlamaCppBackend:
         raise _train_unavailable()
 
     # ---- evaluation ------------------------------------------------------------------------------
-    def _check_ids(self, ids: list[int], start: int = 0) -> None:
-        if start + len(ids) > self._n_ctx:
-            raise SequenceTooLongError(
-                f"sequence of {start + len(ids)} tokens exceeds the llama.cpp context of {self._n_ctx} "
-                "(raise POCKETPEFT_LLAMACPP_N_CTX, up to the model's context)"
-            )
-        bad = [i for i in ids if not 0 <= i < self._vocab]
-        if bad:
-            raise InputTextError(f"token id {bad[0]} is not in [0, {self._vocab})")
-
-    def _decode(self, ids: list[int], start: int, outputs: bool) -> np.ndarray | None:
-        """Evaluate ``ids`` at positions ``start``.. on sequence 0 (cache must hold exactly the
-        ``start`` tokens before); logits [len, vocab] for all of them when ``outputs``."""
-        import llama_cpp
-
-        out = []
-        b = self._batch
-        for c in range(0, len(ids), _N_BATCH):
-            chunk = ids[c : c + _N_BATCH]
-            n = len(chunk)
-            b.n_tokens = n
-            for i, tok in enumerate(chunk):
-                b.token[i], b.pos[i], b.n_seq_id[i] = tok, start + c + i, 1
-                b.seq_id[i][0] = 0
-                b.logits[i] = outputs
-            b.logits[n - 1] = True
-            rc = llama_cpp.llama_decode(self._llm.ctx, b)
-            if rc != 0:
-                self._reset_kv()
-                self._drop_branches(lambda toks: True)
-                raise RuntimeError(f"llama_decode failed with code {rc}")
-            self._kv.extend(chunk)
-            if outputs:
-                ptr = llama_cpp.llama_get_logits(self._llm.ctx)
-                out.append(np.ctypeslib.as_array(ptr, shape=(n * self._vocab,)).reshape(n, self._vocab).copy())
-        return np.concatenate(out) if outputs else None
-
-    def _reset_kv(self, keep: int = 0) -> int:
-        """Drop sequence 0's tokens from position ``keep`` on; returns how many are kept (0 when
-        llama.cpp cannot cut this cache partially and it had to be cleared, branches too)."""
-        import llama_cpp
-
-        keep = max(keep, 0)
-        if not llama_cpp.llama_memory_seq_rm(self._mem, 0, keep if keep else -1, -1):
-            llama_cpp.llama_memory_clear(self._mem, True)
-            self._branches.clear()
-            keep = 0
-        del self._kv[max(keep, 0) :]
-        return len(self._kv)
-
     def _evaluate(self, ids: list[int], prefix: list[int]) -> np.ndarray:
         """Logits of ``ids`` appended to ``prefix`` (which the caller holds as context): the cache
         keeps the longest common prefix it already has and evaluates the rest."""
-        self._check_ids(ids, len(prefix))
-        n = _common(self._kv, prefix)
-        n = self._reset_kv(n)
-        if n < len(prefix):
-            self._decode(prefix[n:], n, outputs=False)
-        return self._decode(ids, len(prefix), outputs=True)
+        return self._kvc.evaluate(ids, prefix)
 
-    # ---- branches: many continuations of a shared context in one forward pass -----------------
     def branch_logits(self, seqs: "list[list[int]]") -> np.ndarray:
         """float32 logits [len(seqs), vocab] after the last token of each full token sequence.
 
@@ -371,89 +236,22 @@ class LlamaCppBackend:
         seqs = [[int(t) for t in s] for s in seqs]
         if not seqs or any(not s for s in seqs):
             raise InputTextError("branch_logits needs one or more non-empty token sequences")
+        cache = self._kvc  # raises unless loaded
         for s in seqs:
-            self._check_ids(s)
-        _ = self._llm  # raises unless loaded
-        self._drop_branches(lambda toks: len(toks) - _common(toks, seqs[0]) > _BRANCH_KEEP)
-        out = np.empty((len(seqs), self._vocab), np.float32)
-        self.last_branch_tokens = 0
-        group: list[int] = []
-        for i in range(len(seqs) + 1):
-            full = (
-                i == len(seqs)
-                or len(group) == (_N_SEQ - 1) // 2
-                or sum(len(seqs[j]) for j in group) + len(seqs[i]) > _N_BATCH
-            )
-            if group and full:
-                todo = [seqs[j] for j in group]
-                shared = todo[0][: min(map(len, todo)) - 1]
-                for s in todo[1:]:
-                    shared = shared[: _common(shared, s)]
-                if len(todo) > 1 and shared and self._longest_held(shared)[1] < len(shared):
-                    self._branch_group([shared])  # evaluate the shared part once, then branch off it
-                out[group] = self._branch_group(todo)
-                group = []
-            if i < len(seqs):
-                group.append(i)
-        return out
-
-    def _longest_held(self, s: "list[int]") -> tuple[int, int]:
-        """(the K/V sequence holding the longest prefix of ``s``, that prefix's length)."""
-        held = [(0, self._kv)] + list(self._branches.items())
-        return max(((sid, _common(toks, s)) for sid, toks in held), key=lambda x: x[1])
-
-    def _branch_group(self, seqs: "list[list[int]]", retry: bool = True) -> np.ndarray:
-        import llama_cpp
-
-        mem, b = self._mem, self._batch
-        # (source sequence, shared length) per request; at least its last token is evaluated
-        plan = [(src, min(m, len(s) - 1)) for s, (src, m) in zip(seqs, map(self._longest_held, seqs))]
-        sources = {src for src, _ in plan}
-        free = [sid for sid in range(1, _N_SEQ) if sid not in self._branches]
-        free += [sid for sid in self._branches if sid not in sources]  # then LRU first
-        n = 0
-        dests = free[: len(seqs)]
-        for (src, m), dst, s in zip(plan, dests, seqs):
-            llama_cpp.llama_memory_seq_rm(mem, dst, -1, -1)
-            if m:
-                llama_cpp.llama_memory_seq_cp(mem, src, dst, 0, m)
-            for j in range(m, len(s)):
-                b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = s[j], j, 1, j == len(s) - 1
-                b.seq_id[n][0] = dst
-                n += 1
-        for dst in dests:
-            self._branches.pop(dst, None)
-        b.n_tokens = n
-        rc = llama_cpp.llama_decode(self._llm.ctx, b)
-        if rc != 0:
-            self._drop_branches(lambda toks: True)
-            if rc == 1 and retry:  # no room in the cache: retry from sequence 0 alone
-                return self._branch_group(seqs, retry=False)
-            raise RuntimeError(f"llama_decode failed with code {rc}")
-        for dst, s in zip(dests, seqs):
-            self._branches[dst] = s
-        self.last_branch_tokens += n
-        ptr = llama_cpp.llama_get_logits(self._llm.ctx)
-        return np.ctypeslib.as_array(ptr, shape=(len(seqs) * self._vocab,)).reshape(len(seqs), self._vocab).copy()
-
-    def _drop_branches(self, which) -> None:
-        import llama_cpp
-
-        for sid in [sid for sid, toks in self._branches.items() if which(toks)]:
-            llama_cpp.llama_memory_seq_rm(self._mem, sid, -1, -1)
-            del self._branches[sid]
+            cache.check_ids(s)
+        return cache.branch_logits(seqs)
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """float32 logits [B, T, vocab], each row evaluated from an empty cache."""
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise InputTextError(f"input_ids must be [batch, seq], got shape {ids.shape}")
-        _ = self._llm  # raises unless loaded
-        out = np.empty((ids.shape[0], ids.shape[1], self._vocab), np.float32)
+        cache = self._kvc  # raises unless loaded
+        out = np.empty((ids.shape[0], ids.shape[1], cache.vocab), np.float32)
         for r, row in enumerate(ids.tolist() if ids.shape[1] else []):
-            self._check_ids(row)
-            self._reset_kv(0)
-            out[r] = self._decode(row, 0, outputs=True)
+            cache.check_ids(row)
+            cache.reset(0)
+            out[r] = cache.decode(row, 0, outputs=True)
         return out
 
     def eval_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> EvalSums:
@@ -504,7 +302,7 @@ class LlamaCppBackend:
         if self._lora:
             llama_cpp.llama_adapter_lora_free(self._lora)  # detached above, so safe to free
         self._lora, self._adapter = new, arrays
-        self._drop_branches(lambda toks: True)  # their K/V came from the previous weights
+        self._kvc.drop_branches(lambda toks: True)  # their K/V came from the previous weights
 
     @property
     def adapter_attached(self) -> bool:
@@ -526,12 +324,11 @@ class LlamaCppBackend:
                 llama_cpp.llama_adapter_lora_free(self._lora)
             with _llama_log():
                 self.llm.close()
-        if self._batch_free is not None:
-            self._batch_free()
+        if self._cache is not None:
+            self._cache.close()
         if self._tmp is not None:
             self._tmp.cleanup()
-        self.llm, self._lora, self._batch, self._batch_free, self._tmp, self._kv = None, None, None, None, None, []
-        self._branches = OrderedDict()
+        self.llm, self._lora, self._cache, self._tmp = None, None, None, None
 
 
 class LlamaCppDecoder:

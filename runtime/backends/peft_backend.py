@@ -25,11 +25,11 @@ import numpy as np
 from pocketpeft._deps import available, require
 from pocketpeft.adapter import peft_key
 from pocketpeft.errors import AdapterShapeError, ConfigError, UnsupportedModelError
+from pocketpeft.formats.torch import WEIGHTS
 from pocketpeft.manifest import Bundle
 
 from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
 
-WEIGHTS = "torch/model.safetensors"
 _NEEDS = (("transformers", "peft"), ("peft", "peft"), ("bitsandbytes", "bnb"))
 DTYPES = ("float32", "bfloat16")
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pocketpeft.errors import ConfigError
+from pocketpeft.formats.torch import WEIGHTS
 from pocketpeft.manifest import Bundle
 from pocketpeft.reference.lora import inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict
 from pocketpeft.reference.model import CausalLM, build_quantized
@@ -24,7 +25,6 @@ from pocketpeft.reference.quant import QuantLinear
 from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
 from .step_graph import DeviceStep, GraphStep, backward_loss
 
-WEIGHTS = "torch/model.safetensors"
 #: Training-step implementations, see :func:`create`.
 STEP_MODES = ("eager", "device", "graph")
 
