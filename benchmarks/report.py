@@ -3,7 +3,8 @@
 Suites, each runnable alone, each a set of benchmark modules run as subprocesses (a module
 that does not exist yet is skipped with a message):
 
-- ``train``: update speed and memory (benchmarks.train_speed, .forward_only, .gpu_train)
+- ``train``: update speed and memory (benchmarks.train_speed, .forward_only, .gpu_train), and time
+  to the PEFT baseline's held-out loss (benchmarks.time_to_quality)
 - ``suggest``: per-keystroke suggestion latency (benchmarks.suggest_latency)
 - ``quality``: next-word accuracy before/after personalization (benchmarks.personalize)
 - ``export``: export time and bundle size per target (benchmarks.export_bench)
@@ -30,7 +31,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SUITES: dict[str, list[str]] = {
-    "train": ["benchmarks.train_speed", "benchmarks.forward_only", "benchmarks.gpu_train"],
+    "train": [
+        "benchmarks.train_speed",
+        "benchmarks.forward_only",
+        "benchmarks.gpu_train",
+        "benchmarks.time_to_quality",
+    ],
     "suggest": ["benchmarks.suggest_latency"],
     "quality": ["benchmarks.personalize"],
     "export": ["benchmarks.export_bench"],
@@ -402,6 +408,76 @@ def section_forward_only(obj: dict[str, Any], plots: Path, out: list[str]) -> No
     out.append("")
 
 
+def section_time_to_quality(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
+    out.append(_title(obj, "Time to quality: split updates against PEFT (train)"))
+    st, summ = obj.get("settings", {}), obj.get("summary", {})
+    budget = st.get("budget_seconds")
+    out.append(
+        f"{len(st.get('senders', []))} senders, {st.get('train_rows', '?')} most recent training rows of "
+        f"{st.get('seq_len', '?')} tokens each, {st.get('test_messages', '?')} held-out messages; batch "
+        f"{st.get('batch', '?')}, AdamW lr {st.get('train_config', {}).get('lr', '?')} for every method. Target: the PEFT "
+        f"baseline's held-out loss at {_f(budget, '.0f')} s of training (evaluation and loading off the clock); the "
+        f"split runs (LoRA on layers >= {st.get('split_layer', '?')}, prefix outputs cached) stop when they reach it. "
+        f"Next-word top-3 served by llama.cpp with each run's adapter, at most {st.get('next_word_max_words', '?')} "
+        f"words per sender.\n"
+    )
+    rows, curves = [], {}
+    for m, s in summ.items():
+        ttl, per = s.get("time_to_mean_target_s"), s.get("time_to_target_per_sender_s", {})
+        rows.append(
+            [
+                m,
+                f"{_f(ttl)} ({_f(s.get('time_to_mean_target_vs_budget'), '.2f')}x)"
+                if ttl is not None
+                else "not reached",
+                ", ".join(_f(t) for t in per.values()),
+                f"{s.get('senders_reached', '?')}/{len(per)}",
+                _f(s.get("final_loss"), ".3f"),
+                _f(100 * s["next_word_top3"]) if s.get("next_word_top3") is not None else "-",
+                _f(s.get("seconds_per_step"), ".2f"),
+                _f(s.get("prefix_ms_per_row"), ".0f"),
+                _f(s.get("peak_rss_mib"), ".0f"),
+            ]
+        )
+        c = s.get("mean_curve", [])
+        if len(c) > 1:
+            curves[m] = ([p["seconds"] for p in c], [p["loss"] for p in c])
+    out += _table(
+        [
+            "method",
+            "s to target, mean curve (vs budget)",
+            "per sender s",
+            "reached",
+            "final loss",
+            "next-word top-3 %",
+            "s/step",
+            "prefix ms/row",
+            "peak RSS MiB",
+        ],
+        rows,
+    )
+    if obj.get("base_model_next_word_top3") is not None:
+        out.append(
+            f"\nThe base model without an adapter: next-word top-3 {_f(100 * obj['base_model_next_word_top3'])}%."
+        )
+    tol = st.get("next_word_tolerance_points")
+    for key, t in obj.get("targets_met", {}).items():
+        out.append(
+            f"\nTarget, {key.replace('_', ' ')}: baseline's loss within 1/2 the budget (mean over senders): "
+            f"{_met(t.get('mean_le_half_budget'))} (1/3: {_met(t.get('mean_le_third_budget'))}; every sender 1/2: "
+            f"{_met(t.get('every_sender_le_half_budget'))}); next-word top-3 no worse than the baseline's "
+            f"(-{_f(tol)} points allowed): {_met(t.get('next_word_top3_no_worse'))}; together: {_met(t.get('met'))}."
+        )
+    base = summ.get("peft eager (baseline)", {})
+    if curves and base.get("mean_target_loss") is not None and budget:
+        curves["baseline's loss at the budget"] = ([0.0, budget], [base["mean_target_loss"]] * 2)
+    if curves and _plot_lines(
+        curves, "mean held-out loss over training time", "seconds of training", "loss", plots / "time_to_quality.png"
+    ):
+        out.append("\n![time to quality](time_to_quality.png)")
+    out.append("")
+
+
 def section_memory(found: dict[str, dict[str, Any]], out: list[str]) -> None:
     rows = []
     for key, what in (("train_speed", "update"), ("suggest_latency", "serving")):
@@ -486,6 +562,7 @@ SECTIONS = {
     "export_bench": section_export,
     "personalize": section_quality,
     "forward_only": section_forward_only,
+    "time_to_quality": section_time_to_quality,
 }
 
 

@@ -11,6 +11,7 @@ gguf=GgufOptions(linear="f32"))``; the manifest records them under ``options``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -21,11 +22,11 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from pocketpeft import __version__
-from pocketpeft.config import LoraConfig, QuantFormat, as_lora_config
+from pocketpeft.config import LoraConfig, QuantFormat, as_lora_config, parse_layers
 from pocketpeft.errors import ConfigError, MissingDependencyError
 from pocketpeft.formats.gguf import GgufOptions
 from pocketpeft.formats.onnx import OnnxOptions
-from pocketpeft.manifest import GENERAL_TEXT, MANIFEST_NAME, Bundle, Manifest
+from pocketpeft.manifest import GENERAL_TEXT, MANIFEST_NAME, Bundle, Manifest, Split
 from pocketpeft.registry import load_module, target_entry
 
 __all__ = ["GgufOptions", "OnnxOptions", "export", "parse_targets"]
@@ -62,6 +63,8 @@ def export(
     onnx: OnnxOptions | None = None,
     gguf: GgufOptions | None = None,
     general_text: Sequence[str] | None = None,
+    split: bool | None = None,
+    layers: "str | Sequence[int] | None" = None,
 ) -> Bundle:
     """Export ``base`` (``"smollm2"``, an HF model folder or a .gguf) to a bundle at ``out``.
 
@@ -70,6 +73,17 @@ def export(
     shipped as ``general.txt`` for the Personalizer's general-text check; ``None`` takes a fixed
     sample of the chitchat corpus when it is installed (nothing otherwise), an empty sequence
     ships none.
+
+    ``layers``: the decoder layers that get LoRA, as :func:`pocketpeft.config.parse_layers` reads
+    them (``"all"``, ``"top8"``, ``"22-29"``, ``"0,5,7"`` or a list of ints), resolved against the
+    loaded base; when given it overrides ``lora.layers_to_transform``. Layers the base doesn't have
+    raise :class:`ConfigError` before anything is written.
+
+    ``split``: when LoRA leaves the lower layers frozen (``lora.layers_to_transform`` starts
+    above layer 0), each target that can writes the model in two parts: the frozen prefix as an
+    inference graph and the LoRA layers as the training graph (the manifest's ``split``).
+    ``None`` (default) splits whenever the layers allow it; ``False`` never does; ``True`` raises
+    :class:`ConfigError` when the layers don't allow it.
 
     Returns the opened :class:`Bundle`. Raises :class:`ConfigError` for bad options (unknown
     quant/target, sequence length beyond the context, options of the wrong type),
@@ -99,10 +113,15 @@ def export(
         raise ConfigError(
             f"seq_len {seq_len} exceeds the base model's context of {loaded.config.max_position_embeddings}"
         )
+    if layers is not None:
+        chosen = parse_layers(layers, loaded.config.num_hidden_layers)
+        lcfg = dataclasses.replace(lcfg, layers_to_transform=chosen)
+    lcfg.check_layers(loaded.config.num_hidden_layers)
     with torch.no_grad():
         model = build_from_float(loaded.config, loaded.state_dict, qfmt, progress=progress)
     del loaded.state_dict
     inject_lora(model, lcfg, seed=seed)
+    split_layer = _split_layer(split, lcfg)
     timings: dict[str, float] = {"load_quantize": time.perf_counter() - t0}
     out = Path(out)
     with atomic_dir(out) as stage:
@@ -122,6 +141,7 @@ def export(
             progress=progress,
             onnx=onnx_opts,
             gguf=gguf_opts,
+            split_layer=split_layer,
         )
         target_info: dict[str, dict[str, Any]] = {}
         for name in names:
@@ -155,9 +175,29 @@ def export(
             versions={"pocketpeft": __version__, **_toolchain_versions(target_info)},
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             options={t: o.to_dict() for t, o in (("onnx", onnx_opts), ("gguf", gguf_opts)) if t in target_info},
+            split=None
+            if split_layer is None
+            else Split(split_layer, loaded.config.hidden_size, tuple(t for t in names if t in SPLIT_TARGETS)),
         )
         (stage / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     return Bundle(out)
+
+
+#: targets whose files are split when the manifest is (the torch reference splits at run time)
+SPLIT_TARGETS = ("onnx",)
+
+
+def _split_layer(split: "bool | None", lcfg: LoraConfig) -> int | None:
+    """The layer to split at, from ``export(..., split=)`` and the LoRA layers."""
+    if split not in (None, True, False):
+        raise ConfigError(f"export(..., split=...) must be True, False or None, got {split!r}")
+    first = min(lcfg.layers_to_transform) if lcfg.layers_to_transform else 0
+    if split is True and first == 0:
+        raise ConfigError(
+            "export(..., split=True) needs LoRA on the upper layers only: set "
+            "LoraConfig.layers_to_transform (or --layers) to layers above 0"
+        )
+    return first if first > 0 and split is not False else None
 
 
 def _option(value: Any, kind: type, name: str) -> Any:

@@ -24,6 +24,14 @@ lists every name and shape:
   a loss costs one run and no logits copy.
 - ``io.json``: names, shapes, conventions, and the session config the training graph wants.
 
+A split bundle (``ctx.split_layer`` = k, see :class:`pocketpeft.manifest.Split`) adds
+``prefix.onnx``: the embedding and layers < k, ``input_ids`` -> ``hidden`` (float32
+``[batch, seq, hidden_size]``, dynamic), inference only; the training model, eval model and
+checkpoint then hold the suffix (layers >= k, final norm, head, loss) and take ``hidden`` instead
+of ``input_ids``; ``io.json``'s ``split`` entry says so, with the session config the prefix wants
+(no constant folding: its weights stay quantized instead of being folded to float32 at load).
+``infer.onnx`` stays the whole model (forward-only updates and the onnxruntime-infer backend).
+
 Two export options trade speed for device memory (:class:`pocketpeft.formats.onnx.OnnxOptions`,
 ``export(..., onnx=OnnxOptions(rows=N, q4="int8"))``; io.json and the manifest record them):
 ``rows=N``, the training graph's static rows (default the bundle's batch size;
@@ -145,27 +153,38 @@ def _options(ctx: ExportContext) -> tuple[int, str]:
     return opts.rows_for(ctx.batch_size), opts.q4.value
 
 
-def _export_forward(ctx: ExportContext, train: bool):
-    """``logits = model(input_ids)`` as an ONNX ModelProto with dynamic batch and sequence."""
-    model = ctx.model
-    ids = torch.zeros((max(2, ctx.batch_size), max(2, ctx.seq_len)), dtype=torch.int64)  # 0/1 would specialize
+def _export_forward(ctx: ExportContext, train: bool, part: str = "model"):
+    """``part`` of the model as an ONNX ModelProto with dynamic batch and sequence: ``"model"``
+    (``input_ids`` -> ``logits``), ``"prefix"`` (``input_ids`` -> ``hidden``, the layers below
+    ``ctx.split_layer``) or ``"suffix"`` (``hidden`` -> ``logits``, the layers from it on)."""
+    from pocketpeft.reference.model import SplitPart
+
+    model, n = ctx.model, ctx.arch.num_hidden_layers
+    module, names = model, ([fmt.INPUT_IDS], [fmt.LOGITS])
+    b, t = max(2, ctx.batch_size), max(2, ctx.seq_len)  # 0/1 would specialize
+    example = torch.zeros((b, t), dtype=torch.int64)
+    if part == "prefix":
+        module, names = SplitPart(model, 0, ctx.split_layer), ([fmt.INPUT_IDS], [fmt.HIDDEN])
+    elif part == "suffix":
+        module, names = SplitPart(model, ctx.split_layer, n), ([fmt.HIDDEN], [fmt.LOGITS])
+        example = torch.zeros((b, t, ctx.arch.hidden_size), dtype=torch.float32)
     dims = {
         0: torch.export.Dim("batch", min=1, max=65536),
         1: torch.export.Dim("seq", min=1, max=ctx.arch.max_position_embeddings),
     }
     was_training = model.training
-    model.train(train)  # train mode only to keep LoRA dropout in the training graph
+    module.train(train)  # train mode only to keep LoRA dropout in the training graph
     try:
         with _export_dequant(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
             prog = torch.onnx.export(
-                model,
-                (ids,),
+                module,
+                (example,),
                 dynamo=True,
                 optimize=False,
-                input_names=["input_ids"],
-                output_names=["logits"],
-                dynamic_shapes={"input_ids": dims},
+                input_names=names[0],
+                output_names=names[1],
+                dynamic_shapes=(dims,),
                 verbose=False,
             )
     finally:
@@ -243,9 +262,14 @@ def _sum_ce_block(vocab: int):
 
     class SumCrossEntropy(onnxblock.Block):
         def build(self, logits: str) -> str:
+            from onnx import TensorProto
+
             g = self.base.graph
-            labels = copy.deepcopy(next(i for i in g.input if i.name == "input_ids"))
-            labels.name = "labels"
+            first = next(i for i in g.input if i.name in (fmt.INPUT_IDS, fmt.HIDDEN))
+            labels = copy.deepcopy(first)  # [batch, seq] of the model's input, int64
+            labels.name = fmt.LABELS
+            labels.type.tensor_type.elem_type = TensorProto.INT64
+            del labels.type.tensor_type.shape.dim[2:]
             g.input.append(labels)
             g.initializer.extend(
                 [
@@ -446,7 +470,7 @@ def _write_training(fwd, ctx: ExportContext, lora: dict[str, str], out, rows: in
             # Static shapes let ORT plan all activation memory ahead: SmolLM2 at 8x64 peaks 0.6 GB
             # lower than with dynamic dims (same speed). The runtime pads short batches.
             for v in mp.graph.input:
-                if v.name in (fmt.INPUT_IDS, fmt.LABELS):
+                if v.name in (fmt.INPUT_IDS, fmt.HIDDEN, fmt.LABELS):
                     for dim, size in zip(v.type.tensor_type.shape.dim, (rows, ctx.seq_len)):
                         dim.Clear()
                         dim.dim_value = size
@@ -462,17 +486,36 @@ def _io_description(ctx: ExportContext, lora_shapes: dict[str, list[int]], rows:
     ids = {fmt.INPUT_IDS: ["batch", "seq"]}
     logits = {fmt.LOGITS: ["batch", "seq", ctx.arch.vocab_size]}
     static = [rows, ctx.seq_len]
+    split = ctx.split_layer is not None
+    train_in = {fmt.HIDDEN: [*static, ctx.arch.hidden_size]} if split else {fmt.INPUT_IDS: static}
+    eval_in = {fmt.HIDDEN: ["batch", "seq", ctx.arch.hidden_size]} if split else ids
+    extra = {}
+    if split:
+        extra[fmt.IO_SPLIT] = {
+            "layer": ctx.split_layer,
+            "prefix": fmt.PREFIX,
+            fmt.IO_INPUTS: {**ids},
+            fmt.IO_OUTPUTS: {fmt.HIDDEN: ["batch", "seq", ctx.arch.hidden_size]},
+            "note": "the training and eval models hold the suffix (layers >= layer) and take hidden",
+            # the prefix runs once per row (its outputs are cached): keep its weights quantized
+            # rather than letting ORT fold every dequantization into a float32 copy at load
+            fmt.IO_PREFIX_SESSION_CONFIG: {"optimization.disable_specified_optimizers": "ConstantFolding"},
+        }
     return {
+        **extra,
         fmt.IO_FORMAT_VERSION: 1,
         "dims": {"batch": "dynamic", "seq": f"dynamic, 1..{ctx.arch.max_position_embeddings}"},
         fmt.IO_TRAINING_MODEL: {
-            fmt.IO_INPUTS: {fmt.INPUT_IDS: static, fmt.LABELS: static},
+            fmt.IO_INPUTS: {**train_in, fmt.LABELS: static},
             fmt.IO_OUTPUTS: {LOSS: []},
             "note": "static shapes: pad short batches/rows with label -100; a batch of more "
             "rows runs as micro-batches whose gradients accumulate",
         },
         fmt.IO_Q4_STORAGE: q4 if ctx.quant.value == "q4_0" else None,
-        fmt.IO_EVAL_MODEL: {fmt.IO_INPUTS: {**ids, fmt.LABELS: ["batch", "seq"]}, fmt.IO_OUTPUTS: {LOSS: [], **logits}},
+        fmt.IO_EVAL_MODEL: {
+            fmt.IO_INPUTS: {**eval_in, fmt.LABELS: ["batch", "seq"]},
+            fmt.IO_OUTPUTS: {LOSS: [], **logits},
+        },
         fmt.IO_INFER: {
             fmt.IO_INPUTS: {**ids, **lora_shapes},
             fmt.IO_OUTPUTS: {**logits, LOSS: []},
@@ -534,7 +577,14 @@ class OnnxTarget:
         if bar is not None:
             bar.update()
             bar.set_description("onnx: training artifacts")
-        if ctx.lora.lora_dropout > 0:  # the training graph keeps LoRA dropout; infer.onnx must not
+        if ctx.split_layer is not None:  # the frozen prefix for inference; training sees the suffix
+            prefix = _export_forward(ctx, train=False, part="prefix")
+            _check_size(prefix, "the prefix graph")
+            _portable_ops(prefix)
+            _save(prefix, out / fmt.PREFIX)
+            fwd = _export_forward(ctx, train=ctx.lora.lora_dropout > 0, part="suffix")
+            _portable_ops(fwd)
+        elif ctx.lora.lora_dropout > 0:  # the training graph keeps LoRA dropout; infer.onnx must not
             fwd = _export_forward(ctx, train=True)
             _portable_ops(fwd)
         _write_training(fwd, ctx, lora, out, rows)

@@ -53,6 +53,9 @@ def open(
     backend can, else forward-only on inference-only backends that support it), ``backprop``,
     or ``forward-only`` (SPSA from forward passes, options in ``forward_only``; see
     :mod:`.forward_only`): the backend is then wrapped in a :class:`ForwardOnlyTrainer`.
+    ``auto`` prefers the device runtimes (see :mod:`.selection`) among the backends whose target
+    the bundle has; an inference-only backend named explicitly opens (``need_train`` binds
+    ``auto`` only) and ``Session.train`` on it raises :class:`BackendUnavailableError`.
 
     Raises :class:`BackendNotFoundError` / :class:`BackendUnavailableError` for a backend that
     doesn't exist or can't run here, :class:`ModelFileNotFoundError` for a bundle exported
@@ -60,8 +63,10 @@ def open(
     """
     from .selection import create, resolve_update
 
-    name, device, mode = resolve_update(backend, need_train=need_train, update=update)
-    b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+    # auto skips backends reading a target the bundle lacks; an explicit name is checked below
+    b = bundle if isinstance(bundle, Bundle) else Bundle(bundle) if backend == "auto" else None
+    name, device, mode = resolve_update(backend, need_train=need_train, update=update, bundle=b)
+    b = Bundle(bundle) if b is None else b
     _check_target(b, name)
     be = create(name, device)
     be.load(b)

@@ -171,3 +171,25 @@ class SupportsLossSum(Protocol):
 
     def loss_sum(self, input_ids: np.ndarray, labels: np.ndarray) -> float:
         """Summed token cross-entropy over [B, T] inputs and aligned labels (-100 ignored)."""
+
+
+@runtime_checkable
+class SupportsSplit(Protocol):
+    """A backend that runs a split bundle (``manifest.split``) in two parts: the frozen *prefix*
+    (embedding + layers below the split) as inference, and the *suffix* (the layers with LoRA, the
+    head, the loss) as the only training graph. ``split_layer`` is ``None`` when the loaded bundle
+    isn't split (the other methods then raise). The session caches prefix outputs so training,
+    replay and the gate's evaluations run the suffix alone; ``train_step`` / ``eval_batch`` on
+    token ids still work (prefix, then suffix)."""
+
+    @property
+    def split_layer(self) -> "int | None": ...
+
+    def prefix(self, input_ids: np.ndarray) -> np.ndarray:
+        """float32 [B, T, hidden] residual stream entering layer ``split_layer`` (positions from 0)."""
+
+    def train_step_hidden(self, hidden: np.ndarray, labels: np.ndarray) -> StepResult:
+        """``train_step`` from prefix outputs [B, T, hidden] (any float dtype) and aligned labels."""
+
+    def eval_hidden(self, hidden: np.ndarray, labels: np.ndarray) -> EvalSums:
+        """``eval_batch`` from prefix outputs."""

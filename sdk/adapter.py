@@ -63,7 +63,7 @@ def peft_config_dict(cfg: LoraConfig, base_name: str | None = None) -> dict:
         "use_rslora": cfg.use_rslora,
         "modules_to_save": None,
         "init_lora_weights": cfg.init_lora_weights,
-        "layers_to_transform": None,
+        "layers_to_transform": None if cfg.layers_to_transform is None else list(cfg.layers_to_transform),
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from .errors import ConfigError
 
@@ -59,6 +61,10 @@ class LoraConfig:
         metadata={"help": "True: kaiming-uniform A, zero B (peft's default); 'gaussian'; False: random B too (tests)"},
     )
     use_rslora: bool = field(default=False, metadata={"help": "scaling = alpha / sqrt(r)"})
+    layers_to_transform: list[int] | None = field(
+        default=None,
+        metadata={"help": "indices of the decoder layers that get LoRA (peft's meaning); None: every layer"},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -83,6 +89,21 @@ class LoraConfig:
             raise ConfigError(
                 f"LoraConfig.init_lora_weights={self.init_lora_weights!r}; expected True, False or 'gaussian'"
             )
+        self.layers_to_transform = _layer_list(self.layers_to_transform)
+
+    def check_layers(self, num_layers: int) -> None:
+        """Raise :class:`ConfigError` naming ``layers_to_transform``, the bad indices and the valid
+        range unless every chosen layer exists in a model of ``num_layers`` decoder layers."""
+        bad = [i for i in self.layers_to_transform or () if i >= num_layers]
+        if bad:
+            raise ConfigError(
+                f"LoraConfig.layers_to_transform has layer(s) {bad} out of range; "
+                f"this model's layers are 0..{num_layers - 1}"
+            )
+
+    def split_layer(self) -> int:
+        """The first layer with LoRA (0 when every layer has it): everything below it is frozen."""
+        return min(self.layers_to_transform) if self.layers_to_transform else 0
 
     @property
     def scaling(self) -> float:
@@ -100,6 +121,7 @@ class LoraConfig:
         tm = kw.get("target_modules")
         if isinstance(tm, (set, tuple)):
             kw["target_modules"] = sorted(tm)
+        _check_layers_pattern(d.get("layers_pattern"), "adapter config")
         return cls(**kw)
 
     @classmethod
@@ -110,7 +132,6 @@ class LoraConfig:
             ("fan_in_fan_out", False),
             ("use_dora", False),
             ("modules_to_save", None),
-            ("layers_to_transform", None),
             ("rank_pattern", {}),
             ("alpha_pattern", {}),
         ):
@@ -119,6 +140,7 @@ class LoraConfig:
                 unsupported.append(f"{attr}={val!r}")
         if unsupported:
             raise ConfigError("peft.LoraConfig uses options pocketpeft does not support: " + ", ".join(unsupported))
+        _check_layers_pattern(getattr(cfg, "layers_pattern", None), "peft.LoraConfig")
         tm = cfg.target_modules
         if isinstance(tm, str):
             raise ConfigError(f"peft.LoraConfig.target_modules={tm!r} is a regex; give a list of module names")
@@ -130,6 +152,7 @@ class LoraConfig:
             bias=cfg.bias,
             init_lora_weights=cfg.init_lora_weights,
             use_rslora=cfg.use_rslora,
+            layers_to_transform=getattr(cfg, "layers_to_transform", None),
         )
 
     def to_peft(self) -> Any:
@@ -145,8 +168,71 @@ class LoraConfig:
             bias=self.bias,
             init_lora_weights=self.init_lora_weights,
             use_rslora=self.use_rslora,
+            layers_to_transform=None if self.layers_to_transform is None else list(self.layers_to_transform),
             task_type="CAUSAL_LM",
         )
+
+
+def personal_lora(num_layers: int, top: int = 8) -> LoraConfig:
+    """The personalization preset for a model of ``num_layers`` decoder layers: r=16, alpha=32 on
+    all seven linears (:data:`LINEAR_MODULES`) of the top ``top`` layers only (all layers when the
+    model has fewer); the layers below stay frozen, so a training step runs no backward through them.
+
+    Measured with peft (eager) on SmolLM2-135M: top 8 layers / all linears / r=16 reached the same
+    held-out loss as q/k/v/o r=8 on all 30 layers, at 1.43 s instead of 2.2 s a step.
+    Raises :class:`ConfigError` for a non-positive ``num_layers`` or ``top``.
+    """
+    if not isinstance(top, int) or isinstance(top, bool) or top <= 0:
+        raise ConfigError(f"personal_lora(top=...) must be a positive number of layers, got {top!r}")
+    layers = parse_layers(f"top{top}", num_layers)
+    return LoraConfig(r=16, lora_alpha=32, target_modules=list(LINEAR_MODULES), layers_to_transform=layers)
+
+
+_LAYER_ITEM = re.compile(r"(\d+)(?:\s*-\s*(\d+))?")
+_TOP = re.compile(r"top\s*:?\s*(\d+)")
+
+
+def parse_layers(spec: "str | int | Iterable[int] | None", num_layers: int) -> list[int] | None:
+    """Resolve a user's layer choice against a model of ``num_layers`` decoder layers.
+
+    ``None`` or ``"all"``: ``None`` (every layer); ``"top8"`` / ``"top:8"``: the top 8 layers
+    (all of them when the model has fewer); ``"22-29"``: a range, both ends included; ``"3,5,7"``:
+    a list; mixtures such as ``"0-2,29"``; an int or a sequence of ints is taken as is. Returns the
+    sorted, deduplicated indices. Raises :class:`ConfigError` quoting ``spec`` for anything else
+    or for a layer outside ``0..num_layers-1``.
+    """
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers <= 0:
+        raise ConfigError(f"num_layers must be a positive integer, got {num_layers!r}")
+    if spec is None:
+        return None
+    if not isinstance(spec, str):
+        cfg = LoraConfig(layers_to_transform=spec)
+        cfg.check_layers(num_layers)
+        return cfg.layers_to_transform
+    text = spec.strip().lower()
+    if text == "all":
+        return None
+    hint = (
+        f"layers spec {spec!r} is not a valid LoraConfig.layers_to_transform for a model of {num_layers} layers "
+        f"(0..{num_layers - 1}): expected 'all', 'topN', a range '22-29', a list '0,5,7' or a mixture '0-2,29'"
+    )
+    top = _TOP.fullmatch(text)
+    if top:
+        n = int(top.group(1))
+        if n <= 0:
+            raise ConfigError(hint)
+        return list(range(max(0, num_layers - n), num_layers))
+    layers: set[int] = set()
+    for item in text.split(","):
+        m = _LAYER_ITEM.fullmatch(item.strip())
+        if not m:
+            raise ConfigError(hint)
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if lo > hi or hi >= num_layers:
+            raise ConfigError(hint)
+        layers.update(range(lo, hi + 1))
+    return sorted(layers)
 
 
 def as_lora_config(cfg: "LoraConfig | Mapping[str, Any] | Any | None") -> LoraConfig:
@@ -230,6 +316,36 @@ class ModelConfig:
         d.pop("model_type")
         d.update(attention_bias=False, mlp_bias=False, hidden_act="silu")
         return d
+
+
+def _layer_list(value: Any) -> list[int] | None:
+    """``LoraConfig.layers_to_transform`` normalized: ``None``, or a sorted, deduplicated list of
+    non-negative ints (an int alone is a list of one)."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = [value]
+    elif isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ConfigError(
+            f"LoraConfig.layers_to_transform must be None, a layer index or a list of them, got {value!r}"
+        )
+    items = list(value)
+    if not items:
+        raise ConfigError("LoraConfig.layers_to_transform is empty; give None for every layer")
+    bad = [v for v in items if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 0]
+    if bad:
+        raise ConfigError(f"LoraConfig.layers_to_transform must hold non-negative integers, got {bad}")
+    return sorted({int(v) for v in items})
+
+
+def _check_layers_pattern(pattern: Any, where: str) -> None:
+    """Only Llama's own layer naming (``model.layers.N``) is supported: ``layers_pattern`` must be
+    unset or ``"layers"``."""
+    if pattern in (None, "", [], "layers", ["layers"]):
+        return
+    raise ConfigError(
+        f"{where} has layers_pattern={pattern!r}; pocketpeft only supports Llama's 'layers' naming (leave it None)"
+    )
 
 
 def _known_fields(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:

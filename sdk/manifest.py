@@ -15,14 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from .config import LoraConfig, ModelConfig, QuantFormat
-from .errors import CorruptFileError, ModelFileNotFoundError, UnsupportedModelError
+from .errors import CorruptFileError, ModelFileNotFoundError, PocketPeftError, UnsupportedModelError
 from .fsutil import sha256_file
 
 MANIFEST_NAME = "manifest.json"
 #: other people's messages for the Personalizer's general-text check (optional)
 GENERAL_TEXT = "general.txt"
 FORMAT = "pocketpeft-bundle"
-FORMAT_VERSION = 1
+#: the version this pocketpeft writes for a split bundle; unsplit bundles stay at version 1, so
+#: readers from before the split keep opening them (and refuse split ones by their version)
+FORMAT_VERSION = 2
+#: versions this pocketpeft reads
+READABLE_VERSIONS = (1, 2)
+#: features a manifest may list under ``requires``; a reader refuses any it doesn't know
+FEATURES = ("split",)
 
 
 @dataclass
@@ -44,6 +50,24 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     #: per-target export options as written (e.g. ``{"onnx": {"rows": 2, "q4": "int8"}}``)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the split model (:class:`Split`) when LoRA covers only the upper layers, else ``None``
+    split: "Split | None" = None
+
+    def __post_init__(self) -> None:
+        if self.split is not None:
+            self.format_version = FORMAT_VERSION
+            if self.split.layer >= self.arch.num_hidden_layers:
+                raise UnsupportedModelError(
+                    f"manifest field 'split.layer' is {self.split.layer}; the model has layers "
+                    f"0..{self.arch.num_hidden_layers - 1}"
+                )
+        elif self.format_version == FORMAT_VERSION:
+            self.format_version = 1  # nothing here needs a newer reader
+
+    @property
+    def requires(self) -> list[str]:
+        """Features a reader must understand to use this bundle (``["split"]`` or ``[]``)."""
+        return ["split"] if self.split is not None else []
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +85,7 @@ class Manifest:
             "targets": self.targets,
             "files": self.files,
             "options": self.options,
+            **({"requires": self.requires, "split": self.split.to_dict()} if self.split is not None else {}),
         }
 
     @classmethod
@@ -69,10 +94,16 @@ class Manifest:
             raise CorruptFileError(
                 f"{where} is not a pocketpeft bundle manifest (format={d.get('format') if isinstance(d, dict) else None!r})"
             )
-        if d.get("format_version") != FORMAT_VERSION:
+        if d.get("format_version") not in READABLE_VERSIONS:
             raise UnsupportedModelError(
                 f"{where} has bundle format version {d.get('format_version')!r}; "
-                f"this pocketpeft reads version {FORMAT_VERSION}"
+                f"this pocketpeft reads versions {', '.join(map(str, READABLE_VERSIONS))}"
+            )
+        unknown = [f for f in d.get("requires") or [] if f not in FEATURES]
+        if unknown:
+            raise UnsupportedModelError(
+                f"{where}: field 'requires' lists {unknown}, features this pocketpeft does not know "
+                f"(it knows: {', '.join(FEATURES)}); upgrade pocketpeft to open this bundle"
             )
         try:
             return cls(
@@ -90,9 +121,43 @@ class Manifest:
                 created=d.get("created", ""),
                 format_version=d["format_version"],
                 options=dict(d.get("options", {})),
+                split=Split.from_dict(d["split"], where) if d.get("split") is not None else None,
             )
+        except PocketPeftError:
+            raise
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptFileError(f"{where} is missing or has a malformed field: {e}") from e
+
+
+@dataclass(frozen=True)
+class Split:
+    """A model split at decoder layer ``layer``: the *prefix* (embedding + layers ``< layer``, no
+    LoRA) is frozen inference whose output, the residual stream entering ``layer`` (float32
+    ``[batch, seq, hidden_size]``, positions from 0), can be computed once per row and cached; the
+    *suffix* (layers ``>= layer``, final norm, output projection, loss) is the only training graph.
+    ``targets``: the targets whose files are split (``onnx``: ``prefix.onnx`` + suffix training
+    artifacts); the torch reference splits at run time from its whole-model weights."""
+
+    layer: int
+    hidden_size: int
+    targets: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "hidden_size": self.hidden_size, "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = MANIFEST_NAME) -> "Split":
+        if not isinstance(d, dict):
+            raise CorruptFileError(f"{where}: field 'split' must be an object, got {type(d).__name__}")
+        try:
+            layer, hidden = d["layer"], d["hidden_size"]
+            targets = tuple(str(t) for t in d.get("targets", ()))
+        except (KeyError, TypeError) as e:
+            raise CorruptFileError(f"{where}: field 'split' is missing {e}") from e
+        for name, v in (("layer", layer), ("hidden_size", hidden)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise CorruptFileError(f"{where}: field 'split.{name}' must be a positive integer, got {v!r}")
+        return cls(layer, hidden, targets)
 
 
 class Bundle:

@@ -332,3 +332,157 @@ def test_gpu_train_smoke_runs_and_the_report_renders_it(tmp_path):
     (out / "gpu_train_smoke_cpu.json").write_text(json.dumps(res))
     text = write_report(out, tmp_path / "report").read_text()
     assert "## GPU training on cpu" in text and "| pocketpeft eager | 2 |" in text
+
+
+def _ttq_curve(points):
+    return [{"seconds": t, "loss": loss, "top3": 0.4, "steps": i} for i, (t, loss) in enumerate(points)]
+
+
+def _ttq_run(points, step_s, nw, **extra):
+    curve = _ttq_curve(points)
+    return {
+        "curve": curve,
+        "seconds": curve[-1]["seconds"],
+        "steps": 10,
+        "seconds_per_step": step_s,
+        "peak_rss_mib": 900.0,
+        "next_word": {"next_word_top3": nw, "words": 150},
+        **extra,
+    }
+
+
+def _ttq_results():
+    """Two senders: the baseline ends at 60 s; the split runs stop once they reach its loss."""
+    from benchmarks.time_to_quality import BASELINE, COLD, TORCH, WARM, loss_at, time_to_loss
+
+    results = {}
+    for sender, shift in (("aaaaaaaa-1", 0.0), ("bbbbbbbb-2", 0.2)):
+        base = _ttq_run([(0, 4.0 + shift), (30, 3.5 + shift), (60, 3.0 + shift)], 2.0, 0.40)
+        per = {
+            "target_loss": loss_at(base["curve"], 60.0),
+            BASELINE: base,
+            TORCH: _ttq_run([(0, 4.0 + shift), (30, 3.4 + shift), (60, 2.9 + shift)], 1.5, 0.41),
+            COLD: _ttq_run(
+                [(0, 4.0 + shift), (10, 3.5 + shift), (25, 3.0 + shift)],
+                0.8,
+                0.395,
+                prefix_seconds=4.0,
+                prefix_rows_computed=80,
+            ),
+            WARM: _ttq_run([(0, 4.0 + shift), (10, 3.2 + shift), (15, 3.0 + shift)], 0.5, 0.38),
+        }
+        for m in (BASELINE, TORCH, COLD, WARM):
+            per[m]["time_to_target_s"] = time_to_loss(per[m]["curve"], per["target_loss"])
+        results[sender] = per
+    return results
+
+
+def test_time_to_quality_interpolates_and_judges_the_targets():
+    from benchmarks.time_to_quality import COLD, WARM, loss_at, mean_curve, summarize_runs, time_to_loss
+
+    c = _ttq_curve([(0, 4.0), (10, 3.0), (20, 2.0)])
+    assert loss_at(c, 5) == pytest.approx(3.5) and loss_at(c, 99) == 2.0 and loss_at(c, -1) == 4.0
+    assert time_to_loss(c, 2.5) == pytest.approx(15.0) and time_to_loss(c, 4.5) == 0 and time_to_loss(c, 1.0) is None
+    # a curve that stopped early counts with its last checkpoint on the mean's later times
+    m = mean_curve([c, _ttq_curve([(0, 4.0), (10, 2.0)])])
+    assert [p["seconds"] for p in m] == [0, 10, 20] and m[-1]["loss"] == pytest.approx(2.0)
+
+    summary, met = summarize_runs(_ttq_results(), 60.0)
+    # both senders reach the baseline's loss at 25 s (cold: > 20, <= 30) and 15 s (warm)
+    assert summary[COLD]["time_to_mean_target_s"] == pytest.approx(25.0)
+    assert summary[WARM]["time_to_mean_target_s"] == pytest.approx(15.0)
+    assert summary[COLD]["prefix_ms_per_row"] == pytest.approx(50.0)
+    assert met["split_cold"] == {
+        "mean_le_half_budget": True,
+        "mean_le_third_budget": False,
+        "every_sender_le_half_budget": True,
+        "every_sender_le_third_budget": False,
+        "next_word_top3_no_worse": True,  # 0.5 points below the baseline: within the 1-point tolerance
+        "met": True,
+    }
+    assert met["split_warm"]["mean_le_third_budget"] and met["split_warm"]["next_word_top3_no_worse"] is False
+    assert met["split_warm"]["met"] is False
+
+
+def test_report_renders_time_to_quality(tmp_path):
+    import matplotlib.image
+
+    from benchmarks.report import write_report
+    from benchmarks.time_to_quality import summarize_runs
+
+    out = tmp_path / "results"
+    results = _ttq_results()
+    summary, met = summarize_runs(results, 60.0)
+    payload = {
+        "settings": {"budget_seconds": 60.0, "senders": ["aaaaaaaa", "bbbbbbbb"], "next_word_tolerance_points": 1.0},
+        "results": results,
+        "summary": summary,
+        "targets_met": met,
+    }
+    _write(out, "time_to_quality_quick", payload, "2026-02-01T00:00:00+00:00")
+    text = write_report(out).read_text()
+    section = text.split("## Time to quality")[1].split("\n## ")[0]
+    assert "| split onnxruntime, cache warm | 15.0 (0.25x) | 15.0, 15.0 | 2/2 |" in section
+    assert "Target, split cold: baseline's loss within 1/2 the budget (mean over senders): **met**" in section
+    assert "next-word top-3 no worse than the baseline's (-1.0 points allowed): not met; together: not met" in section
+    img = matplotlib.image.imread(out / "report" / "time_to_quality.png")
+    assert img.ndim == 3 and img.shape[0] > 100
+
+
+def test_time_to_quality_smoke_on_the_tiny_model(tiny_hf_dir, tmp_path):
+    """benchmarks.time_to_quality end to end on the tiny model (split at its top layer): every
+    method trains on the same rows in the same order, the split runs take prefix outputs as
+    they should (cold: computed in the clock; warm: from the filled cache) without torch, and
+    llama.cpp serves every adapter."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("onnxruntime")
+    from benchmarks.time_to_quality import BASELINE, COLD, METHODS, TORCH, WARM
+
+    out = tmp_path / "results"
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.time_to_quality",
+            "--quick",
+            "--base",
+            str(tiny_hf_dir),
+            "--top",
+            "1",
+            "--seconds",
+            "1",
+            "--checkpoint-seconds",
+            "0.5",
+            "--train-rows",
+            "16",
+            "--test-messages",
+            "4",
+            "--words",
+            "8",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((out / "time_to_quality_quick.json").read_text())
+    assert res["settings"]["split_layer"] == 1 and set(res["targets_met"]) == {"split_cold", "split_warm"}
+    (per,) = res["results"].values()
+    runs = {m: per[m] for m in METHODS}
+    for m, r in runs.items():
+        assert r["steps"] >= 1 and len(r["curve"]) >= 2 and r["peak_rss_mib"] > 0, m
+        assert r["next_word"]["serving_backend"] == "llamacpp" and r["next_word"]["words"] == 8, m
+    # the same first batch from the same initial adapter (B = 0): the same first loss everywhere
+    first = [r["losses"][0] for r in runs.values()]
+    assert max(first) - min(first) < 1e-3 * first[0], first
+    assert runs[BASELINE]["curve"][0]["loss"] == pytest.approx(runs[TORCH]["curve"][0]["loss"], rel=1e-4)
+    cold, warm = runs[COLD], runs[WARM]
+    assert not cold["torch_imported"] and not warm["torch_imported"]
+    assert cold["prefix_rows_computed"] > 0 and cold["prefix_rows_cached"] == 0
+    assert warm["prefix_rows_computed"] == 0 and warm["prefix_rows_cached"] > 0
+    assert warm["fill_rows_computed"] == per["data"]["train_rows"] - cold["prefix_rows_computed"]

@@ -47,6 +47,13 @@ from pocketpeft.manifest import Bundle
 from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
 from .host_adamw import HostAdamW, clip_coef
 
+#: ORT's CPU memory arena keeps every run's peak allocation (activations, dequantized weights)
+#: for the session's lifetime; without it each run gives its memory back. Measured on SmolLM2's
+#: split bundle: the prefix session holds 210 instead of 486 MiB, and the training session returns
+#: to its resting size after each step and evaluation (benchmarks/loop_memory.py), at no
+#: measurable cost in speed.
+ARENA = False
+
 
 @functools.lru_cache(maxsize=None)
 def _cuda_usable() -> bool:
@@ -146,6 +153,10 @@ class OrtBackend:
         self._shapes: dict[str, tuple[int, ...]] = {}  # PEFT key -> shape
         self._static = (0, 0)  # the training model's [rows, seq_len]
         self._opt = HostAdamW(self.cfg)  # the host optimizer: AdamW moments per PEFT key
+        self._split: dict | None = None  # io.json's split entry when the bundle is split
+        self._prefix_path = None
+        self._prefix_session = None  # loaded on first use; release_prefix() frees it
+        self.prefix_provider = ""  # the execution provider the prefix runs on, once loaded
 
     def capabilities(self) -> Capabilities:
         return probe().capabilities[self.device]
@@ -168,11 +179,13 @@ class OrtBackend:
         try:
             io = json.loads(paths[IO_JSON].read_text(encoding="utf-8"))
             config = dict(io.get(fmt.IO_SESSION_CONFIG, {}))
-            rows, seq = (int(x) for x in io[fmt.IO_TRAINING_MODEL][fmt.IO_INPUTS][fmt.INPUT_IDS])
+            inputs = io[fmt.IO_TRAINING_MODEL][fmt.IO_INPUTS]
+            rows, seq = (int(x) for x in (inputs[fmt.HIDDEN] if fmt.IO_SPLIT in io else inputs[fmt.INPUT_IDS])[:2])
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
             raise CorruptFileError(f"{paths[IO_JSON]} is not a valid io.json: {e}") from e
         so = ort.SessionOptions()
         so.log_severity_level = 3  # warnings only restate that dynamic shapes are planned at run time
+        so.enable_cpu_mem_arena = ARENA
         for key, value in config.items():  # what the exported graphs need, e.g. no CSE (see onnx_target)
             so.add_session_config_entry(str(key), str(value))
         try:
@@ -191,7 +204,71 @@ class OrtBackend:
                 f"({len(trainable)} vs {len(expected)} LoRA tensors)"
             )
         self._state, self._module, self._shapes, self._static = state, module, expected, (rows, seq)
+        self._split, self._prefix_session = io.get(fmt.IO_SPLIT), None
+        if self._split is not None:
+            if bundle.manifest.split is None or bundle.manifest.split.layer != self._split.get("layer"):
+                raise CorruptFileError(
+                    f"{paths[IO_JSON]}: its split {self._split!r} doesn't match the manifest's field 'split'"
+                )
+            self._prefix_path = bundle.path_of(f"{DIR}/{fmt.PREFIX}")
         self.set_adapter(bundle.initial_adapter().tensors)
+
+    # ------------------------------------------------------------------ split bundles
+    @property
+    def split_layer(self) -> int | None:
+        """The first trained layer of a split bundle (``None``: not split)."""
+        return None if self._split is None else int(self._split["layer"])
+
+    def _prefix_sess(self):
+        """The prefix's InferenceSession on the best execution provider present (an NPU-class EP
+        where ORT has one, else CPU; see :mod:`.ort_providers`), loaded on first use."""
+        if self._split is None:
+            raise RuntimeError("the loaded bundle is not split (io.json has no 'split')")
+        if self._prefix_session is None:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            so.enable_cpu_mem_arena = ARENA  # see ARENA
+            for key, value in dict(self._split.get(fmt.IO_PREFIX_SESSION_CONFIG, {})).items():
+                so.add_session_config_entry(str(key), str(value))
+            errors = []
+            for provider in _prefix_providers(self.device):
+                try:
+                    self._prefix_session = ort.InferenceSession(str(self._prefix_path), so, providers=[provider])
+                    self.prefix_provider = provider
+                    break
+                except Exception as e:  # noqa: BLE001 - an EP that fails to initialize: try the next
+                    errors.append(f"{provider}: {e}")
+            else:
+                raise CorruptFileError(f"ONNX Runtime cannot load {self._prefix_path}: {'; '.join(errors)}")
+        return self._prefix_session
+
+    def prefix(self, input_ids: np.ndarray) -> np.ndarray:
+        """The frozen prefix's output, float32 [B, T, hidden] (see ``SupportsSplit``)."""
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        return self._prefix_sess().run([fmt.HIDDEN], {fmt.INPUT_IDS: ids})[0]
+
+    def release_prefix(self) -> None:
+        """Free the prefix session (its weights); the next :meth:`prefix` loads it again."""
+        self._prefix_session = None
+
+    def train_step_hidden(self, hidden: np.ndarray, labels: np.ndarray) -> StepResult:
+        """:meth:`train_step` of the suffix from prefix outputs [B, T, hidden]."""
+        if self._split is None:
+            raise RuntimeError("the loaded bundle is not split (io.json has no 'split')")
+        return self._train(np.asarray(hidden, dtype=np.float32), labels)
+
+    def eval_hidden(self, hidden: np.ndarray, labels: np.ndarray) -> EvalSums:
+        """:meth:`eval_batch` of the suffix from prefix outputs."""
+        if self._split is None:
+            raise RuntimeError("the loaded bundle is not split (io.json has no 'split')")
+        return self._eval(np.asarray(hidden, dtype=np.float32), labels)
+
+    def _input(self, input_ids: np.ndarray) -> np.ndarray:
+        """What the training/eval models take for ``input_ids``: the ids, or for a split bundle
+        the prefix's output."""
+        return self.prefix(input_ids) if self._split is not None else np.asarray(input_ids, dtype=np.int64)
 
     def configure(self, cfg: TrainConfig) -> None:
         """Set the optimizer config; the step count and AdamW moments start from zero."""
@@ -205,21 +282,37 @@ class OrtBackend:
             raise RuntimeError("backend not loaded: call load(bundle) first")
         return self._module
 
-    def _run(self, train: bool, ids: np.ndarray, labels: np.ndarray):
+    def _run(self, train: bool, x: np.ndarray, labels: np.ndarray):
+        """One run of the training (``train``) or eval model on ids or, split, hidden states."""
         mod = self._mod.train(train)
-        return mod(np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(labels, dtype=np.int64))
+        return mod(np.ascontiguousarray(x), np.ascontiguousarray(labels, dtype=np.int64))
 
-    def _padded(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _padded(self, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Fill the training model's static [rows, seq_len] with label -100 (scores nothing) and
-        token 0; padding sits after the real tokens, which causal attention never lets them see."""
+        token 0 (or zero hidden states); padding sits after the real tokens, which causal
+        attention never lets them see."""
         rows, seq = self._static
-        if ids.shape == (rows, seq):
-            return ids, labels
-        pid, plab = np.zeros((rows, seq), np.int64), np.full((rows, seq), fmt.IGNORE_INDEX, np.int64)
-        pid[: ids.shape[0], : ids.shape[1]], plab[: ids.shape[0], : ids.shape[1]] = ids, labels
-        return pid, plab
+        if x.shape[:2] == (rows, seq):
+            return x, labels
+        px = np.zeros((rows, seq, *x.shape[2:]), x.dtype)
+        plab = np.full((rows, seq), fmt.IGNORE_INDEX, np.int64)
+        px[: x.shape[0], : x.shape[1]], plab[: x.shape[0], : x.shape[1]] = x, labels
+        return px, plab
 
     def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
+        """See :meth:`_train`; a split bundle runs the prefix first (backward stops there)."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        self._check_rows(ids)
+        return self._train(self._input(ids), labels)
+
+    def _check_rows(self, x: np.ndarray) -> None:
+        if x.ndim < 2 or x.shape[1] > self._static[1]:
+            raise SequenceTooLongError(
+                f"train_step: input of shape {x.shape}; the ONNX training graph "
+                f"takes rows of at most {self._static[1]} tokens (re-export with a larger seq_len)"
+            )
+
+    def _train(self, x: np.ndarray, labels: np.ndarray) -> StepResult:
         """One AdamW step exactly as the torch backend takes it: loss = summed CE / scored tokens,
         global-norm clipping, skip on a non-finite loss or gradient norm (weights and moments
         untouched). Rows run through the static training graph ``rows`` at a time, padded; the
@@ -229,13 +322,9 @@ class OrtBackend:
         Raises :class:`SequenceTooLongError` for rows longer than the exported ``seq_len``.
         """
         cfg, mod, state = self.cfg, self._mod, self._state
-        ids, lab = np.asarray(input_ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
-        rows, seq = self._static
-        if ids.ndim != 2 or ids.shape[1] > seq:
-            raise SequenceTooLongError(
-                f"train_step: input_ids of shape {ids.shape}; the ONNX training graph "
-                f"takes rows of at most {seq} tokens (re-export with a larger seq_len)"
-            )
+        ids, lab = x, np.asarray(labels, dtype=np.int64)
+        self._check_rows(ids)
+        rows = self._static[0]
         n_tok = int((lab != -100).sum())
         denom = np.float32(max(n_tok, 1))
         lr = cfg.lr_at(self.step)
@@ -256,8 +345,11 @@ class OrtBackend:
 
     def eval_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> EvalSums:
         """Summed loss, scored-token count, top-1 and top-3 hits over labels != -100."""
+        return self._eval(self._input(input_ids), labels)
+
+    def _eval(self, x: np.ndarray, labels: np.ndarray) -> EvalSums:
         lab = np.asarray(labels, dtype=np.int64)
-        loss_sum, logits = self._run(False, input_ids, lab)
+        loss_sum, logits = self._run(False, x, lab)
         valid = lab != -100
         lg, tg = logits[valid], lab[valid]
         target = lg[np.arange(len(tg)), tg]
@@ -267,7 +359,7 @@ class OrtBackend:
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """float32 logits [B, T, vocab] through the eval model (no label is scored)."""
         ids = np.asarray(input_ids, dtype=np.int64)
-        return self._run(False, ids, np.full(ids.shape, -100, dtype=np.int64))[1]
+        return self._run(False, self._input(ids), np.full(ids.shape, -100, dtype=np.int64))[1]
 
     def get_adapter(self) -> dict[str, np.ndarray]:
         """Copies of the current LoRA tensors under PEFT keys."""
@@ -296,6 +388,16 @@ class OrtBackend:
         for k in self._shapes:
             self._state.parameters[k] = np.ascontiguousarray(given[k])
         self.configure(self.cfg)
+
+
+def _prefix_providers(device: str) -> list[str]:
+    """Execution providers to try for a split bundle's prefix, best first (CPU last)."""
+    try:
+        from .ort_providers import inference_providers
+    except ImportError:  # pragma: no cover - the module ships with the package
+        return ["CPUExecutionProvider"]
+    providers = [p for p, _ in inference_providers()]
+    return providers if device == "cuda" else [p for p in providers if p != "CUDAExecutionProvider"]
 
 
 def create(device: str = "cpu") -> OrtBackend:

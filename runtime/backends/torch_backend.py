@@ -19,7 +19,7 @@ from pocketpeft.errors import ConfigError
 from pocketpeft.formats.torch import WEIGHTS
 from pocketpeft.manifest import Bundle
 from pocketpeft.reference.lora import inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict
-from pocketpeft.reference.model import CausalLM, build_quantized
+from pocketpeft.reference.model import CausalLM, SplitPart, build_quantized
 from pocketpeft.reference.quant import QuantLinear
 
 from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
@@ -68,6 +68,8 @@ class TorchBackend:
         self._device_step: DeviceStep | None = None
         self._graph: GraphStep | None = None
         self._train_forward = None
+        self._prefix: SplitPart | None = None  # a split bundle's frozen layers (no LoRA)
+        self._suffix: SplitPart | None = None  # ... and its trained layers + head
 
     def capabilities(self) -> Capabilities:
         return probe().capabilities[self.device]
@@ -89,8 +91,60 @@ class TorchBackend:
                 if ".lora_" not in n:
                     p.data = p.data.to(getattr(torch, self.dtype))
         self.model = model
+        self._prefix = self._suffix = None
+        if m.split is not None:  # the whole model is here: split it at run time, sharing the weights
+            k, n = m.split.layer, m.arch.num_hidden_layers
+            self._prefix, self._suffix = SplitPart(model, 0, k).eval(), SplitPart(model, k, n)
         self._train_forward = torch.compile(model, dynamic=False) if self.compile else model
         self.configure(self.cfg)
+
+    @property
+    def split_layer(self) -> int | None:
+        """The first trained layer of a split bundle (``None``: not split)."""
+        return self._prefix.stop if self._prefix is not None else None
+
+    def _split_parts(self) -> tuple[SplitPart, SplitPart]:
+        if self._prefix is None or self._suffix is None:
+            raise RuntimeError("the loaded bundle is not split (manifest has no 'split')")
+        return self._prefix, self._suffix
+
+    @torch.no_grad()
+    def prefix(self, input_ids: np.ndarray) -> np.ndarray:
+        """The frozen prefix's output, float32 [B, T, hidden] (see SupportsSplit)."""
+        prefix, _ = self._split_parts()
+        ids, _ = self._tensors(input_ids)
+        with self._autocast():
+            return prefix(ids).float().cpu().numpy()
+
+    def _hidden(self, hidden: np.ndarray) -> torch.Tensor:
+        dtype = getattr(torch, self.dtype)
+        return torch.as_tensor(np.asarray(hidden)).to(device=self.device, dtype=dtype)
+
+    def train_step_hidden(self, hidden: np.ndarray, labels: np.ndarray) -> StepResult:
+        """One step of the suffix from prefix outputs: the reference recipe (:func:`lora_step`)."""
+        _, suffix = self._split_parts()
+        if self.step_mode != "eager":
+            raise ConfigError(f"split training runs the eager step; this backend uses step={self.step_mode!r}")
+        lab = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=self.device)
+        suffix.train()
+        try:
+
+            def forward(x):
+                with self._autocast():
+                    return suffix(x)
+
+            r = lora_step(forward, self._opt, lora_parameters(self._m), self.cfg, self.step, self._hidden(hidden), lab)
+        finally:
+            suffix.eval()
+        self.step += not r.skipped
+        return r
+
+    @torch.no_grad()
+    def eval_hidden(self, hidden: np.ndarray, labels: np.ndarray) -> EvalSums:
+        _, suffix = self._split_parts()
+        lab = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=self.device)
+        with self._autocast():
+            return eval_sums(suffix(self._hidden(hidden)), lab)
 
     def _autocast(self):
         """bf16 compute: LoRA matmuls autocast from their fp32 masters (a no-op at float32)."""
@@ -128,6 +182,8 @@ class TorchBackend:
         return ids, lab
 
     def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
+        if self._prefix is not None and self.step_mode == "eager":  # backward stops at the split
+            return self.train_step_hidden(self.prefix(input_ids), labels)
         model = self._m
         model.train()
         try:

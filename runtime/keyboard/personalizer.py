@@ -40,11 +40,19 @@ from pocketpeft.procinfo import peak_rss_mib
 from pocketpeft.text import as_text
 
 from ..keystrokes import keystroke_metrics
+from ..protocol import SupportsSplit
 from ..session import Session
 from .store import NEW, REJECTED, TRAINED, AdapterStore, AdapterVersion, TextStore
 from .wordcounts import WORD_POOL, WordCounts, mix_scored
 
 Progress = Callable[[dict], None]
+
+#: rows per forward pass of the gate's evaluations: a pass's logits are rows x seq x vocab floats
+#: (SmolLM2, 64 tokens: 25 MiB a row), so small passes keep the update's peak memory down
+EVAL_ROWS = 2
+
+#: the prefix-output cache of a split bundle, in the store directory
+HIDDEN_CACHE = "hidden.sqlite"
 
 _NO_GENERAL = "general-text check skipped (no general text: the bundle has no general.txt and none was given)"
 
@@ -93,6 +101,9 @@ class Personalizer:
     - ``word_weight``: weight of the user's word counts in suggestions (0 = the model alone); the
       counts are built from the text store on construction and grow with every ``observe()``
       (messages the store later drops for space leave them at the next construction).
+    - ``max_cache_bytes``: cap of ``hidden.sqlite``, the prefix outputs of a split bundle's rows
+      (float16; SmolLM2: 72 KiB per 64-token row), kept so later updates, replays and the gate's
+      evaluations run only the trained layers; dropped by :meth:`wipe`.
 
     Raises :class:`ConfigError` for bad settings, and the stores' errors (:class:`StoreError`,
     :class:`BaseModelMismatchError`) for an unusable or foreign ``store_dir``.
@@ -112,6 +123,7 @@ class Personalizer:
         max_text_bytes: int = 16 << 20,
         seed: int = 0,
         word_weight: float = 0.2,
+        max_cache_bytes: int = 64 << 20,
     ) -> None:
         for name, v, lo, hi in (
             ("holdout_fraction", holdout_fraction, 0.0, 0.9),
@@ -131,6 +143,7 @@ class Personalizer:
         self.adapters = AdapterStore(
             self.store_dir / "adapters", m.base_sha256, m.lora, base_name=f"pocketpeft:{m.base_source}"
         )
+        self.hidden_cache = self._open_hidden_cache(max_cache_bytes)
         if general is None:
             general = session.bundle.general_texts()  # [] for a bundle exported without general.txt
         self.general = list(general)
@@ -143,11 +156,10 @@ class Personalizer:
         self._update_lock = threading.Lock()  # one update at a time
         self._serve_lock = threading.RLock()  # suggest() vs swapping the serving adapter
         self._general_cache: tuple[int | None, float, float] | None = None  # (version, loss, eval seconds)
-        if serve_session is None:
+        if serve_session is None:  # the best serving backend for the bundle (llama.cpp where it runs)
             from .. import open as open_session
 
-            be = session.backend
-            serve_session = open_session(session.bundle, backend=f"{be.name}:{be.device}", need_train=False)
+            serve_session = open_session(session.bundle, backend="auto", need_train=False)
         self.serve_session = serve_session
         self._serving_version: int | None = None
         # counted once from the store, then grown by observe()
@@ -156,6 +168,23 @@ class Personalizer:
         if v is not None:
             self.session.load_adapter(self.adapters.versions_dir / str(v))
             self._serve(v)
+
+    def _open_hidden_cache(self, max_bytes: int):
+        """The prefix-output cache (``hidden.sqlite``) when the training session runs a split
+        bundle, else ``None``. Keyed by the base, the bundle's manifest and the split: a cache
+        made for anything else is cleared on open."""
+        split = self.session.manifest.split
+        be = self.session.backend
+        if split is None or not isinstance(be, SupportsSplit) or be.split_layer is None:
+            return None
+        from pocketpeft.fsutil import sha256_file
+        from pocketpeft.manifest import MANIFEST_NAME
+
+        from .hidden_cache import HiddenCache
+
+        m = self.session.manifest
+        key = f"{m.base_sha256}:{sha256_file(self.session.bundle.root / MANIFEST_NAME)}:{split.layer}:{m.seq_len}"
+        return HiddenCache(self.store_dir / HIDDEN_CACHE, key, split.hidden_size, max_bytes=max_bytes)
 
     # ------------------------------------------------------------------ text
     def observe(self, text: "str | bytes | Sequence[str | bytes]") -> int:
@@ -175,6 +204,8 @@ class Personalizer:
         from it; returns what was removed. Committed adapters are kept (they hold no text)."""
         with self._update_lock:
             out = self.texts.wipe()
+            if self.hidden_cache is not None:  # derived from the text: it goes with it
+                out["hidden_cache"] = self.hidden_cache.wipe()
             with self._serve_lock:
                 self.words = WordCounts()
             return out
@@ -250,7 +281,7 @@ class Personalizer:
 
     def _eval(self, texts: list[str]) -> tuple[float, float]:
         t0 = time.perf_counter()
-        loss = self.session.eval(texts).loss
+        loss = self.session.eval(texts, batch_size=EVAL_ROWS, cache=self.hidden_cache).loss
         return loss, time.perf_counter() - t0
 
     def update(
@@ -308,14 +339,16 @@ class Personalizer:
             if seconds <= 0:
                 rep.reason = f"time box of {max_seconds:g}s too short: the gate's evaluations alone take {ho_secs + gen_secs:.1f}s"
                 return self._finish(rep, t0, tell)
+        # in store order (train() shuffles the packed rows): the rows of the same messages come out
+        # the same next time, so a split bundle's prefix outputs are found in the cache
         texts = [r.text for r in new] + [r.text for r in replay]
-        order = self._rng.permutation(len(texts))
         tr = self.session.train(
-            [texts[i] for i in order],
+            texts,
             steps=max_steps,
             seconds=seconds,
             progress=bars,
             seed=int(self._rng.integers(1 << 31)),
+            cache=self.hidden_cache,
         )
         rep.steps, rep.tokens, rep.losses, rep.train_seconds = tr.steps, tr.tokens, tr.losses, tr.seconds
         tell(
@@ -390,11 +423,16 @@ class Personalizer:
         return self._finish(rep, t0, tell)
 
     def _finish(self, rep: UpdateReport, t0: float, tell) -> UpdateReport:
+        release = getattr(self.session.backend, "release_prefix", None)
+        if release is not None:  # the prefix runs again only for rows the cache lacks: free it
+            release()
         rep.seconds = time.perf_counter() - t0
         rep.peak_rss_mb = peak_rss_mib()
         tell({"stage": "done", **rep.to_dict()})
         return rep
 
     def close(self) -> None:
-        """Close the text store."""
+        """Close the text store and the prefix-output cache."""
         self.texts.close()
+        if self.hidden_cache is not None:
+            self.hidden_cache.close()

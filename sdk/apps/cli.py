@@ -27,13 +27,21 @@ def _progress(args: argparse.Namespace) -> bool:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_export(args: argparse.Namespace) -> None:
-    from pocketpeft.config import LoraConfig
+    from pocketpeft.config import LINEAR_MODULES, LoraConfig
     from pocketpeft.errors import ConfigError
     from pocketpeft.export import GgufOptions, OnnxOptions, export
 
     if args.onnx_rows is not None and args.onnx_rows < 1:
         raise ConfigError(f"--onnx-rows must be a positive integer (rows per training-graph run), got {args.onnx_rows}")
-    lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=args.target_modules)
+    # LoRA flags left unset (None) take the preset's value, else the plain defaults;
+    # "personal" is pocketpeft.config.personal_lora: all seven linears of the top 8 layers, r=16
+    presets = {"personal": {"r": 16, "alpha": 32.0, "target_modules": ",".join(LINEAR_MODULES), "layers": "top8"}}
+    preset = presets[args.preset] if args.preset else {}
+    plain = {"r": 8, "alpha": 16.0, "target_modules": "q_proj,k_proj,v_proj,o_proj", "layers": None}
+    pick = {k: getattr(args, k) if getattr(args, k) is not None else preset.get(k, v) for k, v in plain.items()}
+    lora = LoraConfig(
+        r=pick["r"], lora_alpha=pick["alpha"], lora_dropout=args.dropout, target_modules=pick["target_modules"]
+    )
     onnx = OnnxOptions(rows=args.onnx_rows, q4=args.onnx_q4 or "packed")
     gguf = GgufOptions(linear=args.gguf_linear or "native")
     b = export(
@@ -48,6 +56,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         progress=_progress(args),
         onnx=onnx,
         gguf=gguf,
+        layers=pick["layers"],
+        split=False if args.no_split else None,
     )
     m = b.manifest
     obj = {
@@ -60,6 +70,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         "trainable_params": sum(int(__import__("math").prod(s)) for s in m.trainable.values()),
         "bytes": sum(f["bytes"] for f in m.files.values()),
         "export_seconds": {t: i.get("export_seconds") for t, i in m.targets.items()},
+        "split": m.split.to_dict() if m.split is not None else None,
     }
     _emit(
         args,
@@ -67,6 +78,12 @@ def cmd_export(args: argparse.Namespace) -> None:
         lambda o: (
             f"exported {o['base']} ({o['quant']}) to {o['bundle']}: targets {', '.join(o['targets'])}, "
             f"{o['trainable_params']:,} trainable LoRA parameters, {o['bytes'] / 2**20:.1f} MiB"
+            + (
+                f"; split at layer {o['split']['layer']} (frozen prefix for inference, "
+                f"layers {o['split']['layer']}+ train)"
+                if o["split"]
+                else ""
+            )
         ),
     )
 
@@ -202,16 +219,26 @@ def cmd_suggest(args: argparse.Namespace) -> None:
 def cmd_backends(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
+    from pocketpeft.manifest import Bundle
     from pocketpeft.registry import BACKENDS
-    from pocketpeft.runtime.selection import explain
+    from pocketpeft.runtime.selection import SERVE_ORDER, TRAIN_ORDER, explain, plan
 
-    rows = explain(need_train=not args.infer_only, update=args.update)
+    bundle = Bundle(args.bundle) if args.bundle else None
+    rows = explain(need_train=not args.infer_only, update=args.update, bundle=bundle)
     obj = {
-        "order": "gpu → npu → cpu, registry order within a tier",
+        "order": (
+            "gpu → npu → cpu; within a tier device runtimes before the torch reference "
+            f"(updates: {', '.join(TRAIN_ORDER)}; serving: {', '.join(SERVE_ORDER)})"
+        ),
         "need_train": not args.infer_only,
         "update": next((r.update for r in rows if r.picked), ""),
+        "bundle": str(bundle.root) if bundle else None,
         "backends": [asdict(r) | {"extra": BACKENDS[r.backend].extra} for r in rows],
+        "plan": plan(bundle),
     }
+
+    def at(part):
+        return f"{part['backend']}:{part['device']}" if part["backend"] else "nothing here"
 
     def text(o):
         lines = [f"{'backend':<17} {'device':<8} {'tier':<4} {'train':<5} {'infer':<5} {'picked':<6} why"]
@@ -222,6 +249,18 @@ def cmd_backends(args: argparse.Namespace) -> None:
             )
         if o["update"]:
             lines.append(f"training updates: {o['update']} (choose with --update backprop|forward-only)")
+        pl = o["plan"]
+        up, pre, suf, srv = pl["update"], pl["prefix"], pl["suffix"], pl["serving"]
+        fb = up["fallback"]
+        prefix_on = f"onnxruntime InferenceSession with {pre['provider']}" if pre["provider"] else at(pre)
+        lines += [
+            f"plan{' for ' + o['bundle'] if o['bundle'] else ''}:",
+            f"  updates ({up['mode'] or 'none'}) on {at(up)}: {up['why']}",
+            f"    prefix (frozen layers) on {prefix_on}: {pre['why']}",
+            f"    suffix (trained layers) on {at(suf)}: {suf['why']}",
+            f"  serving on {at(srv)}: {srv['why']}",
+            f"  forward-only fallback when nothing can backpropagate: {at(fb)}",
+        ]
         return "\n".join(lines)
 
     _emit(args, obj, text)
@@ -316,10 +355,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
     e.add_argument("--quant", default="q4_0", choices=["q4_0", "q8_0", "nf4", "f16", "f32"])
     e.add_argument("--targets", default="torch", help="comma-separated export targets (default: torch)")
-    e.add_argument("--r", type=int, default=8)
-    e.add_argument("--alpha", type=float, default=16)
+    e.add_argument("--r", type=int, help="LoRA rank (default 8; 16 with --preset personal)")
+    e.add_argument("--alpha", type=float, help="LoRA alpha (default 16; 32 with --preset personal)")
     e.add_argument("--dropout", type=float, default=0.0)
-    e.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj")
+    e.add_argument(
+        "--target-modules",
+        help="comma-separated linears to adapt (default q_proj,k_proj,v_proj,o_proj; all seven with --preset personal)",
+    )
+    e.add_argument(
+        "--layers",
+        metavar="SPEC",
+        help='decoder layers that get LoRA: "all" (default), "top8", "22-29", "0,5,7" (top8 with --preset personal)',
+    )
+    e.add_argument(
+        "--preset",
+        choices=["personal"],
+        help="personal: r=16, alpha=32, all seven linears of the top 8 layers; explicit flags override it",
+    )
+    e.add_argument(
+        "--no-split",
+        action="store_true",
+        help="keep whole-model training graphs even when LoRA leaves the lower layers frozen "
+        "(by default those layers are exported as a separate inference prefix and only the rest trains)",
+    )
     e.add_argument("--seq-len", type=int, default=64)
     e.add_argument("--batch", type=int, default=8)
     e.add_argument("--seed", type=int, default=0, help="seed of the initial LoRA weights")
@@ -389,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="auto", help="auto, NAME or NAME:DEVICE (see `pocketpeft backends`)")
     s.set_defaults(fn=cmd_suggest)
 
-    b = common(sub.add_parser("backends", help="what this machine can run, and what auto picks"))
+    b = common(sub.add_parser("backends", help="what this machine can run, what auto picks, and where each part runs"))
     b.add_argument("--infer-only", action="store_true", help="select for inference rather than training")
+    b.add_argument("--bundle", help="select among the backends whose target this bundle directory has")
     b.add_argument(
         "--update",
         default="auto",

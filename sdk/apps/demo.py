@@ -17,24 +17,47 @@ from pocketpeft.fsutil import cache_dir, write_bytes_atomic
 Log = Callable[[str], None]
 
 
+def demo_lora():
+    """The demo's LoRA config, the personalization preset (:func:`pocketpeft.config.personal_lora`:
+    r=16 on all seven linears of SmolLM2's top 8 of 30 layers). The layers below stay frozen, so
+    the bundle is split: the device trains only the top layers and caches the frozen prefix's
+    outputs. The one place to change it; the cached bundle's name follows it."""
+    from pocketpeft.config import personal_lora
+
+    return personal_lora(30)
+
+
 def serve_backend() -> str | None:
-    """``llamacpp`` when it runs here: one token costs a fraction of the torch decoder's, and the
-    keystroke metrics type every character of the held-out messages; otherwise ``None`` (the
-    Personalizer then serves from a torch session)."""
+    """``llamacpp`` when it runs here (what ``auto`` then serves from: one token costs a fraction of
+    any other decoder's, and the keystroke metrics type every character of the held-out messages);
+    otherwise ``None`` (the demo's bundle then has no gguf target and ``auto`` serves from what
+    else runs)."""
     from pocketpeft.runtime.selection import probe
 
     return "llamacpp" if probe("llamacpp").available else None
 
 
-def cached_bundle(cache: Path, quant: str, progress: bool, log: Log | None, gguf: bool = False):
-    """The demo bundle (SmolLM2, ``quant``, LoRA r=8 on q/k/v/o; with the llama.cpp target when
-    ``gguf``), exported once and cached."""
+def cached_bundle(cache: Path, quant: str, progress: bool, log: Log | None, gguf: bool = False, onnx: bool = False):
+    """The demo bundle (SmolLM2, ``quant``, :func:`demo_lora`), exported once and cached: the torch
+    target (the reference) always, llama.cpp's with ``gguf``, ONNX Runtime's with ``onnx`` (2-row
+    micro-batches and int8 4-bit storage: ORT training then needs ~0.7 GB). The cache path names
+    the targets and options."""
+    import hashlib
+    from dataclasses import asdict
+
     from pocketpeft.errors import PocketPeftError
-    from pocketpeft.export import export
+    from pocketpeft.export import OnnxOptions, export
     from pocketpeft.manifest import Bundle
 
-    targets = ["torch", "gguf"] if gguf else ["torch"]
-    path = cache / "bundles" / f"smollm2-{quant}-r8{'-gguf' if gguf else ''}"
+    lora = demo_lora()
+    targets = ["torch"] + (["gguf"] if gguf else []) + (["onnx"] if onnx else [])
+    onnx_opts = OnnxOptions(rows=2, q4="int8") if onnx else None
+    name = f"smollm2-{quant}-r8"
+    if lora is not None:
+        digest = hashlib.sha256(json.dumps(asdict(lora), sort_keys=True, default=str).encode()).hexdigest()[:8]
+        name = f"smollm2-{quant}-r{lora.r}-{digest}"
+    name += ("-gguf" if gguf else "") + (f"-onnx-rows{onnx_opts.rows}-{onnx_opts.q4.value}" if onnx_opts else "")
+    path = cache / "bundles" / name
     try:
         b = Bundle(path)
         b.verify()
@@ -42,9 +65,9 @@ def cached_bundle(cache: Path, quant: str, progress: bool, log: Log | None, gguf
     except PocketPeftError:
         pass
     if log:
-        log(f"exporting SmolLM2 ({quant}) to {path} (once; cached for the next run)…")
+        log(f"exporting SmolLM2 ({quant}; targets {', '.join(targets)}) to {path} (once; cached for the next run)…")
     t0 = time.perf_counter()
-    b = export("smollm2", path, quant=quant, targets=targets, progress=progress)
+    b = export("smollm2", path, quant=quant, lora=lora, targets=targets, progress=progress, onnx=onnx_opts)
     return b, time.perf_counter() - t0
 
 
@@ -171,16 +194,19 @@ def run_demo(
     t_start = time.perf_counter()
     say = log or (lambda s: None)
     cache = cache or cache_dir()
-    backend = serve_backend()
-    bundle, export_s = cached_bundle(Path(cache), quant, progress, log, gguf=backend is not None)
+    from pocketpeft.runtime.selection import probe
+
+    # the device path where it is installed: updates on ONNX Runtime, suggestions from llama.cpp
+    gguf, onnx = serve_backend() is not None, probe("onnxruntime").available
+    bundle, export_s = cached_bundle(Path(cache), quant, progress, log, gguf=gguf, onnx=onnx)
     sender = sender or default_sender()
     train, test = sender_split(sender)
     test = test[:max_test_messages]
     ks_texts = test[:keystroke_messages]
     out = Path(out_dir)
     shutil.rmtree(out / "store", ignore_errors=True)
-    sess = runtime.open(bundle)
-    serving = runtime.open(bundle, backend=backend, need_train=False) if backend else None
+    sess = runtime.open(bundle)  # auto: ONNX Runtime > ExecuTorch > torch, among the bundle's targets
+    serving = runtime.open(bundle, need_train=False)  # auto: llama.cpp first
     p = demo_personalizer(sess, out / "store", sender, serve_session=serving)
     serve = p.serve_session
     say(

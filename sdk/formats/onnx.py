@@ -24,13 +24,19 @@ CHECKPOINT = "checkpoint"
 INFER = "infer.onnx"
 #: names, shapes and conventions of the graphs above
 IO_JSON = "io.json"
+#: a split bundle's frozen prefix: ``input_ids`` -> ``hidden`` (inference only, no LoRA); the
+#: training/eval models and checkpoint then hold the suffix, which takes ``hidden``
+PREFIX = "prefix.onnx"
 
 #: bundle-relative paths
 TRAIN_PATH, EVAL_PATH, CHECKPOINT_PATH = f"{DIR}/{TRAIN}", f"{DIR}/{EVAL}", f"{DIR}/{CHECKPOINT}"
 INFER_PATH, IO_JSON_PATH = f"{DIR}/{INFER}", f"{DIR}/{IO_JSON}"
+PREFIX_PATH = f"{DIR}/{PREFIX}"
 
 #: graph input / output names
 INPUT_IDS, LABELS, LOGITS, LOSS = "input_ids", "labels", "logits", "loss_sum"
+#: the residual stream between a split model's prefix and suffix, float32 [batch, seq, hidden]
+HIDDEN = "hidden"
 #: label value that scores nothing (padding)
 IGNORE_INDEX = -100
 
@@ -46,6 +52,9 @@ IO_Q4_STORAGE = "q4_0_storage"
 IO_LORA = "lora"
 #: io.json's ``infer`` entry: True when infer.onnx has the ``labels`` input and ``loss_sum`` output
 IO_INFER_LOSS = "loss"
+#: io.json's entry for a split bundle: ``{"layer", "prefix", "input", "session_config"}``
+IO_SPLIT = "split"
+IO_PREFIX_SESSION_CONFIG = "prefix_session_config"
 
 
 class OnnxQ4(str, enum.Enum):

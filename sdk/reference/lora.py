@@ -8,6 +8,7 @@ so the adapter keys map one to one onto PEFT's ``adapter_model.safetensors``.
 from __future__ import annotations
 
 import math
+import re
 from typing import Iterator, Mapping
 
 import torch
@@ -52,12 +53,30 @@ class LoraLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}"
 
 
+#: the decoder-layer index in a module name such as ``model.layers.3.self_attn.q_proj``
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _in_chosen_layer(name: str, layers: list[int] | None) -> bool:
+    """Whether the module ``name`` lies in one of ``layers`` (every module when ``None``), as peft
+    decides for ``layers_to_transform``: a module outside any ``layers.N`` gets no LoRA then."""
+    if layers is None:
+        return True
+    m = _LAYER_INDEX.search(name)
+    return m is not None and int(m.group(1)) in layers
+
+
 def inject_lora(model: nn.Module, cfg: LoraConfig, seed: int | None = 0) -> nn.Module:
-    """Wrap every linear whose last name part is in ``cfg.target_modules`` in a :class:`LoraLinear`.
+    """Wrap every linear whose last name part is in ``cfg.target_modules`` in a :class:`LoraLinear`,
+    only in the decoder layers ``cfg.layers_to_transform`` when that is set.
 
     Freezes everything else. ``seed`` makes the initialization reproducible (``None``: global RNG).
-    Returns ``model`` (modified in place).
+    Returns ``model`` (modified in place). Raises :class:`ConfigError` if ``cfg.layers_to_transform``
+    names a layer the model (with a ``config.num_hidden_layers``) doesn't have.
     """
+    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if isinstance(num_layers, int):
+        cfg.check_layers(num_layers)
     model.requires_grad_(False)
     gen_state = torch.random.get_rng_state()
     if seed is not None:
@@ -66,7 +85,9 @@ def inject_lora(model: nn.Module, cfg: LoraConfig, seed: int | None = 0) -> nn.M
         targets = [
             (name, mod)
             for name, mod in model.named_modules()
-            if name.rsplit(".", 1)[-1] in cfg.target_modules and not isinstance(mod, LoraLinear)
+            if name.rsplit(".", 1)[-1] in cfg.target_modules
+            and not isinstance(mod, LoraLinear)
+            and _in_chosen_layer(name, cfg.layers_to_transform)
         ]
         for name, mod in targets:
             parent_name, child = name.rsplit(".", 1)

@@ -181,6 +181,16 @@ class CausalLM(nn.Module):
             present.append(kv)
         return self.model.norm(x), present
 
+    def prefix_hidden(self, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+        """The residual stream [B, T, H] entering decoder layer ``layer`` (the embedding and layers
+        ``< layer``, positions from 0): what a split model's frozen prefix computes."""
+        return SplitPart(self, 0, layer)(input_ids)
+
+    def suffix_logits(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """Logits [B, T, vocab] from the residual stream ``hidden`` entering layer ``layer``:
+        layers ``>= layer``, the final norm and the output projection (a split model's suffix)."""
+        return SplitPart(self, layer, self.config.num_hidden_layers)(hidden)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, vocab] for ``input_ids`` [B, T] (int64), positions starting at 0."""
         h, _ = self.hidden_states(input_ids)
@@ -190,6 +200,47 @@ class CausalLM(nn.Module):
         """Incremental decoding: logits for the new tokens and the extended cache."""
         h, present = self.hidden_states(input_ids, start_pos, past)
         return F.linear(h, self.output_weight()), present
+
+
+class SplitPart(nn.Module):
+    """Layers ``[start, stop)`` of a :class:`CausalLM` as a module of their own, sharing its
+    weights under the same names (``model.layers.22.self_attn.q_proj...``, a ModuleDict keyed by
+    the layer index), so an exported part keeps HF/PEFT names.
+
+    ``start == 0``: the part begins with the embedding and takes ``input_ids`` [B, T]; otherwise it
+    takes the residual stream [B, T, H] entering layer ``start``. ``stop`` = the layer count: the
+    part ends with the final norm and the output projection and returns logits; otherwise it
+    returns the residual stream leaving layer ``stop - 1``. Positions start at 0.
+    """
+
+    def __init__(self, lm: CausalLM, start: int, stop: int) -> None:
+        super().__init__()
+        cfg = lm.config
+        n = cfg.num_hidden_layers
+        if not 0 <= start < stop <= n:
+            raise ValueError(f"SplitPart: layers [{start}, {stop}) outside the model's 0..{n}")
+        self.config, self.start, self.stop = cfg, start, stop
+        self.head = stop == n
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleDict({str(i): lm.model.layers[i] for i in range(start, stop)})
+        if start == 0 or (self.head and cfg.tie_word_embeddings):
+            self.model.embed_tokens = lm.model.embed_tokens
+        if self.head:
+            self.model.norm = lm.model.norm
+            if not cfg.tie_word_embeddings:
+                self.lm_head = lm.lm_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        cos, sin = rope_tables(self.config, torch.arange(t, device=x.device))
+        if self.start == 0:
+            x = self.model.embed_tokens(x)
+        for layer in self.model.layers.values():
+            x, _ = layer(x, cos, sin)
+        if not self.head:
+            return x
+        w = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return F.linear(self.model.norm(x), w)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -234,7 +234,9 @@ def test_auto_uses_forward_only_when_nothing_can_backpropagate(bundle, monkeypat
     from pocketpeft.runtime import selection
 
     rows = selection.explain(need_train=True)
-    assert [r.backend for r in rows if r.picked] == ["torch"] and next(r for r in rows if r.picked).update == "backprop"
+    assert [r.backend for r in rows if r.picked] == ["onnxruntime"] and next(
+        r for r in rows if r.picked
+    ).update == "backprop"
     forced = [r for r in selection.explain(need_train=True, update="forward-only") if r.picked]
     assert forced[0].update == "forward-only" and "forced forward-only" in forced[0].reason
     # a device whose only backends are inference-only (the NPU case): the registry holds just those

@@ -292,8 +292,12 @@ def test_inference_only_and_session(bundle, lc, ids):
     for call in (lambda: lc.configure(TrainConfig()), lambda: lc.train_step(ids, ids)):
         with pytest.raises(BackendUnavailableError, match="inference-only"):
             call()
-    with pytest.raises(BackendUnavailableError, match="cannot train"):
-        pp.runtime.open(bundle, backend="llamacpp")
+    with pytest.MonkeyPatch.context() as mp:  # opening by name needs no flag; training on it raises
+        mp.setenv("POCKETPEFT_THREADS", _threads())
+        named = pp.runtime.open(bundle, backend="llamacpp")
+    with pytest.raises(BackendUnavailableError, match="inference-only"):
+        named.train(["see you at the game"], steps=1)
+    del named
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("POCKETPEFT_THREADS", _threads())
         sess = pp.runtime.open(bundle, backend="llamacpp", need_train=False)
