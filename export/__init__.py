@@ -184,7 +184,7 @@ def export(
 
 
 #: targets whose files are split when the manifest is (the torch reference splits at run time)
-SPLIT_TARGETS = ("onnx",)
+SPLIT_TARGETS = ("onnx", "executorch")
 
 
 def _split_layer(split: "bool | None", lcfg: LoraConfig) -> int | None:

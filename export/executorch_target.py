@@ -14,10 +14,28 @@ so ``TrainingModule.named_parameters()`` aliases them and an optimizer updates t
 order listed in ``signature.json``); output float32 logits ``[B, T, vocab]``. LoRA as inputs
 lets a runtime swap adapters per call without rewriting the program.
 
+A split bundle (``ctx.split_layer`` = k, see :class:`pocketpeft.manifest.Split`) adds two programs
+and trains the suffix only:
+
+- ``prefix.pte``, ``forward(input_ids)`` -> ``hidden``: the embedding and layers < k (no LoRA),
+  inference only, float32 ``[B, T, hidden_size]`` with the same dynamic ``B``/``T`` as
+  ``infer.pte`` (a caller chunks bigger batches). Lowered to XNNPACK (every linear, matmul and
+  elementwise op XNNPACK takes; the in-graph dequantization of the packed weights - bitwise
+  and, floor division, casts - stays on the portable kernels, the weights stay quantized in the
+  file). If the lowering fails, the portable kernels run it all; ``signature.json`` records
+  which (``split.prefix.kernels``) and why.
+- ``train.pte`` then holds the suffix (layers >= k, final norm, head, loss):
+  ``forward(hidden, labels)``, float32 ``[batch_size, seq_len, hidden_size]`` and int64
+  ``[batch_size, seq_len]``, the same outputs as above; backward never reaches the prefix.
+- ``suffix.pte``, ``forward(hidden, *lora)`` -> logits: the suffix for evaluation from cached
+  prefix outputs (dynamic ``B``/``T``, LoRA as inputs like ``infer.pte``).
+- ``infer.pte`` stays the whole model (serving without the split).
+
 ``signature.json`` names every input and output and maps the train program's parameter names
-to PEFT keys, so a device app needs nothing else. Matrix multiplications (every ``mm``/``bmm``
-of the forward and backward graphs) are delegated to XNNPACK; everything else runs on
-ExecuTorch's portable/optimized CPU kernels.
+to PEFT keys, so a device app needs nothing else; its ``delegates`` entry lists, per program,
+the backend its delegated parts run on. ``train.pte``, ``infer.pte`` and ``suffix.pte`` run on
+ExecuTorch's portable CPU kernels (lowering the joint graph to XNNPACK fails, see DESIGN.md;
+:func:`matmul_partitioner` is the per-op alternative, not enabled).
 """
 
 from __future__ import annotations
@@ -138,8 +156,8 @@ class _TrainNet(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor):
-        logits = self.model(input_ids)
+    def forward(self, x: torch.Tensor, labels: torch.Tensor):
+        logits = self.model(x)  # x: input_ids, or the suffix's hidden states
         return (F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100),)
 
 
@@ -176,12 +194,33 @@ def matmul_partitioner():
     )
 
 
+def _dims(ctx: ExportContext) -> dict:
+    """Dynamic batch 1..batch_size and sequence 1..seq_len of an input's first two dims."""
+    from torch.export import Dim
+
+    return {0: Dim("batch", min=1, max=ctx.batch_size), 1: Dim("seq", min=1, max=ctx.seq_len)}
+
+
+def _suffix(ctx: ExportContext, model: nn.Module) -> nn.Module:
+    from pocketpeft.reference.model import SplitPart
+
+    return SplitPart(model, ctx.split_layer, ctx.arch.num_hidden_layers)
+
+
+def _hidden_example(ctx: ExportContext) -> torch.Tensor:
+    return torch.zeros(ctx.batch_size, ctx.seq_len, ctx.arch.hidden_size, dtype=torch.float32)
+
+
 def export_train(ctx: ExportContext, delegate: bool = False) -> tuple[bytes, list[str]]:
-    """The serialized train program and its LoRA parameters' HF names (in output order)."""
+    """The serialized train program and its LoRA parameters' HF names (in output order): the
+    whole model from ``input_ids``, or for a split context the suffix from ``hidden``."""
     model, names = trainable_copy(ctx.model)
-    net = _TrainNet(model).train()
     ids = torch.zeros(ctx.batch_size, ctx.seq_len, dtype=torch.int64)
-    ep = torch.export.export(net, (ids, ids.clone()), strict=False)
+    if ctx.split_layer is None:
+        net, example = _TrainNet(model).train(), (ids, ids.clone())
+    else:  # the suffix's parameters keep their HF names (SplitPart shares them), so TRAIN_PREFIX holds
+        net, example = _TrainNet(_suffix(ctx, model)).train(), (_hidden_example(ctx), ids)
+    ep = torch.export.export(net, example, strict=False)
     ep = ep.run_decompositions(_decompositions())
     ep = export_forward_backward(ep)
     _rewrite_for_executorch(ep)
@@ -190,29 +229,61 @@ def export_train(ctx: ExportContext, delegate: bool = False) -> tuple[bytes, lis
     return _to_pte(ep, delegate), names
 
 
-def export_infer(ctx: ExportContext, delegate: bool = False) -> tuple[bytes, list[str]]:
-    """The serialized inference program and the HF names of its LoRA inputs (in input order)."""
-    from torch.export import Dim
-
+def export_infer(ctx: ExportContext, delegate: bool = False, part: str = "model") -> tuple[bytes, list[str]]:
+    """The serialized inference program and the HF names of its LoRA inputs (in input order):
+    ``part="model"`` the whole model from ``input_ids``, ``"suffix"`` a split context's suffix
+    from ``hidden``."""
     model, names = trainable_copy(ctx.model)
     model.eval().requires_grad_(False)
-    net = _InferNet(model, names)
     lora = tuple(p.detach().clone() for p in model.parameters())
-    ids = torch.zeros(ctx.batch_size, ctx.seq_len, dtype=torch.int64)
-    dims = ({0: Dim("batch", min=1, max=ctx.batch_size), 1: Dim("seq", min=1, max=ctx.seq_len)}, (None,) * len(lora))
+    if part == "suffix":
+        net, x = _InferNet(_suffix(ctx, model), names), _hidden_example(ctx)
+    else:
+        net, x = _InferNet(model, names), torch.zeros(ctx.batch_size, ctx.seq_len, dtype=torch.int64)
     with torch.no_grad():
-        ep = torch.export.export(net, (ids, *lora), dynamic_shapes=dims, strict=False)
+        ep = torch.export.export(net, (x, *lora), dynamic_shapes=(_dims(ctx), (None,) * len(lora)), strict=False)
         ep = ep.run_decompositions(_decompositions())
     _rewrite_for_executorch(ep)
     return _to_pte(ep, delegate), names
+
+
+def export_prefix(ctx: ExportContext, xnnpack: bool = True) -> tuple[bytes, str, str | None]:
+    """A split context's prefix (embedding + layers below ``ctx.split_layer``, no LoRA) as an
+    inference program ``forward(input_ids) -> hidden``, and the kernels it runs on:
+    ``(program, "xnnpack" | "portable", why XNNPACK wasn't used or None)``.
+
+    Lowered with :class:`XnnpackPartitioner` (f32 linears with in-graph dequantized weights taken
+    as non-static inputs), so every op XNNPACK supports runs there; the weight unpacking ops stay
+    portable. A lowering failure falls back to the portable kernels."""
+    from pocketpeft.reference.model import SplitPart
+
+    model, _ = trainable_copy(ctx.model)
+    net = SplitPart(model, 0, ctx.split_layer).eval().requires_grad_(False)
+    ids = torch.zeros(ctx.batch_size, ctx.seq_len, dtype=torch.int64)
+    with torch.no_grad():
+        ep = torch.export.export(net, (ids,), dynamic_shapes=(_dims(ctx),), strict=False)
+        ep = ep.run_decompositions(_decompositions())
+    _rewrite_for_executorch(ep)
+    reason = "disabled" if not xnnpack else None
+    if xnnpack:
+        try:
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+            from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+
+            part = XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)
+            edge = to_edge_transform_and_lower(copy.deepcopy(ep), partitioner=[part])
+            return edge.to_executorch(ExecutorchBackendConfig()).buffer, fmt.KERNELS_XNNPACK, None
+        except Exception as e:  # noqa: BLE001 - any lowering failure: the portable kernels still run it
+            reason = f"{type(e).__name__}: {e}"[:500]
+    return _to_pte(ep, delegate=False), fmt.KERNELS_PORTABLE, reason
 
 
 class ExecuTorchTarget:
     name = "executorch"
 
     def export(self, ctx: ExportContext) -> dict[str, str]:
-        """Write train.pte, infer.pte and signature.json under ``ctx.stage / "executorch"``;
-        return the toolchain versions."""
+        """Write train.pte, infer.pte and signature.json (a split context: also prefix.pte and
+        suffix.pte) under ``ctx.stage / "executorch"``; return the toolchain versions."""
         from importlib.metadata import version
 
         from pocketpeft._deps import require
@@ -220,28 +291,33 @@ class ExecuTorchTarget:
         require("executorch.exir", "executorch")
         out = ctx.stage / fmt.DIR
         out.mkdir(parents=True, exist_ok=True)
+        split = ctx.split_layer is not None
         bar = None
         if ctx.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=2, desc="executorch", unit="program", leave=False)
+            bar = tqdm(total=4 if split else 2, desc="executorch", unit="program", leave=False)
+
+        def done() -> None:
+            if bar is not None:
+                bar.update()
+
         train, names = export_train(ctx)
         (ctx.stage / TRAIN).write_bytes(train)
         del train
-        if bar is not None:
-            bar.update()
+        done()
         infer, infer_names = export_infer(ctx)
         (ctx.stage / INFER).write_bytes(infer)
-        if bar is not None:
-            bar.update()
-            bar.close()
+        del infer
+        done()
         keys = [peft_key(n) for n in names]
+        x = "hidden" if split else "input_ids"
         sig = {
             fmt.SIG_TRAIN: {
                 fmt.SIG_METHOD: "forward",
                 fmt.SIG_BATCH_SIZE: ctx.batch_size,
                 fmt.SIG_SEQ_LEN: ctx.seq_len,
-                fmt.SIG_INPUTS: ["input_ids", "labels"],
+                fmt.SIG_INPUTS: [x, "labels"],
                 fmt.SIG_OUTPUTS: (["loss"] + [f"grad:{k}" for k in keys] + [f"param:{k}" for k in keys]),
                 fmt.SIG_PARAMETERS: {TRAIN_PREFIX + n: peft_key(n) for n in names},
             },
@@ -252,10 +328,52 @@ class ExecuTorchTarget:
                 fmt.SIG_INPUTS: ["input_ids"] + [peft_key(n) for n in infer_names],
                 fmt.SIG_OUTPUTS: ["logits"],
             },
-            fmt.SIG_DELEGATES: {"xnnpack": ["aten.mm", "aten.bmm"]},
+            fmt.SIG_DELEGATES: {"train": [], "infer": []},
         }
+        if split:
+            sig[fmt.SIG_SPLIT] = self._export_split(ctx, done)
+            sig[fmt.SIG_DELEGATES].update(
+                prefix=["xnnpack"]
+                if sig[fmt.SIG_SPLIT][fmt.SIG_PREFIX][fmt.SIG_KERNELS] == fmt.KERNELS_XNNPACK
+                else [],
+                suffix=[],
+            )
+        if bar is not None:
+            bar.close()
         (ctx.stage / SIGNATURE).write_text(json.dumps(sig, indent=2) + "\n")
         return {"executorch": version("executorch")}
+
+    @staticmethod
+    def _export_split(ctx: ExportContext, done) -> dict:
+        """Write prefix.pte and suffix.pte; return signature.json's ``split`` entry."""
+        prefix, kernels, reason = export_prefix(ctx)
+        (ctx.stage / fmt.PREFIX).write_bytes(prefix)
+        del prefix
+        done()
+        suffix, suffix_names = export_infer(ctx, part="suffix")
+        (ctx.stage / fmt.SUFFIX).write_bytes(suffix)
+        del suffix
+        done()
+        dynamic = {fmt.SIG_METHOD: "forward", fmt.SIG_MAX_BATCH: ctx.batch_size, fmt.SIG_MAX_SEQ_LEN: ctx.seq_len}
+        return {
+            fmt.SIG_LAYER: ctx.split_layer,
+            fmt.SIG_HIDDEN_SIZE: ctx.arch.hidden_size,
+            fmt.SIG_PREFIX: {
+                fmt.SIG_FILE: fmt.PREFIX,
+                **dynamic,
+                fmt.SIG_INPUTS: ["input_ids"],
+                fmt.SIG_OUTPUTS: ["hidden"],
+                fmt.SIG_KERNELS: kernels,
+                "xnnpack_failure": reason,
+            },
+            fmt.SIG_SUFFIX: {
+                fmt.SIG_FILE: fmt.SUFFIX,
+                **dynamic,
+                fmt.SIG_INPUTS: ["hidden"] + [peft_key(n) for n in suffix_names],
+                fmt.SIG_OUTPUTS: ["logits"],
+            },
+            "note": "train.pte holds the suffix (layers >= layer) and takes hidden; infer.pte is the whole model",
+        }
 
 
 TARGET = ExecuTorchTarget()

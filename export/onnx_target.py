@@ -89,37 +89,58 @@ def _nf4_table() -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _export_dequant():
+def _export_dequant(tie: bool = False):
     """While exporting, q4_0 layers given int8 weights by :func:`_unpacked_q4` dequantize with a
     Cast and a Mul, and nf4 layers with one Gather from :func:`_nf4_table` per byte:
     bit-identical to ``quant.dequantize``, whose ``NF4_CODE[idx]`` exports as a GatherND over
     every nibble, ~4x slower in ORT. (The table is built here, outside tracing, so it is
-    exported as a constant.)"""
+    exported as a constant.)
+
+    ``tie``: each layer's dequantization starts from a row gather whose indices depend on the
+    layer's input (``x * 0`` made finite, so always 0): the graph then cannot dequantize a weight
+    before its layer runs. Without it ORT computes every layer's float32 weights up front and keeps
+    them all alive through the run (SmolLM2's 22-layer prefix: +530 MiB at the peak of a run,
+    instead of one layer's worth). For inference graphs only: a training graph's backward reads
+    weights that :func:`_rematerialize_frozen` recomputes, which needs them input-independent."""
     import torch.nn.functional as F
 
     from pocketpeft.config import QuantFormat
-    from pocketpeft.reference.quant import QuantLinear
+    from pocketpeft.reference.quant import QuantLinear, dequantize
 
     original, table = QuantLinear.forward, _nf4_table()
 
     def forward(self, x):
+        take = (lambda t: t) if not tie else _tied_rows(x, self.out_features)
         if getattr(self, UNPACKED, None) is not None:  # q4_0 stored one int8 (nibble - 8) per weight
             nb = self.in_features // 32
-            w = getattr(self, UNPACKED).reshape(-1, nb, 32).to(torch.float32) * self.scales.reshape(-1, nb, 1).to(
+            w = take(getattr(self, UNPACKED)).reshape(-1, nb, 32).to(torch.float32) * self.scales.reshape(-1, nb, 1).to(
                 torch.float32
             )
             return F.linear(x, w.reshape(self.out_features, self.in_features).to(x.dtype))
-        if self.fmt is not QuantFormat.NF4:
+        if self.fmt is QuantFormat.NF4:
+            codes = F.embedding(take(self.qweight).reshape(-1, 32).to(torch.int32), table).reshape(-1, 64)
+            w = (codes * self.absmax.reshape(-1, 1).to(torch.float32)).reshape(self.out_features, self.in_features)
+            return F.linear(x, w.to(x.dtype))
+        if not tie:
             return original(self, x)
-        codes = F.embedding(self.qweight.reshape(-1, 32).to(torch.int32), table).reshape(-1, 64)
-        w = (codes * self.absmax.reshape(-1, 1).to(torch.float32)).reshape(self.out_features, self.in_features)
-        return F.linear(x, w.to(x.dtype))
+        buffers = self._buffers_dict()
+        buffers["qweight" if "qweight" in buffers else "weight"] = take(buffers.get("qweight", buffers.get("weight")))
+        w = dequantize(buffers, self.fmt, (self.out_features, self.in_features), x.dtype)
+        return F.linear(x, w)
 
     QuantLinear.forward = forward
     try:
         yield
     finally:
         QuantLinear.forward = original
+
+
+def _tied_rows(x: torch.Tensor, rows: int):
+    """A function selecting all ``rows`` of a weight buffer in order, through indices that depend
+    on ``x`` (see :func:`_export_dequant`'s ``tie``)."""
+    zero = torch.nan_to_num(x.reshape(-1)[:1] * 0, nan=0.0, posinf=0.0, neginf=0.0).to(torch.int64)
+    idx = torch.arange(rows, dtype=torch.int64) + zero
+    return lambda t: t.index_select(0, idx)
 
 
 @contextlib.contextmanager
@@ -175,7 +196,7 @@ def _export_forward(ctx: ExportContext, train: bool, part: str = "model"):
     was_training = model.training
     module.train(train)  # train mode only to keep LoRA dropout in the training graph
     try:
-        with _export_dequant(), warnings.catch_warnings():
+        with _export_dequant(tie=part == "prefix"), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
             prog = torch.onnx.export(
                 module,
@@ -373,11 +394,16 @@ def _check_size(mp, what: str) -> None:
         )
 
 
-def _save(mp, path) -> None:
+def _save(mp, path, external: str | None = None) -> None:
+    """Write ``mp`` with ``ir_version`` <= 10; ``external``: the file name, beside ``path``, that
+    holds its initializers as ONNX external data."""
     import onnx
 
     mp.ir_version = min(mp.ir_version, MAX_IR_VERSION)
-    onnx.save(mp, str(path))
+    if external is None:
+        onnx.save(mp, str(path))
+    else:
+        onnx.save(mp, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=external)
 
 
 def _append_loss(mp) -> None:
@@ -581,7 +607,7 @@ class OnnxTarget:
             prefix = _export_forward(ctx, train=False, part="prefix")
             _check_size(prefix, "the prefix graph")
             _portable_ops(prefix)
-            _save(prefix, out / fmt.PREFIX)
+            _save(prefix, out / fmt.PREFIX, external=fmt.PREFIX_DATA)
             fwd = _export_forward(ctx, train=ctx.lora.lora_dropout > 0, part="suffix")
             _portable_ops(fwd)
         elif ctx.lora.lora_dropout > 0:  # the training graph keeps LoRA dropout; infer.onnx must not

@@ -192,6 +192,8 @@ class Session:
         bs = batch_size or self.manifest.batch_size
         loss = tok = top1 = top3 = 0
         hidden = PrefixOutputs(self.backend, inputs, cache)
+        if hidden.split:  # every row's prefix output up front, PREFIX_ROWS at a time
+            hidden.rows(range(len(inputs)))
         bar = _bar(math.ceil(len(inputs) / bs), "eval", progress)
         for s in range(0, len(inputs), bs):
             if hidden.split:
@@ -319,6 +321,11 @@ class HiddenCacheLike(Protocol):
     ) -> np.ndarray: ...
 
 
+#: rows per prefix run: a run of a quantized prefix dequantizes every frozen weight once, so
+#: bigger runs spread that cost (activations of 16 rows x 64 tokens are a few MiB)
+PREFIX_ROWS = 16
+
+
 class PrefixOutputs:
     """A split bundle's prefix outputs for packed rows ``inputs`` [R, T] (what one ``train`` /
     ``eval`` call uses): each row's computed on first use (through ``cache`` when given) and kept.
@@ -342,10 +349,12 @@ class PrefixOutputs:
         if todo:
             t0, before = time.perf_counter(), self.computed
             if self.cache is not None:
-                got = self.cache.hidden_for(self.inputs[todo], self._compute)
+                got = self.cache.hidden_for(self.inputs[todo], self._compute, batch=PREFIX_ROWS)
                 self.cached += len(todo) - (self.computed - before)
             else:
-                got = self._compute(self.inputs[todo])
+                got = np.concatenate(
+                    [self._compute(self.inputs[todo[s : s + PREFIX_ROWS]]) for s in range(0, len(todo), PREFIX_ROWS)]
+                )
             self.kept.update(zip(todo, got))
             self.seconds += time.perf_counter() - t0
         return np.stack([self.kept[i] for i in idx])

@@ -11,6 +11,13 @@ rows are padded with rows whose labels are all ignored; more rows (or ``grad_acc
 several calls whose gradients are summed with token-count weights, which is exactly the
 full-batch mean. Shorter rows are padded at the end (causal attention: earlier positions don't
 see them). ``infer.pte`` serves logits for up to ``batch_size`` x ``seq_len`` tokens per call.
+
+A split bundle (``signature.json`` has ``split``; see the executorch target) runs in two parts
+(``SupportsSplit``): ``prefix.pte`` (XNNPACK, or the portable kernels where lowering failed at
+export) turns token ids into the hidden states entering the split layer, ``train.pte`` trains the
+suffix from them and ``suffix.pte`` gives the suffix's logits; ``train_step`` / ``eval_batch`` /
+``logits`` on token ids run the prefix first. ``infer.pte`` (the whole model) is then unused here.
+Torch is imported because ExecuTorch's Python bindings exchange ``torch.Tensor``s.
 """
 
 from __future__ import annotations
@@ -34,13 +41,21 @@ from pocketpeft.errors import (
 )
 from pocketpeft.formats.executorch import (
     INFER,
+    PREFIX,
+    SIG_HIDDEN_SIZE,
     SIG_INFER,
     SIG_INPUTS,
+    SIG_KERNELS,
+    SIG_LAYER,
     SIG_MAX_BATCH,
     SIG_MAX_SEQ_LEN,
     SIG_PARAMETERS,
+    SIG_PREFIX,
+    SIG_SPLIT,
+    SIG_SUFFIX,
     SIG_TRAIN,
     SIGNATURE,
+    SUFFIX,
     TRAIN,
 )
 from pocketpeft.manifest import Bundle
@@ -101,6 +116,9 @@ class ExecuTorchBackend:
         self._keys: list[str] = []  # PEFT keys, in train-output order
         self._adapter: dict[str, torch.Tensor] = {}  # PEFT key -> tensor (aliases ExecuTorch's once training ran)
         self._opt = HostAdamW(self.cfg)  # the host optimizer (numpy, shared with the onnxruntime backend)
+        self._split: dict | None = None  # signature.json's split entry when the bundle is split
+        self._prefix = self._suffix = None  # a split bundle's programs, loaded on first use
+        self.prefix_kernels = ""  # "xnnpack" or "portable": what the prefix program runs on
 
     def capabilities(self) -> Capabilities:
         return probe().capabilities[self.device]
@@ -115,14 +133,28 @@ class ExecuTorchBackend:
                 f"bundle {bundle.root} has no executorch target (it has: {', '.join(bundle.targets)}); "
                 "re-export it with --targets executorch"
             )
-        for rel in (TRAIN, INFER):
-            self._load_pte(bundle, rel, _runtime()[2])
         try:
             self._sig = json.loads(bundle.path_of(SIGNATURE).read_text(encoding="utf-8"))
             self._keys = list(self._sig[SIG_TRAIN][SIG_PARAMETERS].values())
-        except (ValueError, KeyError, TypeError) as e:
+            split = self._sig.get(SIG_SPLIT)
+            if split is not None:  # the entries the split runs read
+                layer, hidden = int(split[SIG_LAYER]), int(split[SIG_HIDDEN_SIZE])
+                kernels = str(split[SIG_PREFIX][SIG_KERNELS])
+                for part in (SIG_PREFIX, SIG_SUFFIX):
+                    int(split[part][SIG_MAX_BATCH]), int(split[part][SIG_MAX_SEQ_LEN]), list(split[part][SIG_INPUTS])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptFileError(f"{bundle.root / SIGNATURE} is malformed: {e}") from e
+        ms = bundle.manifest.split
+        if split is not None and (ms is None or (ms.layer, ms.hidden_size) != (layer, hidden)):
+            raise CorruptFileError(
+                f"{bundle.root / SIGNATURE}: its split (layer {layer}, hidden size {hidden}) doesn't match "
+                f"the manifest's field 'split' ({ms})"
+            )
+        for rel in (TRAIN, INFER) if split is None else (TRAIN, PREFIX, SUFFIX):
+            self._load_pte(bundle, rel, _runtime()[2])
         self._bundle, self._train, self._infer = bundle, None, None
+        self._split, self._prefix, self._suffix = split, None, None
+        self.prefix_kernels = "" if split is None else kernels
         init = bundle.initial_adapter().tensors
         self._adapter = {k: torch.from_numpy(np.array(init[k], dtype=np.float32)) for k in self._keys}
         self.configure(self.cfg)
@@ -148,32 +180,34 @@ class ExecuTorchBackend:
         self._opt = HostAdamW(cfg)
 
     # ------------------------------------------------------------------ running the programs
-    def _pad(self, input_ids: np.ndarray, labels: np.ndarray | None, rows: int, what: str):
-        """int64 tensors [rows, seq_len]: the batch padded with ignored rows / trailing tokens."""
-        ids = np.asarray(input_ids, dtype=np.int64)
+    def _pad(self, x: np.ndarray, labels: np.ndarray | None, rows: int, what: str):
+        """``x`` (int64 ids [B, T] or float32 hidden states [B, T, H]) and int64 labels as tensors of
+        the train program's [rows, seq_len]: padded with ignored rows / trailing positions (token 0
+        or zero states, label -100; causal attention keeps them from earlier positions)."""
         seq = self._b.manifest.seq_len
-        if ids.ndim != 2 or ids.shape[0] > rows or ids.shape[1] > seq:
+        if x.ndim < 2 or x.shape[0] > rows or x.shape[1] > seq:
             raise SequenceTooLongError(
-                f"{what}: got shape {ids.shape}; the executorch programs of {self._b.root} "
+                f"{what}: got shape {x.shape}; the executorch programs of {self._b.root} "
                 f"take at most {rows} rows of {seq} tokens (re-export with a larger --seq-len)"
             )
-        out_ids = torch.zeros(rows, seq, dtype=torch.int64)
-        out_ids[: ids.shape[0], : ids.shape[1]] = torch.from_numpy(ids)
+        t = torch.from_numpy(x)
+        out_x = torch.zeros((rows, seq, *x.shape[2:]), dtype=t.dtype)
+        out_x[: x.shape[0], : x.shape[1]] = t
         out_lab = torch.full((rows, seq), -100, dtype=torch.int64)
         if labels is not None:
-            out_lab[: ids.shape[0], : ids.shape[1]] = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        return out_ids, out_lab
+            out_lab[: x.shape[0], : x.shape[1]] = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        return out_x, out_lab
 
     def _train_module(self):
         if self._train is None:
             self._train = self._load_pte(self._b, TRAIN, _runtime()[0])
         return self._train
 
-    def _forward_backward(self, ids: torch.Tensor, lab: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
+    def _forward_backward(self, x: torch.Tensor, lab: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
         """Loss and LoRA gradients (in ``self._keys`` order) of one full-size call."""
         tm = self._train_module()
         fresh = tm.named_params is None
-        loss = tm.forward_backward("forward", (ids, lab))[0]
+        loss = tm.forward_backward("forward", (x, lab))[0]
         if fresh:  # first call: from now on the program's own LoRA tensors are the adapter
             params = [tm.named_parameters()[f] for f in self._sig[SIG_TRAIN][SIG_PARAMETERS]]
             stale = any(not torch.equal(p, self._adapter[k]) for p, k in zip(params, self._keys))
@@ -181,7 +215,7 @@ class ExecuTorchBackend:
                 p.copy_(self._adapter[k])
                 self._adapter[k] = p
             if stale:  # the program ran with its baked adapter, not ours: run again
-                loss = tm.forward_backward("forward", (ids, lab))[0]
+                loss = tm.forward_backward("forward", (x, lab))[0]
         grads = tm.named_gradients()
         return float(loss), [grads[f] for f in self._sig[SIG_TRAIN][SIG_PARAMETERS]]
 
@@ -196,20 +230,92 @@ class ExecuTorchBackend:
         # ExecuTorch refuses strided inputs (e.g. a row slice of a batch): pass contiguous tensors
         return self._infer_module().forward((ids.contiguous(), *(t.contiguous() for t in lora)))[0]
 
+    # ------------------------------------------------------------------ split bundles
+    @property
+    def split_layer(self) -> int | None:
+        """The first trained layer of a split bundle (``None``: not split)."""
+        return None if self._split is None else int(self._split[SIG_LAYER])
+
+    def _split_sig(self) -> dict:
+        if self._split is None:
+            raise RuntimeError("the loaded bundle is not split (signature.json has no 'split')")
+        return self._split
+
+    def _chunks(self, x: np.ndarray, sig: dict, what: str):
+        """Row blocks of ``x`` ([B, T, ...]) that one call of a dynamic-shape program takes."""
+        if x.ndim < 2 or not 1 <= x.shape[1] <= sig[SIG_MAX_SEQ_LEN]:
+            m = self._b.manifest
+            raise SequenceTooLongError(
+                f"{what} of shape {x.shape}: the executorch programs of {self._b.root} take 1..{sig[SIG_MAX_SEQ_LEN]} "
+                f"tokens per row (re-export with --seq-len up to the model's context of {m.arch.max_position_embeddings})"
+            )
+        step = int(sig[SIG_MAX_BATCH])
+        # ExecuTorch refuses strided inputs (e.g. a row slice of a batch): pass contiguous tensors
+        return (torch.from_numpy(np.ascontiguousarray(x[s : s + step])) for s in range(0, len(x), step))
+
+    def prefix(self, input_ids: np.ndarray) -> np.ndarray:
+        """The frozen prefix's output, float32 [B, T, hidden] (see ``SupportsSplit``), through
+        ``prefix.pte`` ``max_batch`` rows a call. Raises SequenceTooLongError for rows longer than
+        the exported ``seq_len``."""
+        sig = self._split_sig()[SIG_PREFIX]
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if self._prefix is None:
+            self._prefix = self._load_pte(self._b, PREFIX, _runtime()[1])
+        parts = [self._prefix.forward((x,))[0] for x in self._chunks(ids, sig, "prefix input_ids")]
+        return torch.cat(parts).numpy() if parts else np.zeros((0, *ids.shape[1:], self._hidden_size), np.float32)
+
+    def release_prefix(self) -> None:
+        """Free the prefix program (its weights); the next :meth:`prefix` loads it again."""
+        self._prefix = None
+
+    @property
+    def _hidden_size(self) -> int:
+        return int(self._split_sig()[SIG_HIDDEN_SIZE])
+
+    def _hidden(self, hidden: np.ndarray, what: str) -> np.ndarray:
+        """float32 prefix outputs [B, T, hidden_size] (a cache may hold float16)."""
+        h = np.asarray(hidden, dtype=np.float32)
+        if h.ndim != 3 or h.shape[2] != self._hidden_size:
+            raise ConfigError(f"{what}: got shape {h.shape}, expected [batch, seq, {self._hidden_size}]")
+        return h
+
+    def train_step_hidden(self, hidden: np.ndarray, labels: np.ndarray) -> StepResult:
+        """:meth:`train_step` of the suffix from prefix outputs [B, T, hidden]."""
+        return self._train_step(self._hidden(hidden, "train_step_hidden hidden"), labels)
+
+    def eval_hidden(self, hidden: np.ndarray, labels: np.ndarray) -> EvalSums:
+        """:meth:`eval_batch` of the suffix from prefix outputs."""
+        return self._eval(self._suffix_logits, self._hidden(hidden, "eval_hidden hidden"), labels)
+
+    def _suffix_logits(self, hidden: np.ndarray) -> np.ndarray:
+        """float32 logits [B, T, vocab] of the suffix (``suffix.pte``) from prefix outputs."""
+        sig = self._split_sig()[SIG_SUFFIX]
+        if self._suffix is None:
+            self._suffix = self._load_pte(self._b, SUFFIX, _runtime()[1])
+        lora = [self._adapter[k].contiguous() for k in sig[SIG_INPUTS][1:]]
+        return torch.cat([self._suffix.forward((h, *lora))[0] for h in self._chunks(hidden, sig, "hidden")]).numpy()
+
     # ------------------------------------------------------------------ the Protocol
     def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
+        """One AdamW step over ``input_ids`` [B, T] and aligned ``labels``; a split bundle runs the
+        prefix first (backward stops there)."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        return self._train_step(ids if self._split is None else self.prefix(ids), labels)
+
+    def _train_step(self, x_all: np.ndarray, labels: np.ndarray) -> StepResult:
+        """The step over token ids, or a split bundle's prefix outputs."""
         cfg, bs = self.cfg, self._b.manifest.batch_size
-        ids_all, lab_all = np.asarray(input_ids), np.asarray(labels)
+        lab_all = np.asarray(labels)
         n_tok = int((lab_all != -100).sum())
         lr = cfg.lr_at(self.step)
         total, grads = 0.0, [torch.zeros_like(self._adapter[k]) for k in self._keys]
         # gradient accumulation is exact whatever the split, so fill every call to batch_size
-        for s in range(0, len(ids_all), bs):
-            ids, lab = self._pad(ids_all[s : s + bs], lab_all[s : s + bs], bs, "train_step input_ids")
+        for s in range(0, len(x_all), bs):
+            x, lab = self._pad(x_all[s : s + bs], lab_all[s : s + bs], bs, "train_step input")
             n = int((lab != -100).sum())
             if n == 0:
                 continue  # the program's mean over zero tokens is NaN; these rows add nothing
-            loss, g = self._forward_backward(ids, lab)
+            loss, g = self._forward_backward(x, lab)
             w = n / n_tok
             total += loss * w
             for acc, gi in zip(grads, g):
@@ -225,14 +331,17 @@ class ExecuTorchBackend:
         return StepResult(total, False, grad_norm, lr, n_tok)
 
     def eval_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> EvalSums:
+        """Summed loss, scored-token count, top-1 and top-3 hits over labels != -100."""
+        return self._eval(self.logits, np.asarray(input_ids, dtype=np.int64), labels)
+
+    def _eval(self, logits_of, x: np.ndarray, labels: np.ndarray) -> EvalSums:
+        """EvalSums of ``logits_of(x)``, ``batch_size`` rows at a time (bounded logits memory)."""
         bs = self._b.manifest.batch_size
         loss, tok, top1, top3 = 0.0, 0, 0, 0
-        for s in range(0, len(input_ids), bs):
-            ids = np.asarray(input_ids[s : s + bs], dtype=np.int64)
+        for s in range(0, len(x), bs):
             lab = torch.from_numpy(np.asarray(labels[s : s + bs], dtype=np.int64))
-            logits = self.logits(ids)
             valid = lab != -100
-            lg, tg = torch.from_numpy(logits)[valid], lab[valid]
+            lg, tg = torch.from_numpy(logits_of(x[s : s + bs]))[valid], lab[valid]
             loss += float(F.cross_entropy(lg, tg, reduction="sum"))
             top = lg.topk(3, dim=-1).indices
             tok, top1 = tok + int(tg.numel()), top1 + int((top[:, 0] == tg).sum())
@@ -240,18 +349,12 @@ class ExecuTorchBackend:
         return EvalSums(loss, tok, top1, top3)
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """float32 logits [B, T, vocab]: ``infer.pte``, or a split bundle's prefix then suffix."""
         ids = np.asarray(input_ids, dtype=np.int64)
-        sig, m = self._sig[SIG_INFER], self._b.manifest
-        if ids.ndim != 2 or ids.shape[1] > sig[SIG_MAX_SEQ_LEN] or ids.shape[1] < 1:
-            raise SequenceTooLongError(
-                f"input_ids of shape {ids.shape}: infer.pte of {self._b.root} takes 1..{sig[SIG_MAX_SEQ_LEN]} tokens "
-                f"per row (re-export with --seq-len up to the model's context of {m.arch.max_position_embeddings})"
-            )
-        parts = [
-            self._logits(torch.from_numpy(ids[s : s + sig[SIG_MAX_BATCH]]))
-            for s in range(0, len(ids), sig[SIG_MAX_BATCH])
-        ]
-        return torch.cat(parts).numpy()
+        if self._split is not None:
+            return self._suffix_logits(self.prefix(ids))
+        sig = self._sig[SIG_INFER]
+        return torch.cat([self._logits(x) for x in self._chunks(ids, sig, "input_ids")]).numpy()
 
     def get_adapter(self) -> dict[str, np.ndarray]:
         return {k: self._adapter[k].detach().clone().numpy() for k in self._keys}

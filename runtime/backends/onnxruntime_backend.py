@@ -211,6 +211,7 @@ class OrtBackend:
                     f"{paths[IO_JSON]}: its split {self._split!r} doesn't match the manifest's field 'split'"
                 )
             self._prefix_path = bundle.path_of(f"{DIR}/{fmt.PREFIX}")
+            bundle.path_of(f"{DIR}/{fmt.PREFIX_DATA}")  # its weights: verified before ORT reads them
         self.set_adapter(bundle.initial_adapter().tensors)
 
     # ------------------------------------------------------------------ split bundles

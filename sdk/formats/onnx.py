@@ -27,6 +27,9 @@ IO_JSON = "io.json"
 #: a split bundle's frozen prefix: ``input_ids`` -> ``hidden`` (inference only, no LoRA); the
 #: training/eval models and checkpoint then hold the suffix, which takes ``hidden``
 PREFIX = "prefix.onnx"
+#: the prefix's weights, beside it as ONNX external data: ORT then reads them once instead of
+#: holding a parsed copy of the whole model while it builds the session
+PREFIX_DATA = "prefix.onnx.data"
 
 #: bundle-relative paths
 TRAIN_PATH, EVAL_PATH, CHECKPOINT_PATH = f"{DIR}/{TRAIN}", f"{DIR}/{EVAL}", f"{DIR}/{CHECKPOINT}"
