@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 
-from pocketpeft.errors import ModelFileNotFoundError
 from pocketpeft.manifest import Bundle
 from pocketpeft.registry import backend_target
 
@@ -81,9 +80,4 @@ def open(
 def _check_target(bundle: Bundle, backend: str) -> None:
     """Raise :class:`ModelFileNotFoundError` unless ``bundle`` was exported with the target that
     ``backend`` reads (checked once here, before the backend loads anything)."""
-    target = backend_target(backend)
-    if target not in bundle.targets:
-        raise ModelFileNotFoundError(
-            f"bundle {bundle.root} has no '{target}' target, which backend {backend!r} reads; it has: "
-            f"{', '.join(bundle.targets) or 'none'} (re-export with --targets {target})"
-        )
+    bundle.require_target(backend_target(backend), reader=backend)

@@ -188,6 +188,16 @@ class Bundle:
     def targets(self) -> list[str]:
         return sorted(self.manifest.targets)
 
+    def require_target(self, target: str, reader: str | None = None) -> None:
+        """Raise :class:`ModelFileNotFoundError` unless the bundle was exported with ``target``;
+        ``reader`` (a backend name) is named in the message. The one check every reader uses."""
+        if target not in self.manifest.targets:
+            by = f", which backend {reader!r} reads" if reader else ""
+            raise ModelFileNotFoundError(
+                f"bundle {self.root} has no '{target}' target{by}; it has: "
+                f"{', '.join(self.targets) or 'none'} (re-export with --targets {target})"
+            )
+
     def files_of(self, target: str) -> list[str]:
         """Relative paths of the files that belong to ``target`` (plus shared files)."""
         return [p for p, info in self.manifest.files.items() if info.get("target") in (target, "shared")]
@@ -197,11 +207,8 @@ class Bundle:
 
         Each file is checked once per Bundle object.
         """
-        if target is not None and target not in self.manifest.targets:
-            raise ModelFileNotFoundError(
-                f"bundle {self.root} has no '{target}' target; it has: "
-                f"{', '.join(self.targets) or 'none'} (re-export with --targets {target})"
-            )
+        if target is not None:
+            self.require_target(target)
         for rel in self.files_of(target) if target else list(self.manifest.files):
             self._check(rel)
 

@@ -43,7 +43,6 @@ from pocketpeft.errors import (
     CorruptFileError,
     InputTextError,
     MissingDependencyError,
-    ModelFileNotFoundError,
 )
 from pocketpeft.manifest import Bundle
 
@@ -111,12 +110,7 @@ def _train_unavailable() -> BackendUnavailableError:
 def base_gguf_path(bundle: Bundle):
     """The verified path of the bundle's base GGUF. Raises :class:`ModelFileNotFoundError` when the
     bundle has no gguf target, :class:`CorruptFileError` for an unreadable ``gguf/info.json``."""
-    if "gguf" not in bundle.manifest.targets:
-        raise ModelFileNotFoundError(
-            f"bundle {bundle.root} has no 'gguf' target (it has: {', '.join(bundle.targets) or 'none'}); "
-            "the llamacpp backend needs it: re-export with --targets gguf (e.g. `pocketpeft export BASE "
-            "--out BUNDLE --targets torch,gguf`)"
-        )
+    bundle.require_target("gguf", reader="llamacpp")
     info_path = bundle.path_of(INFO)
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))

@@ -37,7 +37,6 @@ from pocketpeft.errors import (
     ConfigError,
     CorruptFileError,
     MissingDependencyError,
-    ModelFileNotFoundError,
     SequenceTooLongError,
 )
 from pocketpeft.formats import onnx as fmt
@@ -170,11 +169,7 @@ class OrtBackend:
         import onnxruntime as ort
 
         CheckpointState, Module = training_api()
-        if DIR not in bundle.manifest.targets:
-            raise ModelFileNotFoundError(
-                f"bundle {bundle.root} has no 'onnx' target (it has: "
-                f"{', '.join(bundle.targets)}); re-export it with --targets onnx"
-            )
+        bundle.require_target(DIR, reader=self.name)
         paths = {f: bundle.path_of(f"{DIR}/{f}") for f in (TRAIN, EVAL, CHECKPOINT, IO_JSON)}
         try:
             io = json.loads(paths[IO_JSON].read_text(encoding="utf-8"))

@@ -28,7 +28,6 @@ from pocketpeft.errors import (
     ConfigError,
     CorruptFileError,
     MissingDependencyError,
-    ModelFileNotFoundError,
 )
 from pocketpeft.formats.onnx import IGNORE_INDEX, INPUT_IDS, LABELS, LOGITS, LOSS
 from pocketpeft.formats.onnx import INFER_PATH as INFER
@@ -86,11 +85,7 @@ class OrtInferBackend:
         """
         import onnxruntime as ort
 
-        if "onnx" not in bundle.manifest.targets:
-            raise ModelFileNotFoundError(
-                f"bundle {bundle.root} has no 'onnx' target (it has: "
-                f"{', '.join(bundle.targets)}); re-export it with --targets onnx"
-            )
+        bundle.require_target("onnx", reader="onnxruntime-infer")
         path = bundle.path_of(INFER)
         so = ort.SessionOptions()
         so.log_severity_level = 3

@@ -482,11 +482,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: third-party loggers whose warnings say nothing to a pocketpeft user (torch's exporter listing
+#: torchvision ops it skips; executorch importing torchao kernels built for other GPUs and registering
+#: a deprecated pytree constant)
+_QUIET_LOGGERS = ("torch.onnx._internal.exporter._registration", "torch.utils._pytree", "torch._export", "torchao")
+
+
+def _quiet_third_party() -> None:
+    """Errors only from :data:`_QUIET_LOGGERS` and FutureWarnings from torch's internals on a
+    terminal; pocketpeft's own messages are unaffected."""
+    import logging
+    import warnings
+
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|copyreg|transformers)(\.|$)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pocketpeft`` console script; returns the exit status."""
     # torch and llama.cpp share one OpenMP runtime in a process (demo, bench): spinning workers of
     # one starve the other on few cores. Must be set before torch is imported; a user value wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _quiet_third_party()
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
