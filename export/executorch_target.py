@@ -23,7 +23,11 @@ and trains the suffix only:
   elementwise op XNNPACK takes; the in-graph dequantization of the packed weights - bitwise
   and, floor division, casts - stays on the portable kernels, the weights stay quantized in the
   file). If the lowering fails, the portable kernels run it all; ``signature.json`` records
-  which (``split.prefix.kernels``) and why.
+  which (``split.prefix.kernels``) and why. Measured on SmolLM2 q4_0, 8x64 rows, 2 cores: a
+  4-layer prefix runs 2.1x faster on XNNPACK than on the portable kernels (25.3 vs 12.1 rows/s);
+  the 22-layer prefix of a top-8 split runs 6.1 rows/s, still below torch eager (10.8) and ONNX
+  Runtime (14.8), because the per-call weight unpacking stays portable. Lowering costs export
+  time: ~10 minutes for those 22 layers.
 - ``train.pte`` then holds the suffix (layers >= k, final norm, head, loss):
   ``forward(hidden, labels)``, float32 ``[batch_size, seq_len, hidden_size]`` and int64
   ``[batch_size, seq_len]``, the same outputs as above; backward never reaches the prefix.

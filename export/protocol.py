@@ -28,9 +28,9 @@ class ExportContext:
     progress: bool = False
     onnx: OnnxOptions = field(default_factory=OnnxOptions)
     gguf: GgufOptions = field(default_factory=GgufOptions)
-    #: split the model here (``None``: don't): targets that can write the frozen prefix
-    #: (layers below it) as an inference graph and train only the layers from it on, do so and
-    #: return ``{"split": True}`` among their toolchain info (see :class:`pocketpeft.manifest.Split`)
+    #: split the model here (``None``: don't): the targets listed in ``export.SPLIT_TARGETS`` write
+    #: the frozen prefix (layers below it) as an inference graph and train only the layers from it
+    #: on (see :class:`pocketpeft.manifest.Split`)
     split_layer: int | None = None
 
 

@@ -136,7 +136,8 @@ class Split:
     ``[batch, seq, hidden_size]``, positions from 0), can be computed once per row and cached; the
     *suffix* (layers ``>= layer``, final norm, output projection, loss) is the only training graph.
     ``targets``: the targets whose files are split (``onnx``: ``prefix.onnx`` + suffix training
-    artifacts); the torch reference splits at run time from its whole-model weights."""
+    artifacts; ``executorch``: ``prefix.pte`` on XNNPACK + the suffix's ``train.pte`` and
+    ``suffix.pte``); the torch reference splits at run time from its whole-model weights."""
 
     layer: int
     hidden_size: int

@@ -36,7 +36,6 @@ from pocketpeft.errors import (
     AdapterShapeError,
     ConfigError,
     CorruptFileError,
-    ModelFileNotFoundError,
     SequenceTooLongError,
 )
 from pocketpeft.formats.executorch import (
@@ -128,11 +127,7 @@ class ExecuTorchBackend:
         """Verify the bundle's executorch files and start from its initial adapter (the programs
         are loaded on first use). Raises ModelFileNotFoundError without an executorch target,
         CorruptFileError for a damaged file."""
-        if "executorch" not in bundle.manifest.targets:
-            raise ModelFileNotFoundError(
-                f"bundle {bundle.root} has no executorch target (it has: {', '.join(bundle.targets)}); "
-                "re-export it with --targets executorch"
-            )
+        bundle.require_target("executorch", reader=self.name)
         try:
             self._sig = json.loads(bundle.path_of(SIGNATURE).read_text(encoding="utf-8"))
             self._keys = list(self._sig[SIG_TRAIN][SIG_PARAMETERS].values())
