@@ -40,7 +40,7 @@ SUITES: dict[str, list[str]] = {
     "suggest": ["benchmarks.suggest_latency"],
     "quality": ["benchmarks.personalize"],
     "export": ["benchmarks.export_bench"],
-    "memory": [],
+    "memory": ["benchmarks.loop_memory"],
 }
 ALL = ["train", "suggest", "quality", "export", "memory"]
 
@@ -556,6 +556,30 @@ def section_gpu_train(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
     out.append("")
 
 
+def section_loop_memory(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
+    """The whole Personalizer loop's peak RSS per configuration, and where the device loop's goes."""
+    out.append(_title(obj, "Whole-loop memory (Personalizer: store, gated update, serving)"))
+    rows = []
+    for kind, r in obj.get("runs", {}).items():
+        rows.append(
+            [
+                kind,
+                _f(r.get("peak_rss_mib"), ".0f"),
+                str(r.get("steps", "-")),
+                str(r.get("accepted", "-")),
+                _f(r.get("suggest_ms_p50")),
+                "yes" if r.get("torch_imported") else "no",
+            ]
+        )
+    out += _table(["loop", "peak RSS MiB", "update steps", "accepted", "suggest p50 ms", "torch"], rows)
+    for name, ok in obj.get("targets", {}).items():
+        out.append(f"- {name}: {_met(ok)}")
+    stages = obj.get("runs", {}).get("device", {}).get("rss_mib_by_stage")
+    if stages:
+        out.append("- device loop RSS by stage (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
+    out.append("")
+
+
 SECTIONS = {
     "train_speed": section_train,
     "suggest_latency": section_suggest,
@@ -563,6 +587,7 @@ SECTIONS = {
     "personalize": section_quality,
     "forward_only": section_forward_only,
     "time_to_quality": section_time_to_quality,
+    "loop_memory": section_loop_memory,
 }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -209,10 +210,12 @@ def run_demo(
     serving = runtime.open(bundle, need_train=False)  # auto: llama.cpp first
     p = demo_personalizer(sess, out / "store", sender, serve_session=serving)
     serve = p.serve_session
+    split = bundle.manifest.split
     say(
         f"sender {sender}: {len(train)} earlier messages to learn from, {len(test)} later ones held out; "
-        f"training on {sess.backend.name}:{sess.backend.device}, suggestions from "
-        f"{serve.backend.name}:{serve.backend.device}"
+        f"training on {sess.backend.name}:{sess.backend.device}"
+        + (f" (layers {split.layer}+ only; the frozen layers' outputs are cached)" if split else "")
+        + f", suggestions from {serve.backend.name}:{serve.backend.device}"
     )
     prefixes = _example_prefixes(test, examples)
     base_sugg = [p.suggest(x, 3) for x in prefixes]  # nothing observed yet: the base model alone
@@ -250,6 +253,9 @@ def run_demo(
         "examples": [{"prefix": x, "base": b, "personalized": s} for x, b, s in zip(prefixes, base_sugg, pers_sugg)],
         "peak_rss_mb": round(peak_rss_mib(), 1),
         "adapter": str(out / "store" / "adapters"),
+        "split": split.to_dict() if split else None,
+        # the device path needs no torch: it is loaded only to export the bundle the first time
+        "torch_loaded": "torch" in sys.modules,
     }
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,7 +298,7 @@ def _print_report(r: dict[str, Any], out: Path, log: Log) -> None:
     log(
         f"update: {u['steps']} steps, {u['tokens']} tokens, {u['train_seconds']:.1f}s training / {u['seconds']:.1f}s "
         f"with the quality gate; peak RSS {r['peak_rss_mb']:.0f} MiB; whole demo {r['total_seconds']:.0f}s "
-        f"(export {r['export_seconds']:.0f}s)"
+        f"(export {r['export_seconds']:.0f}s); torch {'loaded' if r['torch_loaded'] else 'not loaded'}"
     )
     log(f"report: {out / 'report.json'}, plot: {out / 'report.png'}, adapter versions: {r['adapter']}")
 
