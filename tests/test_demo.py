@@ -6,6 +6,7 @@ import json
 import pytest
 
 from pocketpeft.apps.demo import run_demo
+from pocketpeft.runtime.selection import probe
 
 
 @pytest.mark.slow
@@ -35,6 +36,12 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path):
     if rep["update"]["accepted"]:  # the gate let it through only because held-out loss fell
         assert rep["update"]["heldout_loss_after"] < rep["update"]["heldout_loss_before"]
     assert any("personalized" in ln for ln in lines)  # the before/after table was printed
+    # the device path where its runtimes are installed: split training on ONNX Runtime, llama.cpp serving
+    assert rep["split"]["layer"] == 22 and rep["split"]["hidden_size"] == 576
+    if probe("onnxruntime").available:
+        assert rep["backend"].startswith("onnxruntime")
+    if probe("llamacpp").available:
+        assert rep["serving_backend"].startswith("llamacpp")
     assert (
         run_demo(
             seconds=1,
