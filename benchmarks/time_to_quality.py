@@ -274,18 +274,6 @@ class _Pocket:
         self.split = self.outputs.split
         self._held = None
 
-    @property
-    def prefix_seconds(self) -> float:
-        return self.outputs.seconds
-
-    @property
-    def computed(self) -> int:
-        return self.outputs.computed
-
-    @property
-    def cached(self) -> int:
-        return self.outputs.cached
-
     def fill(self) -> dict:
         """Put every training row's prefix output in the cache (off the clock)."""
         t0, rows = time.perf_counter(), []
@@ -398,10 +386,10 @@ def worker_train(spec: dict) -> dict:
     }
     if isinstance(tr, _Pocket) and tr.split:
         res.update(
-            prefix_seconds=tr.prefix_seconds,
-            prefix_rows_computed=tr.computed,
-            prefix_rows_cached=tr.cached,
-            prefix_share_of_clock=tr.prefix_seconds / spent if spent else 0.0,
+            prefix_seconds=tr.outputs.seconds,
+            prefix_rows_computed=tr.outputs.computed,
+            prefix_rows_cached=tr.outputs.cached,
+            prefix_share_of_clock=tr.outputs.seconds / spent if spent else 0.0,
         )
     return res
 

@@ -66,3 +66,34 @@ def assert_skips_non_finite_steps(backend, inputs, labels, steps: int = 6) -> No
     for k in after:
         assert np.array_equal(after[k], snapshots[i][k], equal_nan=True), f"{k} changed on a skipped step"
     assert not math.isfinite(results[i].loss) or not math.isfinite(results[i].grad_norm)
+
+
+#: the split tests' LoRA: a few linears of layer 1 only, so the tiny model splits at layer 1
+SPLIT_LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1])
+
+
+def export_split_bundle(tiny_hf_dir, tmp_path_factory, targets, split=None, name="split"):
+    """The tiny model exported with :data:`SPLIT_LORA` (``split=False``: the same model unsplit)."""
+    import pocketpeft as pp
+
+    return pp.export(
+        tiny_hf_dir,
+        tmp_path_factory.mktemp(name) / "b",
+        quant="q4_0",
+        lora=pp.LoraConfig(**SPLIT_LORA),
+        targets=targets,
+        seq_len=32,
+        batch_size=4,
+        split=split,
+    )
+
+
+def peft_logits(hf, adapter_dir, ids):
+    """(base logits, logits with the PEFT adapter at ``adapter_dir`` loaded by real peft, the
+    PeftModel) of ``hf`` on one sequence ``ids``."""
+    import peft
+
+    with torch.no_grad():
+        base = hf(torch.tensor(ids[None])).logits[0].numpy()
+        pm = peft.PeftModel.from_pretrained(hf, str(adapter_dir)).eval()
+        return base, pm(input_ids=torch.tensor(ids[None])).logits[0].numpy(), pm

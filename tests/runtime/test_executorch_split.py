@@ -24,34 +24,20 @@ from pocketpeft.errors import ConfigError, CorruptFileError, SequenceTooLongErro
 from pocketpeft.fsutil import sha256_file  # noqa: E402
 from pocketpeft.runtime import TrainConfig  # noqa: E402
 from pocketpeft.text import pack_rows  # noqa: E402
-from tests.helpers import CHAT  # noqa: E402
+from tests.helpers import CHAT, SPLIT_LORA, export_split_bundle  # noqa: E402
 
 pytestmark = [pytest.mark.backend("executorch"), pytest.mark.slow]
-LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1])
 CFG = TrainConfig(lr=1e-2, warmup_steps=2, total_steps=20, weight_decay=0.01, grad_clip=1.0)
-
-
-def _export(tiny_hf_dir, tmp_path_factory, targets, split=None, name="et_split"):
-    return pp.export(
-        tiny_hf_dir,
-        tmp_path_factory.mktemp(name) / "b",
-        quant="q4_0",
-        lora=pp.LoraConfig(**LORA),
-        targets=targets,
-        seq_len=32,
-        batch_size=4,
-        split=split,
-    )
 
 
 @pytest.fixture(scope="module")
 def split_bundle(tiny_hf_dir, tmp_path_factory):
-    return _export(tiny_hf_dir, tmp_path_factory, ["torch", "executorch"])
+    return export_split_bundle(tiny_hf_dir, tmp_path_factory, ["torch", "executorch"], name="et_split")
 
 
 @pytest.fixture(scope="module")
 def whole_bundle(tiny_hf_dir, tmp_path_factory):
-    return _export(tiny_hf_dir, tmp_path_factory, ["torch"], split=False, name="et_whole")
+    return export_split_bundle(tiny_hf_dir, tmp_path_factory, ["torch"], split=False, name="et_whole")
 
 
 def test_split_bundle_records_the_split(split_bundle):
@@ -147,7 +133,7 @@ def test_prefix_falls_back_to_portable_kernels(tiny_hf_dir, tmp_path, monkeypatc
     from pocketpeft.reference.lora import inject_lora
     from pocketpeft.reference.model import SplitPart, build_from_float
 
-    loaded, lcfg = load_base(tiny_hf_dir), pp.LoraConfig(**LORA)
+    loaded, lcfg = load_base(tiny_hf_dir), pp.LoraConfig(**SPLIT_LORA)
     with torch.no_grad():
         model = build_from_float(loaded.config, loaded.state_dict, QuantFormat.Q4_0)
     inject_lora(model, lcfg, seed=0)

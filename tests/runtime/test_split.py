@@ -17,23 +17,9 @@ import pytest
 import pocketpeft as pp
 from pocketpeft.errors import ConfigError, CorruptFileError, UnsupportedModelError
 from pocketpeft.runtime import TrainConfig
-from tests.helpers import CHAT
+from tests.helpers import CHAT, export_split_bundle
 
-LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1])
 CFG = TrainConfig(lr=1e-2, warmup_steps=2, total_steps=20, weight_decay=0.01, grad_clip=1.0)
-
-
-def _export(tiny_hf_dir, tmp_path_factory, targets, split=None, name="split"):
-    return pp.export(
-        tiny_hf_dir,
-        tmp_path_factory.mktemp(name) / "b",
-        quant="q4_0",
-        lora=pp.LoraConfig(**LORA),
-        targets=targets,
-        seq_len=32,
-        batch_size=4,
-        split=split,
-    )
 
 
 def _has_ort() -> bool:
@@ -46,12 +32,12 @@ def _has_ort() -> bool:
 
 @pytest.fixture(scope="module")
 def split_bundle(tiny_hf_dir, tmp_path_factory):
-    return _export(tiny_hf_dir, tmp_path_factory, ["torch", "onnx"] if _has_ort() else ["torch"])
+    return export_split_bundle(tiny_hf_dir, tmp_path_factory, ["torch", "onnx"] if _has_ort() else ["torch"])
 
 
 @pytest.fixture(scope="module")
 def whole_bundle(tiny_hf_dir, tmp_path_factory):
-    return _export(tiny_hf_dir, tmp_path_factory, ["torch"], split=False, name="whole")
+    return export_split_bundle(tiny_hf_dir, tmp_path_factory, ["torch"], split=False, name="whole")
 
 
 def test_manifest_records_the_split(split_bundle, whole_bundle):

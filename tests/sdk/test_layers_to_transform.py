@@ -12,7 +12,7 @@ import pocketpeft as pp
 from pocketpeft.adapter import CONFIG_NAME, load_adapter
 from pocketpeft.config import LINEAR_MODULES, LoraConfig, as_lora_config, parse_layers, personal_lora
 from pocketpeft.errors import AdapterShapeError, ConfigError
-from tests.helpers import hf_model_from_backend
+from tests.helpers import hf_model_from_backend, peft_logits
 
 #: all seven linears of layer 1 only, with a random (non-zero) B so the adapter changes the logits
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=list(LINEAR_MODULES), init_lora_weights=False)
@@ -139,10 +139,7 @@ def test_pocketpeft_adapter_on_one_layer_loads_in_peft_with_same_logits(bundle, 
     ids = np.array(sess.tokenizer.encode(TEXT))
     ours = sess.logits(ids)
     hf = hf_model_from_backend(sess.backend)
-    with torch.no_grad():
-        base = hf(torch.tensor(ids[None])).logits[0].numpy()
-        pm = peft.PeftModel.from_pretrained(hf, str(path)).eval()
-        theirs = pm(input_ids=torch.tensor(ids[None])).logits[0].numpy()
+    base, theirs, pm = peft_logits(hf, path, ids)
     assert pm.peft_config["default"].layers_to_transform == [1]
     adapted = {n.split(".lora_A")[0] for n, _ in pm.named_parameters() if ".lora_A." in n}
     assert len(adapted) == 7 and all(".layers.1." in n for n in adapted)

@@ -8,7 +8,7 @@ import torch
 import pocketpeft as pp
 from pocketpeft.adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from pocketpeft.errors import AdapterShapeError, BaseModelMismatchError, CorruptFileError, ModelFileNotFoundError
-from tests.helpers import CHAT, hf_model_from_backend
+from tests.helpers import CHAT, hf_model_from_backend, peft_logits
 
 LORA = pp.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 
@@ -35,10 +35,7 @@ def test_pocketpeft_adapter_loads_in_peft_with_same_logits(trained):
     ids = np.array(sess.tokenizer.encode("are you coming to the game tonight or not"))
     ours = sess.logits(ids)
     hf = hf_model_from_backend(sess.backend)
-    with torch.no_grad():
-        base = hf(torch.tensor(ids[None])).logits[0].numpy()
-        pm = peft.PeftModel.from_pretrained(hf, str(path)).eval()
-        theirs = pm(input_ids=torch.tensor(ids[None])).logits[0].numpy()
+    base, theirs, pm = peft_logits(hf, path, ids)
     assert np.abs(ours - base).max() > 1e-3, "the trained adapter should change the logits"
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
 
