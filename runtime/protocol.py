@@ -193,3 +193,15 @@ class SupportsSplit(Protocol):
 
     def eval_hidden(self, hidden: np.ndarray, labels: np.ndarray) -> EvalSums:
         """``eval_batch`` from prefix outputs."""
+
+
+@runtime_checkable
+class SupportsGlobal(Protocol):
+    """A backend that applies a frozen *global* adapter (the fleet's, see
+    :mod:`pocketpeft.global_adapter`) under the trained one: the model computes
+    ``W x + s·B_global A_global x + s·B A x``, training touches ``A``/``B`` only, and
+    ``get_adapter``/``set_adapter`` keep speaking of the personal adapter alone."""
+
+    def set_global(self, tensors: "Mapping[str, np.ndarray] | None") -> None:
+        """Install the global adapter's PEFT-named tensors (the bundle's LoRA shapes) or remove it
+        (``None``); raises :class:`AdapterShapeError` and keeps the current one if they don't fit."""

@@ -13,12 +13,18 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 import numpy as np
 
 from pocketpeft.adapter import Adapter, check_adapter_shapes, load_adapter, save_adapter
-from pocketpeft.errors import AdapterShapeError, ConfigError, InputTextError, SequenceTooLongError
+from pocketpeft.errors import (
+    AdapterShapeError,
+    BackendUnavailableError,
+    ConfigError,
+    InputTextError,
+    SequenceTooLongError,
+)
 from pocketpeft.manifest import Bundle
 from pocketpeft.procinfo import peak_rss_mib
 from pocketpeft.text import pack_rows, validate_texts
 
-from .protocol import Backend, SupportsSplit, TrainConfig
+from .protocol import Backend, SupportsGlobal, SupportsSplit, TrainConfig
 
 #: Former name of :func:`pocketpeft.procinfo.peak_rss_mib` (``sdk/apps/demo.py`` imports it from here).
 peak_rss_mb = peak_rss_mib
@@ -77,6 +83,30 @@ class Session:
         #: ``load_adapter``, ``reset_adapter``, ``set_adapter_tensors``); the predictor drops its
         #: caches when it moves. Weights changed on ``backend`` directly go unnoticed.
         self.adapter_version = 0
+        #: the installed global adapter's info (``None``: the bundle has none); see :meth:`apply_global`
+        self.global_info = None
+        self.apply_global()
+
+    def apply_global(self) -> None:
+        """Apply the bundle's global adapter (``global/``, frozen under the personal one) on the
+        backend, or remove it when the bundle has none. Raises the typed errors of
+        :func:`~pocketpeft.global_adapter.load_global` for a corrupt or foreign one and
+        :class:`BackendUnavailableError` for a backend that can't apply one."""
+        g = self.bundle.global_adapter()
+        if g is None:
+            if self.global_info is not None:
+                self.backend.set_global(None)
+            self.global_info = None
+            return
+        adapter, info = g
+        if not isinstance(self.backend, SupportsGlobal):
+            raise BackendUnavailableError(
+                f"backend {self.backend.name!r} does not apply a global adapter, and bundle {self.bundle.root} "
+                f"has one (version {info.version}); use a backend that does (torch, peft, onnxruntime, llamacpp)"
+            )
+        self.backend.set_global(adapter.tensors)
+        self.global_info = info
+        self.adapter_version += 1
 
     def __repr__(self) -> str:
         return f"Session({self.bundle!r}, backend={self.backend.name}:{self.backend.device})"
@@ -235,7 +265,11 @@ class Session:
             self.manifest.lora,
             self.backend.get_adapter(),
             self.manifest.base_sha256,
-            {"pocketpeft.backend": self.backend.name},
+            {
+                "pocketpeft.backend": self.backend.name,
+                # what it was trained on top of: the Personalizer re-gates it when the global changes
+                **({"pocketpeft.global_sha256": self.global_info.sha256} if self.global_info else {}),
+            },
         )
         return save_adapter(adapter, path, base_name=f"pocketpeft:{self.manifest.base_source}")
 

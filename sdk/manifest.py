@@ -28,7 +28,7 @@ FORMAT_VERSION = 2
 #: versions this pocketpeft reads
 READABLE_VERSIONS = (1, 2)
 #: features a manifest may list under ``requires``; a reader refuses any it doesn't know
-FEATURES = ("split",)
+FEATURES = ("split", "global")
 
 
 @dataclass
@@ -52,9 +52,12 @@ class Manifest:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: the split model (:class:`Split`) when LoRA covers only the upper layers, else ``None``
     split: "Split | None" = None
+    #: whether the graph targets (onnx, executorch, coreml) carry a frozen global-adapter slot;
+    #: torch, peft and llama.cpp apply a global adapter without one
+    global_slot: bool = False
 
     def __post_init__(self) -> None:
-        if self.split is not None:
+        if self.split is not None or self.global_slot:
             self.format_version = FORMAT_VERSION
             if self.split.layer >= self.arch.num_hidden_layers:
                 raise UnsupportedModelError(
@@ -67,7 +70,7 @@ class Manifest:
     @property
     def requires(self) -> list[str]:
         """Features a reader must understand to use this bundle (``["split"]`` or ``[]``)."""
-        return ["split"] if self.split is not None else []
+        return (["split"] if self.split is not None else []) + (["global"] if self.global_slot else [])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,7 +88,9 @@ class Manifest:
             "targets": self.targets,
             "files": self.files,
             "options": self.options,
-            **({"requires": self.requires, "split": self.split.to_dict()} if self.split is not None else {}),
+            **({"requires": self.requires} if self.requires else {}),
+            **({"split": self.split.to_dict()} if self.split is not None else {}),
+            **({"global_slot": True} if self.global_slot else {}),
         }
 
     @classmethod
@@ -122,6 +127,7 @@ class Manifest:
                 format_version=d["format_version"],
                 options=dict(d.get("options", {})),
                 split=Split.from_dict(d["split"], where) if d.get("split") is not None else None,
+                global_slot=bool(d.get("global_slot", False)),
             )
         except PocketPeftError:
             raise
@@ -251,6 +257,30 @@ class Bundle:
         self.path_of("adapter/adapter_model.safetensors")
         self.path_of("adapter/adapter_config.json")
         return load_adapter(self.root / "adapter", expect_base_sha256=self.manifest.base_sha256)
+
+    def global_info(self):
+        """The installed global adapter's :class:`~pocketpeft.global_adapter.GlobalInfo` (checked), or ``None``."""
+        g = self.global_adapter()
+        return None if g is None else g[1]
+
+    def global_adapter(self):
+        """``(Adapter, GlobalInfo)`` of the global adapter in ``global/`` — checked against this
+        bundle's base and LoRA shapes — or ``None`` when none is installed. Raises the typed errors
+        of :func:`~pocketpeft.global_adapter.load_global` for a corrupt or foreign one."""
+        from .global_adapter import GLOBAL_DIR, load_global
+
+        if not (self.root / GLOBAL_DIR).exists():
+            return None
+        info = self.root / GLOBAL_DIR / "global.json"
+        key = info.stat().st_mtime_ns if info.exists() else None
+        if key is None or getattr(self, "_global_cache", (None, None))[0] != key:
+            self._global_cache = (
+                key,
+                load_global(
+                    self.root / GLOBAL_DIR, self.manifest.base_sha256, self.manifest.trainable, self.manifest.lora
+                ),
+            )
+        return self._global_cache[1]
 
     def general_texts(self) -> list[str]:
         """Other people's messages shipped in the bundle (``general.txt``, one per line) for the

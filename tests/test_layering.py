@@ -21,9 +21,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_DIRS = {"sdk": "pocketpeft", "export": "pocketpeft.export", "runtime": "pocketpeft.runtime"}
+PACKAGE_DIRS = {
+    "sdk": "pocketpeft",
+    "export": "pocketpeft.export",
+    "runtime": "pocketpeft.runtime",
+    "fleet": "pocketpeft.fleet",
+}
 
-CONTRACT = {"errors", "config", "manifest", "adapter", "tokenizer", "fsutil", "registry", "_deps", "text", "procinfo"}
+CONTRACT = {"errors", "config", "manifest", "adapter", "global_adapter", "tokenizer", "fsutil", "registry", "_deps", "text", "procinfo"}
 #: Engine backends that run the torch reference model (host and server, or ExecuTorch's torch-fed API).
 TORCH_BACKENDS = {"torch_backend", "peft_backend", "executorch_backend", "step_graph"}
 #: Third-party packages a device room must not import (host work or the reference stack).
@@ -49,7 +54,10 @@ ALLOWED = {
     "engine": {"contract", "formats", "engine"},
     "torch-engine": {"contract", "formats", "reference", "engine", "torch-engine"},
     "keyboard": {"contract", "formats", "engine", "keyboard"},
-    "apps": {"contract", "formats", "reference", "corpus", "export", "engine", "torch-engine", "keyboard", "apps"},
+    # federated learning: the ClientApp is a device (engine + keyboard), the ServerApp aggregates
+    # LoRA tensors; chitchat senders feed simulated clients (corpus)
+    "fleet": {"contract", "formats", "engine", "keyboard", "corpus", "fleet"},
+    "apps": {"contract", "formats", "reference", "corpus", "export", "engine", "torch-engine", "keyboard", "fleet", "apps"},
     # package faces: ``pocketpeft`` and ``pocketpeft.runtime`` re-export their rooms' public names
     "face:pocketpeft": {"contract"},
     "face:runtime": {"contract", "formats", "engine", "keyboard"},
@@ -68,7 +76,7 @@ def room_of(module: str) -> str | None:
     second = parts[1]
     if second in CONTRACT:
         return "contract"
-    if second in ("formats", "reference", "corpus", "apps"):
+    if second in ("formats", "reference", "corpus", "apps", "fleet"):
         return second
     if second == "__main__":
         return "apps"
@@ -91,7 +99,7 @@ def package_modules() -> dict[str, Path]:
     for folder, pkg in PACKAGE_DIRS.items():
         for path in sorted((ROOT / folder).rglob("*.py")):
             rel = path.relative_to(ROOT / folder).with_suffix("").parts
-            if folder == "sdk" and rel[0] in ("export", "runtime"):
+            if folder == "sdk" and rel[0] in ("export", "runtime", "fleet"):
                 continue
             if rel[-1] == "__init__":
                 rel = rel[:-1]

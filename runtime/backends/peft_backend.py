@@ -186,6 +186,7 @@ class PeftBackend:
         hf = build_hf_model(bundle, self.dtype)
         model = peft.get_peft_model(hf, bundle.manifest.lora.to_peft())
         self.model = model.to(self.device).eval()
+        self._lora = bundle.manifest.lora
         self._params = {}
         for name, p in self.model.named_parameters():
             if p.requires_grad:
@@ -285,6 +286,38 @@ class PeftBackend:
         res = peft.set_peft_model_state_dict(self.model, sd)
         if getattr(res, "unexpected_keys", None):
             raise AdapterShapeError(f"peft did not place adapter tensors {res.unexpected_keys[:2]}")
+        self.configure(self.cfg)
+
+    def set_global(self, tensors: Mapping[str, np.ndarray] | None) -> None:
+        """The global adapter as peft's own second adapter, named "global": both active, only
+        "default" (the personal adapter) trainable — peft's multi-adapter LoRA (see SupportsGlobal)."""
+        import dataclasses
+
+        import torch
+
+        peft = require("peft", extra="peft")
+        self._loaded()
+        lora = self.model.base_model
+        if tensors is not None:  # check before touching the model: a bad global leaves the current one
+            shapes = {k: list(p.shape) for k, p in self._p.items()}
+            given = {peft_key(k): np.asarray(v) for k, v in tensors.items()}
+            if {k: list(v.shape) for k, v in given.items()} != shapes:
+                raise AdapterShapeError("global adapter tensors don't match the model's LoRA layers (names or shapes)")
+            if not all(np.isfinite(v).all() for v in given.values()):
+                raise AdapterShapeError("global adapter tensors hold NaN or inf values")
+        lora.set_adapter("default")
+        if "global" in self.model.peft_config:
+            self.model.delete_adapter("global")
+        if tensors is not None:
+            cfg = dataclasses.replace(self._lora, lora_dropout=0.0).to_peft()
+            self.model.add_adapter("global", cfg)
+            sd = {k: torch.as_tensor(v) for k, v in given.items()}
+            peft.set_peft_model_state_dict(self.model, sd, adapter_name="global")
+            lora.set_adapter(["default", "global"])
+            for name, p in self.model.named_parameters():
+                if ".global." in name:
+                    p.requires_grad_(False)
+            self.model.to(self.device)
         self.configure(self.cfg)
 
     def decoder(self) -> "PeftDecoder":

@@ -18,7 +18,13 @@ import torch.nn.functional as F
 from pocketpeft.errors import ConfigError
 from pocketpeft.formats.torch import WEIGHTS
 from pocketpeft.manifest import Bundle
-from pocketpeft.reference.lora import inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict
+from pocketpeft.reference.lora import (
+    inject_lora,
+    load_lora_state_dict,
+    lora_parameters,
+    lora_state_dict,
+    set_global_lora,
+)
 from pocketpeft.reference.model import CausalLM, SplitPart, build_quantized
 from pocketpeft.reference.quant import QuantLinear
 
@@ -229,6 +235,11 @@ class TorchBackend:
     def set_adapter(self, tensors: Mapping[str, np.ndarray]) -> None:
         load_lora_state_dict(self._m, {k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()})
         self.configure(self.cfg)
+
+    def set_global(self, tensors: Mapping[str, np.ndarray] | None) -> None:
+        """Fill (or empty) the frozen global slot of every LoRA layer (see SupportsGlobal)."""
+        set_global_lora(self._m, None if tensors is None else {k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()})
+        self.configure(self.cfg)  # a captured CUDA graph read the old slot
 
     def decoder(self) -> "TorchDecoder":
         """A KV-cached decoder over the current weights (adapter changes apply to later tokens).

@@ -11,6 +11,7 @@ import math
 import re
 from typing import Iterator, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,6 +32,10 @@ class LoraLinear(nn.Module):
         self.lora_dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, cfg.r, bias=False)
         self.lora_B = nn.Linear(cfg.r, out_features, bias=False)
+        # the frozen global adapter's slot (two-level adapters): buffers, never trained; ``None``
+        # until :func:`set_global_lora` fills it, so a model without one is the plain LoRA graph
+        self.register_buffer("global_A", None, persistent=False)
+        self.register_buffer("global_B", None, persistent=False)
         self.reset_lora(cfg.init_lora_weights)
 
     @torch.no_grad()
@@ -47,6 +52,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         delta = F.linear(F.linear(self.lora_dropout(x), self.lora_A.weight), self.lora_B.weight)
+        if self.global_A is not None:  # peft applies its active adapters in turn, each on the undropped x
+            delta = delta + F.linear(F.linear(x, self.global_A), self.global_B)
         return self.base_layer(x) + delta * self.scaling
 
     def extra_repr(self) -> str:
@@ -150,6 +157,69 @@ def load_lora_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor]) 
             raise AdapterShapeError(f"adapter tensor {k} holds NaN or inf values")
     for k, p in expected.items():
         p.copy_(torch.as_tensor(given[k]).to(p.dtype))
+
+
+#: the adapter name of the frozen global adapter's tensors: ``...q_proj.lora_A.global.weight`` is
+#: peft's own key for an adapter named "global" in a live multi-adapter model
+GLOBAL_NAME = "global"
+
+
+def global_key(peft_key_: str) -> str:
+    """The slot name of a global tensor: ``...lora_A.weight`` -> ``...lora_A.global.weight``."""
+    return peft_key_.replace(".lora_A.weight", f".lora_A.{GLOBAL_NAME}.weight").replace(
+        ".lora_B.weight", f".lora_B.{GLOBAL_NAME}.weight"
+    )
+
+
+@torch.no_grad()
+def set_global_lora(model: nn.Module, tensors: Mapping[str, torch.Tensor] | None, zeros: bool = False) -> None:
+    """Fill every LoRA layer's frozen global slot from PEFT-named ``tensors`` (the global adapter,
+    same shapes as the trainable LoRA), or empty it (``None``); ``zeros=True`` makes zero-valued
+    slots (a graph exported with a slot that a device fills later). Raises :class:`AdapterShapeError`
+    naming the first key that doesn't fit; nothing changes unless every key fits."""
+    mods = list(lora_modules(model))
+    if tensors is None and not zeros:
+        for _, mod in mods:
+            mod.global_A = mod.global_B = None
+        return
+    new = {}
+    given = {peft_key(k): v for k, v in (tensors or {}).items()}
+    expected = {}
+    for name, mod in mods:
+        for part in ("lora_A", "lora_B"):
+            expected[f"{PEFT_PREFIX}{name}.{part}.weight"] = getattr(mod, part).weight
+    if tensors is not None:
+        missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+        if missing or unexpected:
+            raise AdapterShapeError(
+                f"global adapter tensors don't match the model's LoRA layers: {len(missing)} missing "
+                f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+            )
+    for k, p in expected.items():
+        if tensors is None:
+            new[k] = torch.zeros_like(p)
+            continue
+        t = torch.as_tensor(np.asarray(given[k]) if not hasattr(given[k], "detach") else given[k])
+        if tuple(t.shape) != tuple(p.shape):
+            raise AdapterShapeError(
+                f"global adapter tensor {k} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}"
+            )
+        if not torch.isfinite(t).all():
+            raise AdapterShapeError(f"global adapter tensor {k} holds NaN or inf values")
+        new[k] = t.to(device=p.device, dtype=p.dtype).clone()
+    for name, mod in mods:
+        mod.global_A = new[f"{PEFT_PREFIX}{name}.lora_A.weight"]
+        mod.global_B = new[f"{PEFT_PREFIX}{name}.lora_B.weight"]
+
+
+def global_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The filled global slots under PEFT's keys (``{}`` when the model has none)."""
+    out = {}
+    for name, mod in lora_modules(model):
+        if mod.global_A is not None:
+            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = mod.global_A.detach().float().cpu()
+            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = mod.global_B.detach().float().cpu()
+    return out
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
