@@ -65,6 +65,7 @@ def export(
     general_text: Sequence[str] | None = None,
     split: bool | None = None,
     layers: "str | Sequence[int] | None" = None,
+    global_adapter: "str | os.PathLike | None" = None,
 ) -> Bundle:
     """Export ``base`` (``"smollm2"``, an HF model folder or a .gguf) to a bundle at ``out``.
 
@@ -84,6 +85,12 @@ def export(
     inference graph and the LoRA layers as the training graph (the manifest's ``split``).
     ``None`` (default) splits whenever the layers allow it; ``False`` never does; ``True`` raises
     :class:`ConfigError` when the layers don't allow it.
+
+    ``global_adapter``: a global adapter directory (:mod:`pocketpeft.global_adapter`, made by
+    ``pocketpeft fleet``) of this base and LoRA shape, shipped as the bundle's ``global/``:
+    every backend applies it frozen under the personal adapter. The onnx target's graphs then carry
+    a frozen global slot (manifest ``global_slot``) that a device can refill with a newer global
+    adapter (:func:`pocketpeft.global_adapter.install_global`) without re-exporting.
 
     Returns the opened :class:`Bundle`. Raises :class:`ConfigError` for bad options (unknown
     quant/target, sequence length beyond the context, options of the wrong type),
@@ -122,6 +129,13 @@ def export(
     del loaded.state_dict
     inject_lora(model, lcfg, seed=seed)
     split_layer = _split_layer(split, lcfg)
+    glob = None
+    if global_adapter is not None:  # checked against this base and LoRA shape before anything is written
+        from pocketpeft.global_adapter import load_global
+        from pocketpeft.reference.lora import set_global_lora
+
+        glob = load_global(global_adapter, loaded.source_sha256, lora_shapes(model), lcfg)
+        set_global_lora(model, glob[0].tensors)
     timings: dict[str, float] = {"load_quantize": time.perf_counter() - t0}
     out = Path(out)
     with atomic_dir(out) as stage:
@@ -130,6 +144,10 @@ def export(
             (stage / GENERAL_TEXT).write_text("\n".join(general) + "\n", encoding="utf-8")
         adapter = Adapter(lcfg, lora_state_dict(model), loaded.source_sha256, {"pocketpeft.seed": str(seed)})
         save_adapter(adapter, stage / "adapter", base_name=f"pocketpeft:{loaded.source}")
+        if glob is not None:
+            from pocketpeft.global_adapter import GLOBAL_DIR, save_global
+
+            save_global(glob[0], glob[1], stage / GLOBAL_DIR, base_name=f"pocketpeft:{loaded.source}")
         ctx = ExportContext(
             model=model,
             arch=loaded.config,
@@ -146,12 +164,14 @@ def export(
         target_info: dict[str, dict[str, Any]] = {}
         for name in names:
             t1 = time.perf_counter()
+            if glob is not None:  # only graphs with a global slot see it; the others export without
+                set_global_lora(model, glob[0].tensors if name in GLOBAL_SLOT_TARGETS else None)
             toolchain = load_module(target_entry(name)).TARGET.export(ctx)
             timings[name] = time.perf_counter() - t1
             target_info[name] = {"toolchain": toolchain, "export_seconds": round(timings[name], 3)}
         files: dict[str, dict[str, Any]] = {}
         for p in sorted(stage.rglob("*")):
-            if p.is_file():
+            if p.is_file() and not p.relative_to(stage).as_posix().startswith("global/"):  # replaceable later
                 rel = p.relative_to(stage).as_posix()
                 top = rel.split("/", 1)[0]
                 files[rel] = {
@@ -178,6 +198,7 @@ def export(
             split=None
             if split_layer is None
             else Split(split_layer, loaded.config.hidden_size, tuple(t for t in names if t in SPLIT_TARGETS)),
+            global_slot=glob is not None and any(t in GLOBAL_SLOT_TARGETS for t in names),
         )
         (stage / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     return Bundle(out)
@@ -185,6 +206,9 @@ def export(
 
 #: targets whose files are split when the manifest is (the torch reference splits at run time)
 SPLIT_TARGETS = ("onnx", "executorch")
+#: targets whose graphs carry a frozen global-adapter slot when the export has a global adapter
+#: (torch, gguf: the runtime applies it; executorch and coreml don't carry one yet)
+GLOBAL_SLOT_TARGETS = ("onnx",)
 
 
 def _split_layer(split: "bool | None", lcfg: LoraConfig) -> int | None:

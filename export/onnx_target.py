@@ -62,7 +62,7 @@ import torch
 from pocketpeft.errors import UnsupportedModelError
 from pocketpeft.formats import onnx as fmt
 from pocketpeft.formats.onnx import DIR, IO_JSON, LOSS, OnnxOptions, OnnxQ4  # noqa: F401 (re-exported)
-from pocketpeft.reference.lora import PEFT_PREFIX, lora_modules
+from pocketpeft.reference.lora import PEFT_PREFIX, global_key, lora_modules
 
 from .protocol import ExportContext
 
@@ -165,6 +165,17 @@ def _unpacked_q4(model: torch.nn.Module, enabled: bool):
     finally:
         for m in added:
             del m._buffers[UNPACKED]
+
+
+def global_onnx_names(model: torch.nn.Module) -> dict[str, str]:
+    """Exported initializer name -> slot name (``...lora_A.global.weight``) of every filled global
+    slot (two-level adapters); ``{}`` for a model without one."""
+    out = {}
+    for name, mod in lora_modules(model):
+        if mod.global_A is not None:
+            for part, slot in (("lora_A", "global_A"), ("lora_B", "global_B")):
+                out[f"{name}.{slot}"] = global_key(f"{PEFT_PREFIX}{name}.{part}.weight")
+    return out
 
 
 def _options(ctx: ExportContext) -> tuple[int, str]:
@@ -449,8 +460,9 @@ def _append_loss(mp) -> None:
 
 
 def _write_infer(fwd, lora: dict[str, str], path) -> dict[str, list[int]]:
-    """infer.onnx: the forward graph with the LoRA initializers turned into graph inputs, and the
-    optional labels -> ``loss_sum`` of :func:`_append_loss`."""
+    """infer.onnx: the forward graph with the LoRA initializers (and the global slot's, when
+    ``lora`` names them) turned into graph inputs, and the optional labels -> ``loss_sum`` of
+    :func:`_append_loss`."""
     from onnx import helper
 
     mp = copy.deepcopy(fwd)
@@ -475,9 +487,13 @@ def _write_training(fwd, ctx: ExportContext, lora: dict[str, str], out, rows: in
     from onnx import TensorProto, helper
     from onnxruntime.training import artifacts, onnxblock
 
-    _rename(fwd, lora)
+    glob = global_onnx_names(ctx.model)
+    _rename(fwd, {**lora, **glob})
     params = {k for k, _ in ctx.model.named_parameters()} | {k for k, _ in ctx.model.named_buffers()}
-    frozen = [t.name for t in fwd.graph.initializer if t.name in params and t.name not in lora]
+    # the global slot is frozen like the base, but stays a named parameter of the checkpoint: the
+    # runtime writes the installed global adapter into it
+    params |= set(glob.values())
+    frozen = [t.name for t in fwd.graph.initializer if t.name in params and t.name not in lora.values()]
     _f16_to_f32(fwd, set(frozen))
     with _quiet_ort():
         artifacts.generate_artifacts(
@@ -507,8 +523,11 @@ def _write_training(fwd, ctx: ExportContext, lora: dict[str, str], out, rows: in
         _save(mp, out / name)
 
 
-def _io_description(ctx: ExportContext, lora_shapes: dict[str, list[int]], rows: int, q4: str) -> dict:
+def _io_description(
+    ctx: ExportContext, lora_shapes: dict[str, list[int]], rows: int, q4: str, global_shapes: dict | None = None
+) -> dict:
     """The content of io.json (see the module docstring)."""
+    global_shapes = global_shapes or {}
     ids = {fmt.INPUT_IDS: ["batch", "seq"]}
     logits = {fmt.LOGITS: ["batch", "seq", ctx.arch.vocab_size]}
     static = [rows, ctx.seq_len]
@@ -543,7 +562,7 @@ def _io_description(ctx: ExportContext, lora_shapes: dict[str, list[int]], rows:
             fmt.IO_OUTPUTS: {LOSS: [], **logits},
         },
         fmt.IO_INFER: {
-            fmt.IO_INPUTS: {**ids, **lora_shapes},
+            fmt.IO_INPUTS: {**ids, **lora_shapes, **global_shapes},
             fmt.IO_OUTPUTS: {**logits, LOSS: []},
             "optional_inputs": {fmt.LABELS: ["batch", "seq"]},
             fmt.IO_INFER_LOSS: True,
@@ -551,6 +570,9 @@ def _io_description(ctx: ExportContext, lora_shapes: dict[str, list[int]], rows:
         },
         "loss": "sum of token cross-entropies over labels != -100 (divide by their count for the mean)",
         fmt.IO_LORA: {k: k for k in lora_shapes},  # PEFT key -> ONNX name: identical, nothing needed sanitizing
+        # the frozen global adapter's slot (two-level adapters): PEFT key -> ONNX name, a frozen
+        # checkpoint parameter of the training/eval models and an input of infer.onnx
+        **({fmt.IO_GLOBAL: {k.replace(".global.", "."): k for k in global_shapes}} if global_shapes else {}),
         "lora_dropout_in_training_graph": ctx.lora.lora_dropout > 0,
         # training_model recomputes dequantized weights in backward; CSE would merge that back
         fmt.IO_SESSION_CONFIG: {"optimization.disable_specified_optimizers": "CommonSubexpressionElimination"},
@@ -591,7 +613,9 @@ class OnnxTarget:
         self, ctx: ExportContext, lora: dict[str, str], out, bar, onnx, onnxruntime, rows: int, q4: str
     ) -> dict[str, str]:
         fwd = _export_forward(ctx, train=False)
+        glob = global_onnx_names(ctx.model)
         missing = sorted(set(lora) - {t.name for t in fwd.graph.initializer})
+        missing += sorted(set(glob) - {t.name for t in fwd.graph.initializer})
         if missing:  # the exporter renamed parameters: the PEFT mapping would be lost
             raise UnsupportedModelError(f"onnx export: LoRA tensors missing from the graph: {missing[:3]}")
         _check_size(fwd, "the forward graph")
@@ -599,7 +623,9 @@ class OnnxTarget:
         if bar is not None:
             bar.update()
             bar.set_description("onnx: infer.onnx")
-        lora_shapes = _write_infer(fwd, lora, out / fmt.INFER)
+        shapes = _write_infer(fwd, {**lora, **glob}, out / fmt.INFER)
+        lora_shapes = {k: shapes[k] for k in lora.values()}
+        global_shapes = {k: shapes[k] for k in glob.values()}
         if bar is not None:
             bar.update()
             bar.set_description("onnx: training artifacts")
@@ -614,7 +640,7 @@ class OnnxTarget:
             fwd = _export_forward(ctx, train=True)
             _portable_ops(fwd)
         _write_training(fwd, ctx, lora, out, rows)
-        (out / IO_JSON).write_text(json.dumps(_io_description(ctx, lora_shapes, rows, q4), indent=1) + "\n")
+        (out / IO_JSON).write_text(json.dumps(_io_description(ctx, lora_shapes, rows, q4, global_shapes), indent=1) + "\n")
         if bar is not None:
             bar.update()
             bar.close()

@@ -196,6 +196,15 @@ class ForwardOnlyTrainer:
         self._keep(self.inner.get_adapter())
         self.step = 0
 
+    def set_global(self, tensors: "Mapping[str, np.ndarray] | None") -> None:
+        """The wrapped backend applies the frozen global adapter (raises where it can't)."""
+        setter = getattr(self.inner, "set_global", None)
+        if setter is None:
+            from pocketpeft.errors import BackendUnavailableError
+
+            raise BackendUnavailableError(f"backend {self.inner.name!r} does not apply a global adapter")
+        setter(tensors)
+
     def _keep(self, tensors: Mapping[str, np.ndarray]) -> None:
         # sorted keys: z's tensor index, hence the run, doesn't depend on a backend's key order
         self._theta = {k: np.array(tensors[k], dtype=np.float32, copy=True) for k in sorted(tensors)}

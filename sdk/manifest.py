@@ -59,7 +59,7 @@ class Manifest:
     def __post_init__(self) -> None:
         if self.split is not None or self.global_slot:
             self.format_version = FORMAT_VERSION
-            if self.split.layer >= self.arch.num_hidden_layers:
+            if self.split is not None and self.split.layer >= self.arch.num_hidden_layers:
                 raise UnsupportedModelError(
                     f"manifest field 'split.layer' is {self.split.layer}; the model has layers "
                     f"0..{self.arch.num_hidden_layers - 1}"

@@ -133,6 +133,7 @@ class LlamaCppBackend:
         self.bundle: Bundle | None = None
         self._adapter: dict[str, np.ndarray] = {}
         self._lora = None  # the attached llama_adapter_lora pointer, or None
+        self._global = None  # the attached global adapter's pointer (two-level adapters), or None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._cache: KVCache | None = None  # the context's K/V sequences, created in load()
         self._swaps = 0
@@ -260,42 +261,70 @@ class LlamaCppBackend:
         """Hot-swap the LoRA tensors: convert them to a GGUF LoRA and attach it to the live
         context (the base stays loaded). Raises :class:`AdapterShapeError` for tensors that don't
         fit the bundle; the previous adapter stays attached then."""
-        import llama_cpp
+        arrays = self._checked(tensors, "adapter")
+        zero = not any(np.any(v) for k, v in arrays.items() if ".lora_B." in k)
+        new = None if zero else self._init_lora(arrays)
+        self._attach(new, self._global)
+        if self._lora:
+            llama_cpp().llama_adapter_lora_free(self._lora)  # detached above, so safe to free
+        self._lora, self._adapter = new, arrays
 
+    def set_global(self, tensors: Mapping[str, np.ndarray] | None) -> None:
+        """Attach the frozen global adapter next to the personal one: llama.cpp applies every
+        attached LoRA, each at scale 1 (see SupportsGlobal). ``None`` detaches it."""
+        new = None if tensors is None else self._init_lora(self._checked(tensors, "global adapter"))
+        self._attach(self._lora, new)
+        if self._global:
+            llama_cpp().llama_adapter_lora_free(self._global)
+        self._global = new
+
+    def _checked(self, tensors: Mapping[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
         from pocketpeft.adapter import Adapter, check_adapter_shapes
-        from pocketpeft.formats.gguf_lora import adapter_to_gguf
 
-        llm, m = self._llm, self.bundle.manifest
+        m = self.bundle.manifest if self.bundle is not None else None
+        if m is None:
+            raise RuntimeError("backend not loaded: call load(bundle) first")
         arrays = {peft_key(k): np.array(v, dtype=np.float32) for k, v in tensors.items()}
-        ad = Adapter(m.lora, arrays)
-        check_adapter_shapes(ad, m.trainable, "for this bundle")
+        check_adapter_shapes(Adapter(m.lora, arrays), m.trainable, f"{what} for this bundle")
         bad = [k for k, v in arrays.items() if not np.isfinite(v).all()]
         if bad:
-            raise AdapterShapeError(f"adapter tensor {bad[0]} holds NaN or inf values")
-        new = None
-        if any(np.any(v) for k, v in arrays.items() if ".lora_B." in k):
-            self._swaps += 1
-            path = os.path.join(self._tmp.name, f"adapter-{self._swaps}.gguf")
-            adapter_to_gguf(ad, path, m)
-            with _llama_log() as log:
-                try:
-                    new = llama_cpp.llama_adapter_lora_init(llm.model, path.encode("utf-8"))
-                finally:
-                    os.remove(path)
-            if not new:
-                raise AdapterShapeError(f"llama.cpp rejected the converted adapter: {_errors(log)}")
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(new)
-            scales = (ctypes.c_float * 1)(1.0)
-            rc = llama_cpp.llama_set_adapters_lora(llm.ctx, adapters, 1, scales)
+            raise AdapterShapeError(f"{what} tensor {bad[0]} holds NaN or inf values")
+        return arrays
+
+    def _init_lora(self, arrays: dict[str, np.ndarray]):
+        """A llama.cpp LoRA handle for PEFT-named ``arrays`` (through a temporary GGUF LoRA file)."""
+        from pocketpeft.adapter import Adapter
+        from pocketpeft.formats.gguf_lora import adapter_to_gguf
+
+        lc, m = llama_cpp(), self.bundle.manifest
+        self._swaps += 1
+        path = os.path.join(self._tmp.name, f"adapter-{self._swaps}.gguf")
+        adapter_to_gguf(Adapter(m.lora, arrays), path, m)
+        with _llama_log() as log:
+            try:
+                new = lc.llama_adapter_lora_init(self._llm.model, path.encode("utf-8"))
+            finally:
+                os.remove(path)
+        if not new:
+            raise AdapterShapeError(f"llama.cpp rejected the converted adapter: {_errors(log)}")
+        return new
+
+    def _attach(self, personal, global_) -> None:
+        """Make exactly ``personal`` and ``global_`` (either may be None) the context's adapters;
+        on failure the new handles are freed and the context keeps what it had."""
+        lc = llama_cpp()
+        handles = [h for h in (global_, personal) if h]
+        if handles:
+            adapters = (lc.llama_adapter_lora_p_ctypes * len(handles))(*handles)
+            scales = (ctypes.c_float * len(handles))(*([1.0] * len(handles)))
+            rc = lc.llama_set_adapters_lora(self._llm.ctx, adapters, len(handles), scales)
         else:
-            rc = llama_cpp.llama_set_adapters_lora(llm.ctx, None, 0, None)
+            rc = lc.llama_set_adapters_lora(self._llm.ctx, None, 0, None)
         if rc != 0:
-            if new:
-                llama_cpp.llama_adapter_lora_free(new)
+            for h, old in ((personal, self._lora), (global_, self._global)):
+                if h and h != old:
+                    lc.llama_adapter_lora_free(h)
             raise RuntimeError(f"llama_set_adapters_lora failed with code {rc}")
-        if self._lora:
-            llama_cpp.llama_adapter_lora_free(self._lora)  # detached above, so safe to free
-        self._lora, self._adapter = new, arrays
         self._kvc.drop_branches(lambda toks: True)  # their K/V came from the previous weights
 
     @property
@@ -313,16 +342,18 @@ class LlamaCppBackend:
         import llama_cpp
 
         if self.llm is not None:
-            if self._lora:
+            if self._lora or self._global:
                 llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
-                llama_cpp.llama_adapter_lora_free(self._lora)
+            for h in (self._lora, self._global):
+                if h:
+                    llama_cpp.llama_adapter_lora_free(h)
             with _llama_log():
                 self.llm.close()
         if self._cache is not None:
             self._cache.close()
         if self._tmp is not None:
             self._tmp.cleanup()
-        self.llm, self._lora, self._cache, self._tmp = None, None, None, None
+        self.llm, self._lora, self._global, self._cache, self._tmp = None, None, None, None, None
 
 
 class LlamaCppDecoder:
@@ -356,6 +387,13 @@ class LlamaCppDecoder:
         # The cache is trimmed lazily: the next extend keeps the common prefix (llama_memory_seq_rm).
         if n < len(self._ids):
             del self._ids[max(0, n) :]
+
+
+def llama_cpp():
+    """The ``llama_cpp`` module (imported on first use: the backend's module loads without it)."""
+    import llama_cpp as lc
+
+    return lc
 
 
 def create(device: str = "cpu") -> LlamaCppBackend:

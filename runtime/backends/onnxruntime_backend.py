@@ -34,6 +34,7 @@ import numpy as np
 from pocketpeft.adapter import peft_key
 from pocketpeft.errors import (
     AdapterShapeError,
+    BackendUnavailableError,
     ConfigError,
     CorruptFileError,
     MissingDependencyError,
@@ -156,6 +157,7 @@ class OrtBackend:
         self._prefix_path = None
         self._prefix_session = None  # loaded on first use; release_prefix() frees it
         self.prefix_provider = ""  # the execution provider the prefix runs on, once loaded
+        self._global_slot: dict[str, str] = {}  # PEFT key -> the frozen global slot's checkpoint parameter
 
     def capabilities(self) -> Capabilities:
         return probe().capabilities[self.device]
@@ -200,6 +202,9 @@ class OrtBackend:
             )
         self._state, self._module, self._shapes, self._static = state, module, expected, (rows, seq)
         self._split, self._prefix_session = io.get(fmt.IO_SPLIT), None
+        self._global_slot = dict(io.get(fmt.IO_GLOBAL) or {})  # PEFT key -> frozen checkpoint parameter
+        if set(self._global_slot) - set(expected):
+            raise CorruptFileError(f"{paths[IO_JSON]}: its global slot names tensors the manifest's LoRA doesn't have")
         if self._split is not None:
             if bundle.manifest.split is None or bundle.manifest.split.layer != self._split.get("layer"):
                 raise CorruptFileError(
@@ -367,23 +372,51 @@ class OrtBackend:
         Raises :class:`AdapterShapeError` for a missing, unexpected, misshapen or non-finite
         tensor; nothing is written unless all of them fit.
         """
+        given = self._checked(tensors, "adapter")
+        for k in self._shapes:
+            self._state.parameters[k] = given[k]
+        self.configure(self.cfg)
+
+    def set_global(self, tensors: Mapping[str, np.ndarray] | None) -> None:
+        """Write the global adapter into the graphs' frozen global slot (zeros for ``None``: no
+        global). Raises :class:`BackendUnavailableError` for a bundle exported without the slot
+        and :class:`AdapterShapeError` (slot unchanged) for tensors that don't fit."""
         if self._state is None:
             raise RuntimeError("backend not loaded: call load(bundle) first")
-        given = {peft_key(k): np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
+        if not self._global_slot:
+            if tensors is None:
+                return
+            raise BackendUnavailableError(
+                "this bundle's onnx graphs have no global-adapter slot (exported without a global adapter); "
+                "re-export with `pocketpeft export --global-adapter DIR` to apply one on onnxruntime"
+            )
+        given = (
+            self._checked(tensors, "global adapter")
+            if tensors is not None
+            else {k: np.zeros(s, np.float32) for k, s in self._shapes.items()}
+        )
+        for k, name in self._global_slot.items():
+            self._state.parameters[name] = given[k]
+        self.configure(self.cfg)
+
+    def _checked(self, tensors: Mapping[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
+        """PEFT-keyed contiguous float32 copies of ``tensors`` after checking every name, shape and
+        value against the bundle's LoRA layers; raises :class:`AdapterShapeError` naming the first misfit."""
+        if self._state is None:
+            raise RuntimeError("backend not loaded: call load(bundle) first")
+        given = {peft_key(k): np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
         missing, extra = sorted(set(self._shapes) - set(given)), sorted(set(given) - set(self._shapes))
         if missing or extra:
             raise AdapterShapeError(
-                f"adapter tensors don't match the bundle's LoRA layers: {len(missing)} missing "
+                f"{what} tensors don't match the bundle's LoRA layers: {len(missing)} missing "
                 f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})"
             )
         for k, shape in self._shapes.items():
             if given[k].shape != shape:
-                raise AdapterShapeError(f"adapter tensor {k} has shape {given[k].shape}, the bundle expects {shape}")
+                raise AdapterShapeError(f"{what} tensor {k} has shape {given[k].shape}, the bundle expects {shape}")
             if not np.isfinite(given[k]).all():
-                raise AdapterShapeError(f"adapter tensor {k} holds NaN or inf values")
-        for k in self._shapes:
-            self._state.parameters[k] = np.ascontiguousarray(given[k])
-        self.configure(self.cfg)
+                raise AdapterShapeError(f"{what} tensor {k} holds NaN or inf values")
+        return given
 
 
 def _prefix_providers(device: str) -> list[str]:

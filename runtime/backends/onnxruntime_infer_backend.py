@@ -71,6 +71,7 @@ class OrtInferBackend:
         self.session = None  # onnxruntime.InferenceSession
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._lora: dict[str, np.ndarray] = {}
+        self._global: dict[str, np.ndarray] = {}  # the frozen global slot's inputs (two-level adapters)
 
     def capabilities(self) -> Capabilities:
         return probe().capabilities[self.device]
@@ -114,6 +115,9 @@ class OrtInferBackend:
                 f"{path}: its inputs lack the manifest's LoRA tensors "
                 f"(e.g. {sorted(set(self._shapes) - graph_inputs)[:2]})"
             )
+        # a bundle exported with a global adapter has its slot as inputs: zeros until one is set
+        self._slots = {k.replace(".global.", "."): k for k in graph_inputs if ".global." in k}
+        self._global = {v: np.zeros(self._shapes[k], np.float32) for k, v in self._slots.items()}
         self.set_adapter(bundle.initial_adapter().tensors)
 
     def configure(self, cfg: TrainConfig) -> None:
@@ -131,7 +135,7 @@ class OrtInferBackend:
         if self.session is None:
             raise RuntimeError("backend not loaded: call load(bundle) first")
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        feed = {INPUT_IDS: ids, **self._lora}
+        feed = {INPUT_IDS: ids, **self._lora, **self._global}
         if labels is not None:  # without: infer.onnx's default scores nothing
             feed[LABELS] = np.ascontiguousarray(labels, dtype=np.int64)
         return self.session.run(outputs, feed)
@@ -158,20 +162,37 @@ class OrtInferBackend:
         """Replace every LoRA tensor (PEFT keys, ``.default.`` accepted). Raises
         :class:`AdapterShapeError` for a missing, unexpected, misshapen or non-finite tensor;
         nothing changes unless all of them fit."""
+        self._lora = self._checked(tensors, "adapter")
+
+    def set_global(self, tensors: Mapping[str, np.ndarray] | None) -> None:
+        """Feed the global adapter to infer.onnx's frozen global slot (zeros for ``None``); a
+        bundle exported without the slot raises :class:`BackendUnavailableError` (see SupportsGlobal)."""
+        if not self._slots:
+            if tensors is None:
+                return
+            raise BackendUnavailableError(
+                "this bundle's infer.onnx has no global-adapter slot (exported without a global adapter); "
+                "re-export with `pocketpeft export --global-adapter DIR`"
+            )
+        given = self._checked(tensors, "global adapter") if tensors is not None else None
+        self._global = {v: (given[k] if given else np.zeros(self._shapes[k], np.float32)) for k, v in self._slots.items()}
+
+    def _checked(self, tensors: Mapping[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
+        """Float32 copies of PEFT-keyed ``tensors`` after checking names, shapes and values."""
         given = {peft_key(k): v for k, v in tensors.items()}
         if set(given) != set(self._shapes):
             missing, extra = sorted(set(self._shapes) - set(given)), sorted(set(given) - set(self._shapes))
             raise AdapterShapeError(
-                f"adapter tensors don't fit infer.onnx's LoRA inputs: {len(missing)} missing "
+                f"{what} tensors don't fit infer.onnx's LoRA inputs: {len(missing)} missing "
                 f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})"
             )
         new = {}
         for k, shape in self._shapes.items():
             a = np.ascontiguousarray(given[k], dtype=np.float32)
             if a.shape != shape or not np.isfinite(a).all():
-                raise AdapterShapeError(f"adapter tensor {k}: shape {a.shape} (expected {shape}) or NaN/inf values")
+                raise AdapterShapeError(f"{what} tensor {k}: shape {a.shape} (expected {shape}) or NaN/inf values")
             new[k] = a.copy() if a is given[k] else a
-        self._lora = new
+        return new
 
 
 def create(device: str = "cpu") -> OrtInferBackend:

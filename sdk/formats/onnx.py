@@ -53,6 +53,8 @@ IO_OUTPUTS = "outputs"
 IO_SESSION_CONFIG = "session_config"
 IO_Q4_STORAGE = "q4_0_storage"
 IO_LORA = "lora"
+#: the frozen global-adapter slot (two-level adapters): PEFT key -> ONNX name, when the bundle has one
+IO_GLOBAL = "global"
 #: io.json's ``infer`` entry: True when infer.onnx has the ``labels`` input and ``loss_sum`` output
 IO_INFER_LOSS = "loss"
 #: io.json's entry for a split bundle: ``{"layer", "prefix", "input", "session_config"}``

@@ -455,3 +455,33 @@ def test_numpy_eval_sums_equal_torch():
     assert got.loss_sum == pytest.approx(ref.loss_sum, rel=1e-5)
     # nothing scored
     assert eval_sums(logits[:, :2], np.full((2, 2), -100)) == EvalSums(0.0, 0, 0, 0)
+
+
+def test_serves_global_and_personal_adapters_at_once(bundle, ids):
+    """Two-level adapters: llama.cpp attaches the global adapter and the personal one together and
+    matches torch with both; swapping the personal adapter keeps the global attached."""
+    be = _load("llamacpp", bundle)
+    t = _load("torch", bundle)
+    try:
+        glob, personal = _random_adapter(bundle, 21), _random_adapter(bundle, 22)
+        for b in (be, t):
+            b.set_global(glob)
+            b.set_adapter(personal)
+        both = _assert_close(be.logits(ids), t.logits(ids))
+        assert both >= 0
+        t.set_global(None)
+        only_personal = t.logits(ids)
+        assert np.abs(be.logits(ids) - only_personal).max() > 0.05 * np.abs(only_personal).max()
+        t.set_global(glob)
+        personal2 = _random_adapter(bundle, 23)
+        be.set_adapter(personal2)
+        t.set_adapter(personal2)
+        _assert_close(be.logits(ids), t.logits(ids))
+        with pytest.raises(AdapterShapeError):
+            be.set_global({k: v[:, :1] for k, v in glob.items()})
+        _assert_close(be.logits(ids), t.logits(ids))  # the bad global changed nothing
+        be.set_global(None)
+        t.set_global(None)
+        _assert_close(be.logits(ids), t.logits(ids))
+    finally:
+        be.close()

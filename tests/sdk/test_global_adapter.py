@@ -169,3 +169,56 @@ def test_split_bundle_global_lives_in_the_suffix(tiny_hf_dir, tmp_path):
     with torch.no_grad():
         split = suffix(torch.as_tensor(whole.backend.prefix(ids))).numpy()
     np.testing.assert_allclose(split, full, atol=1e-4)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_onnxruntime_applies_the_global_slot_as_torch_does(tiny_hf_dir, tmp_path, split):
+    """The onnx graphs carry a frozen global slot: ORT (training, eval, infer.onnx) computes
+    global + personal as torch does, trains only the personal adapter, and takes a newer global
+    adapter installed on the device without a re-export."""
+    pytest.importorskip("onnxruntime.training")
+    lora = pp.LoraConfig(**(SPLIT_LORA if split else LORA))
+    plain = pp.export(tiny_hf_dir, tmp_path / "p", quant="q4_0", lora=lora, targets=["torch"], seq_len=16)
+    g1 = _global_dir(plain, tmp_path / "g1", seed=31, version=1)
+    b = pp.export(
+        tiny_hf_dir, tmp_path / "b", quant="q4_0", lora=lora, targets=["torch", "onnx"], seq_len=16,
+        batch_size=2, global_adapter=g1,
+    )
+    assert b.manifest.global_slot and "global" in b.manifest.requires
+    assert b.global_info().version == 1
+    personal = _random_tensors(b.manifest, 32)
+    sessions = {n: pp.runtime.open(b.root, backend=n) for n in ("torch", "onnxruntime", "onnxruntime-infer")}
+    ids = sessions["torch"].tokenizer.encode("are you coming to the game")
+    for s in sessions.values():
+        assert s.global_info.version == 1
+        s.set_adapter_tensors(personal)
+    want = sessions["torch"].logits(ids)
+    for n in ("onnxruntime", "onnxruntime-infer"):
+        np.testing.assert_allclose(sessions[n].logits(ids), want, atol=1e-4, err_msg=n)
+    rt = sessions["torch"].train(CHAT, steps=3, seed=1)
+    ro = sessions["onnxruntime"].train(CHAT, steps=3, seed=1)
+    np.testing.assert_allclose(ro.losses, rt.losses, rtol=1e-4)
+    wt, wo = sessions["torch"].get_adapter_tensors(), sessions["onnxruntime"].get_adapter_tensors()
+    for k in wt:
+        np.testing.assert_allclose(wo[k], wt[k], atol=2e-5, err_msg=k)
+
+    # a newer global adapter, installed on the device: every backend applies it on open
+    install_global(b, _global_dir(b, tmp_path / "g2", seed=33, version=2))
+    fresh = {n: pp.runtime.open(b.root, backend=n) for n in ("torch", "onnxruntime", "onnxruntime-infer")}
+    for s in fresh.values():
+        assert s.global_info.version == 2
+        s.set_adapter_tensors(personal)
+    want2 = fresh["torch"].logits(ids)
+    assert np.abs(want2 - want).max() > 1e-3
+    for n in ("onnxruntime", "onnxruntime-infer"):
+        np.testing.assert_allclose(fresh[n].logits(ids), want2, atol=1e-4, err_msg=n)
+
+
+def test_onnx_bundle_without_a_slot_refuses_an_installed_global(tiny_hf_dir, tmp_path):
+    pytest.importorskip("onnxruntime.training")
+    b = pp.export(tiny_hf_dir, tmp_path / "b", quant="q8_0", lora=pp.LoraConfig(**LORA), targets=["torch", "onnx"], seq_len=16)
+    assert not b.manifest.global_slot
+    install_global(b, _global_dir(b, tmp_path / "g"))
+    assert pp.runtime.open(b.root, backend="torch").global_info.version == 1
+    with pytest.raises(pp.BackendUnavailableError, match="global-adapter slot"):
+        pp.runtime.open(b.root, backend="onnxruntime")
