@@ -640,7 +640,9 @@ class OnnxTarget:
             fwd = _export_forward(ctx, train=True)
             _portable_ops(fwd)
         _write_training(fwd, ctx, lora, out, rows)
-        (out / IO_JSON).write_text(json.dumps(_io_description(ctx, lora_shapes, rows, q4, global_shapes), indent=1) + "\n")
+        (out / IO_JSON).write_text(
+            json.dumps(_io_description(ctx, lora_shapes, rows, q4, global_shapes), indent=1) + "\n"
+        )
         if bar is not None:
             bar.update()
             bar.close()

@@ -175,7 +175,9 @@ class OrtInferBackend:
                 "re-export with `pocketpeft export --global-adapter DIR`"
             )
         given = self._checked(tensors, "global adapter") if tensors is not None else None
-        self._global = {v: (given[k] if given else np.zeros(self._shapes[k], np.float32)) for k, v in self._slots.items()}
+        self._global = {
+            v: (given[k] if given else np.zeros(self._shapes[k], np.float32)) for k, v in self._slots.items()
+        }
 
     def _checked(self, tensors: Mapping[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
         """Float32 copies of PEFT-keyed ``tensors`` after checking names, shapes and values."""

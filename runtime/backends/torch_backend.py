@@ -238,7 +238,9 @@ class TorchBackend:
 
     def set_global(self, tensors: Mapping[str, np.ndarray] | None) -> None:
         """Fill (or empty) the frozen global slot of every LoRA layer (see SupportsGlobal)."""
-        set_global_lora(self._m, None if tensors is None else {k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()})
+        set_global_lora(
+            self._m, None if tensors is None else {k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()}
+        )
         self.configure(self.cfg)  # a captured CUDA graph read the old slot
 
     def decoder(self) -> "TorchDecoder":

@@ -181,8 +181,14 @@ def test_onnxruntime_applies_the_global_slot_as_torch_does(tiny_hf_dir, tmp_path
     plain = pp.export(tiny_hf_dir, tmp_path / "p", quant="q4_0", lora=lora, targets=["torch"], seq_len=16)
     g1 = _global_dir(plain, tmp_path / "g1", seed=31, version=1)
     b = pp.export(
-        tiny_hf_dir, tmp_path / "b", quant="q4_0", lora=lora, targets=["torch", "onnx"], seq_len=16,
-        batch_size=2, global_adapter=g1,
+        tiny_hf_dir,
+        tmp_path / "b",
+        quant="q4_0",
+        lora=lora,
+        targets=["torch", "onnx"],
+        seq_len=16,
+        batch_size=2,
+        global_adapter=g1,
     )
     assert b.manifest.global_slot and "global" in b.manifest.requires
     assert b.global_info().version == 1
@@ -216,7 +222,9 @@ def test_onnxruntime_applies_the_global_slot_as_torch_does(tiny_hf_dir, tmp_path
 
 def test_onnx_bundle_without_a_slot_refuses_an_installed_global(tiny_hf_dir, tmp_path):
     pytest.importorskip("onnxruntime.training")
-    b = pp.export(tiny_hf_dir, tmp_path / "b", quant="q8_0", lora=pp.LoraConfig(**LORA), targets=["torch", "onnx"], seq_len=16)
+    b = pp.export(
+        tiny_hf_dir, tmp_path / "b", quant="q8_0", lora=pp.LoraConfig(**LORA), targets=["torch", "onnx"], seq_len=16
+    )
     assert not b.manifest.global_slot
     install_global(b, _global_dir(b, tmp_path / "g"))
     assert pp.runtime.open(b.root, backend="torch").global_info.version == 1
