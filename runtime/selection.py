@@ -55,6 +55,27 @@ class Choice:
     update: str = ""  # how the picked row would train: "backprop" or "forward-only"
     kv_cache: bool = False  # Capabilities.kv_cache: suggestions reuse a KV cache across passes
     missing_target: str = ""  # the bundle target this backend reads, when the given bundle lacks it
+    #: why this backend can't run the given bundle's global adapter (two-level adapters), else ""
+    no_global: str = ""
+
+
+#: backends that apply a global adapter on every bundle; the onnx ones need the graphs' global slot
+GLOBAL_ANYWHERE = ("torch", "peft", "llamacpp")
+GLOBAL_WITH_SLOT = ("onnxruntime", "onnxruntime-infer")
+
+
+def global_blocker(name: str, bundle: "Bundle | None") -> str:
+    """Why backend ``name`` can't apply ``bundle``'s installed global adapter ("" when it can, or
+    when the bundle has none)."""
+    from pocketpeft.global_adapter import GLOBAL_DIR
+
+    if bundle is None or not (bundle.root / GLOBAL_DIR).exists() or name in GLOBAL_ANYWHERE:
+        return ""
+    if name in GLOBAL_WITH_SLOT:
+        if bundle.manifest.global_slot:
+            return ""
+        return "the bundle has a global adapter but its onnx graphs no global slot (re-export with --global-adapter)"
+    return "does not apply a global adapter, and the bundle has one"
 
 
 def probe(name: str) -> Probe:
@@ -96,6 +117,7 @@ def explain(need_train: bool = True, update: str = "auto", bundle: "Bundle | Non
             rows.append(Choice(name, "-", "-", False, False, False, False, p.reason or "not available"))
             continue
         missing = "" if targets is None or backend_target(name) in targets else backend_target(name)
+        blocked = global_blocker(name, bundle)
         for dev in p.devices:
             c = p.capabilities[dev]
             rows.append(
@@ -111,11 +133,12 @@ def explain(need_train: bool = True, update: str = "auto", bundle: "Bundle | Non
                     c.forward_only,
                     kv_cache=c.kv_cache,
                     missing_target=missing,
+                    no_global=blocked,
                 )
             )
     mode = ""
     if need_train:
-        backprop = any(r.available and r.infer and r.train and not r.missing_target for r in rows)
+        backprop = any(r.available and r.infer and r.train and not (r.missing_target or r.no_global) for r in rows)
         mode = "backprop" if update == "backprop" or (update == "auto" and backprop) else "forward-only"
     order = TRAIN_ORDER if mode == "backprop" else SERVE_ORDER
     tier = {t: i for i, t in enumerate(TIERS)}
@@ -132,7 +155,7 @@ def explain(need_train: bool = True, update: str = "auto", bundle: "Bundle | Non
     }
 
     def capable(r: Choice) -> bool:
-        if not (r.available and r.infer) or r.missing_target:
+        if not (r.available and r.infer) or r.missing_target or r.no_global:
             return False
         return (not need_train or r.train) if mode != "forward-only" else (r.train or r.forward_only)
 
@@ -145,6 +168,8 @@ def explain(need_train: bool = True, update: str = "auto", bundle: "Bundle | Non
         elif r.available and r.missing_target:
             t = r.missing_target
             out.append(Choice(**{**r.__dict__, "reason": f"bundle has no '{t}' target (export with --targets {t})"}))
+        elif r.available and r.no_global:
+            out.append(Choice(**{**r.__dict__, "reason": r.no_global}))
         elif r.available and not capable(r) and r.infer and r.forward_only:
             out.append(
                 Choice(
@@ -251,7 +276,9 @@ def plan(bundle: "Bundle | None" = None) -> dict[str, Any]:
     none = {"backend": None, "device": None, "provider": None}
     rows = explain(True, "auto", bundle)
     up = next((r for r in rows if r.picked), None)
-    fo = next((r for r in rows if r.available and r.infer and r.forward_only and not r.missing_target), None)
+    fo = next(
+        (r for r in rows if r.available and r.infer and r.forward_only and not (r.missing_target or r.no_global)), None
+    )
     fallback = (
         {"backend": fo.backend, "device": fo.device, "why": "forward-only (SPSA) updates over its inference graph"}
         if fo

@@ -82,6 +82,25 @@ class UpdateReport:
         return asdict(self)
 
 
+@dataclass
+class GlobalInstallReport:
+    """What :meth:`Personalizer.install_global` did: the global versions, and whether the personal
+    adapter was ``kept``, ``retrained`` or ``dropped`` (``none``: there was none), with the held-out
+    losses it was judged by and the retraining update's report."""
+
+    version: int
+    previous_version: int | None
+    decision: str
+    reason: str
+    heldout_loss_personal: float | None = None
+    heldout_loss_global: float | None = None
+    update: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 class Personalizer:
     """Incremental, gated personalization of ``session``'s adapter, stored under ``store_dir``.
 
@@ -401,6 +420,8 @@ class Personalizer:
             )
         }
         metrics["train_seconds"] = round(tr.seconds, 3)
+        g = self.session.global_info
+        metrics["global_version"] = g.version if g is not None else None  # what it was trained on top of
         t_commit = time.perf_counter()
         try:
             v = self.adapters.commit(self.session.get_adapter_tensors(), metrics)
@@ -430,6 +451,83 @@ class Personalizer:
         rep.peak_rss_mb = peak_rss_mib()
         tell({"stage": "done", **rep.to_dict()})
         return rep
+
+    # ------------------------------------------------------------------ the global adapter
+    def install_global(
+        self,
+        src: "str | os.PathLike",
+        max_steps: int | None = None,
+        max_seconds: float | None = None,
+        progress: "Progress | bool | None" = None,
+    ) -> "GlobalInstallReport":
+        """Install a newer global adapter (the fleet's) under the user's personalization.
+
+        The global adapter is checked and put into the bundle's ``global/`` atomically (a corrupt,
+        foreign, misshapen or older one raises its typed error and nothing changes), both sessions
+        apply it, and the current personal adapter is re-gated against it, by rule:
+
+        - **kept** when, on the user's held-out messages, global + personal still beats the new
+          global alone (lower loss);
+        - **retrained** otherwise, when an update from a fresh personal adapter on all of the user's
+          stored text (``max_steps`` / ``max_seconds``, as :meth:`update`) passes the usual gate;
+        - **dropped** when that update fails too: the fresh (identity) personal adapter is committed,
+          so suggestions come from the new global adapter alone;
+        - **none** when there was no personal adapter yet.
+        """
+        from pocketpeft.global_adapter import install_global
+
+        t0 = time.perf_counter()
+        tell: Callable[[dict], None] = progress if callable(progress) else (lambda d: None)
+        with self._update_lock:
+            old = self.session.global_info
+            info = install_global(self.session.bundle, src)
+            self.session.apply_global()
+            with self._serve_lock:
+                self.serve_session.apply_global()  # moves its adapter_version: the predictor drops its caches
+            self._general_cache = None
+            rep = GlobalInstallReport(info.version, old.version if old else None, "none", "no personal adapter yet")
+            version = self.adapters.current_version()
+            if version is not None:
+                self._regate(rep, version, max_steps, max_seconds, tell, progress is True)
+            if self._serving_version is not None:
+                self._serve(self._serving_version)  # re-read: the serving predictor drops its caches
+            rep.seconds = time.perf_counter() - t0
+            tell({"stage": "global", **rep.to_dict()})
+            return rep
+
+    def _regate(self, rep: "GlobalInstallReport", version: int, max_steps, max_seconds, tell, bars: bool) -> None:
+        personal = {k: np.array(v) for k, v in self.session.get_adapter_tensors().items()}
+        fresh = self.session.bundle.initial_adapter().tensors
+        rows = self.texts.rows()
+        hold = self._split()[0] or rows[-self.holdout_max :]
+        texts = [r.text for r in hold]
+        if not texts:
+            rep.decision, rep.reason = "kept", "no stored text to judge it on: the personal adapter is kept"
+            return
+        rep.heldout_loss_personal = self._eval(texts)[0]
+        self.session.set_adapter_tensors(fresh)
+        rep.heldout_loss_global = self._eval(texts)[0]
+        if rep.heldout_loss_personal < rep.heldout_loss_global:
+            self.session.set_adapter_tensors(personal)
+            rep.decision = "kept"
+            rep.reason = (
+                f"held-out loss with the personal adapter {rep.heldout_loss_personal:.4f} < "
+                f"{rep.heldout_loss_global:.4f} with the new global adapter alone"
+            )
+            return
+        # relearn on top of the new global: every stored message counts as new again
+        self.texts.mark([r.id for r in rows if r.trained != NEW], NEW)
+        up = self._update(max_steps if max_steps or max_seconds else 20, max_seconds, tell, bars)
+        rep.update = up.to_dict()
+        if up.accepted:
+            rep.decision = "retrained"
+            rep.reason = f"the old personal adapter no longer helped; retrained: {up.reason}"
+            return
+        self.session.set_adapter_tensors(fresh)
+        v = self.adapters.commit(fresh, {"dropped_for_global": rep.version, "previous_version": version})
+        self._serve(v.version)
+        rep.decision = "dropped"
+        rep.reason = f"the old personal adapter no longer helped and retraining failed the gate ({up.reason})"
 
     def close(self) -> None:
         """Close the text store and the prefix-output cache."""

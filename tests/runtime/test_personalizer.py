@@ -316,3 +316,56 @@ def test_general_text_comes_from_the_bundle_or_the_check_is_skipped(bundle, user
     assert r.general_loss_before is None and r.general_loss_after is None
     assert "general-text check skipped" in r.reason, r.reason
     q.close()
+
+
+def test_install_global_regates_the_personal_adapter(bundle, user, tmp_path):
+    """A newer global adapter: the personal adapter is kept while it still helps on the user's
+    held-out text, relearned (or dropped) when it doesn't, and a bad global changes nothing."""
+    import shutil
+
+    from pocketpeft.adapter import Adapter
+    from pocketpeft.errors import CorruptFileError
+    from pocketpeft.global_adapter import GlobalInfo, save_global
+
+    b = tmp_path / "bundle"
+    shutil.copytree(bundle.root, b)
+    b = pp.Bundle(b)
+    m = b.manifest
+    train, general = user
+    p = Personalizer(_open(b), tmp_path / "s", general=general, holdout_max=20, serve_session=_open(b))
+    rep = p.install_global(
+        save_global(
+            Adapter(m.lora, {k: np.zeros(s, np.float32) for k, s in m.trainable.items()}, m.base_sha256),
+            GlobalInfo(version=1),
+            tmp_path / "g0",
+        )
+    )
+    assert rep.decision == "none" and rep.version == 1 and p.session.global_info.version == 1
+    p.observe(train[:300])
+    assert p.update(max_steps=10).accepted
+    personal = p.session.get_adapter_tensors()
+    assert p.versions()[-1].metrics["global_version"] == 1
+
+    rng = np.random.default_rng(0)
+    tiny = {k: (rng.standard_normal(s) * 1e-4).astype(np.float32) for k, s in m.trainable.items()}
+    rep = p.install_global(save_global(Adapter(m.lora, tiny, m.base_sha256), GlobalInfo(version=2), tmp_path / "g1"))
+    assert rep.decision == "kept", rep
+    assert rep.heldout_loss_personal < rep.heldout_loss_global
+    assert tensors_sha256(p.serving()[1]) == tensors_sha256(personal)
+
+    # the global adapter now already holds what the personal one learned: on top of it, the
+    # personal adapter counts twice and no longer helps
+    rep = p.install_global(
+        save_global(Adapter(m.lora, personal, m.base_sha256), GlobalInfo(version=3), tmp_path / "g2")
+    )
+    assert rep.decision in ("retrained", "dropped"), rep
+    assert rep.heldout_loss_personal >= rep.heldout_loss_global and rep.update is not None
+    assert p.serve_session.global_info.version == 3
+
+    before = (p.version, tensors_sha256(p.serving()[1]), len(p.versions()))
+    bad = save_global(Adapter(m.lora, tiny, m.base_sha256), GlobalInfo(version=4), tmp_path / "g3")
+    (bad / "adapter_model.safetensors").write_bytes(b"junk")
+    with pytest.raises(CorruptFileError):
+        p.install_global(bad)
+    assert (p.version, tensors_sha256(p.serving()[1]), len(p.versions())) == before
+    assert p.session.global_info.version == 3 and pp.Bundle(b.root).global_info().version == 3
