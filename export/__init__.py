@@ -66,6 +66,7 @@ def export(
     split: bool | None = None,
     layers: "str | Sequence[int] | None" = None,
     global_adapter: "str | os.PathLike | None" = None,
+    global_slot: bool = False,
 ) -> Bundle:
     """Export ``base`` (``"smollm2"``, an HF model folder or a .gguf) to a bundle at ``out``.
 
@@ -91,6 +92,8 @@ def export(
     every backend applies it frozen under the personal adapter. The onnx target's graphs then carry
     a frozen global slot (manifest ``global_slot``) that a device can refill with a newer global
     adapter (:func:`pocketpeft.global_adapter.install_global`) without re-exporting.
+    ``global_slot=True`` gives the graphs that slot (zeros) without shipping a global adapter, for
+    one installed later.
 
     Returns the opened :class:`Bundle`. Raises :class:`ConfigError` for bad options (unknown
     quant/target, sequence length beyond the context, options of the wrong type),
@@ -136,6 +139,7 @@ def export(
 
         glob = load_global(global_adapter, loaded.source_sha256, lora_shapes(model), lcfg)
         set_global_lora(model, glob[0].tensors)
+    slot = glob is not None or bool(global_slot)
     timings: dict[str, float] = {"load_quantize": time.perf_counter() - t0}
     out = Path(out)
     with atomic_dir(out) as stage:
@@ -164,8 +168,13 @@ def export(
         target_info: dict[str, dict[str, Any]] = {}
         for name in names:
             t1 = time.perf_counter()
-            if glob is not None:  # only graphs with a global slot see it; the others export without
-                set_global_lora(model, glob[0].tensors if name in GLOBAL_SLOT_TARGETS else None)
+            if slot:  # only graphs with a global slot see it; the others export without
+                from pocketpeft.reference.lora import set_global_lora
+
+                if name not in GLOBAL_SLOT_TARGETS:
+                    set_global_lora(model, None)
+                else:
+                    set_global_lora(model, glob[0].tensors if glob is not None else None, zeros=glob is None)
             toolchain = load_module(target_entry(name)).TARGET.export(ctx)
             timings[name] = time.perf_counter() - t1
             target_info[name] = {"toolchain": toolchain, "export_seconds": round(timings[name], 3)}
@@ -198,7 +207,7 @@ def export(
             split=None
             if split_layer is None
             else Split(split_layer, loaded.config.hidden_size, tuple(t for t in names if t in SPLIT_TARGETS)),
-            global_slot=glob is not None and any(t in GLOBAL_SLOT_TARGETS for t in names),
+            global_slot=slot and any(t in GLOBAL_SLOT_TARGETS for t in names),
         )
         (stage / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     return Bundle(out)

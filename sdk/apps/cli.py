@@ -25,7 +25,54 @@ def _progress(args: argparse.Namespace) -> bool:
     return not args.json and not args.quiet and sys.stderr.isatty() or getattr(args, "progress", False)
 
 
+def _global_summary(bundle) -> dict[str, Any] | None:
+    """The bundle's global adapter in a few fields (``None`` without one)."""
+    info = bundle.global_info()
+    if info is None:
+        return None
+    return {
+        "version": info.version,
+        "sha256": info.sha256,
+        "source": info.source,
+        "rounds": info.rounds,
+        "clients": info.clients,
+        "aggregation": info.aggregation,
+        "dp": info.dp,
+        "slot": bundle.manifest.global_slot,
+    }
+
+
 # ---------------------------------------------------------------------------- commands
+def cmd_install_global(args: argparse.Namespace) -> None:
+    from pocketpeft.global_adapter import install_global
+    from pocketpeft.manifest import Bundle
+
+    b = Bundle(args.bundle)
+    before = b.global_info()
+    info = install_global(b, args.adapter)
+    obj = {
+        "bundle": str(b.root),
+        "installed": _global_summary(Bundle(b.root)),
+        "previous_version": before.version if before else None,
+    }
+    _emit(
+        args,
+        obj,
+        lambda o: (
+            f"installed global adapter v{info.version} ({info.source}"
+            + (f", DP ε={info.dp['epsilon']:.2f} at δ={info.dp['delta']:g}" if info.dp else ", no DP")
+            + f") into {o['bundle']}"
+            + (f" (replacing v{o['previous_version']})" if o["previous_version"] else "")
+        ),
+    )
+
+
+def cmd_fleet(args: argparse.Namespace) -> None:
+    from pocketpeft.fleet.cli import run
+
+    run(args)
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from pocketpeft.config import LINEAR_MODULES, LoraConfig
     from pocketpeft.errors import ConfigError
@@ -58,6 +105,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         gguf=gguf,
         layers=pick["layers"],
         split=False if args.no_split else None,
+        global_adapter=args.global_adapter,
+        global_slot=args.global_slot,
     )
     m = b.manifest
     obj = {
@@ -71,6 +120,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         "bytes": sum(f["bytes"] for f in m.files.values()),
         "export_seconds": {t: i.get("export_seconds") for t, i in m.targets.items()},
         "split": m.split.to_dict() if m.split is not None else None,
+        "global": _global_summary(b),
     }
     _emit(
         args,
@@ -378,6 +428,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep whole-model training graphs even when LoRA leaves the lower layers frozen "
         "(by default those layers are exported as a separate inference prefix and only the rest trains)",
     )
+    e.add_argument(
+        "--global-adapter",
+        metavar="DIR",
+        help="ship this global adapter (from `pocketpeft fleet`) in the bundle: applied frozen under the "
+        "personal adapter by every backend; the onnx graphs get a global slot a device can refill",
+    )
+    e.add_argument(
+        "--global-slot",
+        action="store_true",
+        help="give the onnx graphs an empty global-adapter slot, for a global adapter installed later "
+        "(`pocketpeft install-global`)",
+    )
     e.add_argument("--seq-len", type=int, default=64)
     e.add_argument("--batch", type=int, default=8)
     e.add_argument("--seed", type=int, default=0, help="seed of the initial LoRA weights")
@@ -468,6 +530,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--update-seconds", type=float, default=15.0, help="time box of each background update (--interactive)"
     )
     d.set_defaults(fn=cmd_demo)
+
+    ig = common(
+        sub.add_parser(
+            "install-global",
+            help="put a (newer) global adapter into an existing bundle, checked first; the old one stays on error",
+        )
+    )
+    ig.add_argument("bundle")
+    ig.add_argument("adapter", help="global adapter directory (made by `pocketpeft fleet`)")
+    ig.set_defaults(fn=cmd_install_global)
+
+    try:  # the fleet extra (flwr) is optional: the command explains itself when it is missing
+        from pocketpeft.fleet.cli import add_parser as add_fleet
+    except ImportError:
+        add_fleet = None
+    if add_fleet is not None:
+        fl = add_fleet(sub)
+        common(fl)
+        fl.set_defaults(fn=cmd_fleet)
 
     bn = common(
         sub.add_parser("bench", help="the benchmark suite (source checkout): runs suites, writes JSON + a report")

@@ -230,3 +230,26 @@ def test_onnx_bundle_without_a_slot_refuses_an_installed_global(tiny_hf_dir, tmp
     assert pp.runtime.open(b.root, backend="torch").global_info.version == 1
     with pytest.raises(pp.BackendUnavailableError, match="global-adapter slot"):
         pp.runtime.open(b.root, backend="onnxruntime")
+
+
+def test_empty_slot_takes_a_global_installed_later(tiny_hf_dir, tmp_path):
+    """export(global_slot=True): no global shipped, the onnx graphs hold a zero slot; a global
+    adapter installed later is applied by ORT as by torch (the device-side install)."""
+    pytest.importorskip("onnxruntime.training")
+    b = pp.export(
+        tiny_hf_dir,
+        tmp_path / "b",
+        quant="q8_0",
+        lora=pp.LoraConfig(**LORA),
+        targets=["torch", "onnx"],
+        seq_len=16,
+        global_slot=True,
+    )
+    assert b.manifest.global_slot and b.global_info() is None
+    ids = pp.runtime.open(b.root, backend="torch").tokenizer.encode("see you soon")
+    base = pp.runtime.open(b.root, backend="torch").logits(ids)
+    np.testing.assert_allclose(pp.runtime.open(b.root, backend="onnxruntime").logits(ids), base, atol=1e-4)
+    install_global(b, _global_dir(b, tmp_path / "g", seed=41))
+    want = pp.runtime.open(b.root, backend="torch").logits(ids)
+    assert np.abs(want - base).max() > 1e-3
+    np.testing.assert_allclose(pp.runtime.open(b.root, backend="onnxruntime").logits(ids), want, atol=1e-4)
