@@ -73,3 +73,10 @@ def general_texts(exclude: Iterable[str] = (), n: int = 2000, seed: int = 0) -> 
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(pool), size=min(n, len(pool)), replace=False)
     return [pool[i] for i in sorted(idx)]
+
+
+def held_out_senders(n: int = 10) -> list[str]:
+    """The senders benchmarks and the demo test on (the ``n`` most prolific, the demo's default
+    sender among them): global adapters learned from public text or a simulated fleet never see
+    their messages."""
+    return top_senders()[:n]

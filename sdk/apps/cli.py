@@ -331,6 +331,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     obj = run_demo(
         sender=args.sender,
         seconds=args.seconds,
+        global_seconds=args.global_seconds,
         quant=args.quant,
         out_dir=args.out,
         cache=cache_dir(),
@@ -523,6 +524,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = common(sub.add_parser("demo", help="the main job: personalize SmolLM2 on one chitchat sender"))
     d.add_argument("--sender", help="chitchat sender id (default: a sender with >= 5k words, see demo.default_sender)")
     d.add_argument("--seconds", type=float, default=60.0, help="update time budget")
+    d.add_argument(
+        "--global-seconds",
+        type=float,
+        default=180.0,
+        help="host training of the bundle's chat-adapted global adapter on other people's messages "
+        "(once; cached with the bundle); 0: no global adapter",
+    )
     d.add_argument("--quant", default="q4_0", choices=["q4_0", "q8_0", "nf4", "f16", "f32"])
     d.add_argument("--out", default="pocketpeft-demo", help="where the report and adapter go")
     d.add_argument("--interactive", action="store_true", help="type messages, see suggestions, learn when you pause")
@@ -546,9 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         add_fleet = None
     if add_fleet is not None:
-        fl = add_fleet(sub)
-        common(fl)
-        fl.set_defaults(fn=cmd_fleet)
+        add_fleet(sub).set_defaults(fn=cmd_fleet)  # it adds --json/--quiet/--progress itself
 
     bn = common(
         sub.add_parser("bench", help="the benchmark suite (source checkout): runs suites, writes JSON + a report")
