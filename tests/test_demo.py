@@ -20,6 +20,7 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path):
         keystroke_messages=2,
         examples=1,
         log=lines.append,
+        global_seconds=20,
     )
     saved = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
     assert saved["sender"] == rep["sender"] and saved["update"]["steps"] == rep["update"]["steps"]
@@ -35,7 +36,12 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path):
     assert rep["update"]["steps"] >= 1 or "too short" in rep["update"]["reason"]
     if rep["update"]["accepted"]:  # the gate let it through only because held-out loss fell
         assert rep["update"]["heldout_loss_after"] < rep["update"]["heldout_loss_before"]
-    assert any("personalized" in ln for ln in lines)  # the before/after table was printed
+    assert any("+personal" in ln for ln in lines)  # the base / global / global + personal table was printed
+    # two-level adapters: a chat-adapted global adapter (host-trained on other people's messages)
+    # ships in the bundle and the personal adapter trains on top of it
+    g = rep["global"]
+    assert g["version"] >= 1 and g["source"] == "host" and g["steps"] >= 1
+    assert 0 <= rep["base"]["next_word_top3"] <= 1 and rep["base"]["loss"] > 0
     # the device path where its runtimes are installed: split training on ONNX Runtime, llama.cpp serving
     assert rep["split"]["layer"] == 22 and rep["split"]["hidden_size"] == 576
     if probe("onnxruntime").available:
@@ -51,6 +57,7 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path):
             keystroke_messages=1,
             examples=1,
             log=None,
+            global_seconds=20,
         )["export_seconds"]
         == 0.0
-    )  # cached bundle reused
+    )  # cached bundle reused, its global adapter too

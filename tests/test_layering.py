@@ -28,7 +28,19 @@ PACKAGE_DIRS = {
     "fleet": "pocketpeft.fleet",
 }
 
-CONTRACT = {"errors", "config", "manifest", "adapter", "global_adapter", "tokenizer", "fsutil", "registry", "_deps", "text", "procinfo"}
+CONTRACT = {
+    "errors",
+    "config",
+    "manifest",
+    "adapter",
+    "global_adapter",
+    "tokenizer",
+    "fsutil",
+    "registry",
+    "_deps",
+    "text",
+    "procinfo",
+}
 #: Engine backends that run the torch reference model (host and server, or ExecuTorch's torch-fed API).
 TORCH_BACKENDS = {"torch_backend", "peft_backend", "executorch_backend", "step_graph"}
 #: Third-party packages a device room must not import (host work or the reference stack).
@@ -57,7 +69,18 @@ ALLOWED = {
     # federated learning: the ClientApp is a device (engine + keyboard), the ServerApp aggregates
     # LoRA tensors; chitchat senders feed simulated clients (corpus)
     "fleet": {"contract", "formats", "engine", "keyboard", "corpus", "fleet"},
-    "apps": {"contract", "formats", "reference", "corpus", "export", "engine", "torch-engine", "keyboard", "fleet", "apps"},
+    "apps": {
+        "contract",
+        "formats",
+        "reference",
+        "corpus",
+        "export",
+        "engine",
+        "torch-engine",
+        "keyboard",
+        "fleet",
+        "apps",
+    },
     # package faces: ``pocketpeft`` and ``pocketpeft.runtime`` re-export their rooms' public names
     "face:pocketpeft": {"contract"},
     "face:runtime": {"contract", "formats", "engine", "keyboard"},

@@ -57,7 +57,7 @@ def cached_bundle(cache: Path, quant: str, progress: bool, log: Log | None, gguf
     if lora is not None:
         digest = hashlib.sha256(json.dumps(asdict(lora), sort_keys=True, default=str).encode()).hexdigest()[:8]
         name = f"smollm2-{quant}-r{lora.r}-{digest}"
-    name += ("-gguf" if gguf else "") + (f"-onnx-rows{onnx_opts.rows}-{onnx_opts.q4.value}" if onnx_opts else "")
+    name += ("-gguf" if gguf else "") + (f"-onnx-rows{onnx_opts.rows}-{onnx_opts.q4.value}-gslot" if onnx_opts else "")
     path = cache / "bundles" / name
     try:
         b = Bundle(path)
@@ -68,8 +68,43 @@ def cached_bundle(cache: Path, quant: str, progress: bool, log: Log | None, gguf
     if log:
         log(f"exporting SmolLM2 ({quant}; targets {', '.join(targets)}) to {path} (once; cached for the next run)…")
     t0 = time.perf_counter()
-    b = export("smollm2", path, quant=quant, lora=lora, targets=targets, progress=progress, onnx=onnx_opts)
+    # onnx graphs with an empty global slot: the chat-adapted global adapter is installed next,
+    # as a device installs a newer one (no re-export)
+    b = export(
+        "smollm2", path, quant=quant, lora=lora, targets=targets, progress=progress, onnx=onnx_opts, global_slot=onnx
+    )
     return b, time.perf_counter() - t0
+
+
+#: the demo's global adapter: host training on other people's chitchat messages (never the
+#: held-out senders'), this many messages, this seed; the cached adapter's notes name them
+GLOBAL_TEXTS = {"n": 6000, "seed": 11}
+
+
+def demo_global(bundle, seconds: float, progress: bool, log: Log | None) -> tuple[Any, float]:
+    """Install the demo's chat-adapted global adapter into ``bundle`` (once; kept in the cached
+    bundle): ``seconds`` of host training (:func:`pocketpeft.fleet.run.host_train`) on other
+    people's messages — what a fleet would learn, without one. Returns (its info, seconds spent)."""
+    import tempfile
+
+    from pocketpeft.corpus import general_texts, held_out_senders
+    from pocketpeft.fleet.run import host_train
+    from pocketpeft.global_adapter import install_global
+
+    recipe = {**GLOBAL_TEXTS, "seconds": seconds}
+    info = bundle.global_info()
+    if info is not None and info.notes.get("demo_recipe") == recipe:
+        return info, 0.0
+    texts = general_texts(exclude=held_out_senders(), **GLOBAL_TEXTS)
+    if log:
+        log(f"learning a global chat adapter on {len(texts)} messages of other people for {seconds:g}s (once; cached)…")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="pocketpeft-global-") as tmp:
+        summary = host_train(
+            bundle.root, tmp, texts, seconds=seconds, backend="auto", progress=progress, notes={"demo_recipe": recipe}
+        )
+        info = install_global(bundle, summary["global"])
+    return info, time.perf_counter() - t0
 
 
 def demo_personalizer(sess, store: str | Path, sender: str, serve_session=None, word_weight: float | None = None):
@@ -178,6 +213,7 @@ def run_demo(
     keystroke_seconds: float = 15.0,
     examples: int = 3,
     log: Log | None = print,
+    global_seconds: float = 180.0,
 ) -> dict[str, Any]:
     """Run the demo; returns (and writes to ``out_dir/report.json``, plot in ``out_dir/report.png``)
     the before/after report. The user's store lives in ``out_dir/store`` and is started afresh.
@@ -186,7 +222,11 @@ def run_demo(
     most ``keystroke_messages`` are typed, fewer when the first one shows that they would take
     more than ``keystroke_seconds`` per pass (a torch-served demo on 2 cores types a few, a
     llama.cpp-served one several times more; ``python -m benchmarks.personalize`` types hundreds
-    of words); before and after type the same messages."""
+    of words); before and after type the same messages.
+
+    ``global_seconds``: host training of the bundle's chat-adapted global adapter (once; cached with
+    the bundle; 0: none). With one, the report compares the base model, the global adapter
+    (``before``) and global + personal (``after``)."""
     from pocketpeft import runtime
     from pocketpeft.corpus import sender_split
     from pocketpeft.procinfo import peak_rss_mib
@@ -200,6 +240,7 @@ def run_demo(
     # the device path where it is installed: updates on ONNX Runtime, suggestions from llama.cpp
     gguf, onnx = serve_backend() is not None, probe("onnxruntime").available
     bundle, export_s = cached_bundle(Path(cache), quant, progress, log, gguf=gguf, onnx=onnx)
+    ginfo, global_s = demo_global(bundle, global_seconds, progress, log) if global_seconds else (None, 0.0)
     sender = sender or default_sender()
     train, test = sender_split(sender)
     test = test[:max_test_messages]
@@ -226,6 +267,13 @@ def run_demo(
     ks_texts = ks_texts[: max(1, min(len(ks_texts), int(keystroke_seconds / per_message)))]
     ev = evaluate_personalization(serve, words, test, ks_texts, p.word_weight, general=p.general)
     before, with_words, general_before = {**ev["heldout"], **ev["model"]}, ev["with_words"], ev["general_loss"]
+    raw = None
+    if ginfo is not None:  # the base without the global adapter, for the three-way comparison
+        serve.backend.set_global(None)
+        serve.adapter_version += 1
+        ev0 = evaluate_personalization(serve, words, test, ks_texts, p.word_weight, general=p.general)
+        raw = {**ev0["heldout"], **ev0["model"], "general_loss": ev0["general_loss"]}
+        serve.apply_global()
     p.observe(train)
     say(f"learning for up to {seconds:g}s …")
     upd = p.update(max_seconds=seconds, progress=progress)
@@ -254,6 +302,19 @@ def run_demo(
         "peak_rss_mb": round(peak_rss_mib(), 1),
         "adapter": str(out / "store" / "adapters"),
         "split": split.to_dict() if split else None,
+        # two-level adapters: "before" is the bundle's global adapter (chat-adapted, frozen),
+        # "after" global + personal; "base" is the model with neither
+        "global": None
+        if ginfo is None
+        else {
+            "version": ginfo.version,
+            "source": ginfo.source,
+            "sha256": ginfo.sha256,
+            "train_seconds": round(global_s, 1),
+            "steps": ginfo.notes.get("steps"),
+            "texts": ginfo.notes.get("texts"),
+        },
+        "base": raw,
         # the device path needs no torch: it is loaded only to export the bundle the first time
         "torch_loaded": "torch" in sys.modules,
     }
@@ -269,7 +330,17 @@ def run_demo(
 
 def _print_report(r: dict[str, Any], out: Path, log: Log) -> None:
     log("")
-    log(f"{'held-out metric':<26}{'base':>10}{'personalized':>14}")
+    raw = r.get("base")
+    if raw:
+        g = r["global"]
+        log(
+            f"global adapter v{g['version']} ({g['source']}: {g['steps']} steps on {g['texts']} messages of other "
+            "people) is applied frozen; the personal adapter trains on top of it"
+        )
+    log(
+        f"{'held-out metric':<26}"
+        + (f"{'base':>10}{'global':>10}{'+personal':>12}" if raw else f"{'base':>10}{'personalized':>14}")
+    )
     rows = (
         ("next_word_top3", "next-word top-3", True),
         ("keystroke_savings", "keystroke savings", True),
@@ -281,9 +352,15 @@ def _print_report(r: dict[str, Any], out: Path, log: Log) -> None:
     for k, label, pct in rows:
         a, b = r["before"][k], r["after"][k]
         fmt = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.3f}")
-        log(f"{label:<26}{fmt(a):>10}{fmt(b):>14}")
+        if raw:
+            log(f"{label:<26}{fmt(raw[k]):>10}{fmt(a):>10}{fmt(b):>12}")
+        else:
+            log(f"{label:<26}{fmt(a):>10}{fmt(b):>14}")
     g = r["general_loss"]
-    log(f"{'other people: loss':<26}{g['base']:>10.3f}{g['personalized']:>14.3f}")
+    if raw:
+        log(f"{'other people: loss':<26}{raw['general_loss']:>10.3f}{g['base']:>10.3f}{g['personalized']:>12.3f}")
+    else:
+        log(f"{'other people: loss':<26}{g['base']:>10.3f}{g['personalized']:>14.3f}")
     bd = r["breakdown"]
     log(
         f"personalized = the LoRA update + the sender's word counts (weight {bd['word_weight']:g}); next-word top-3 "
