@@ -41,8 +41,9 @@ SUITES: dict[str, list[str]] = {
     "quality": ["benchmarks.personalize"],
     "export": ["benchmarks.export_bench"],
     "memory": ["benchmarks.loop_memory"],
+    "fleet": ["benchmarks.fleet"],
 }
-ALL = ["train", "suggest", "quality", "export", "memory"]
+ALL = ["train", "suggest", "quality", "export", "memory", "fleet"]
 
 
 # ---------------------------------------------------------------------------- running
@@ -580,7 +581,54 @@ def section_loop_memory(obj: dict[str, Any], plots: Path, out: list[str]) -> Non
     out.append("")
 
 
+def section_fleet(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
+    """Fleet learning: held-out metrics of base / global / DP global / global + personal, per-round
+    held-out loss, upload per device, DP guarantee, and the targets."""
+    out.append(_title(obj, "Fleet learning: a global adapter from simulated devices, then personal adapters"))
+    dp = obj.get("dp") or {}
+    out.append(
+        f"{obj.get('clients', '?')} simulated devices (chitchat senders), {obj.get('clients_per_round', '?')} per round, "
+        f"{obj.get('rounds', '?')} rounds of {obj.get('steps_per_client_round', '?')} local steps on the device path; "
+        f"{obj.get('test_senders', '?')} held-out senders never seen in training, "
+        f"{obj.get('keystroke_messages_per_sender', '?')} of their later messages typed each; personal updates of "
+        f"{_f(obj.get('personal_seconds'), '.0f')} s on top of the global adapter (no DP). DP: "
+        + (
+            f"ε = {_f(dp.get('epsilon'), '.2f')} at δ = {dp.get('delta')}, noise multiplier "
+            f"{_f(dp.get('noise_multiplier'), '.3f')}, clip {dp.get('clip_norm')}, sampling rate "
+            f"{_f(dp.get('sampling_rate'), '.2f')} ({dp.get('accountant', '?')}).\n"
+            if dp
+            else "none.\n"
+        )
+    )
+    rows = [
+        [c, _f(100 * m["next_word_top3"]), _f(100 * m["keystroke_savings"])] for c, m in obj.get("mean", {}).items()
+    ]
+    out += _table(["model", "next-word top-3 %", "keystroke savings %"], rows)
+    g = obj.get("gain_points", {})
+    out.append(
+        f"\nDP global over base: {_f(g.get('global_dp_over_base'), '+.2f')} points; global + personal over global: "
+        f"{_f(g.get('personal_over_global'), '+.2f')} points."
+    )
+    curves = {}
+    for name, r in obj.get("runs", {}).items():
+        recs = [x for x in r.get("per_round") or [] if "eval_loss" in x]
+        if len(recs) > 1:
+            curves[name] = ([x["round"] for x in recs], [x["eval_loss"] for x in recs])
+        ups = [x.get("upload_bytes_per_client") for x in r.get("per_round") or [] if x.get("upload_bytes_per_client")]
+        rej = r.get("rejected") or {}
+        out.append(
+            f"- {name}: upload per device per round {_f(ups[0] / 2**20 if ups else None, '.2f')} MiB; rejected updates "
+            f"{sum(rej.values()) if rej else 0}; {_f(r.get('wall_seconds'), '.0f')} s"
+        )
+    for name, ok in obj.get("targets", {}).items():
+        out.append(f"- target {name}: {_met(ok)}")
+    if curves and _plot_lines(curves, "held-out loss per round", "round", "loss", plots / "fleet.png"):
+        out.append("\n![fleet](fleet.png)")
+    out.append("")
+
+
 SECTIONS = {
+    "fleet": section_fleet,
     "train_speed": section_train,
     "suggest_latency": section_suggest,
     "export_bench": section_export,

@@ -118,7 +118,7 @@ def run_round(global_tensors: dict, cfg: dict, context) -> tuple[dict, dict]:
         context.state.array_records[wire.LOCAL_B] = wire.to_array_record(
             {k: v for k, v in up.local.items() if not U.is_lora_a(k)}
         )
-    return up.delta, up.metrics(base)
+    return up.delta, up.metrics(base, private=lc.noise_std > 0)
 
 
 def _train(msg, context):

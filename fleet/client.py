@@ -109,8 +109,13 @@ class LocalUpdate:
     #: the device's adapter after training (kept on the device: FedSA's own lora_B); never sent
     local: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
-    def metrics(self, base_sha256: str) -> dict[str, int | float]:
-        """The numeric metrics that go on the wire with the delta."""
+    def metrics(self, base_sha256: str, private: bool = False) -> dict[str, int | float]:
+        """The numeric metrics that go on the wire with the delta. ``private`` (a DP round): only
+        what the DP guarantee covers or is data-independent — the step count and the base id; the
+        training loss, the unclipped norm, the amount of text and the time taken would each tell
+        the server something about this device's text outside the accountant's reckoning."""
+        if private:
+            return {"num-examples": 1, "steps": int(self.steps), "base-id": U.base_id(base_sha256)}
         return {
             "num-examples": int(self.num_examples),
             "steps": int(self.steps),
