@@ -47,7 +47,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="local steps per device and round (default 10; --host: total steps)")
     p.add_argument("--seconds", type=float, help="local time budget per device and round (--host: total)")
     p.add_argument("--lr", type=float, help="local learning rate (default: the bundle's training default)")
-    p.add_argument("--backend", default="torch", help="backend each device trains on (default torch)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help="backend each device trains on (default auto: the device path the bundle has, e.g. onnxruntime)",
+    )
     dp = p.add_mutually_exclusive_group()
     dp.add_argument("--dp-epsilon", type=float, metavar="E", help="client-level DP: calibrate the noise for epsilon E")
     dp.add_argument("--noise-multiplier", type=float, metavar="Z", help="client-level DP with noise multiplier Z")

@@ -197,3 +197,52 @@ def test_eval_reports_keyboard_metrics(kb_bundle, tmp_path, capsys):
     assert code == 0 and "keyboard" not in out
     code, out = _main_json(capsys, "eval", kb_bundle.root, "--text", text, "--keystrokes", "-1")
     assert code == 2 and out["type"] == "ConfigError"
+
+
+def test_fleet_host_then_install_global(tiny_hf_dir, tmp_path):
+    """`pocketpeft fleet --host` makes a global adapter, `export --global-adapter` ships it,
+    `install-global` puts a newer one into an existing bundle and refuses a corrupt one (exit 2,
+    typed error, the installed one kept)."""
+    pytest.importorskip("flwr")
+    b = tmp_path / "bundle"
+    run("export", tiny_hf_dir, "--out", b, "--quant", "q8_0", "--r", "4", "--seq-len", "32", "--batch", "4", "--json")
+    text = tmp_path / "public.txt"
+    text.write_text("\n".join(CHAT) + "\n")
+    host = json.loads(
+        run("fleet", "--host", "--bundle", b, "--out", tmp_path / "g1", "--text", text, "--steps", "2", "--json").stdout
+    )
+    assert host["source"] == "host" and host["version"] == 1
+    b2 = tmp_path / "bundle2"
+    ex = json.loads(
+        run(
+            "export",
+            tiny_hf_dir,
+            "--out",
+            b2,
+            "--quant",
+            "q8_0",
+            "--r",
+            "4",
+            "--seq-len",
+            "32",
+            "--batch",
+            "4",
+            "--global-adapter",
+            tmp_path / "g1" / "global",
+            "--json",
+        ).stdout
+    )
+    assert ex["global"]["version"] == 1 and ex["global"]["source"] == "host"
+    host2 = json.loads(
+        run(
+            "fleet", "--host", "--bundle", b2, "--out", tmp_path / "g2", "--text", text, "--steps", "2", "--json"
+        ).stdout
+    )
+    assert host2["version"] == 2  # the next version after the installed one
+    ig = json.loads(run("install-global", b2, tmp_path / "g2" / "global", "--json").stdout)
+    assert ig["installed"]["version"] == 2 and ig["previous_version"] == 1
+    bad = tmp_path / "g2" / "global" / "adapter_model.safetensors"
+    bad.write_bytes(bad.read_bytes()[:-3])
+    p = run("install-global", b, tmp_path / "g2" / "global", "--json", check=False)
+    assert p.returncode == 2 and json.loads(p.stdout)["type"] == "CorruptFileError"
+    assert not (b / "global").exists()
