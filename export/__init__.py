@@ -90,7 +90,7 @@ def export(
     ``global_adapter``: a global adapter directory (:mod:`pocketpeft.global_adapter`, made by
     ``pocketpeft fleet``) of this base and LoRA shape, shipped as the bundle's ``global/``:
     every backend applies it frozen under the personal adapter. The onnx target's graphs then carry
-    a frozen global slot (manifest ``global_slot``) that a device can refill with a newer global
+    a frozen global slot (manifest ``global_slot``; executorch too) that a device can refill with a newer global
     adapter (:func:`pocketpeft.global_adapter.install_global`) without re-exporting.
     ``global_slot=True`` gives the graphs that slot (zeros) without shipping a global adapter, for
     one installed later.
@@ -216,8 +216,8 @@ def export(
 #: targets whose files are split when the manifest is (the torch reference splits at run time)
 SPLIT_TARGETS = ("onnx", "executorch")
 #: targets whose graphs carry a frozen global-adapter slot when the export has a global adapter
-#: (torch, gguf: the runtime applies it; executorch and coreml don't carry one yet)
-GLOBAL_SLOT_TARGETS = ("onnx",)
+#: (torch, gguf: the runtime applies it; coreml doesn't carry one yet)
+GLOBAL_SLOT_TARGETS = ("onnx", "executorch")
 
 
 def _split_layer(split: "bool | None", lcfg: LoraConfig) -> int | None:

@@ -54,7 +54,7 @@ from torch import nn
 
 from pocketpeft.formats import executorch as fmt
 from pocketpeft.formats.executorch import INFER, SIGNATURE, TRAIN, TRAIN_PREFIX  # noqa: F401 (re-exported)
-from pocketpeft.reference.lora import PEFT_PREFIX
+from pocketpeft.reference.lora import PEFT_PREFIX, global_key
 
 from .protocol import ExportContext
 
@@ -151,17 +151,28 @@ def trainable_copy(model: nn.Module) -> tuple[nn.Module, list[str]]:
 
 
 def peft_key(hf_name: str) -> str:
-    """PEFT's saved key for a LoRA tensor's HF parameter name."""
+    """PEFT's saved key for a LoRA tensor's HF parameter name, or the global slot's key
+    (``...lora_A.global.weight``) for a global buffer (``...q_proj.global_A``)."""
+    for slot, part in ((".global_A", "lora_A"), (".global_B", "lora_B")):
+        if hf_name.endswith(slot):
+            return global_key(f"{PEFT_PREFIX}{hf_name[: -len(slot)]}.{part}.weight")
     return PEFT_PREFIX + hf_name
 
 
-class _TrainNet(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
+def global_slot_names(module: nn.Module) -> list[str]:
+    """Names of ``module``'s filled global-adapter buffers (two-level adapters), in model order:
+    the programs take them as inputs, so a device fills the slot with its installed global adapter."""
+    return [n for n, _ in module.named_buffers() if n.endswith((".global_A", ".global_B"))]
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor):
-        logits = self.model(x)  # x: input_ids, or the suffix's hidden states
+
+class _TrainNet(nn.Module):
+    def __init__(self, model: nn.Module, global_names: list[str] | None = None) -> None:
+        super().__init__()
+        self.model, self.global_names = model, list(global_names or [])
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, *glob: torch.Tensor):
+        # x: input_ids, or the suffix's hidden states; glob: the frozen global slot, as inputs
+        logits = torch.func.functional_call(self.model, dict(zip(self.global_names, glob)), (x,))
         return (F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100),)
 
 
@@ -215,35 +226,41 @@ def _hidden_example(ctx: ExportContext) -> torch.Tensor:
     return torch.zeros(ctx.batch_size, ctx.seq_len, ctx.arch.hidden_size, dtype=torch.float32)
 
 
-def export_train(ctx: ExportContext, delegate: bool = False) -> tuple[bytes, list[str]]:
-    """The serialized train program and its LoRA parameters' HF names (in output order): the
-    whole model from ``input_ids``, or for a split context the suffix from ``hidden``."""
+def export_train(ctx: ExportContext, delegate: bool = False) -> tuple[bytes, list[str], list[str]]:
+    """The serialized train program, its LoRA parameters' HF names (in output order) and the HF
+    names of its global-slot inputs (after ``x, labels``; none without a slot): the whole model from
+    ``input_ids``, or for a split context the suffix from ``hidden``."""
     model, names = trainable_copy(ctx.model)
     ids = torch.zeros(ctx.batch_size, ctx.seq_len, dtype=torch.int64)
-    if ctx.split_layer is None:
-        net, example = _TrainNet(model).train(), (ids, ids.clone())
-    else:  # the suffix's parameters keep their HF names (SplitPart shares them), so TRAIN_PREFIX holds
-        net, example = _TrainNet(_suffix(ctx, model)).train(), (_hidden_example(ctx), ids)
+    # the suffix's parameters keep their HF names (SplitPart shares them), so TRAIN_PREFIX holds
+    part, x = (model, ids) if ctx.split_layer is None else (_suffix(ctx, model), _hidden_example(ctx))
+    gnames = global_slot_names(part)
+    glob = tuple(part.get_buffer(n).detach().clone() for n in gnames)
+    net, example = _TrainNet(part, gnames).train(), (x, ids.clone(), *glob)
     ep = torch.export.export(net, example, strict=False)
     ep = ep.run_decompositions(_decompositions())
     ep = export_forward_backward(ep)
     _rewrite_for_executorch(ep)
     grads = ep.graph_signature.backward_signature.gradients_to_parameters
     assert sorted(grads.values()) == sorted(TRAIN_PREFIX + n for n in names), "only LoRA tensors may train"
-    return _to_pte(ep, delegate), names
+    return _to_pte(ep, delegate), names, gnames
 
 
 def export_infer(ctx: ExportContext, delegate: bool = False, part: str = "model") -> tuple[bytes, list[str]]:
-    """The serialized inference program and the HF names of its LoRA inputs (in input order):
-    ``part="model"`` the whole model from ``input_ids``, ``"suffix"`` a split context's suffix
-    from ``hidden``."""
+    """The serialized inference program and the HF names of its LoRA inputs, then its global-slot
+    inputs (in input order): ``part="model"`` the whole model from ``input_ids``, ``"suffix"`` a
+    split context's suffix from ``hidden``."""
     model, names = trainable_copy(ctx.model)
     model.eval().requires_grad_(False)
     lora = tuple(p.detach().clone() for p in model.parameters())
     if part == "suffix":
-        net, x = _InferNet(_suffix(ctx, model), names), _hidden_example(ctx)
+        module, x = _suffix(ctx, model), _hidden_example(ctx)
     else:
-        net, x = _InferNet(model, names), torch.zeros(ctx.batch_size, ctx.seq_len, dtype=torch.int64)
+        module, x = model, torch.zeros(ctx.batch_size, ctx.seq_len, dtype=torch.int64)
+    gnames = global_slot_names(module)
+    lora += tuple(module.get_buffer(n).detach().clone() for n in gnames)
+    names = names + gnames
+    net = _InferNet(module, names)
     with torch.no_grad():
         ep = torch.export.export(net, (x, *lora), dynamic_shapes=(_dims(ctx), (None,) * len(lora)), strict=False)
         ep = ep.run_decompositions(_decompositions())
@@ -306,7 +323,7 @@ class ExecuTorchTarget:
             if bar is not None:
                 bar.update()
 
-        train, names = export_train(ctx)
+        train, names, train_globals = export_train(ctx)
         (ctx.stage / TRAIN).write_bytes(train)
         del train
         done()
@@ -321,7 +338,7 @@ class ExecuTorchTarget:
                 fmt.SIG_METHOD: "forward",
                 fmt.SIG_BATCH_SIZE: ctx.batch_size,
                 fmt.SIG_SEQ_LEN: ctx.seq_len,
-                fmt.SIG_INPUTS: [x, "labels"],
+                fmt.SIG_INPUTS: [x, "labels"] + [peft_key(n) for n in train_globals],
                 fmt.SIG_OUTPUTS: (["loss"] + [f"grad:{k}" for k in keys] + [f"param:{k}" for k in keys]),
                 fmt.SIG_PARAMETERS: {TRAIN_PREFIX + n: peft_key(n) for n in names},
             },

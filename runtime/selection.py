@@ -61,7 +61,7 @@ class Choice:
 
 #: backends that apply a global adapter on every bundle; the onnx ones need the graphs' global slot
 GLOBAL_ANYWHERE = ("torch", "peft", "llamacpp")
-GLOBAL_WITH_SLOT = ("onnxruntime", "onnxruntime-infer")
+GLOBAL_WITH_SLOT = ("onnxruntime", "onnxruntime-infer", "executorch")
 
 
 def global_blocker(name: str, bundle: "Bundle | None") -> str:
@@ -74,7 +74,7 @@ def global_blocker(name: str, bundle: "Bundle | None") -> str:
     if name in GLOBAL_WITH_SLOT:
         if bundle.manifest.global_slot:
             return ""
-        return "the bundle has a global adapter but its onnx graphs no global slot (re-export with --global-adapter)"
+        return "the bundle has a global adapter but its graphs no global slot (re-export with --global-adapter)"
     return "does not apply a global adapter, and the bundle has one"
 
 

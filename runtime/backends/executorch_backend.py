@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from pocketpeft.adapter import peft_key
 from pocketpeft.errors import (
     AdapterShapeError,
+    BackendUnavailableError,
     ConfigError,
     CorruptFileError,
     SequenceTooLongError,
@@ -114,6 +115,7 @@ class ExecuTorchBackend:
         self._train = self._infer = None
         self._keys: list[str] = []  # PEFT keys, in train-output order
         self._adapter: dict[str, torch.Tensor] = {}  # PEFT key -> tensor (aliases ExecuTorch's once training ran)
+        self._global: dict[str, torch.Tensor] = {}  # the frozen global slot's inputs (two-level adapters)
         self._opt = HostAdamW(self.cfg)  # the host optimizer (numpy, shared with the onnxruntime backend)
         self._split: dict | None = None  # signature.json's split entry when the bundle is split
         self._prefix = self._suffix = None  # a split bundle's programs, loaded on first use
@@ -152,6 +154,12 @@ class ExecuTorchBackend:
         self.prefix_kernels = "" if split is None else kernels
         init = bundle.initial_adapter().tensors
         self._adapter = {k: torch.from_numpy(np.array(init[k], dtype=np.float32)) for k in self._keys}
+        # a bundle exported with a global slot: the programs take it as inputs, zeros until set
+        slot = [k for k in self._sig[SIG_TRAIN][SIG_INPUTS][2:]]
+        plain = {k.replace(".global.", "."): k for k in slot}
+        if set(plain) - set(self._keys):
+            raise CorruptFileError(f"{bundle.root / SIGNATURE}: its global slot names tensors the LoRA doesn't have")
+        self._global = {g: torch.zeros_like(self._adapter[k]) for k, g in plain.items()}
         self.configure(self.cfg)
 
     @staticmethod
@@ -202,7 +210,8 @@ class ExecuTorchBackend:
         """Loss and LoRA gradients (in ``self._keys`` order) of one full-size call."""
         tm = self._train_module()
         fresh = tm.named_params is None
-        loss = tm.forward_backward("forward", (x, lab))[0]
+        glob = tuple(self._global[k] for k in self._sig[SIG_TRAIN][SIG_INPUTS][2:])
+        loss = tm.forward_backward("forward", (x, lab, *glob))[0]
         if fresh:  # first call: from now on the program's own LoRA tensors are the adapter
             params = [tm.named_parameters()[f] for f in self._sig[SIG_TRAIN][SIG_PARAMETERS]]
             stale = any(not torch.equal(p, self._adapter[k]) for p, k in zip(params, self._keys))
@@ -210,7 +219,7 @@ class ExecuTorchBackend:
                 p.copy_(self._adapter[k])
                 self._adapter[k] = p
             if stale:  # the program ran with its baked adapter, not ours: run again
-                loss = tm.forward_backward("forward", (x, lab))[0]
+                loss = tm.forward_backward("forward", (x, lab, *glob))[0]
         grads = tm.named_gradients()
         return float(loss), [grads[f] for f in self._sig[SIG_TRAIN][SIG_PARAMETERS]]
 
@@ -221,9 +230,13 @@ class ExecuTorchBackend:
 
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 logits for one call of at most batch_size x seq_len tokens."""
-        lora = [self._adapter[k] for k in self._sig[SIG_INFER][SIG_INPUTS][1:]]
+        lora = [self._input(k) for k in self._sig[SIG_INFER][SIG_INPUTS][1:]]
         # ExecuTorch refuses strided inputs (e.g. a row slice of a batch): pass contiguous tensors
         return self._infer_module().forward((ids.contiguous(), *(t.contiguous() for t in lora)))[0]
+
+    def _input(self, key: str) -> torch.Tensor:
+        """A program's tensor input by name: a LoRA tensor, or the global slot's."""
+        return self._adapter[key] if key in self._adapter else self._global[key]
 
     # ------------------------------------------------------------------ split bundles
     @property
@@ -287,7 +300,7 @@ class ExecuTorchBackend:
         sig = self._split_sig()[SIG_SUFFIX]
         if self._suffix is None:
             self._suffix = self._load_pte(self._b, SUFFIX, _runtime()[1])
-        lora = [self._adapter[k].contiguous() for k in sig[SIG_INPUTS][1:]]
+        lora = [self._input(k).contiguous() for k in sig[SIG_INPUTS][1:]]
         return torch.cat([self._suffix.forward((h, *lora))[0] for h in self._chunks(hidden, sig, "hidden")]).numpy()
 
     # ------------------------------------------------------------------ the Protocol
@@ -357,24 +370,44 @@ class ExecuTorchBackend:
     def set_adapter(self, tensors: Mapping[str, np.ndarray]) -> None:
         """Replace the LoRA tensors (PEFT keys, ``.default.`` infixes accepted); nothing changes
         unless every key and shape matches. Optimizer state is reset."""
+        for k, t in self._checked(tensors, "adapter").items():
+            self._adapter[k].copy_(t)  # in place: may be ExecuTorch's own memory
+        self.configure(self.cfg)
+
+    def set_global(self, tensors: "Mapping[str, np.ndarray] | None") -> None:
+        """Feed the programs' frozen global slot (zeros for ``None``); a bundle exported without the
+        slot raises :class:`BackendUnavailableError` (see SupportsGlobal)."""
+        if not self._global:
+            if tensors is None:
+                return
+            raise BackendUnavailableError(
+                "this bundle's executorch programs have no global-adapter slot (exported without a global "
+                "adapter); re-export with `pocketpeft export --global-adapter DIR`"
+            )
+        given = self._checked(tensors, "global adapter") if tensors is not None else None
+        self._global = {
+            g: (given[g.replace(".global.", ".")] if given else torch.zeros_like(t)) for g, t in self._global.items()
+        }
+
+    def _checked(self, tensors: Mapping[str, np.ndarray], what: str) -> dict[str, torch.Tensor]:
+        """float32 tensors of PEFT-keyed ``tensors`` after checking every name, shape and value
+        against the bundle's LoRA; raises :class:`AdapterShapeError` naming the first misfit."""
         given = {peft_key(k): v for k, v in tensors.items()}
         missing, unexpected = sorted(set(self._keys) - set(given)), sorted(set(given) - set(self._keys))
         if missing or unexpected:
             raise AdapterShapeError(
-                f"adapter tensors don't match the bundle's LoRA layers: {len(missing)} missing "
+                f"{what} tensors don't match the bundle's LoRA layers: {len(missing)} missing "
                 f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
             )
-        new = {k: torch.as_tensor(np.asarray(given[k]), dtype=torch.float32) for k in self._keys}
+        new = {k: torch.as_tensor(np.array(given[k], dtype=np.float32)) for k in self._keys}
         for k, t in new.items():
             if tuple(t.shape) != tuple(self._adapter[k].shape):
                 raise AdapterShapeError(
-                    f"adapter tensor {k} has shape {tuple(t.shape)}, the bundle expects {tuple(self._adapter[k].shape)}"
+                    f"{what} tensor {k} has shape {tuple(t.shape)}, the bundle expects {tuple(self._adapter[k].shape)}"
                 )
             if not torch.isfinite(t).all():
-                raise AdapterShapeError(f"adapter tensor {k} holds NaN or inf values")
-        for k, t in new.items():
-            self._adapter[k].copy_(t)  # in place: may be ExecuTorch's own memory
-        self.configure(self.cfg)
+                raise AdapterShapeError(f"{what} tensor {k} holds NaN or inf values")
+        return new
 
 
 def create(device: str = "cpu") -> ExecuTorchBackend:

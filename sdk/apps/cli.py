@@ -433,12 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--global-adapter",
         metavar="DIR",
         help="ship this global adapter (from `pocketpeft fleet`) in the bundle: applied frozen under the "
-        "personal adapter by every backend; the onnx graphs get a global slot a device can refill",
+        "personal adapter by every backend; the onnx and executorch graphs get a global slot a device can refill",
     )
     e.add_argument(
         "--global-slot",
         action="store_true",
-        help="give the onnx graphs an empty global-adapter slot, for a global adapter installed later "
+        help="give the onnx and executorch graphs an empty global-adapter slot, for a global adapter installed later "
         "(`pocketpeft install-global`)",
     )
     e.add_argument("--seq-len", type=int, default=64)

@@ -253,3 +253,43 @@ def test_empty_slot_takes_a_global_installed_later(tiny_hf_dir, tmp_path):
     want = pp.runtime.open(b.root, backend="torch").logits(ids)
     assert np.abs(want - base).max() > 1e-3
     np.testing.assert_allclose(pp.runtime.open(b.root, backend="onnxruntime").logits(ids), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_executorch_feeds_the_global_slot_as_torch_applies_it(tiny_hf_dir, tmp_path, split):
+    """ExecuTorch's programs take the frozen global slot as inputs: logits and training steps
+    match torch with global + personal, and a newer global installed on the device is used."""
+    pytest.importorskip("executorch.extension.training", reason="executorch extra not installed")
+    lora = pp.LoraConfig(**(SPLIT_LORA if split else LORA))
+    b = pp.export(
+        tiny_hf_dir,
+        tmp_path / "b",
+        quant="q4_0",
+        lora=lora,
+        targets=["torch", "executorch"],
+        seq_len=16,
+        batch_size=2,
+        global_slot=True,
+    )
+    assert b.manifest.global_slot
+    install_global(b, _global_dir(b, tmp_path / "g1", seed=51, version=1))
+    personal = _random_tensors(b.manifest, 52)
+    t, e = (pp.runtime.open(b.root, backend=n) for n in ("torch", "executorch"))
+    for s in (t, e):
+        assert s.global_info.version == 1
+        s.set_adapter_tensors(personal)
+    ids = t.tokenizer.encode("are you coming to the game")
+    want1 = t.logits(ids)
+    np.testing.assert_allclose(e.logits(ids), want1, atol=1e-4)
+    rt, re_ = t.train(CHAT, steps=3, seed=1), e.train(CHAT, steps=3, seed=1)
+    np.testing.assert_allclose(re_.losses, rt.losses, rtol=1e-3)
+    wt, we = t.get_adapter_tensors(), e.get_adapter_tensors()
+    for k in wt:
+        np.testing.assert_allclose(we[k], wt[k], atol=1e-4, err_msg=k)
+    np.testing.assert_allclose(e.logits(ids), t.logits(ids), atol=1e-4)
+    install_global(b, _global_dir(b, tmp_path / "g2", seed=53, version=2))
+    t2, e2 = (pp.runtime.open(b.root, backend=n) for n in ("torch", "executorch"))
+    for s in (t2, e2):
+        s.set_adapter_tensors(personal)
+    np.testing.assert_allclose(e2.logits(ids), t2.logits(ids), atol=1e-4)
+    assert np.abs(t2.logits(ids) - want1).max() > 1e-3  # same personal adapter, the new global
