@@ -216,8 +216,8 @@ def export(
 #: targets whose files are split when the manifest is (the torch reference splits at run time)
 SPLIT_TARGETS = ("onnx", "executorch")
 #: targets whose graphs carry a frozen global-adapter slot when the export has a global adapter
-#: (torch, gguf: the runtime applies it; coreml doesn't carry one yet)
-GLOBAL_SLOT_TARGETS = ("onnx", "executorch")
+#: (torch, gguf: the runtime applies it)
+GLOBAL_SLOT_TARGETS = ("onnx", "executorch", "coreml")
 
 
 def _split_layer(split: "bool | None", lcfg: LoraConfig) -> int | None:

@@ -53,7 +53,7 @@ from pocketpeft.formats.coreml import DIR, PACKAGE, SIGNATURE, coreml_name  # no
 from pocketpeft.reference.lora import lora_shapes
 from pocketpeft.reference.quant import NF4_CODE, QuantLinear
 
-from .executorch_target import _InferNet, peft_key, trainable_copy
+from .executorch_target import _InferNet, global_slot_names, peft_key, trainable_copy
 from .protocol import ExportContext
 
 #: The ops a compressed frozen weight is stored with (iOS 18 names; iOS 16's for older packages).
@@ -117,8 +117,11 @@ def _export_program(ctx: ExportContext):
     names in input order, the traced copy of the model)."""
     model, names = trainable_copy(ctx.model)
     model.eval().requires_grad_(False)
-    net = _InferNet(model, names)
     lora = tuple(p.detach().clone() for p in model.parameters())
+    gnames = global_slot_names(model)  # a bundle with a global slot: its tensors are inputs too
+    lora += tuple(model.get_buffer(n).detach().clone() for n in gnames)
+    names = names + gnames
+    net = _InferNet(model, names)
     ids = torch.zeros(1, ctx.seq_len, dtype=torch.int64)
     with torch.no_grad(), _dense_frozen(model):
         ep = torch.export.export(net, (ids, *lora), strict=False)
@@ -293,7 +296,10 @@ class CoreMLTarget:
             "compute_precision": "float16",
             "inputs": {
                 "input_ids": {"shape": [1, ctx.seq_len], "dtype": "int32"},
-                **{coreml_name(k): {"peft_key": k, "shape": shapes[k], "dtype": "float32"} for k in keys},
+                **{
+                    coreml_name(k): {"peft_key": k, "shape": shapes[k.replace(".global.", ".")], "dtype": "float32"}
+                    for k in keys
+                },
             },
             "outputs": {"logits": {"shape": [1, ctx.seq_len, ctx.arch.vocab_size], "dtype": "float16"}},
             "sequence": "fixed length: right-pad input_ids, read logits at the last real position (causal)",

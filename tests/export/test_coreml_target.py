@@ -202,3 +202,33 @@ def test_cli_exports_smollm2_to_gguf_and_coreml(smollm2_path, tmp_path):
     assert d["ops"]["constexpr_blockwise_shift_scale"] == 30 * 7
     assert set(d["inputs"]) == {"input_ids"} | {coreml_name(k) for k in b.manifest.trainable}
     assert d["outputs"]["logits"][0] == [1, 64, 49152]
+
+
+def test_global_slot_is_inputs_that_feed_the_graph(tiny_hf_dir, tmp_path):
+    """Exported with a global slot (two-level adapters), the package takes the global adapter's
+    tensors as inputs next to the LoRA's (an app feeds its installed global adapter), each used."""
+    b = pp.export(
+        tiny_hf_dir,
+        tmp_path / "b",
+        quant="q4_0",
+        lora=pp.LoraConfig(**LORA),
+        targets=["torch", "coreml"],
+        seq_len=SEQ,
+        batch_size=2,
+        global_slot=True,
+    )
+    m = b.manifest
+    assert m.global_slot
+    d = describe(b.root / PACKAGE)
+    glob = {
+        k.replace(".lora_A.", ".lora_A.global.").replace(".lora_B.", ".lora_B.global."): s
+        for k, s in m.trainable.items()
+    }
+    expected = {"input_ids": ([1, SEQ], "INT32")}
+    expected.update({coreml_name(k): (shape, "FLOAT32") for k, shape in {**m.trainable, **glob}.items()})
+    assert d["inputs"] == expected
+    sig = json.loads(b.path_of(SIGNATURE).read_text())
+    assert {v["peft_key"] for n, v in sig["inputs"].items() if n != "input_ids"} == set(m.trainable) | set(glob)
+    main = _stored_program(b).functions["main"]
+    for name, var in main.inputs.items():
+        assert var.child_ops, f"input {name} is not used by the graph"
