@@ -118,7 +118,8 @@ def run_round(global_tensors: dict, cfg: dict, context) -> tuple[dict, dict]:
         context.state.array_records[wire.LOCAL_B] = wire.to_array_record(
             {k: v for k, v in up.local.items() if not U.is_lora_a(k)}
         )
-    return up.delta, up.metrics(base, private=lc.noise_std > 0)
+    # DP or secure aggregation: no per-device numbers beyond what the guarantee covers
+    return up.delta, up.metrics(base, private=lc.noise_std > 0 or _flag(cfg.get("secagg", False)))
 
 
 def _train(msg, context):

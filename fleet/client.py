@@ -159,7 +159,10 @@ def local_update(
     rep = sess.train(texts, steps=config.steps, seconds=config.seconds, batch_size=config.batch_size, seed=config.seed)
     after = sess.get_adapter_tensors()
     names = config.shared(expected)
-    delta = U.subtract(after, start, names)
+    # against what the server sent: under FedSA the final round's B delta is then B_local - B_global
+    # (the devices' own B, averaged), not just this round's change of it
+    sent = {k: np.asarray(v, np.float32) for k, v in global_tensors.items()}
+    delta = U.subtract(after, sent, names)
     norm = U.l2_norm(delta)
     if config.clip_norm is not None:
         delta, norm = U.clip_update(delta, config.clip_norm)

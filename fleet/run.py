@@ -16,9 +16,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from pocketpeft.errors import ConfigError, PocketPeftError
+from pocketpeft.errors import ConfigError
 
-from .server import GLOBAL_SUBDIR, FleetConfig, make_server_app
+from .server import GLOBAL_SUBDIR, FleetConfig, FleetRunError, make_server_app
 
 #: devices pick senders with at least this many words (enough text for a few rounds of training)
 MIN_SENDER_WORDS = 2000
@@ -185,10 +185,6 @@ def simulate(
     result["wall_seconds"] = time.perf_counter() - t0
     result["senders"] = list(senders[:clients])
     return result
-
-
-class FleetRunError(PocketPeftError, RuntimeError):
-    """A fleet run (simulation or deployment) ended without writing its global adapter."""
 
 
 def host_train(

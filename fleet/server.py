@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pocketpeft.errors import ConfigError
+from pocketpeft.errors import ConfigError, PocketPeftError
 from pocketpeft.fsutil import write_bytes_atomic
 
 from . import dp as DP
@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 
 GLOBAL_SUBDIR = "global"
 ROUNDS_FILE = "rounds.json"
+
+
+class FleetRunError(PocketPeftError, RuntimeError):
+    """A fleet run (simulation or deployment) ended without writing its global adapter."""
 
 
 @dataclass
@@ -238,6 +242,7 @@ class FleetServer:
         self.dp_cfg: DP.DpConfig | None = None
         self.noise_std = 0.0
         self.rounds_run = 0
+        self.aggregated_rounds = 0
         self.out = Path(cfg.out)
 
     # ------------------------------------------------------------------ setup
@@ -260,6 +265,8 @@ class FleetServer:
             self.dp_cfg = DP.DpConfig(cfg.clip_norm, z, q, cfg.rounds, cfg.dp_delta)
             self.noise_std = U.client_noise_std(z, cfg.clip_norm, q * n_nodes)
         self.sampling_rate = q
+        self._expected_clients = q * n_nodes  # DP-FedAvg divides by it, not by who arrived
+        self._noise_rng = np.random.default_rng()  # the server's top-up noise: OS entropy, not the seed
 
     def _sample(self, nodes: list[int]) -> list[int]:
         cfg = self.cfg
@@ -282,6 +289,7 @@ class FleetServer:
             clip_norm=cfg.clip_norm,
             noise_std=self.noise_std,
             fedsa=cfg.fedsa,
+            secagg=cfg.secagg,
             share_b=cfg.fedsa and final,
             weighted=cfg.weighted and not cfg.dp,
             max_weight=cfg.secagg_max_weight,
@@ -352,6 +360,7 @@ class FleetServer:
         rec["upload_bytes_per_client"] = float(np.mean(up)) if up else 0.0
         if mean is not None:
             self.global_tensors = U.apply_delta(self.global_tensors, mean, cfg.server_lr)
+            self.aggregated_rounds += 1
             rec["mean_delta_norm"] = U.l2_norm(mean)
         else:
             rec.setdefault("skipped", "no update was accepted")
@@ -382,9 +391,17 @@ class FleetServer:
                 c = m.content
                 if wire.DELTA not in c.array_records or wire.METRICS not in c.metric_records:
                     raise U.UpdateFormatError(f"device {nid}: reply lacks {wire.DELTA} / {wire.METRICS}")
-                metrics = dict(c.metric_records[wire.METRICS])
+                try:  # anything a device sends is untrusted: a malformed record is a rejection, not a crash
+                    metrics = dict(c.metric_records[wire.METRICS])
+                    arrays = wire.from_array_record(c.array_records[wire.DELTA])
+                    weight = float(metrics.get("num-examples", 1))
+                    loss = float(metrics.get("train-loss", float("nan")))
+                except (TypeError, ValueError, OverflowError, KeyError) as e:
+                    raise U.UpdateFormatError(f"device {nid}: unreadable reply ({type(e).__name__}: {e})") from e
+                if not (math.isfinite(weight) and weight >= 1):
+                    raise U.UpdateFormatError(f"device {nid}: num-examples {weight!r} is not a count >= 1")
                 delta = U.validate_update(
-                    wire.from_array_record(c.array_records[wire.DELTA]),
+                    arrays,
                     expected,
                     base_sha256=self.base,
                     update_base=metrics.get("base-id"),
@@ -396,9 +413,9 @@ class FleetServer:
                 log.info("round %d: %s", r, e)
                 continue
             deltas.append(delta)
-            weights.append(max(float(metrics.get("num-examples", 1)), 1.0))
-            if math.isfinite(float(metrics.get("train-loss", float("nan")))):
-                losses.append(float(metrics["train-loss"]))
+            weights.append(min(weight, self.cfg.secagg_max_weight))  # one device can't outweigh the round
+            if math.isfinite(loss):
+                losses.append(loss)
             self.contributors.add(nid)
         info = {
             "replied": len(replies),
@@ -409,8 +426,9 @@ class FleetServer:
         }
         if len(deltas) < self.cfg.min_clients:
             return None, info
-        w = weights if self.cfg.weighted and not self.cfg.dp else None
-        return U.fedavg(deltas, w), info
+        if self.cfg.dp:
+            return U.dp_release(deltas, self._expected_clients, self.noise_std, self._noise_rng), info
+        return U.fedavg(deltas, weights if self.cfg.weighted else None), info
 
     def _secagg_round(self, grid, context, r: int, sampled: list[int], rc: dict, shared: list[str]):
         import flwr.compat.common.recorddict_compat as compat
@@ -459,7 +477,14 @@ class FleetServer:
         if strategy.aggregate is None:
             info["skipped"] = "secure aggregation did not complete (too few devices stayed)"
             return None, info
-        bad_base = [p.node_id for p, f in results if int(f.metrics.get("base-id", -1)) != U.base_id(self.base)]
+
+        def other_base(metrics) -> bool:
+            try:
+                return int(metrics.get("base-id", -1)) != U.base_id(self.base)
+            except (TypeError, ValueError, OverflowError):
+                return True
+
+        bad_base = [p.node_id for p, f in results if other_base(f.metrics)]
         try:
             if bad_base:
                 raise U.UpdateBaseMismatchError(f"devices {bad_base} trained on another base model")
@@ -476,6 +501,15 @@ class FleetServer:
             return None, info
         info["accepted"] = len(results)
         self.contributors.update(p.node_id for p, _ in results)
+        if self.cfg.dp:  # the workflow averaged over who stayed: back to the sum, then the DP release
+            n, m = len(results), self._expected_clients
+            std = self.noise_std * math.sqrt(max(0.0, m - n))  # the noise of the expected devices that didn't report
+            mean = {
+                k: (
+                    (v.astype(np.float64) * n + (self._noise_rng.normal(0.0, std, v.shape) if std else 0.0)) / m
+                ).astype(np.float32)
+                for k, v in mean.items()
+            }
         return mean, info
 
     def _eval(self) -> float:
@@ -495,6 +529,13 @@ class FleetServer:
         from pocketpeft.global_adapter import GlobalInfo, save_global
 
         cfg = self.cfg
+        if not self.aggregated_rounds:  # shipping the untouched start would replace a trained global
+            raise FleetRunError(
+                f"no round of {self.rounds_run} aggregated an update (rejected: {self.rejects.as_dict()}); "
+                "no global adapter written"
+            )
+        if not all(np.isfinite(v).all() for v in self.global_tensors.values()):
+            raise FleetRunError("the aggregated global adapter holds NaN or inf values; no global adapter written")
         version = cfg.version
         if version is None:
             try:

@@ -222,9 +222,12 @@ def validate_update(
             f"{where}: expected a non-empty mapping of tensor names to arrays, got {type(delta).__name__}"
         )
     if base_sha256 is not None:
-        ok = update_base is not None and (
-            update_base == base_sha256 if isinstance(update_base, str) else int(update_base) == base_id(base_sha256)
-        )
+        try:
+            ok = update_base is not None and (
+                update_base == base_sha256 if isinstance(update_base, str) else int(update_base) == base_id(base_sha256)
+            )
+        except (TypeError, ValueError, OverflowError):  # NaN, inf, a list: not a base id at all
+            ok = False
         if not ok:
             raise UpdateBaseMismatchError(
                 f"{where} was computed on base {update_base!r}, the global adapter's base is {base_sha256[:12]}…"
@@ -247,9 +250,10 @@ def validate_update(
             raise UpdateShapeError(
                 f"{where}: tensor {name} has shape {list(v.shape)}, expected {list(shape)}", reason="shapes"
             )
+        v = np.asarray(v, dtype=np.float32)  # cast first: a finite float64 can overflow float32 to inf
         if not np.isfinite(v).all():
-            raise NonFiniteUpdateError(f"{where}: tensor {name} holds NaN or inf values")
-        out[name] = np.asarray(v, dtype=np.float32)
+            raise NonFiniteUpdateError(f"{where}: tensor {name} holds NaN or inf values (as float32)")
+        out[name] = v
     if math.isfinite(max_norm):
         norm = l2_norm(out)
         if norm > max_norm:
@@ -275,7 +279,7 @@ def fedavg(deltas: Sequence[Tensors], weights: Sequence[float] | None = None) ->
     if not deltas:
         raise ConfigError("fedavg needs at least one update")
     w = np.ones(len(deltas)) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w.shape != (len(deltas),) or (w < 0).any() or w.sum() <= 0:
+    if w.shape != (len(deltas),) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ConfigError(
             f"fedavg weights must be {len(deltas)} non-negative numbers with a positive sum, got {weights!r}"
         )
@@ -286,6 +290,29 @@ def fedavg(deltas: Sequence[Tensors], weights: Sequence[float] | None = None) ->
         for wi, d in zip(w, deltas):
             acc += wi * np.asarray(d[name], dtype=np.float64)
         out[name] = acc.astype(np.float32)
+    return out
+
+
+def dp_release(
+    deltas: Sequence[Tensors], expected_clients: float, client_noise: float, rng=None
+) -> dict[str, np.ndarray]:
+    """The DP-FedAvg release of noised client ``deltas``: their sum, topped up with the Gaussian
+    noise of the ``max(0, m - n)`` expected clients that did not report (each client adds std
+    ``client_noise`` = z·C/√m, so the sum carries std z·C however many arrived), divided by the
+    fixed expected count ``m`` rather than by ``n`` — what the accountant assumes (McMahan et al.,
+    2018, "Learning Differentially Private Recurrent Language Models")."""
+    if not deltas or expected_clients <= 0:
+        raise ConfigError("dp_release needs at least one update and a positive expected client count")
+    rng = rng or np.random.default_rng()
+    missing = max(0.0, expected_clients - len(deltas))
+    out = {}
+    for name in deltas[0]:
+        acc = np.zeros(np.shape(deltas[0][name]), dtype=np.float64)
+        for d in deltas:
+            acc += np.asarray(d[name], dtype=np.float64)
+        if missing and client_noise > 0:
+            acc += rng.normal(0.0, client_noise * math.sqrt(missing), acc.shape)
+        out[name] = (acc / expected_clients).astype(np.float32)
     return out
 
 

@@ -74,6 +74,7 @@ ROUND_KEYS: dict[str, type] = {
     "clip-norm": float,
     "noise-std": float,
     "fedsa": bool,
+    "secagg": bool,  # the round is securely aggregated: devices report no per-device numbers
     "share-b": bool,
     "weighted": bool,
     "max-weight": float,
