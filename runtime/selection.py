@@ -64,12 +64,12 @@ GLOBAL_ANYWHERE = ("torch", "peft", "llamacpp")
 GLOBAL_WITH_SLOT = ("onnxruntime", "onnxruntime-infer", "executorch")
 
 
-def global_blocker(name: str, bundle: "Bundle | None") -> str:
+def global_blocker(name: str, bundle: "Bundle | None", installed: bool = False) -> str:
     """Why backend ``name`` can't apply ``bundle``'s installed global adapter ("" when it can, or
-    when the bundle has none)."""
+    when the bundle has none; ``installed=True``: as if it had one)."""
     from pocketpeft.global_adapter import GLOBAL_DIR
 
-    if bundle is None or not (bundle.root / GLOBAL_DIR).exists() or name in GLOBAL_ANYWHERE:
+    if bundle is None or name in GLOBAL_ANYWHERE or not (installed or (bundle.root / GLOBAL_DIR).exists()):
         return ""
     if name in GLOBAL_WITH_SLOT:
         if bundle.manifest.global_slot:

@@ -96,17 +96,30 @@ class Session:
         if g is None:
             if self.global_info is not None:
                 self.backend.set_global(None)
+                self.adapter_version += 1
             self.global_info = None
             return
         adapter, info = g
         if not isinstance(self.backend, SupportsGlobal):
             raise BackendUnavailableError(
                 f"backend {self.backend.name!r} does not apply a global adapter, and bundle {self.bundle.root} "
-                f"has one (version {info.version}); use a backend that does (torch, peft, onnxruntime, llamacpp)"
+                f"has one (version {info.version}); use a backend that does (torch, peft, llamacpp, onnxruntime, "
+                "onnxruntime-infer, executorch)"
             )
         self.backend.set_global(adapter.tensors)
         self.global_info = info
         self.adapter_version += 1
+
+    def check_global(self, bundle: Bundle | None = None) -> None:
+        """Raise :class:`BackendUnavailableError` unless this session's backend can apply a global
+        adapter of ``bundle`` (default: its own) — checked before one is installed."""
+        from .selection import global_blocker
+
+        b = bundle or self.bundle
+        why = "" if isinstance(self.backend, SupportsGlobal) else "does not apply a global adapter"
+        why = why or global_blocker(self.backend.name, b, installed=True)
+        if why:
+            raise BackendUnavailableError(f"backend {self.backend.name!r}: {why}")
 
     def __repr__(self) -> str:
         return f"Session({self.bundle!r}, backend={self.backend.name}:{self.backend.device})"

@@ -30,7 +30,13 @@ from typing import Any, Mapping
 import numpy as np
 
 from .adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter, check_adapter_shapes, load_adapter, save_adapter
-from .errors import AdapterShapeError, BaseModelMismatchError, CorruptFileError, ModelFileNotFoundError
+from .errors import (
+    AdapterShapeError,
+    BaseModelMismatchError,
+    CorruptFileError,
+    ModelFileNotFoundError,
+    PocketPeftError,
+)
 from .fsutil import atomic_dir, sha256_file
 
 #: the global adapter's directory inside a bundle
@@ -158,7 +164,10 @@ def install_global(bundle: Any, src: str | os.PathLike) -> GlobalInfo:
         bundle = Bundle(bundle)
     m = bundle.manifest
     adapter, info = load_global(src, m.base_sha256, m.trainable, m.lora)
-    current = bundle.global_info()
+    try:
+        current = bundle.global_info()
+    except PocketPeftError:  # a corrupt installed one must not stop a good one from replacing it
+        current = None
     if current is not None and info.version <= current.version and info.sha256 != current.sha256:
         raise CorruptFileError(
             f"global adapter {src} has version {info.version}, not newer than the installed version {current.version}"
@@ -167,8 +176,11 @@ def install_global(bundle: Any, src: str | os.PathLike) -> GlobalInfo:
     with atomic_dir(dest) as stage:
         for name in (CONFIG_NAME, WEIGHTS_NAME, INFO_NAME):
             shutil.copyfile(Path(src) / name, stage / name)
-    # the copy is checked again where it now lives before anyone reads it
-    load_global(dest, m.base_sha256, m.trainable, m.lora)
+        # the copy is checked where it will live, before it replaces anything: a source that
+        # changed after the first check is refused here and the installed one stays
+        _, copied = load_global(stage, m.base_sha256, m.trainable, m.lora)
+        if copied.sha256 != info.sha256:
+            raise CorruptFileError(f"global adapter {src} changed while it was being installed")
     return info
 
 

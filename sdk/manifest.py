@@ -69,7 +69,8 @@ class Manifest:
 
     @property
     def requires(self) -> list[str]:
-        """Features a reader must understand to use this bundle (``["split"]`` or ``[]``)."""
+        """Features a reader must understand to use this bundle (``"split"``, ``"global"``: graphs with a
+        global-adapter slot)."""
         return (["split"] if self.split is not None else []) + (["global"] if self.global_slot else [])
 
     def to_dict(self) -> dict[str, Any]:

@@ -480,6 +480,8 @@ class Personalizer:
         tell: Callable[[dict], None] = progress if callable(progress) else (lambda d: None)
         with self._update_lock:
             old = self.session.global_info
+            for s in (self.session, self.serve_session):  # both can apply it, or nothing is installed
+                s.check_global()
             info = install_global(self.session.bundle, src)
             self.session.apply_global()
             with self._serve_lock:
@@ -516,13 +518,16 @@ class Personalizer:
             )
             return
         # relearn on top of the new global: every stored message counts as new again
-        self.texts.mark([r.id for r in rows if r.trained != NEW], NEW)
+        marks = {r.id: r.trained for r in rows}
+        self.texts.mark([i for i, t in marks.items() if t != NEW], NEW)
         up = self._update(max_steps if max_steps or max_seconds else 20, max_seconds, tell, bars)
         rep.update = up.to_dict()
         if up.accepted:
             rep.decision = "retrained"
             rep.reason = f"the old personal adapter no longer helped; retrained: {up.reason}"
             return
+        for state in {t for t in marks.values()}:  # a failed relearning doesn't mark the user's history rejected
+            self.texts.mark([i for i, t in marks.items() if t == state], state)
         self.session.set_adapter_tensors(fresh)
         v = self.adapters.commit(fresh, {"dropped_for_global": rep.version, "previous_version": version})
         self._serve(v.version)

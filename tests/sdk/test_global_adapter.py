@@ -166,9 +166,18 @@ def test_split_bundle_global_lives_in_the_suffix(tiny_hf_dir, tmp_path):
     ids = np.asarray(whole.tokenizer.encode("ok cool see you then"), np.int64)[None]
     full = whole.backend.logits(ids)
     _, suffix = whole.backend._split_parts()
+    hidden = whole.backend.prefix(ids)
     with torch.no_grad():
-        split = suffix(torch.as_tensor(whole.backend.prefix(ids))).numpy()
+        split = suffix(torch.as_tensor(hidden)).numpy()
     np.testing.assert_allclose(split, full, atol=1e-4)
+    # the prefix (whose outputs the Personalizer caches) is the same with or without the global
+    # adapter: every global tensor lives in a layer at or above the split
+    assert all(
+        int(k.split(".layers.")[1].split(".")[0]) >= b.manifest.split.layer for k in b.global_adapter()[0].tensors
+    )
+    whole.backend.set_global(None)
+    np.testing.assert_array_equal(whole.backend.prefix(ids), hidden)
+    assert np.abs(whole.backend.logits(ids) - full).max() > 1e-4
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
@@ -293,3 +302,32 @@ def test_executorch_feeds_the_global_slot_as_torch_applies_it(tiny_hf_dir, tmp_p
         s.set_adapter_tensors(personal)
     np.testing.assert_allclose(e2.logits(ids), t2.logits(ids), atol=1e-4)
     assert np.abs(t2.logits(ids) - want1).max() > 1e-3  # same personal adapter, the new global
+
+
+def test_a_corrupted_installed_global_is_replaced_by_a_good_one(bundle, tmp_path):
+    install_global(bundle, _global_dir(bundle, tmp_path / "g1", version=1))
+    w = bundle.root / GLOBAL_DIR / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:-7])
+    with pytest.raises(CorruptFileError):
+        pp.Bundle(bundle.root).global_info()
+    install_global(bundle, _global_dir(bundle, tmp_path / "g2", seed=2, version=2))
+    assert pp.Bundle(bundle.root).global_info().version == 2
+
+
+def test_personalizer_installs_nothing_when_a_session_cannot_apply_it(tiny_hf_dir, tmp_path):
+    """The serving session can't apply a global adapter (onnx graphs without the slot): the install
+    is refused before anything is written."""
+    pytest.importorskip("onnxruntime.training")
+    b = pp.export(
+        tiny_hf_dir, tmp_path / "b", quant="q8_0", lora=pp.LoraConfig(**LORA), targets=["torch", "onnx"], seq_len=16
+    )
+    p = pp.runtime.Personalizer(
+        pp.runtime.open(b.root, backend="torch"),
+        tmp_path / "s",
+        general=[],
+        serve_session=pp.runtime.open(b.root, backend="onnxruntime-infer", need_train=False),
+    )
+    with pytest.raises(pp.BackendUnavailableError, match="global"):
+        p.install_global(_global_dir(b, tmp_path / "g"))
+    assert not (b.root / GLOBAL_DIR).exists() and p.session.global_info is None
+    p.close()
