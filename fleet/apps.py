@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pocketpeft.errors import ConfigError, InputTextError
+from pocketpeft.errors import ConfigError, InputTextError, PocketPeftError
 
 from . import updates as U
 from . import wire
@@ -175,8 +175,23 @@ def make_client_app():
     from flwr.clientapp import ClientApp
 
     app = ClientApp(mods=[secagg_if_asked])
-    app.train()(_train)
+    app.train()(_guarded_train)
     return app
+
+
+def _guarded_train(msg, context):
+    """:func:`_train` whose failures leave the device as their error type alone: Flower would send
+    ``str(exception)`` to the server, and a message may name local paths or sizes of the user's text.
+    The full error goes to the device's own log."""
+    try:
+        return _train(msg, context)
+    except Exception as e:  # noqa: BLE001 - every failure becomes a typed, contentless error reply
+        logging.getLogger(__name__).error("fleet round failed on this device: %s", e, exc_info=True)
+        raise DeviceRoundError(f"the device's round failed ({type(e).__name__})") from None
+
+
+class DeviceRoundError(PocketPeftError, RuntimeError):
+    """A device's round failed; the reply names only the error's type."""
 
 
 def _make_server_app():

@@ -202,7 +202,9 @@ def _deploy(args, progress) -> dict:
         if not Path(n["texts"]).is_file():
             raise ConfigError(f"--node-texts file {n['texts']} not found")
     with LocalFleet(Path(args.out) / "deployment", nodes) as fleet:
-        summary = fleet.run(bundle=args.bundle, **_round_options(args))
+        # the whole run may take every round's timeout, plus the devices' start
+        timeout = args.rounds * args.round_timeout + 300
+        summary = fleet.run(timeout=timeout, bundle=args.bundle, **_round_options(args))
     if progress is not None:
         for rec in summary.get("per_round", []):
             progress(rec)

@@ -50,6 +50,10 @@ def open_session(bundle: "str | os.PathLike", backend: str = "auto"):
 def close_sessions() -> None:
     """Forget the cached sessions (tests; a process that switches bundles)."""
     with _LOCK:
+        for sess in _SESSIONS.values():
+            close = getattr(sess.backend, "close", None)
+            if close is not None:  # llama.cpp holds native memory until closed
+                close()
         _SESSIONS.clear()
 
 

@@ -211,7 +211,7 @@ class LocalFleet:
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
+                except (ProcessLookupError, PermissionError):
                     pass
         deadline = time.monotonic() + grace
         for _, proc in self.procs:

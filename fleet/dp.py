@@ -95,14 +95,20 @@ def noise_for_epsilon(target_epsilon: float, sampling_rate: float, rounds: int, 
     from dp_accounting import mechanism_calibration as mc
 
     with _quiet_absl():
-        z = mc.calibrate_dp_mechanism(
-            rdp.RdpAccountant,
-            lambda z: dp_event(z, sampling_rate, rounds),
-            target_epsilon,
-            delta,
-            bracket_interval=mc.ExplicitBracketInterval(0.05, 1e3),
-            tol=1e-4,
-        )
+        try:
+            z = mc.calibrate_dp_mechanism(
+                rdp.RdpAccountant,
+                lambda z: dp_event(z, sampling_rate, rounds),
+                target_epsilon,
+                delta,
+                bracket_interval=mc.ExplicitBracketInterval(0.05, 1e3),
+                tol=1e-4,
+            )
+        except ValueError as e:  # the target is out of reach within the bracket
+            raise ConfigError(
+                f"no noise multiplier in [0.05, 1000] reaches epsilon {target_epsilon:g} at delta {delta:g} "
+                f"over {rounds} rounds at sampling rate {sampling_rate:g}: {e}"
+            ) from e
     return float(z)
 
 

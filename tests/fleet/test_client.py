@@ -121,3 +121,27 @@ def test_node_without_data_is_refused(fleet_bundle):
 
     with pytest.raises(ConfigError, match="no data"):
         device_texts({}, {}, "ab" * 32)
+
+
+def test_a_failed_round_tells_the_server_only_the_error_type(fleet_bundle, tmp_path):
+    """A device whose round fails replies with an error naming its type, not its message (which
+    may hold local paths or sizes of the user's text)."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from pocketpeft.fleet.apps import client_app
+
+    cfg = wire.round_config(round=1, bundle=str(fleet_bundle), backend="torch", steps=1)
+    msg = Message(
+        RecordDict({wire.GLOBAL: wire.to_array_record(_global(fleet_bundle)), wire.CONFIG: ConfigRecord(cfg)}),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
+    )
+    private = tmp_path / "alice-diary-2026.txt"
+    private.write_bytes(b"\xff\xfe not utf-8")
+    from pocketpeft.fleet.apps import DeviceRoundError
+
+    # Flower turns what the app raises into the error reply's reason: str() of this exception
+    with pytest.raises(DeviceRoundError) as err:
+        client_app(msg, _context({"texts": str(private)}))
+    assert "InputTextError" in str(err.value)
+    assert "alice" not in str(err.value) and "diary" not in str(err.value) and err.value.__cause__ is None
