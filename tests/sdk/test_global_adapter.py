@@ -27,6 +27,13 @@ def _random_tensors(manifest, seed: int, scale: float = 0.05) -> dict[str, np.nd
     return {k: (rng.standard_normal(s) * scale).astype(np.float32) for k, s in manifest.trainable.items()}
 
 
+def _export(tiny_hf_dir, path, targets, lora=None, quant="q4_0", **kw):
+    """The tiny model exported for ``targets`` with 16-token rows (``lora``: :data:`LORA` by default)."""
+    return pp.export(
+        tiny_hf_dir, path, quant=quant, lora=pp.LoraConfig(**(lora or LORA)), targets=targets, seq_len=16, **kw
+    )
+
+
 def _global_dir(bundle, path, seed=1, version=1, **info):
     m = bundle.manifest
     ad = Adapter(m.lora, _random_tensors(m, seed), m.base_sha256)
@@ -155,9 +162,7 @@ def test_open_refuses_a_corrupted_installed_global(bundle, tmp_path):
 
 
 def test_split_bundle_global_lives_in_the_suffix(tiny_hf_dir, tmp_path):
-    b = pp.export(
-        tiny_hf_dir, tmp_path / "s", quant="q8_0", lora=pp.LoraConfig(**SPLIT_LORA), targets=["torch"], seq_len=32
-    )
+    b = _export(tiny_hf_dir, tmp_path / "s", ["torch"], SPLIT_LORA, quant="q8_0")
     install_global(b, _global_dir(b, tmp_path / "g", seed=5))
     whole = pp.runtime.open(b.root, backend="torch")
     assert whole.backend.split_layer == 1
@@ -186,19 +191,10 @@ def test_onnxruntime_applies_the_global_slot_as_torch_does(tiny_hf_dir, tmp_path
     global + personal as torch does, trains only the personal adapter, and takes a newer global
     adapter installed on the device without a re-export."""
     pytest.importorskip("onnxruntime.training")
-    lora = pp.LoraConfig(**(SPLIT_LORA if split else LORA))
-    plain = pp.export(tiny_hf_dir, tmp_path / "p", quant="q4_0", lora=lora, targets=["torch"], seq_len=16)
+    lora = SPLIT_LORA if split else LORA
+    plain = _export(tiny_hf_dir, tmp_path / "p", ["torch"], lora)
     g1 = _global_dir(plain, tmp_path / "g1", seed=31, version=1)
-    b = pp.export(
-        tiny_hf_dir,
-        tmp_path / "b",
-        quant="q4_0",
-        lora=lora,
-        targets=["torch", "onnx"],
-        seq_len=16,
-        batch_size=2,
-        global_adapter=g1,
-    )
+    b = _export(tiny_hf_dir, tmp_path / "b", ["torch", "onnx"], lora, batch_size=2, global_adapter=g1)
     assert b.manifest.global_slot and "global" in b.manifest.requires
     assert b.global_info().version == 1
     personal = _random_tensors(b.manifest, 32)
@@ -231,9 +227,7 @@ def test_onnxruntime_applies_the_global_slot_as_torch_does(tiny_hf_dir, tmp_path
 
 def test_onnx_bundle_without_a_slot_refuses_an_installed_global(tiny_hf_dir, tmp_path):
     pytest.importorskip("onnxruntime.training")
-    b = pp.export(
-        tiny_hf_dir, tmp_path / "b", quant="q8_0", lora=pp.LoraConfig(**LORA), targets=["torch", "onnx"], seq_len=16
-    )
+    b = _export(tiny_hf_dir, tmp_path / "b", ["torch", "onnx"], quant="q8_0")
     assert not b.manifest.global_slot
     install_global(b, _global_dir(b, tmp_path / "g"))
     assert pp.runtime.open(b.root, backend="torch").global_info.version == 1
@@ -245,15 +239,7 @@ def test_empty_slot_takes_a_global_installed_later(tiny_hf_dir, tmp_path):
     """export(global_slot=True): no global shipped, the onnx graphs hold a zero slot; a global
     adapter installed later is applied by ORT as by torch (the device-side install)."""
     pytest.importorskip("onnxruntime.training")
-    b = pp.export(
-        tiny_hf_dir,
-        tmp_path / "b",
-        quant="q8_0",
-        lora=pp.LoraConfig(**LORA),
-        targets=["torch", "onnx"],
-        seq_len=16,
-        global_slot=True,
-    )
+    b = _export(tiny_hf_dir, tmp_path / "b", ["torch", "onnx"], quant="q8_0", global_slot=True)
     assert b.manifest.global_slot and b.global_info() is None
     ids = pp.runtime.open(b.root, backend="torch").tokenizer.encode("see you soon")
     base = pp.runtime.open(b.root, backend="torch").logits(ids)
@@ -269,14 +255,11 @@ def test_executorch_feeds_the_global_slot_as_torch_applies_it(tiny_hf_dir, tmp_p
     """ExecuTorch's programs take the frozen global slot as inputs: logits and training steps
     match torch with global + personal, and a newer global installed on the device is used."""
     pytest.importorskip("executorch.extension.training", reason="executorch extra not installed")
-    lora = pp.LoraConfig(**(SPLIT_LORA if split else LORA))
-    b = pp.export(
+    b = _export(
         tiny_hf_dir,
         tmp_path / "b",
-        quant="q4_0",
-        lora=lora,
-        targets=["torch", "executorch"],
-        seq_len=16,
+        ["torch", "executorch"],
+        SPLIT_LORA if split else LORA,
         batch_size=2,
         global_slot=True,
     )
@@ -318,9 +301,7 @@ def test_personalizer_installs_nothing_when_a_session_cannot_apply_it(tiny_hf_di
     """The serving session can't apply a global adapter (onnx graphs without the slot): the install
     is refused before anything is written."""
     pytest.importorskip("onnxruntime.training")
-    b = pp.export(
-        tiny_hf_dir, tmp_path / "b", quant="q8_0", lora=pp.LoraConfig(**LORA), targets=["torch", "onnx"], seq_len=16
-    )
+    b = _export(tiny_hf_dir, tmp_path / "b", ["torch", "onnx"], quant="q8_0")
     p = pp.runtime.Personalizer(
         pp.runtime.open(b.root, backend="torch"),
         tmp_path / "s",
