@@ -104,6 +104,9 @@ def demo_global(bundle, seconds: float, progress: bool, log: Log | None) -> tupl
             bundle.root, tmp, texts, seconds=seconds, backend="auto", progress=progress, notes={"demo_recipe": recipe}
         )
         info = install_global(bundle, summary["global"])
+    from pocketpeft.fleet.client import close_sessions
+
+    close_sessions()  # the training session host_train kept: its memory is not the demo's
     return info, time.perf_counter() - t0
 
 
