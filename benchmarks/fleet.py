@@ -42,7 +42,6 @@ def _bundle(log):
 def _score(serve, texts, ks_messages):
     from pocketpeft.runtime.keystrokes import keystroke_metrics
 
-    serve.adapter_version += 1  # weights changed under the session: drop the predictor's caches
     ks = keystroke_metrics(serve.suggest, texts, 3, ks_messages)
     return {k: ks[k] for k in ("next_word_top1", "next_word_top3", "keystroke_savings")}
 
@@ -86,16 +85,16 @@ def run(args, log=print) -> dict:
         train, test = tests[s]
         row = {"sender": s}
         serve.set_adapter_tensors(initial)
-        serve.backend.set_global(None)
+        serve.set_global_tensors(None)
         row["base"] = _score(serve, test, args.ks_messages)
         for n, g in globals_.items():
-            serve.backend.set_global(g)
+            serve.set_global_tensors(g)
             row[n] = _score(serve, test, args.ks_messages)
         if args.personal_seconds:
-            trainer.backend.set_global(globals_["global"])
+            trainer.set_global_tensors(globals_["global"])
             trainer.set_adapter_tensors(initial)
             rep = trainer.train(train, seconds=args.personal_seconds)
-            serve.backend.set_global(globals_["global"])
+            serve.set_global_tensors(globals_["global"])
             serve.set_adapter_tensors(trainer.get_adapter_tensors())
             row["global_personal"] = {**_score(serve, test, args.ks_messages), "steps": rep.steps}
         per_sender.append(row)

@@ -105,7 +105,7 @@ def export(
     from pocketpeft.adapter import Adapter, save_adapter
     from pocketpeft.fsutil import atomic_dir, sha256_file
     from pocketpeft.reference.loading import load_base
-    from pocketpeft.reference.lora import inject_lora, lora_shapes, lora_state_dict
+    from pocketpeft.reference.lora import inject_lora, lora_shapes, lora_state_dict, set_global_lora
     from pocketpeft.reference.model import build_from_float
 
     from .protocol import ExportContext
@@ -135,7 +135,6 @@ def export(
     glob = None
     if global_adapter is not None:  # checked against this base and LoRA shape before anything is written
         from pocketpeft.global_adapter import load_global
-        from pocketpeft.reference.lora import set_global_lora
 
         glob = load_global(global_adapter, loaded.source_sha256, lora_shapes(model), lcfg)
         set_global_lora(model, glob[0].tensors)
@@ -169,8 +168,6 @@ def export(
         for name in names:
             t1 = time.perf_counter()
             if slot:  # only graphs with a global slot see it; the others export without
-                from pocketpeft.reference.lora import set_global_lora
-
                 if name not in GLOBAL_SLOT_TARGETS:
                     set_global_lora(model, None)
                 else:

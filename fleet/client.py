@@ -40,9 +40,8 @@ def open_session(bundle: "str | os.PathLike", backend: str = "auto"):
         sess = _SESSIONS.get(key)
         if sess is None:
             sess = runtime.open(key[0], backend=backend)
-            if getattr(sess, "global_info", None) is not None:
-                sess.backend.set_global(None)
-                sess.global_info = None
+            if sess.global_info is not None:
+                sess.set_global_tensors(None)
             _SESSIONS[key] = sess
     return sess
 

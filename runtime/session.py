@@ -95,19 +95,22 @@ class Session:
         g = self.bundle.global_adapter()
         if g is None:
             if self.global_info is not None:
-                self.backend.set_global(None)
-                self.adapter_version += 1
-            self.global_info = None
+                self.set_global_tensors(None)
             return
-        adapter, info = g
+        self.set_global_tensors(g[0].tensors, g[1])
+
+    def set_global_tensors(self, tensors: "dict[str, np.ndarray] | None", info=None) -> None:
+        """Apply ``tensors`` (PEFT names, the bundle's LoRA shapes) as this session's frozen global
+        adapter, or none (``None``), whatever the bundle holds; ``info`` becomes :attr:`global_info`.
+        Moves :attr:`adapter_version`. Raises :class:`BackendUnavailableError` for a backend that
+        can't apply one and :class:`AdapterShapeError` (nothing changed) for tensors that don't fit."""
         if not isinstance(self.backend, SupportsGlobal):
             raise BackendUnavailableError(
-                f"backend {self.backend.name!r} does not apply a global adapter, and bundle {self.bundle.root} "
-                f"has one (version {info.version}); use a backend that does (torch, peft, llamacpp, onnxruntime, "
-                "onnxruntime-infer, executorch)"
+                f"backend {self.backend.name!r} does not apply a global adapter; use a backend that does "
+                "(torch, peft, llamacpp, onnxruntime, onnxruntime-infer, executorch)"
             )
-        self.backend.set_global(adapter.tensors)
-        self.global_info = info
+        self.backend.set_global(tensors)
+        self.global_info = info if tensors is not None else None
         self.adapter_version += 1
 
     def check_global(self, bundle: Bundle | None = None) -> None:

@@ -147,10 +147,6 @@ def load_global(
     return adapter, info
 
 
-def bundle_global_path(root: str | os.PathLike) -> Path:
-    return Path(root) / GLOBAL_DIR
-
-
 def install_global(bundle: Any, src: str | os.PathLike) -> GlobalInfo:
     """Check the global adapter at ``src`` against ``bundle`` (a :class:`~pocketpeft.manifest.Bundle`)
     and put it in the bundle's ``global/`` directory atomically.
@@ -172,7 +168,7 @@ def install_global(bundle: Any, src: str | os.PathLike) -> GlobalInfo:
         raise CorruptFileError(
             f"global adapter {src} has version {info.version}, not newer than the installed version {current.version}"
         )
-    dest = bundle_global_path(bundle.root)
+    dest = Path(bundle.root) / GLOBAL_DIR
     with atomic_dir(dest) as stage:
         for name in (CONFIG_NAME, WEIGHTS_NAME, INFO_NAME):
             shutil.copyfile(Path(src) / name, stage / name)
@@ -182,11 +178,3 @@ def install_global(bundle: Any, src: str | os.PathLike) -> GlobalInfo:
         if copied.sha256 != info.sha256:
             raise CorruptFileError(f"global adapter {src} changed while it was being installed")
     return info
-
-
-def check_global_tensors(tensors: Mapping[str, np.ndarray], expected: Mapping[str, list[int]], where: str) -> None:
-    """Raise :class:`AdapterShapeError` unless ``tensors`` are finite and exactly ``expected``'s names and shapes."""
-    check_adapter_shapes(Adapter(None, dict(tensors)), expected, where)  # type: ignore[arg-type]
-    for k, v in tensors.items():
-        if not np.isfinite(v).all():
-            raise AdapterShapeError(f"{where}: tensor {k} holds NaN or inf values")

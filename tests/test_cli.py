@@ -18,25 +18,29 @@ def run(*args, check=True):
     return p
 
 
+def export_tiny(tiny_hf_dir, out, *extra):
+    """`pocketpeft export` of the tiny model (q8_0, r=4, 32-token rows, batch 4) with ``--json``."""
+    return run(
+        "export",
+        tiny_hf_dir,
+        "--out",
+        out,
+        "--quant",
+        "q8_0",
+        "--r",
+        "4",
+        "--seq-len",
+        "32",
+        "--batch",
+        "4",
+        *extra,
+        "--json",
+    )
+
+
 def test_export_train_eval_backends_json(tiny_hf_dir, tmp_path):
     b = tmp_path / "bundle"
-    out = json.loads(
-        run(
-            "export",
-            tiny_hf_dir,
-            "--out",
-            b,
-            "--quant",
-            "q8_0",
-            "--r",
-            "4",
-            "--seq-len",
-            "32",
-            "--batch",
-            "4",
-            "--json",
-        ).stdout
-    )
+    out = json.loads(export_tiny(tiny_hf_dir, b).stdout)
     assert out["targets"] == ["torch"] and out["trainable_tensors"] == 16
     text = tmp_path / "me.txt"
     text.write_text("\n".join(CHAT) + "\n")
@@ -205,7 +209,7 @@ def test_fleet_host_then_install_global(tiny_hf_dir, tmp_path):
     typed error, the installed one kept)."""
     pytest.importorskip("flwr")
     b = tmp_path / "bundle"
-    run("export", tiny_hf_dir, "--out", b, "--quant", "q8_0", "--r", "4", "--seq-len", "32", "--batch", "4", "--json")
+    export_tiny(tiny_hf_dir, b)
     text = tmp_path / "public.txt"
     text.write_text("\n".join(CHAT) + "\n")
     host = json.loads(
@@ -213,25 +217,7 @@ def test_fleet_host_then_install_global(tiny_hf_dir, tmp_path):
     )
     assert host["source"] == "host" and host["version"] == 1
     b2 = tmp_path / "bundle2"
-    ex = json.loads(
-        run(
-            "export",
-            tiny_hf_dir,
-            "--out",
-            b2,
-            "--quant",
-            "q8_0",
-            "--r",
-            "4",
-            "--seq-len",
-            "32",
-            "--batch",
-            "4",
-            "--global-adapter",
-            tmp_path / "g1" / "global",
-            "--json",
-        ).stdout
-    )
+    ex = json.loads(export_tiny(tiny_hf_dir, b2, "--global-adapter", tmp_path / "g1" / "global").stdout)
     assert ex["global"]["version"] == 1 and ex["global"]["source"] == "host"
     host2 = json.loads(
         run(

@@ -272,8 +272,7 @@ def run_demo(
     before, with_words, general_before = {**ev["heldout"], **ev["model"]}, ev["with_words"], ev["general_loss"]
     raw = None
     if ginfo is not None:  # the base without the global adapter, for the three-way comparison
-        serve.backend.set_global(None)
-        serve.adapter_version += 1
+        serve.set_global_tensors(None)
         ev0 = evaluate_personalization(serve, words, test, ks_texts, p.word_weight, general=p.general)
         raw = {**ev0["heldout"], **ev0["model"], "general_loss": ev0["general_loss"]}
         serve.apply_global()
