@@ -52,6 +52,25 @@ def keystroke_metrics(
 
     Raises :class:`InputTextError` for bad text and :class:`ConfigError` for bad ``k`` / ``max_messages``.
     """
+    return simulate_typing(suggest, texts, k, max_messages)
+
+
+def simulate_typing(
+    suggest: Suggest,
+    texts: "str | Iterable[str]",
+    k: int = 3,
+    max_messages: int | None = None,
+    every_key: bool = False,
+    on_key: "Callable[[str, list[str]], None] | None" = None,
+) -> dict:
+    """The user of :func:`keystroke_metrics`, with its metrics: types each message, tapping a
+    suggestion as soon as it is the word being typed.
+
+    ``every_key``: ask for suggestions before every keystroke the user makes (spaces and
+    punctuation too, as a keyboard does; the metrics are the same, only more calls are made);
+    otherwise only before the keystrokes of words. ``on_key(prefix, offered)`` is called after
+    each call (a benchmark's clock).
+    """
     texts = validate_texts(texts)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"k must be a positive integer, got {k!r}")
@@ -63,16 +82,27 @@ def keystroke_metrics(
     for text in texts:
         msg = " ".join(text.split())
         chars += len(msg)
+        pos = 0
         for start, word, space_after in message_words(msg):
+            if every_key:
+                for j in range(pos, start):  # the spaces and punctuation before the word
+                    offered = suggest(msg[:j], k)
+                    if on_key is not None:
+                        on_key(msg[:j], offered)
             words += 1
             target = word.lower()
+            pos = start + len(word)
             for i in range(len(word)):
-                offered = [s.lower() for s in suggest(msg[: start + i], max(k, 3) if i == 0 else k)]
+                offered = suggest(msg[: start + i], max(k, 3) if i == 0 else k)
+                if on_key is not None:
+                    on_key(msg[: start + i], offered)
+                offered = [s.lower() for s in offered]
                 if i == 0:
                     top1 += offered[:1] == [target]
                     top3 += target in offered[:3]
                 if target in offered[:k]:
                     saved += len(word) - i + space_after - 1
+                    pos += space_after  # the tap inserts the word and its space
                     break
     return {
         "next_word_top1": top1 / max(words, 1),

@@ -1,5 +1,6 @@
 """Small shared helpers for tests (fixtures live in conftest.py)."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -97,3 +98,17 @@ def peft_logits(hf, adapter_dir, ids):
         base = hf(torch.tensor(ids[None])).logits[0].numpy()
         pm = peft.PeftModel.from_pretrained(hf, str(adapter_dir)).eval()
         return base, pm(input_ids=torch.tensor(ids[None])).logits[0].numpy(), pm
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` inside the block: the tiny model's matmuls are small,
+    and on a busy 2-core machine one thread is far quicker than two fighting other processes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -40,6 +40,7 @@ from pocketpeft.procinfo import peak_rss_mib
 from pocketpeft.text import as_text
 
 from ..keystrokes import keystroke_metrics
+from ..predictor import ScoredSuggestions, Suggestions, check_deadline
 from ..protocol import SupportsSplit
 from ..session import Session
 from .store import NEW, REJECTED, TRAINED, AdapterStore, AdapterVersion, TextStore
@@ -53,6 +54,9 @@ EVAL_ROWS = 2
 
 #: the prefix-output cache of a split bundle, in the store directory
 HIDDEN_CACHE = "hidden.sqlite"
+
+#: time kept at the end of a deadline for mixing in the word counts (seconds)
+_MIX_S = 0.001
 
 _NO_GENERAL = "general-text check skipped (no general text: the bundle has no general.txt and none was given)"
 
@@ -174,6 +178,7 @@ class Personalizer:
         self._commit_secs = 2.0  # time a commit + serving swap took last (reserved in the time box)
         self._update_lock = threading.Lock()  # one update at a time
         self._serve_lock = threading.RLock()  # suggest() vs swapping the serving adapter
+        self._words_lock = threading.Lock()  # the word counts: observe() and wipe() vs suggest()
         self._general_cache: tuple[int | None, float, float] | None = None  # (version, loss, eval seconds)
         if serve_session is None:  # the best serving backend for the bundle (llama.cpp where it runs)
             from .. import open as open_session
@@ -214,18 +219,30 @@ class Personalizer:
         """
         items = [text] if isinstance(text, (str, bytes, bytearray)) else list(text)
         n = len(self.texts.add_many(items))  # validates: every item is now good UTF-8 text
-        with self._serve_lock:
+        with self._words_lock:
             self.words.add(as_text(t) for t in items)
         return n
 
+    def feedback(self, prefix: "str | bytes", shown: "Sequence[str | bytes]", chosen: "str | bytes | None") -> int:
+        """Record what the keyboard showed after ``prefix`` (the message typed so far) and which
+        word the user tapped: ``chosen``, one of ``shown``, or ``None`` when all were ignored.
+
+        Stored with the user's text (same database, same byte cap, removed by :meth:`wipe`); an
+        update with ``preference_weight`` learns from it (chosen over each ignored word, DPO).
+        Returns the entry's id. Raises :class:`InputTextError` (nothing stored) for an empty
+        ``shown``, a ``chosen`` not among ``shown``, non-UTF-8 or malformed words.
+        """
+        return self.texts.add_feedback(prefix, shown, chosen)
+
     def wipe(self) -> dict[str, Any]:
-        """Delete all stored text (the database and its WAL/shm files) and the word counts made
-        from it; returns what was removed. Committed adapters are kept (they hold no text)."""
+        """Delete all stored text and keyboard feedback (the database and its WAL/shm files) and
+        the word counts made from it; returns what was removed. Committed adapters are kept (they
+        hold no text)."""
         with self._update_lock:
             out = self.texts.wipe()
             if self.hidden_cache is not None:  # derived from the text: it goes with it
                 out["hidden_cache"] = self.hidden_cache.wipe()
-            with self._serve_lock:
+            with self._words_lock:
                 self.words = WordCounts()
             return out
 
@@ -235,20 +252,42 @@ class Personalizer:
         """The committed version suggestions are served from (``None``: the bundle's initial adapter)."""
         return self._serving_version
 
-    def suggest(self, prefix: str, k: int = 3) -> list[str]:
+    def suggest(self, prefix: str, k: int = 3, deadline_ms: float | None = None) -> Suggestions:
         """The ``k`` most likely next words after ``prefix``, from the last committed adapter
-        (answers keep coming while an update runs) mixed with the user's word counts. See
-        :meth:`Session.suggest` for ``prefix`` and ``k``."""
-        return [w for w, _ in self.suggest_scored(prefix, k)]
+        (answers keep coming while an update runs) mixed with the user's word counts, as
+        :class:`~..predictor.Suggestions` (a list of words). See :meth:`Session.suggest` for
+        ``prefix``, ``k`` and ``deadline_ms``: with a deadline the answer comes within it from what
+        is ready (the word counts alone while a new version is being swapped in) and ``complete``
+        says whether the model's search finished."""
+        return self.suggest_scored(prefix, k, deadline_ms).words()
 
-    def suggest_scored(self, prefix: str, k: int = 3) -> list[tuple[str, float]]:
+    def suggest_scored(self, prefix: str, k: int = 3, deadline_ms: float | None = None) -> ScoredSuggestions:
         """Like :meth:`suggest`, with each word's mixed probability of coming next."""
-        with self._serve_lock:
+        t0 = time.perf_counter()
+        prefix = as_text(prefix, "prefix")
+        deadline_ms = check_deadline(deadline_ms)
+        wait = -1 if deadline_ms is None else max(0.0, deadline_ms / 1000 - _MIX_S)
+        if not self._serve_lock.acquire(timeout=wait):  # a new version is being swapped in
+            counts = self._word_probs(prefix)
+            scored = mix_scored([], counts, prefix, 1.0, k) if counts else []
+            return ScoredSuggestions(scored, False, 1000 * (time.perf_counter() - t0), 0)
+        try:
             pred = self.serve_session.predictor
-            if not self.word_weight or not len(self.words):
-                return pred.suggest_scored(prefix, k)
-            lm = pred.suggest_scored(prefix, max(k, WORD_POOL))
-            return mix_scored(lm, self.words.probs(prefix), prefix, self.word_weight, k)
+            left = None
+            if deadline_ms is not None:
+                left = max(deadline_ms - 1000 * (time.perf_counter() - t0 + _MIX_S), 0.5)
+            counts = self._word_probs(prefix) if self.word_weight else {}
+            if not counts:
+                return pred.suggest_scored(prefix, k, left)
+            lm = pred.suggest_scored(prefix, max(k, WORD_POOL), left)
+            mixed = mix_scored(lm, counts, prefix, self.word_weight, k)
+            return ScoredSuggestions(mixed, lm.complete, 1000 * (time.perf_counter() - t0), lm.forwards)
+        finally:
+            self._serve_lock.release()
+
+    def _word_probs(self, prefix: str) -> dict[str, float]:
+        with self._words_lock:
+            return self.words.probs(prefix) if len(self.words) else {}
 
     def eval_keystrokes(self, texts: "str | Sequence[str]", k: int = 3, max_messages: int | None = None) -> dict:
         """Next-word accuracy and keystroke savings of :meth:`suggest` on ``texts`` (see

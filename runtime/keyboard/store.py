@@ -1,7 +1,9 @@
 """What a personalizer keeps on the device: the user's text and the adapter versions.
 
 :class:`TextStore` holds typed messages in SQLite (WAL mode), bounded by a byte cap (the
-oldest rows go first), each with a timestamp and a ``trained`` marker; ``wipe()`` deletes it all.
+oldest rows go first), each with a timestamp and a ``trained`` marker, and next to them the
+keyboard's feedback (the words shown before a word and the one tapped, or none), under the same
+byte cap; ``wipe()`` deletes it all.
 :class:`AdapterStore` keeps accepted adapters as numbered PEFT directories (``versions/<n>/``),
 each written aside, fsynced and renamed, and a ``current`` pointer replaced atomically, so a
 crash at any moment leaves the last committed version whole and loadable.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import heapq
 import json
 import os
 import shutil
@@ -21,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from pocketpeft.adapter import Adapter, as_float32, load_adapter, save_adapter
 from pocketpeft.config import LoraConfig
@@ -34,10 +37,20 @@ from pocketpeft.errors import (
     StoreError,
 )
 from pocketpeft.fsutil import write_bytes_atomic
-from pocketpeft.text import validate_texts
+from pocketpeft.text import as_text, validate_texts
 
-#: ``trained`` marker values of a text row.
+#: ``trained`` marker values of a text row, and ``state`` values of a feedback row.
 NEW, TRAINED, REJECTED = 0, 1, 2
+_STATES = {NEW: "new", TRAINED: "trained", REJECTED: "rejected"}
+
+#: at most this many words shown in one feedback entry
+MAX_SHOWN = 16
+#: at most this many UTF-8 bytes in one shown word
+MAX_WORD_BYTES = 128
+
+#: ``PRAGMA user_version`` of the text store's layout: 0 = ``meta`` + ``texts`` (stores made
+#: before feedback existed, which gain the ``feedback`` table on open), 1 = with ``feedback``.
+SCHEMA_VERSION = 1
 
 
 def _store_error(what: str, e: BaseException) -> StoreError:
@@ -55,13 +68,47 @@ class TextRow:
     trained: int
 
 
+@dataclass(frozen=True)
+class FeedbackRow:
+    """One keyboard feedback entry: the words ``shown`` after ``prefix`` and the one tapped
+    (``chosen``, always spelled as in ``shown``), or ``None`` when all were ignored. ``state`` is
+    :data:`NEW`, :data:`TRAINED` or :data:`REJECTED`, as a message's ``trained`` marker."""
+
+    id: int
+    ts: float
+    prefix: str
+    shown: list[str]
+    chosen: str | None
+    state: int
+
+
+def _word(value: Any, what: str) -> str:
+    w = as_text(value, what)
+    if not w:
+        raise InputTextError(f"{what} is empty: expected a word")
+    if any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in w):
+        raise InputTextError(f"{what} {w[:40]!r} contains whitespace or control characters: expected one word")
+    size = len(w.encode("utf-8"))
+    if size > MAX_WORD_BYTES:
+        raise InputTextError(f"{what} is {size} bytes; at most {MAX_WORD_BYTES} are kept per word")
+    return w
+
+
 class TextStore:
-    """The user's messages in one SQLite file (WAL journal), at most ``max_bytes`` of text.
+    """The user's messages and keyboard feedback in one SQLite file (WAL journal), together at
+    most ``max_bytes``.
 
     ``path`` is the database file; its directory is created. ``base_sha256`` ties the store to
     one base model. Raises :class:`BaseModelMismatchError` when the file belongs to another base,
     :class:`StoreError` when it can't be created or read, :class:`ConfigError` for bad limits.
     Safe to share between threads (one connection behind a lock).
+
+    Byte cap: a message counts its UTF-8 bytes; a feedback entry counts the UTF-8 bytes of its
+    prefix, of its shown words as stored (a JSON list) and of the chosen word. When a write takes
+    the sum of both over ``max_bytes``, the oldest entries go first, messages and feedback alike,
+    in the order they were added (not by their timestamps, which callers may set).
+
+    A store made before feedback existed (no ``feedback`` table) gains the table when opened.
     """
 
     def __init__(
@@ -92,6 +139,18 @@ class TextStore:
             row = db.execute("SELECT value FROM meta WHERE key='base_sha256'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('base_sha256', ?)", (self.base_sha256,))
+            if row is None or row[0] == self.base_sha256:  # (a foreign store is left as it is)
+                # feedback (schema 1; also the migration of a schema-0 store). ``after_text`` is
+                # the texts id sequence when the entry was added: the entry is newer than texts
+                # rows with id <= after_text and older than the rest, which orders both tables
+                # for the byte cap.
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                    "ts REAL NOT NULL, prefix TEXT NOT NULL, shown TEXT NOT NULL, chosen TEXT, "
+                    "bytes INTEGER NOT NULL, after_text INTEGER NOT NULL, state INTEGER NOT NULL DEFAULT 0)"
+                )
+                if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as e:
             raise _store_error(f"cannot open the text store {self.path}", e) from e
         except OSError as e:
@@ -149,19 +208,44 @@ class TextStore:
                     int(self._db.execute("INSERT INTO texts (text, bytes, ts) VALUES (?, ?, ?)", (m, b, ts)).lastrowid)
                     for m, b in msgs
                 ]
-                total = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM texts").fetchone()[0]
-                if total > self.max_bytes:  # drop the oldest rows until the cap holds
-                    cut, acc = None, total
-                    for rid, b in self._db.execute("SELECT id, bytes FROM texts ORDER BY id").fetchall():
-                        if acc <= self.max_bytes:
-                            break
-                        acc, cut = acc - b, rid
-                    self._db.execute("DELETE FROM texts WHERE id <= ?", (cut,))
+                self._enforce_cap()
                 self._db.execute("COMMIT")
             except sqlite3.DatabaseError as e:
                 self._rollback()
                 raise _store_error(f"cannot write to the text store {self.path}", e) from e
             return ids
+
+    def _enforce_cap(self) -> None:
+        """Inside a write transaction: drop the oldest messages and feedback (in the order they
+        were added, both tables merged) until their bytes together fit ``max_bytes``."""
+        db = self._db
+        total = (
+            db.execute("SELECT COALESCE(SUM(bytes), 0) FROM texts").fetchone()[0]
+            + db.execute("SELECT COALESCE(SUM(bytes), 0) FROM feedback").fetchone()[0]
+        )
+        if total <= self.max_bytes:
+            return
+        # a text row's place is (id, 0); a feedback row's is (after_text, 1, id): after the
+        # texts it followed, before the next ones. Both cursors are already in that order.
+        tc = db.execute("SELECT id, 0, 0, bytes FROM texts ORDER BY id")
+        fc = db.execute("SELECT after_text, 1, id, bytes FROM feedback ORDER BY id")
+        cut_text = cut_feedback = None
+        try:
+            for key, kind, fid, b in heapq.merge(tc, fc):
+                if total <= self.max_bytes:
+                    break
+                total -= b
+                if kind == 0:
+                    cut_text = key
+                else:
+                    cut_feedback = fid
+        finally:
+            tc.close()
+            fc.close()
+        if cut_text is not None:
+            db.execute("DELETE FROM texts WHERE id <= ?", (cut_text,))
+        if cut_feedback is not None:
+            db.execute("DELETE FROM feedback WHERE id <= ?", (cut_feedback,))
 
     def _rollback(self) -> None:
         if self._db.in_transaction:
@@ -186,6 +270,103 @@ class TextStore:
                 self._rollback()
                 raise _store_error(f"cannot write to the text store {self.path}", e) from e
 
+    # ------------------------------------------------------------------ feedback
+    def add_feedback(
+        self,
+        prefix: "str | bytes",
+        shown: "Sequence[str | bytes]",
+        chosen: "str | bytes | None",
+        timestamp: float | None = None,
+    ) -> int:
+        """Store one keyboard feedback entry as :data:`NEW`; returns its row id.
+
+        ``prefix`` is the text before the word (may be empty), at most ``max_message_bytes``
+        UTF-8 bytes, without NUL. ``shown`` lists the 1 to :data:`MAX_SHOWN` words the keyboard
+        offered, in its order: each a non-empty word of at most :data:`MAX_WORD_BYTES` UTF-8 bytes
+        with no whitespace or control characters, no two equal ignoring case. ``chosen`` is the
+        word tapped, or ``None`` when all were ignored; it must equal one of ``shown`` ignoring
+        case, and is stored spelled as in ``shown`` (a keyboard that capitalizes the word it
+        inserts still names the suggestion it showed). ``bytes`` must be UTF-8. The oldest
+        messages and feedback are dropped past ``max_bytes`` (see the class).
+
+        Raises :class:`InputTextError` for any bad argument (nothing is stored), and
+        :class:`StoreError` when the database can't be written.
+        """
+        p = as_text(prefix, "prefix")
+        if "\x00" in p:
+            raise InputTextError("prefix contains NUL bytes; expected text, got binary data")
+        size = len(p.encode("utf-8"))
+        if size > self.max_message_bytes:
+            raise InputTextError(f"prefix is {size} bytes; at most {self.max_message_bytes} are kept per prefix")
+        if isinstance(shown, (str, bytes, bytearray)) or not isinstance(shown, Iterable):
+            raise InputTextError(f"shown is a {type(shown).__name__}: expected a list of words")
+        words = [_word(w, f"shown[{i}]") for i, w in enumerate(shown)]
+        if not words:
+            raise InputTextError("shown is empty: expected the words the keyboard showed")
+        if len(words) > MAX_SHOWN:
+            raise InputTextError(f"shown has {len(words)} words; at most {MAX_SHOWN} are kept")
+        folded: dict[str, str] = {}
+        for w in words:
+            if w.casefold() in folded:
+                raise InputTextError(f"shown lists {folded[w.casefold()]!r} and {w!r}: words must differ ignoring case")
+            folded[w.casefold()] = w
+        if chosen is not None:
+            c = _word(chosen, "chosen")
+            if c.casefold() not in folded:
+                raise InputTextError(f"chosen {c!r} is not one of the words shown {words!r}")
+            chosen = folded[c.casefold()]
+        shown_json = json.dumps(words, ensure_ascii=False, separators=(",", ":"))
+        nbytes = size + len(shown_json.encode("utf-8")) + (len(chosen.encode("utf-8")) if chosen else 0)
+        if nbytes > self.max_bytes:
+            raise InputTextError(f"feedback entry is {nbytes} bytes; the store holds at most {self.max_bytes}")
+        ts = time.time() if timestamp is None else float(timestamp)
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'texts'").fetchone()
+                rid = self._db.execute(
+                    "INSERT INTO feedback (ts, prefix, shown, chosen, bytes, after_text) VALUES (?, ?, ?, ?, ?, ?)",
+                    (ts, p, shown_json, chosen, nbytes, row[0] if row else 0),
+                ).lastrowid
+                self._enforce_cap()
+                self._db.execute("COMMIT")
+            except sqlite3.DatabaseError as e:
+                self._rollback()
+                raise _store_error(f"cannot write to the text store {self.path}", e) from e
+            return int(rid)
+
+    def feedback_rows(self, states: "int | Iterable[int] | None" = None) -> list[FeedbackRow]:
+        """Feedback entries oldest first (only those in ``states``, one state or several, if set)."""
+        where, args = "", ()
+        if states is not None:
+            args = (states,) if isinstance(states, int) else tuple(states)
+            where = f"WHERE state IN ({','.join('?' * len(args))})" if args else "WHERE 0"
+        rows = self._q(f"SELECT id, ts, prefix, shown, chosen, state FROM feedback {where} ORDER BY id", args)
+        return [FeedbackRow(i, ts, p, json.loads(s), c, st) for i, ts, p, s, c, st in rows]
+
+    def mark_feedback(self, ids: "Iterable[int]", state: int) -> None:
+        """Set the ``state`` (:data:`NEW`, :data:`TRAINED`, :data:`REJECTED`) of feedback rows
+        ``ids`` (one transaction; ids no longer stored are skipped). Raises :class:`ConfigError`
+        for another state."""
+        if isinstance(state, bool) or not isinstance(state, int) or state not in _STATES:
+            raise ConfigError(f"feedback state must be NEW (0), TRAINED (1) or REJECTED (2), got {state!r}")
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany("UPDATE feedback SET state = ? WHERE id = ?", [(state, int(i)) for i in ids])
+                self._db.execute("COMMIT")
+            except sqlite3.DatabaseError as e:
+                self._rollback()
+                raise _store_error(f"cannot write to the text store {self.path}", e) from e
+
+    def feedback_stats(self) -> dict[str, int]:
+        """``feedback`` entries, their ``bytes`` (as counted against ``max_bytes``), and counts per
+        state (``new``, ``trained``, ``rejected``). :meth:`stats` counts the messages; the cap
+        holds for ``stats()["bytes"] + feedback_stats()["bytes"]``."""
+        n, b = self._q("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM feedback")[0]
+        by = dict(self._q("SELECT state, COUNT(*) FROM feedback GROUP BY state"))
+        return {"feedback": n, "bytes": b, **{name: by.get(k, 0) for k, name in _STATES.items()}}
+
     def stats(self) -> dict[str, int]:
         """``messages``, ``bytes`` of text, and counts per marker (``new``, ``trained``, ``rejected``)."""
         n, b = self._q("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM texts")[0]
@@ -199,11 +380,12 @@ class TextStore:
         }
 
     def wipe(self) -> dict[str, Any]:
-        """Delete every stored message: the database file and its WAL/shm files are removed, then
-        an empty store is created in their place. Returns what was removed: ``messages``,
-        ``bytes`` of text, and the ``files`` deleted."""
+        """Delete every stored message and feedback entry: the database file and its WAL/shm
+        files are removed, then an empty store is created in their place. Returns what was
+        removed: ``messages``, ``bytes`` of text, the ``files`` deleted, and the ``feedback``
+        entries with their ``feedback_bytes``."""
         with self._lock:
-            st = self.stats()
+            st, fb = self.stats(), self.feedback_stats()
             paths = [Path(f"{self.path}{suffix}") for suffix in ("", "-wal", "-shm", "-journal")]
             files = [p.name for p in paths if p.exists()]
             self._db.close()  # (sqlite removes the WAL itself on a clean close)
@@ -213,7 +395,13 @@ class TextStore:
                 except OSError as e:
                     raise _store_error(f"cannot delete {p}", e) from e
             self._db = self._connect()
-        return {"messages": st["messages"], "bytes": st["bytes"], "files": files}
+        return {
+            "messages": st["messages"],
+            "bytes": st["bytes"],
+            "files": files,
+            "feedback": fb["feedback"],
+            "feedback_bytes": fb["bytes"],
+        }
 
 
 # ------------------------------------------------------------------------- adapters

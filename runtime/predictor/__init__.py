@@ -9,7 +9,18 @@
 from __future__ import annotations
 
 from .decoder import RecomputeDecoder
-from .search import Predictor
+from .search import MAX_DEADLINE_MS, Predictor, ScoredSuggestions, Suggestions, check_deadline
 from .tokens import _PARTIAL, APOSTROPHES, _recase, is_word_char
 
-__all__ = ["Predictor", "RecomputeDecoder", "is_word_char", "APOSTROPHES", "_PARTIAL", "_recase"]
+__all__ = [
+    "Predictor",
+    "Suggestions",
+    "ScoredSuggestions",
+    "check_deadline",
+    "MAX_DEADLINE_MS",
+    "RecomputeDecoder",
+    "is_word_char",
+    "APOSTROPHES",
+    "_PARTIAL",
+    "_recase",
+]

@@ -383,12 +383,19 @@ def _print_report(r: dict[str, Any], out: Path, log: Log) -> None:
 
 
 # ------------------------------------------------------------------------- interactive
+#: the interactive keyboard's suggestion deadline: one frame of a 60 Hz screen
+DEADLINE_MS = 16.0
+
+
 def interactive_loop(
     personalizer, read_line: Callable[[], str | None], log: Log = print, update_seconds: float = 15.0
 ) -> list[dict]:
-    """A line-based keyboard over ``personalizer``: for each submitted message, show the
-    suggestions offered before every word (``✓`` when the word was among them) and for the next
-    word, then store the message and learn from it in a background thread (one update at a time).
+    """A line-based keyboard over ``personalizer``: each submitted message is replayed keystroke
+    by keystroke with :data:`DEADLINE_MS` suggestions, as a phone keyboard would show them; a word
+    counts as tapped at the first keystroke where it was on the bar (``✓``, shown with that bar;
+    otherwise the bar before the word), and each is recorded with :meth:`Personalizer.feedback`
+    (tapped, or all ignored). Then the message is stored and learned from in a background thread
+    (one update at a time), and the next word's suggestions are shown.
 
     ``read_line`` returns the next line or ``None`` at the end. Commands: ``:versions``,
     ``:restore N``, ``:wipe``, ``:quit``. Returns the reports of the updates run (after waiting
@@ -428,13 +435,25 @@ def interactive_loop(
                 continue
             msg = " ".join(line.split())
             shown = []
+            taps = []
             for start, word, _ in message_words(msg):
-                offered = personalizer.suggest(msg[:start], 3)
-                hit = word.lower() in [s.lower() for s in offered]
-                shown.append(f"{word}{'✓' if hit else ''}[{'|'.join(offered)}]")
+                bar, first, tapped = [], None, None
+                for i in range(len(word)):
+                    bar = personalizer.suggest(msg[: start + i], 3, deadline_ms=DEADLINE_MS)
+                    first = bar if first is None else first
+                    tapped = next((w for w in bar if w.lower() == word.lower()), None)
+                    if tapped is not None:
+                        taps.append((msg[: start + i], list(bar), tapped))
+                        break
+                if tapped is None and first:
+                    taps.append((msg[:start], list(first), None))
+                seen = bar if tapped is not None else first or []
+                shown.append(f"{word}{'✓' if tapped else ''}[{'|'.join(seen)}]")
             log("  " + " ".join(shown))
-            log(f"  next: {', '.join(personalizer.suggest(msg + ' ', 3))}")
             personalizer.observe(msg)
+            for prefix, bar, tapped in taps:
+                personalizer.feedback(prefix, bar, tapped)
+            log(f"  next: {', '.join(personalizer.suggest(msg + ' ', 3, deadline_ms=DEADLINE_MS))}")
         except (PocketPeftError, ValueError, IndexError) as e:
             log(f"  error: {e}")
             continue

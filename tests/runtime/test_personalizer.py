@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import pocketpeft as pp
 from pocketpeft.corpus import general_texts, sender_split, top_senders
@@ -24,17 +23,15 @@ from pocketpeft.runtime import TrainConfig
 from pocketpeft.runtime.keyboard.personalizer import Personalizer
 from pocketpeft.runtime.keyboard.store import AdapterStore, TextStore, tensors_sha256
 from pocketpeft.runtime.keyboard.wordcounts import keystrokes_with_words
+from tests.helpers import torch_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The tiny model's matmuls are small; on a busy 2-core machine one thread is far quicker."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -256,12 +253,60 @@ def test_interactive_loop_suggests_and_learns(bundle, user, tmp_path):
     p.observe(train[:60])
     lines = iter(["see you at the game tonight", "", ":versions", "ok cool", ":wipe", None, "never read"])
     out: list[str] = []
+    taps: list[tuple] = []
+    record = p.feedback
+    p.feedback = lambda *a: taps.append(a) or record(*a)  # a spy: every tap is still stored
     reports = interactive_loop(p, lambda: next(lines), out.append, update_seconds=15)
     text = "\n".join(out)
-    assert "see[" in text and "game" in text and "next:" in text  # per-word and next-word suggestions
+    assert "see" in text and "game" in text and "next:" in text  # per-word and next-word suggestions
     assert reports and reports[0]["steps"] > 0, reports
-    assert "wiped {'messages': 62," in text  # 60 observed + the 2 typed messages
-    assert p.texts.stats()["messages"] == 0  # wiped
+    assert "wiped {'messages': 62, 'bytes':" in text and "'feedback': 8," in text  # 60 + 2 typed; a tap per word
+    assert len(taps) == 8  # one per typed word: tapped at the first keystroke it was shown, or all ignored
+    for prefix, bar, chosen in taps:
+        assert 1 <= len(bar) <= 3 and (chosen is None or chosen in bar)
+        assert any(m.startswith(prefix) for m in ("see you at the game tonight", "ok cool"))
+    assert p.texts.stats()["messages"] == 0 and p.texts.feedback_rows() == []  # wiped
+
+
+def test_deadline_suggestions_come_from_the_word_counts_while_a_version_is_swapped_in(bundle, tmp_path):
+    p = Personalizer(_open(bundle), tmp_path / "store", general=[])
+    p.observe(["see you at zorblax tonight"] * 3)
+    full = p.suggest("see you at zo", 3, deadline_ms=5000)
+    assert full.complete and full[0] == "zorblax"
+    held, release = threading.Event(), threading.Event()
+
+    def swap():
+        with p._serve_lock:  # what _serve() holds while the new version goes in
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=swap)
+    t.start()
+    try:
+        held.wait(30)
+        got = p.suggest("see you at zo", 3, deadline_ms=50)
+        assert not got.complete and got[0] == "zorblax"  # the user's words, no model
+    finally:
+        release.set()
+        t.join()
+    with pytest.raises(ConfigError, match="deadline_ms"):
+        p.suggest("see", 3, deadline_ms=-1)
+
+
+def test_feedback_is_validated_stored_and_wiped(bundle, tmp_path):
+    p = Personalizer(_open(bundle), tmp_path / "store", general=[])
+    i = p.feedback("see you at the ", ["game", "gym", "Park"], "park")
+    assert p.feedback("see you at the g", ["game", "gym"], None) > i
+    rows = p.texts.feedback_rows()
+    assert [(r.prefix, r.shown, r.chosen) for r in rows] == [
+        ("see you at the ", ["game", "gym", "Park"], "Park"),
+        ("see you at the g", ["game", "gym"], None),
+    ]
+    for bad in (("see", [], None), ("see", ["a", "b"], "c"), ("see", [b"\xff\xfe"], None), (b"\xff", ["a"], None)):
+        with pytest.raises(InputTextError):
+            p.feedback(*bad)
+    assert len(p.texts.feedback_rows()) == 2  # nothing stored by the bad ones
+    assert p.wipe()["feedback"] == 2 and p.texts.feedback_rows() == []
 
 
 def test_observed_words_are_suggested_at_once_and_wiped_with_the_text(bundle, user, tmp_path):
