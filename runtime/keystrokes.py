@@ -62,6 +62,7 @@ def simulate_typing(
     max_messages: int | None = None,
     every_key: bool = False,
     on_key: "Callable[[str, list[str]], None] | None" = None,
+    on_word: "Callable[[str, list[str], str | None], None] | None" = None,
 ) -> dict:
     """The user of :func:`keystroke_metrics`, with its metrics: types each message, tapping a
     suggestion as soon as it is the word being typed.
@@ -69,7 +70,10 @@ def simulate_typing(
     ``every_key``: ask for suggestions before every keystroke the user makes (spaces and
     punctuation too, as a keyboard does; the metrics are the same, only more calls are made);
     otherwise only before the keystrokes of words. ``on_key(prefix, offered)`` is called after
-    each call (a benchmark's clock).
+    each call (a benchmark's clock). ``on_word(prefix, offered, tapped)`` is called once per word
+    with what a keyboard records as feedback: the bar the word was tapped from (``tapped``, as
+    spelled there), or the bar shown at the word's start (maybe empty) and ``None`` when the word
+    never appeared.
     """
     texts = validate_texts(texts)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -92,18 +96,25 @@ def simulate_typing(
             words += 1
             target = word.lower()
             pos = start + len(word)
+            first: list[str] = []
             for i in range(len(word)):
-                offered = suggest(msg[: start + i], max(k, 3) if i == 0 else k)
+                shown = list(suggest(msg[: start + i], max(k, 3) if i == 0 else k))
                 if on_key is not None:
-                    on_key(msg[: start + i], offered)
-                offered = [s.lower() for s in offered]
+                    on_key(msg[: start + i], shown)
+                offered = [s.lower() for s in shown]
                 if i == 0:
                     top1 += offered[:1] == [target]
                     top3 += target in offered[:3]
+                    first = shown[:k]
                 if target in offered[:k]:
                     saved += len(word) - i + space_after - 1
                     pos += space_after  # the tap inserts the word and its space
+                    if on_word is not None:
+                        on_word(msg[: start + i], shown[:k], shown[offered.index(target)])
                     break
+            else:
+                if on_word is not None:
+                    on_word(msg[:start], first, None)
     return {
         "next_word_top1": top1 / max(words, 1),
         "next_word_top3": top3 / max(words, 1),

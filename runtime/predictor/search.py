@@ -22,8 +22,8 @@ is ready (memoized distributions and the part of the search that fits; a forward
 when it is expected to end in time, and while another thread holds the model the search uses the
 memo alone) and says whether the answer is complete. A background thread then finishes that
 search and searches the likely next keystrokes ahead (:meth:`Predictor.prefetch`'s order), one
-pass at a time, stopping at the next request; it starts no pass expected to end after the next
-keystroke, guessed from the user's recent typing rhythm.
+pass at a time, until the next request, which never waits for it: while a pass is in flight
+the request answers from the memo.
 """
 
 from __future__ import annotations
@@ -120,21 +120,6 @@ class _Call:
     ahead: Callable[[], list[tuple]] | None = None  # the search's next paths, best first
 
 
-class _Rhythm:
-    """When the next keystroke is likely: the median of the user's recent gaps between calls."""
-
-    def __init__(self, keep: int = 9) -> None:
-        self.keep, self.gaps, self.last = keep, [], None
-
-    def tick(self, now: float) -> None:
-        if self.last is not None and now - self.last < 2.0:  # longer: a pause, not typing
-            self.gaps = [*self.gaps[1 - self.keep :], now - self.last]
-        self.last = now
-
-    def gap(self) -> float | None:
-        return float(np.median(self.gaps)) if len(self.gaps) >= 3 else None
-
-
 _LIVE: "weakref.WeakSet[Predictor]" = weakref.WeakSet()  # predictors with a background thread
 
 
@@ -220,6 +205,7 @@ class Predictor:
         self._sep = tokenizer.eos_id if tokenizer.eos_id is not None else 0
         self._memo: OrderedDict[tuple, tuple[np.ndarray, float]] = OrderedDict()
         self._memo_lock = threading.Lock()  # the memo's dict operations (short)
+        self._start: tuple | None = None  # (seq, entry) of the message start: never evicted
         self._lock = lock if lock is not None else threading.RLock()  # the model, the decoder
         self._decoder = None
         self._dec_ids: list[int] = []
@@ -234,7 +220,6 @@ class Predictor:
         self._job_cv = threading.Condition()
         self._worker: threading.Thread | None = None
         self._closed = False
-        self._rhythm = _Rhythm()
         self._last: tuple | None = None  # (context, scored) of the last answer: fills a cut one
         self.background_forwards = 0  # forward passes the background thread has run, in all
 
@@ -243,6 +228,7 @@ class Predictor:
         with self._lock:
             with self._memo_lock:
                 self._memo.clear()
+                self._start = None
             self._decoder, self._dec_ids = None, []
 
     def close(self) -> None:
@@ -288,7 +274,6 @@ class Predictor:
         with self._job_cv:
             self._seq += 1  # background work for the previous keystroke stops before its next pass
             seq = self._seq
-            self._rhythm.tick(t0)
         if deadline_ms is None:
             with self._lock:
                 call = _Call(self.max_forwards)
@@ -321,6 +306,7 @@ class Predictor:
             if v != self._version:  # new weights: the memo is stale
                 with self._memo_lock:
                     self._memo.clear()
+                    self._start = None
                 self._version, self._last = v, None
         if call.model and self._dec_version != self._version:  # and so is the KV cache
             self._decoder, self._dec_ids, self._dec_version = None, [], self._version
@@ -370,10 +356,22 @@ class Predictor:
                 self.last_trimmed = saved
         return call.forwards
 
-    def _ahead_of(self, prefix: str, k: int, width: int, call: _Call, stop: Callable[[], bool] = lambda: False) -> None:
+    def _ahead_of(
+        self,
+        prefix: str,
+        k: int,
+        width: int,
+        call: _Call,
+        stop: Callable[[], bool] = lambda: False,
+        roots_first: bool = False,
+    ) -> None:
         """Search ``prefix`` and then the likely next keystrokes after it, most probable first,
-        within ``call``'s limits (the model lock held)."""
+        within ``call``'s limits (the model lock held): the next character of each of the
+        ``width`` likeliest words, and a tap on each of the ``k`` suggested ones (the word and a
+        space inserted: a new word's context). ``roots_first``: before searching those, run the
+        one pass each new context needs for its first tokens (what a cut answer is made of)."""
         partial = _PARTIAL.search(prefix).group()
+        before = prefix[: len(prefix) - len(partial)]
         seen: set[str] = set()
         queue = [(1.0, prefix)]
         while queue and not stop():
@@ -385,10 +383,18 @@ class Predictor:
             if text is not prefix:
                 continue
             nxt: dict[str, float] = {}
-            for word, p in scored:
+            for i, (word, p) in enumerate(scored):
                 c = word[len(partial)] if len(word) > len(partial) else " "
                 nxt[prefix + c] = nxt.get(prefix + c, 0.0) + p
+                if i < k and len(word) > len(partial):
+                    tap = before + word + " "
+                    nxt[tap] = nxt.get(tap, 0.0) + p
             queue.extend(sorted(((p, t) for t, p in nxt.items()), key=lambda x: -x[0]))
+            if roots_first:
+                for _, t in queue:
+                    if stop():
+                        return
+                    self._dist(self._parse(t)[0], call)
 
     # ------------------------------------------------------------------ background
     def _submit(self, prefix: str, k: int, seq: int) -> None:
@@ -412,36 +418,25 @@ class Predictor:
             job, self._job = self._job, None
             if job is None:
                 return None
-            return (*job, self._rhythm.gap(), self._rhythm.last)
+            return job
 
-    def _background(self, prefix: str, k: int, seq: int, gap: float | None, last: float | None) -> None:
-        """One request's background work: finish its search and search the likely next keystrokes
-        until a newer request comes; no pass starts that is expected to end after the user's next
-        keystroke (from the typing rhythm), unless the user paused (no keystroke a gap later)."""
+    def _background(self, prefix: str, k: int, seq: int) -> None:
+        """One request's background work: finish its search, then search the likely next
+        keystrokes (:meth:`_ahead_of`), one pass at a time, until a newer request comes (a pass
+        in flight then ends first; the request doesn't wait for it: it uses the memo)."""
         stale = lambda: self._seq != seq or self._closed  # noqa: E731
-        paused = False
-        while not stale():
-            expected = None if gap is None or last is None or paused else last + gap - _FINISH_S
-            call = _Call(_BACKGROUND_FORWARDS, deadline=expected, cancel=stale, background=True)
-            try:
-                with self._lock:
-                    if stale():
-                        return
-                    saved = (self.last_forwards, self.last_forward_tokens, self.last_trimmed)
-                    try:
-                        self._ahead_of(prefix, k, 6, call, stop=stale)
-                    finally:
-                        self.last_forwards, self.last_forward_tokens, self.last_trimmed = saved
-            except Exception:  # noqa: BLE001 - a pass that fails here fails again in the foreground
-                return
-            if not call.cut or paused or expected is None:
-                return
-            with self._job_cv:  # cut at the expected keystroke: none a gap later means a pause
-                self._job_cv.wait_for(
-                    lambda: self._job is not None or self._closed,
-                    timeout=max(0.0, expected + gap - time.perf_counter()),
-                )
-            paused = True
+        call = _Call(_BACKGROUND_FORWARDS, cancel=stale, background=True)
+        try:
+            with self._lock:
+                if stale():
+                    return
+                saved = (self.last_forwards, self.last_forward_tokens, self.last_trimmed)
+                try:
+                    self._ahead_of(prefix, k, k, call, stop=stale, roots_first=True)
+                finally:
+                    self.last_forwards, self.last_forward_tokens, self.last_trimmed = saved
+        except Exception:  # noqa: BLE001 - a pass that fails here fails again in the foreground
+            return
 
     # ------------------------------------------------------------------ context
     def _parse(self, prefix: str) -> tuple[tuple[int, ...], bytes, str]:
@@ -477,6 +472,8 @@ class Predictor:
             if hit is not None:
                 self._memo.move_to_end(seq)
                 return hit
+            if len(seq) == 1 and self._start is not None and self._start[0] == seq:
+                return self._start[1]
         if (
             not call.model
             or call.forwards >= call.max_forwards
@@ -546,6 +543,8 @@ class Predictor:
         with self._memo_lock:
             self._memo[seq] = entry
             self._memo.move_to_end(seq)
+            if len(seq) == 1:  # a message's start: asked at every new message, kept out of the LRU
+                self._start = (seq, entry)
             while len(self._memo) > self.cache_size:
                 self._memo.popitem(last=False)
 
@@ -561,6 +560,7 @@ class Predictor:
     def _search(self, context: tuple, required: bytes, k: int, call: _Call) -> dict[str, list]:
         """Best-first search; returns {lowercased word: [total prob, best path prob, surface]}."""
         vocab, words = self._vocab, {}
+        frontier: dict[str, list] = {}  # words reached whose boundary needed a pass that didn't run
         heap: list = []
         tick = 0
 
@@ -571,6 +571,14 @@ class Predictor:
                 return
             dist = self._dist(context + path, call)
             if dist is None:
+                if complete:  # the word's probability without the boundary after it: a bound
+                    text = raw.decode("utf-8", errors="replace").lstrip()
+                    if "\ufffd" not in text and any(c.isalnum() for c in text):
+                        p = float(np.exp(logp))
+                        w = frontier.setdefault(text.lower(), [0.0, 0.0, text])
+                        w[0] += p
+                        if p > w[1]:
+                            w[1], w[2] = p, text
                 return
             lp, boundary = dist
             if complete:
@@ -632,4 +640,7 @@ class Predictor:
                 visit(path + (tok,), low + vocab.low[tok], raw + vocab.raw[tok], logp)
         finally:
             call.ahead = None
+        if call.cut:  # the best of what was ready: the words reached, by their bounds
+            for key, w in frontier.items():
+                words.setdefault(key, w)
         return words

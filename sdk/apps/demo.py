@@ -402,7 +402,7 @@ def interactive_loop(
     for the last one).
     """
     from pocketpeft.errors import PocketPeftError
-    from pocketpeft.runtime.keystrokes import message_words
+    from pocketpeft.runtime.keystrokes import message_words, simulate_typing
 
     reports: list[dict] = []
     worker: threading.Thread | None = None
@@ -434,25 +434,19 @@ def interactive_loop(
                 log(f"  wiped {personalizer.wipe()}")
                 continue
             msg = " ".join(line.split())
-            shown = []
-            taps = []
-            for start, word, _ in message_words(msg):
-                bar, first, tapped = [], None, None
-                for i in range(len(word)):
-                    bar = personalizer.suggest(msg[: start + i], 3, deadline_ms=DEADLINE_MS)
-                    first = bar if first is None else first
-                    tapped = next((w for w in bar if w.lower() == word.lower()), None)
-                    if tapped is not None:
-                        taps.append((msg[: start + i], list(bar), tapped))
-                        break
-                if tapped is None and first:
-                    taps.append((msg[:start], list(first), None))
-                seen = bar if tapped is not None else first or []
-                shown.append(f"{word}{'✓' if tapped else ''}[{'|'.join(seen)}]")
-            log("  " + " ".join(shown))
+            taps: list[tuple] = []
+            simulate_typing(
+                lambda p, n: personalizer.suggest(p, n, deadline_ms=DEADLINE_MS),
+                [msg],
+                3,
+                on_word=lambda *t, into=taps: into.append(t),
+            )
+            words = [w for _, w, _ in message_words(msg)]
+            log("  " + " ".join(f"{w}{'✓' if t else ''}[{'|'.join(bar)}]" for w, (_, bar, t) in zip(words, taps)))
             personalizer.observe(msg)
             for prefix, bar, tapped in taps:
-                personalizer.feedback(prefix, bar, tapped)
+                if bar:
+                    personalizer.feedback(prefix, bar, tapped)
             log(f"  next: {', '.join(personalizer.suggest(msg + ' ', 3, deadline_ms=DEADLINE_MS))}")
         except (PocketPeftError, ValueError, IndexError) as e:
             log(f"  error: {e}")
