@@ -6,10 +6,14 @@ lists every name and shape:
 
 - ``training_model.onnx``: forward + backward. Inputs ``input_ids`` and ``labels``, int64
   ``[batch_size, seq_len]`` as exported (static: ORT then plans activation memory ahead; pad
-  short batches with label -100); output ``loss_sum``, the *sum* of token
-  cross-entropies over scored labels (divide by their count for the mean; sums make
-  micro-batches accumulate exactly). Gradients accumulate in ORT's in-graph buffers.
-- ``eval_model.onnx``: forward only; outputs ``loss_sum`` and ``logits`` float32 ``[batch, seq, vocab]``.
+  short batches with label -100), and ``weights``, float32 per-token loss weights of the same
+  shape; output ``loss_sum`` = sum(weights * CE) over scored labels: with weights 1, the *sum*
+  of token cross-entropies (divide by their count for the mean; sums make micro-batches
+  accumulate exactly); other weights train per-token objectives such as the preference loss
+  (:mod:`pocketpeft.runtime.preference`). Gradients accumulate in ORT's in-graph buffers.
+  Bundles exported before ``weights`` existed lack that input (io.json then doesn't list it).
+- ``eval_model.onnx``: forward only; inputs as the training model's without ``weights``;
+  outputs ``loss_sum`` (the plain summed cross-entropy) and ``logits`` float32 ``[batch, seq, vocab]``.
 - ``checkpoint``: the LoRA tensors, the only ones with ``requires_grad``, named by their PEFT
   keys (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``), and the frozen
   base: packed uint8/int8 quantized buffers, float32 block scales, norms, the float32 embedding.
@@ -286,8 +290,11 @@ def _f16_to_f32(mp, names: set[str]) -> None:
 
 
 def _sum_ce_block(vocab: int):
-    """An onnxblock loss: ``loss_sum`` = summed cross-entropy of [B,T,V] logits against [B,T]
-    labels, -100 ignored (SoftmaxCrossEntropyLoss wants [N, C] scores and [N] labels)."""
+    """An onnxblock loss: ``loss_sum`` = sum(weights * CE) of [B,T,V] logits against [B,T] labels
+    (-100 ignored: their CE is 0) with float32 [B,T] per-token ``weights`` (the runtime feeds 1
+    for the plain summed cross-entropy). SoftmaxCrossEntropyLoss wants [N, C] scores and [N]
+    labels; ``reduction="none"`` gives the per-token CE the weights multiply. The eval model
+    drops the weights again (:func:`_unweighted_eval`)."""
     import numpy as np
     from onnx import helper, numpy_helper
     from onnxruntime.training import onnxblock
@@ -302,7 +309,10 @@ def _sum_ce_block(vocab: int):
             labels.name = fmt.LABELS
             labels.type.tensor_type.elem_type = TensorProto.INT64
             del labels.type.tensor_type.shape.dim[2:]
-            g.input.append(labels)
+            weights = copy.deepcopy(labels)
+            weights.name = fmt.WEIGHTS
+            weights.type.tensor_type.elem_type = TensorProto.FLOAT
+            g.input.extend([labels, weights])
             g.initializer.extend(
                 [
                     numpy_helper.from_array(np.array([-1, vocab], np.int64), "loss.scores_shape"),
@@ -314,18 +324,56 @@ def _sum_ce_block(vocab: int):
                     helper.make_node("Reshape", [logits, "loss.scores_shape"], ["loss.scores"], name="loss.scores"),
                     helper.make_node("Reshape", ["labels", "loss.labels_shape"], ["loss.labels"], name="loss.labels"),
                     helper.make_node(
+                        "Reshape", [fmt.WEIGHTS, "loss.labels_shape"], ["loss.weights"], name="loss.weights"
+                    ),
+                    helper.make_node(
                         "SoftmaxCrossEntropyLoss",
                         ["loss.scores", "loss.labels"],
-                        [LOSS],
-                        reduction="sum",
-                        ignore_index=-100,
+                        ["loss.token_ce"],
+                        reduction="none",
+                        ignore_index=fmt.IGNORE_INDEX,
                         name="loss.ce",
                     ),
+                    helper.make_node("Mul", ["loss.token_ce", "loss.weights"], ["loss.weighted"], name="loss.weigh"),
+                    helper.make_node("ReduceSum", ["loss.weighted"], [LOSS], keepdims=0, name="loss.sum"),
                 ]
             )
             return LOSS
 
     return SumCrossEntropy()
+
+
+def _unweighted_eval(mp) -> None:
+    """Turn the eval model back into the plain summed cross-entropy of labels (no ``weights``
+    input): the loss block's per-token CE, weighting and sum become one SoftmaxCrossEntropyLoss
+    with ``reduction="sum"``, as bundles have always had it."""
+    from onnx import helper
+
+    g = mp.graph
+    drop = {"loss.weights", "loss.weigh", "loss.sum"}
+    if not any(n.name == "loss.ce" for n in g.node) or not drop <= {n.name for n in g.node}:
+        raise UnsupportedModelError("onnx export: the eval model lacks the weighted loss block's nodes")
+    nodes = []
+    for n in g.node:
+        if n.name == "loss.ce":
+            n = helper.make_node(
+                "SoftmaxCrossEntropyLoss",
+                list(n.input),
+                [LOSS],
+                reduction="sum",
+                ignore_index=fmt.IGNORE_INDEX,
+                name="loss.ce",
+            )
+        if n.name not in drop:
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    kept = [i for i in g.input if i.name != fmt.WEIGHTS]
+    del g.input[:]
+    g.input.extend(kept)
+    kept_vi = [v for v in g.value_info if v.name not in ("loss.token_ce", "loss.weighted", "loss.weights")]
+    del g.value_info[:]
+    g.value_info.extend(kept_vi)
 
 
 @contextlib.contextmanager
@@ -512,11 +560,12 @@ def _write_training(fwd, ctx: ExportContext, lora: dict[str, str], out, rows: in
             # Static shapes let ORT plan all activation memory ahead: SmolLM2 at 8x64 peaks 0.6 GB
             # lower than with dynamic dims (same speed). The runtime pads short batches.
             for v in mp.graph.input:
-                if v.name in (fmt.INPUT_IDS, fmt.HIDDEN, fmt.LABELS):
+                if v.name in (fmt.INPUT_IDS, fmt.HIDDEN, fmt.LABELS, fmt.WEIGHTS):
                     for dim, size in zip(v.type.tensor_type.shape.dim, (rows, ctx.seq_len)):
                         dim.Clear()
                         dim.dim_value = size
         elif name == fmt.EVAL:  # logits too: top-k metrics and logits() run in eval mode
+            _unweighted_eval(mp)
             mp.graph.output.append(
                 helper.make_tensor_value_info(fmt.LOGITS, TensorProto.FLOAT, ["batch", "seq", ctx.arch.vocab_size])
             )
@@ -551,10 +600,11 @@ def _io_description(
         fmt.IO_FORMAT_VERSION: 1,
         "dims": {"batch": "dynamic", "seq": f"dynamic, 1..{ctx.arch.max_position_embeddings}"},
         fmt.IO_TRAINING_MODEL: {
-            fmt.IO_INPUTS: {**train_in, fmt.LABELS: static},
+            fmt.IO_INPUTS: {**train_in, fmt.LABELS: static, fmt.WEIGHTS: static},
             fmt.IO_OUTPUTS: {LOSS: []},
             "note": "static shapes: pad short batches/rows with label -100; a batch of more "
-            "rows runs as micro-batches whose gradients accumulate",
+            "rows runs as micro-batches whose gradients accumulate; loss_sum = sum(weights * CE) "
+            "over labels != -100 (weights float32, 1 for the plain summed cross-entropy)",
         },
         fmt.IO_Q4_STORAGE: q4 if ctx.quant.value == "q4_0" else None,
         fmt.IO_EVAL_MODEL: {

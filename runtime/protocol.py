@@ -189,10 +189,43 @@ class SupportsSplit(Protocol):
         """float32 [B, T, hidden] residual stream entering layer ``split_layer`` (positions from 0)."""
 
     def train_step_hidden(self, hidden: np.ndarray, labels: np.ndarray) -> StepResult:
-        """``train_step`` from prefix outputs [B, T, hidden] (any float dtype) and aligned labels."""
+        """``train_step`` from prefix outputs [B, T, hidden] (any float dtype) and aligned labels;
+        a backend with :class:`SupportsWeightedLoss` also takes ``weights=`` here."""
 
     def eval_hidden(self, hidden: np.ndarray, labels: np.ndarray) -> EvalSums:
         """``eval_batch`` from prefix outputs."""
+
+
+@runtime_checkable
+class SupportsWeightedLoss(Protocol):
+    """A backend whose training step takes per-token loss weights (preference training, see
+    :mod:`~pocketpeft.runtime.preference`). ``weighted_loss`` says whether the *loaded* files do:
+    onnxruntime bundles exported before the training graph took weights load with it ``False``
+    (re-export them), executorch has it ``False`` always, and passing weights then raises
+    :class:`BackendUnavailableError`. torch has it ``True``.
+
+    With ``weights`` (float32, shaped like ``labels``, negative values allowed) a step minimizes
+    ``sum(weights * CE)`` over the scored tokens (labels -100 add nothing, whatever their weight),
+    with no division by the token count: the caller normalizes. Clipping, the non-finite skip and
+    AdamW are as without weights; ``weights=None`` is exactly the unweighted step."""
+
+    @property
+    def weighted_loss(self) -> bool: ...
+
+    def train_step(self, input_ids: np.ndarray, labels: np.ndarray, weights: "np.ndarray | None" = None) -> StepResult:
+        """``Backend.train_step`` with optional per-token loss weights."""
+
+
+def weighted_loss_blocker(backend: object) -> str:
+    """Why ``backend`` can't take a weighted training step ("" when it can)."""
+    if not isinstance(backend, SupportsWeightedLoss):
+        return "its training step takes no per-token loss weights"
+    if not backend.weighted_loss:
+        return (
+            "its training step takes no per-token loss weights with the loaded files (an onnxruntime "
+            "bundle exported before they existed: re-export it; executorch: not supported)"
+        )
+    return ""
 
 
 @runtime_checkable

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from pocketpeft.manifest import Bundle
 from pocketpeft.procinfo import peak_rss_mib
 from pocketpeft.text import pack_rows, validate_texts
 
+from .preference import PairRows, Preference, PreferenceSteps, pair_rows, validate_preferences
 from .protocol import Backend, SupportsGlobal, SupportsSplit, TrainConfig
 
 #: Former name of :func:`pocketpeft.procinfo.peak_rss_mib` (``sdk/apps/demo.py`` imports it from here).
@@ -48,6 +50,12 @@ class TrainReport:
     prefix_seconds: float = 0.0
     prefix_rows_computed: int = 0
     prefix_rows_cached: int = 0
+    #: training on preferences (else empty / None): each step's mean DPO loss over its pairs,
+    #: before its update (``losses`` then holds the language-model loss alone), and the share of
+    #: all pairs whose margin is positive after the last step (it starts at 0: no pair is above
+    #: the reference policy before training)
+    preference_losses: list[float] = field(default_factory=list)
+    preference_accuracy: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +91,9 @@ class Session:
         #: ``load_adapter``, ``reset_adapter``, ``set_adapter_tensors``); the predictor drops its
         #: caches when it moves. Weights changed on ``backend`` directly go unnoticed.
         self.adapter_version = 0
+        #: held around every use of the backend's weights that may race a suggestion (weight swaps,
+        #: logits, evaluations, the predictor's forward passes, including its background thread's)
+        self.lock = threading.RLock()
         #: the installed global adapter's info (``None``: the bundle has none); see :meth:`apply_global`
         self.global_info = None
         self.apply_global()
@@ -109,9 +120,10 @@ class Session:
                 f"backend {self.backend.name!r} does not apply a global adapter; use a backend that does "
                 "(torch, peft, llamacpp, onnxruntime, onnxruntime-infer, executorch)"
             )
-        self.backend.set_global(tensors)
-        self.global_info = info if tensors is not None else None
-        self.adapter_version += 1
+        with self.lock:
+            self.backend.set_global(tensors)
+            self.global_info = info if tensors is not None else None
+            self.adapter_version += 1
 
     def check_global(self, bundle: Bundle | None = None) -> None:
         """Raise :class:`BackendUnavailableError` unless this session's backend can apply a global
@@ -137,6 +149,10 @@ class Session:
         progress: bool = False,
         seed: int | None = None,
         cache: "HiddenCacheLike | None" = None,
+        preferences: "Iterable[Preference] | None" = None,
+        preference_weight: float = 1.0,
+        beta: float = 0.1,
+        preference_batch: int | None = None,
     ) -> TrainReport:
         """Update the adapter on ``texts`` for ``steps`` optimizer steps or until ``seconds`` pass
         (whichever comes first; 20 steps when neither is given).
@@ -148,7 +164,20 @@ class Session:
         output is computed once, when the row is first drawn, and every later step over it runs
         the suffix alone; ``cache`` (a :class:`~.keyboard.hidden_cache.HiddenCache`) keeps those
         outputs across calls, in float16 (without one they are kept for this call, float32).
-        Raises :class:`InputTextError` for empty/non-UTF-8 text, :class:`ConfigError` for bad limits.
+
+        ``preferences`` (:class:`~.preference.Preference`: a word the user took over one shown
+        but ignored) add a DPO loss with the adapter loaded at the call's start as the reference
+        policy: the reference log-probs are computed once, then every step takes the next
+        ``preference_batch`` pairs (default: half the batch size, so the step runs about twice the
+        rows), computes their margins with one forward pass, and trains on
+        ``LM loss + preference_weight * mean DPO loss(beta)`` in one weighted step (see
+        :mod:`~.preference`). The report then adds ``preference_losses`` and
+        ``preference_accuracy`` (one more forward pass over all pairs after the last step; the
+        reference pass counts in ``seconds``). ``None`` trains exactly as without the arguments.
+        Raises :class:`InputTextError` for empty/non-UTF-8 text or bad preferences,
+        :class:`ConfigError` for bad limits, ``beta``, ``preference_weight`` or
+        ``preference_batch``, and :class:`BackendUnavailableError` when preferences are given to a
+        backend whose training step takes no per-token loss weights.
         """
         texts = validate_texts(texts)
         if steps is not None and (not isinstance(steps, int) or steps <= 0):
@@ -172,8 +201,22 @@ class Session:
         pos = 0
         losses, skipped, tokens = [], [], 0
         hidden = PrefixOutputs(self.backend, inputs, cache)
+        pref_rows = self._preference_rows(preferences) if preferences is not None else None
+        pref = pair_prefix = None
         bar = _bar(steps, "train", progress)
         t0 = time.perf_counter()
+        if pref_rows is not None:  # the reference pass runs here, with the adapter loaded now
+            pair_prefix = PrefixOutputs(self.backend, pref_rows.input_ids, None)  # kept for the call
+            pref = PreferenceSteps(
+                self.backend,
+                pref_rows,
+                beta,
+                preference_weight,
+                max(1, bs // 2) if preference_batch is None else preference_batch,
+                cfg.seed,
+                hidden=pair_prefix.rows if pair_prefix.split else None,
+            )
+        pref_losses: list[float] = []
         step_times: list[float] = []
         stopped_by = "steps"
         i = 0
@@ -188,21 +231,25 @@ class Session:
                 order, pos = rng.permutation(len(inputs)), 0
             ts = time.perf_counter()
             try:
-                if hidden.split:
+                if pref is not None:
+                    ps = pref.step(hidden.rows(idx) if hidden.split else inputs[idx], labels[idx])
+                    r = ps.result
+                    pref_losses.append(ps.dpo_loss)
+                elif hidden.split:
                     r = self.backend.train_step_hidden(hidden.rows(idx), labels[idx])
                 else:
                     r = self.backend.train_step(inputs[idx], labels[idx])
             finally:
                 self.adapter_version += 1
             step_times.append(time.perf_counter() - ts)
-            losses.append(r.loss)
+            losses.append(r.loss if pref is None else ps.lm_loss)
             tokens += r.tokens
             if r.skipped:
                 skipped.append(i)
             i += 1
             if bar is not None:
                 bar.update()
-                bar.set_postfix(loss=f"{r.loss:.3f}", skipped=len(skipped))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", skipped=len(skipped))
         if bar is not None:
             bar.close()
         secs = time.perf_counter() - t0
@@ -217,10 +264,16 @@ class Session:
             tokens / secs if secs > 0 else 0.0,
             peak_rss_mib(),
             stopped_by,
-            round(hidden.seconds, 3),
-            hidden.computed,
+            round(hidden.seconds + (pair_prefix.seconds if pair_prefix else 0.0), 3),
+            hidden.computed + (pair_prefix.computed if pair_prefix else 0),
             hidden.cached,
+            pref_losses,
+            pref.accuracy() if pref is not None else None,
         )
+
+    def _preference_rows(self, preferences) -> PairRows:
+        """The pair rows of ``preferences`` (validated) for this bundle's rows."""
+        return pair_rows(self.tokenizer, validate_preferences(preferences), self.manifest.seq_len)
 
     # ------------------------------------------------------------------ evaluation
     def eval(
@@ -271,7 +324,8 @@ class Session:
         ctx = self.manifest.arch.max_position_embeddings
         if ids.size > ctx:
             raise SequenceTooLongError(f"{ids.size} tokens exceed the model's context of {ctx}")
-        return self.backend.logits(ids[None])[0]
+        with self.lock:
+            return self.backend.logits(ids[None])[0]
 
     # ------------------------------------------------------------------ adapters
     def save_adapter(self, path: "str | os.PathLike") -> Path:
@@ -317,22 +371,28 @@ class Session:
     def set_adapter_tensors(self, tensors: "dict[str, np.ndarray]") -> None:
         """Replace the LoRA tensors (PEFT key names; the backend checks names, shapes and
         finiteness and keeps the current adapter if they are wrong). Moves :attr:`adapter_version`."""
-        try:
-            self.backend.set_adapter(tensors)
-        finally:
-            self.adapter_version += 1
+        with self.lock:
+            try:
+                self.backend.set_adapter(tensors)
+            finally:
+                self.adapter_version += 1
 
     # ------------------------------------------------------------------ suggestions
-    def suggest(self, prefix: str, k: int = 3) -> list[str]:
+    def suggest(self, prefix: str, k: int = 3, deadline_ms: float | None = None):
         """The ``k`` most likely next words after ``prefix`` (the message typed so far; the text
-        after its last whitespace is completed), best first. See :class:`~.predictor.Predictor`.
+        after its last whitespace is completed), best first, as
+        :class:`~.predictor.Suggestions` (a list of words). See :class:`~.predictor.Predictor`.
 
+        ``deadline_ms``: answer within this many milliseconds from what is ready (``complete``
+        says whether the search finished) and keep searching in a background thread so the next
+        keystroke finds more ready (:meth:`.predictor.Predictor.suggest_scored`).
         One Predictor is built on first use and kept, so its KV cache and memoized distributions
         carry over between keystrokes; when :attr:`adapter_version` moves (this session changed
         the weights), the caches are dropped.
-        Raises :class:`InputTextError` for non-text / non-UTF-8 input, :class:`ConfigError` for bad ``k``.
+        Raises :class:`InputTextError` for non-text / non-UTF-8 input, :class:`ConfigError` for a
+        bad ``k`` or ``deadline_ms``.
         """
-        return self.predictor.suggest(prefix, k)
+        return self.predictor.suggest(prefix, k, deadline_ms)
 
     def prefetch(self, prefix: str, k: int = 3, seconds: float = 0.2) -> int:
         """Idle-time work between keystrokes: precompute the likely next keystrokes' suggestions
@@ -351,6 +411,7 @@ class Session:
                 self.tokenizer,
                 adapter_version=lambda: self.adapter_version,
                 max_context=min(1024, self.manifest.arch.max_position_embeddings),
+                lock=self.lock,
             )
         return self._predictor
 

@@ -104,6 +104,8 @@ class ExecuTorchBackend:
     """ExecuTorch backend; see the module docstring."""
 
     name = "executorch"
+    #: ``train.pte`` computes the mean cross-entropy: no per-token loss weights (SupportsWeightedLoss)
+    weighted_loss = False
 
     def __init__(self, device: str = "cpu") -> None:
         if device != "cpu":
@@ -287,8 +289,9 @@ class ExecuTorchBackend:
             raise ConfigError(f"{what}: got shape {h.shape}, expected [batch, seq, {self._hidden_size}]")
         return h
 
-    def train_step_hidden(self, hidden: np.ndarray, labels: np.ndarray) -> StepResult:
+    def train_step_hidden(self, hidden: np.ndarray, labels: np.ndarray, weights: None = None) -> StepResult:
         """:meth:`train_step` of the suffix from prefix outputs [B, T, hidden]."""
+        _no_weights(weights)
         return self._train_step(self._hidden(hidden, "train_step_hidden hidden"), labels)
 
     def eval_hidden(self, hidden: np.ndarray, labels: np.ndarray) -> EvalSums:
@@ -304,9 +307,11 @@ class ExecuTorchBackend:
         return torch.cat([self._suffix.forward((h, *lora))[0] for h in self._chunks(hidden, sig, "hidden")]).numpy()
 
     # ------------------------------------------------------------------ the Protocol
-    def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
+    def train_step(self, input_ids: np.ndarray, labels: np.ndarray, weights: None = None) -> StepResult:
         """One AdamW step over ``input_ids`` [B, T] and aligned ``labels``; a split bundle runs the
-        prefix first (backward stops there)."""
+        prefix first (backward stops there). Per-token loss ``weights`` are not supported: passing
+        any raises :class:`BackendUnavailableError`."""
+        _no_weights(weights)
         ids = np.asarray(input_ids, dtype=np.int64)
         return self._train_step(ids if self._split is None else self.prefix(ids), labels)
 
@@ -408,6 +413,14 @@ class ExecuTorchBackend:
             if not torch.isfinite(t).all():
                 raise AdapterShapeError(f"{what} tensor {k} holds NaN or inf values")
         return new
+
+
+def _no_weights(weights) -> None:
+    if weights is not None:
+        raise BackendUnavailableError(
+            "executorch: the train.pte program computes the mean cross-entropy and takes no per-token "
+            "loss weights (preference training); use the torch or onnxruntime backend"
+        )
 
 
 def create(device: str = "cpu") -> ExecuTorchBackend:

@@ -2,7 +2,9 @@
 (CPU, or the CUDA execution provider when it can run here). Semantics copy the torch reference.
 
 ORT runs forward + backward (``loss_sum`` and gradients of the summed token loss, accumulated
-over micro-batches in its in-graph buffers) and the eval model (``loss_sum`` + logits). The
+over micro-batches in its in-graph buffers; a bundle whose training graph takes per-token
+``weights`` sums ``weights * CE`` instead, see :attr:`OrtBackend.weighted_loss`) and the eval
+model (``loss_sum`` + logits). The
 optimizer step runs on the host, in float32 numpy, with exactly torch's arithmetic, because
 ORT's optimizer graph can't reproduce torch's step: onnxblock's AdamW is the Hugging Face
 variant (``adam_mode=1``: bias correction folded into the lr, weight decay after the update),
@@ -158,6 +160,7 @@ class OrtBackend:
         self._prefix_session = None  # loaded on first use; release_prefix() frees it
         self.prefix_provider = ""  # the execution provider the prefix runs on, once loaded
         self._global_slot: dict[str, str] = {}  # PEFT key -> the frozen global slot's checkpoint parameter
+        self._weighted = False  # the training graph takes per-token loss weights
 
     def capabilities(self) -> Capabilities:
         return probe().capabilities[self.device]
@@ -202,6 +205,7 @@ class OrtBackend:
             )
         self._state, self._module, self._shapes, self._static = state, module, expected, (rows, seq)
         self._split, self._prefix_session = io.get(fmt.IO_SPLIT), None
+        self._weighted = fmt.WEIGHTS in inputs
         self._global_slot = dict(io.get(fmt.IO_GLOBAL) or {})  # PEFT key -> frozen checkpoint parameter
         if set(self._global_slot) - set(expected):
             raise CorruptFileError(f"{paths[IO_JSON]}: its global slot names tensors the manifest's LoRA doesn't have")
@@ -213,6 +217,13 @@ class OrtBackend:
             self._prefix_path = bundle.path_of(f"{DIR}/{fmt.PREFIX}")
             bundle.path_of(f"{DIR}/{fmt.PREFIX_DATA}")  # its weights: verified before ORT reads them
         self.set_adapter(bundle.initial_adapter().tensors)
+
+    @property
+    def weighted_loss(self) -> bool:
+        """Whether the loaded bundle's training graph takes per-token loss weights (its io.json's
+        ``training_model.inputs`` lists ``weights``); bundles exported before that don't: re-export
+        them to train with weights (``SupportsWeightedLoss``)."""
+        return self._weighted
 
     # ------------------------------------------------------------------ split bundles
     @property
@@ -254,11 +265,13 @@ class OrtBackend:
         """Free the prefix session (its weights); the next :meth:`prefix` loads it again."""
         self._prefix_session = None
 
-    def train_step_hidden(self, hidden: np.ndarray, labels: np.ndarray) -> StepResult:
+    def train_step_hidden(
+        self, hidden: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None
+    ) -> StepResult:
         """:meth:`train_step` of the suffix from prefix outputs [B, T, hidden]."""
         if self._split is None:
             raise RuntimeError("the loaded bundle is not split (io.json has no 'split')")
-        return self._train(np.asarray(hidden, dtype=np.float32), labels)
+        return self._train(np.asarray(hidden, dtype=np.float32), labels, weights)
 
     def eval_hidden(self, hidden: np.ndarray, labels: np.ndarray) -> EvalSums:
         """:meth:`eval_batch` of the suffix from prefix outputs."""
@@ -283,28 +296,49 @@ class OrtBackend:
             raise RuntimeError("backend not loaded: call load(bundle) first")
         return self._module
 
-    def _run(self, train: bool, x: np.ndarray, labels: np.ndarray):
-        """One run of the training (``train``) or eval model on ids or, split, hidden states."""
+    def _run(self, train: bool, x: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None):
+        """One run of the training (``train``) or eval model on ids or, split, hidden states;
+        ``weights`` feeds the training graph's per-token loss weights (weighted bundles only)."""
         mod = self._mod.train(train)
-        return mod(np.ascontiguousarray(x), np.ascontiguousarray(labels, dtype=np.int64))
+        extra = () if weights is None else (np.ascontiguousarray(weights, dtype=np.float32),)
+        return mod(np.ascontiguousarray(x), np.ascontiguousarray(labels, dtype=np.int64), *extra)
 
-    def _padded(self, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Fill the training model's static [rows, seq_len] with label -100 (scores nothing) and
-        token 0 (or zero hidden states); padding sits after the real tokens, which causal
-        attention never lets them see."""
+    def _padded(self, x: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None):
+        """``(x, labels, weights)`` filling the training model's static [rows, seq_len] with label
+        -100 (scores nothing), weight 0 and token 0 (or zero hidden states); padding sits after the
+        real tokens, which causal attention never lets them see."""
         rows, seq = self._static
         if x.shape[:2] == (rows, seq):
-            return x, labels
+            return x, labels, weights
         px = np.zeros((rows, seq, *x.shape[2:]), x.dtype)
         plab = np.full((rows, seq), fmt.IGNORE_INDEX, np.int64)
         px[: x.shape[0], : x.shape[1]], plab[: x.shape[0], : x.shape[1]] = x, labels
-        return px, plab
+        pw = None
+        if weights is not None:
+            pw = np.zeros((rows, seq), np.float32)
+            pw[: x.shape[0], : x.shape[1]] = weights
+        return px, plab, pw
 
-    def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
+    def train_step(self, input_ids: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> StepResult:
         """See :meth:`_train`; a split bundle runs the prefix first (backward stops there)."""
         ids = np.asarray(input_ids, dtype=np.int64)
         self._check_rows(ids)
-        return self._train(self._input(ids), labels)
+        self._check_weights(weights, ids.shape[:2])
+        return self._train(self._input(ids), labels, weights)
+
+    def _check_weights(self, weights: np.ndarray | None, shape: tuple[int, ...]) -> None:
+        """Raise :class:`BackendUnavailableError` when ``weights`` are given to a bundle whose
+        training graph takes none, :class:`ConfigError` when they aren't shaped like the labels."""
+        if weights is None:
+            return
+        if not self._weighted:
+            raise BackendUnavailableError(
+                "onnxruntime: this bundle's training graph takes no per-token loss weights (exported "
+                "before they existed); re-export the bundle (`pocketpeft export ... --targets onnx`) "
+                "to train with weights, e.g. preferences"
+            )
+        if np.shape(weights) != tuple(shape):
+            raise ConfigError(f"weights have shape {np.shape(weights)}; expected the labels' shape {tuple(shape)}")
 
     def _check_rows(self, x: np.ndarray) -> None:
         if x.ndim < 2 or x.shape[1] > self._static[1]:
@@ -313,27 +347,35 @@ class OrtBackend:
                 f"takes rows of at most {self._static[1]} tokens (re-export with a larger seq_len)"
             )
 
-    def _train(self, x: np.ndarray, labels: np.ndarray) -> StepResult:
-        """One AdamW step exactly as the torch backend takes it: loss = summed CE / scored tokens,
-        global-norm clipping, skip on a non-finite loss or gradient norm (weights and moments
-        untouched). Rows run through the static training graph ``rows`` at a time, padded; the
-        summed loss makes that equal to any micro-batching, so ``grad_accum`` changes only float
-        rounding here (and no memory: the graph's batch is fixed at export).
+    def _train(self, x: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> StepResult:
+        """One AdamW step exactly as the torch backend takes it: loss = summed CE / scored tokens
+        (with per-token ``weights`` shaped like ``labels``: sum(weights * CE), no division; labels
+        -100 add nothing), global-norm clipping, skip on a non-finite loss or gradient norm
+        (weights and moments untouched). Rows run through the static training graph ``rows`` at a
+        time, padded; the summed loss makes that equal to any micro-batching, so ``grad_accum``
+        changes only float rounding here (and no memory: the graph's batch is fixed at export).
 
-        Raises :class:`SequenceTooLongError` for rows longer than the exported ``seq_len``.
+        Raises :class:`SequenceTooLongError` for rows longer than the exported ``seq_len``,
+        :class:`BackendUnavailableError` for weights on a bundle exported without them and
+        :class:`ConfigError` for weights of another shape.
         """
         cfg, mod, state = self.cfg, self._mod, self._state
         ids, lab = x, np.asarray(labels, dtype=np.int64)
         self._check_rows(ids)
+        self._check_weights(weights, lab.shape)
         rows = self._static[0]
         n_tok = int((lab != -100).sum())
-        denom = np.float32(max(n_tok, 1))
+        if weights is not None:  # the caller normalized: no division
+            w, denom = np.where(lab != -100, np.asarray(weights, dtype=np.float32), np.float32(0)), np.float32(1)
+        else:  # weight 1 per token: the plain summed cross-entropy (the graph's original loss)
+            w, denom = (np.ones(lab.shape, np.float32) if self._weighted else None), np.float32(max(n_tok, 1))
         lr = cfg.lr_at(self.step)
         mod.lazy_reset_grad()
         total = 0.0
         for s in range(0, len(ids), rows):
-            total += float(np.float32(self._run(True, *self._padded(ids[s : s + rows], lab[s : s + rows]))) / denom)
-        grads = {k: state.parameters[k].grad / denom for k in self._shapes}
+            chunk = self._padded(ids[s : s + rows], lab[s : s + rows], None if w is None else w[s : s + rows])
+            total += float(np.float32(self._run(True, *chunk)) / denom)
+        grads = {k: state.parameters[k].grad / denom for k in self._shapes}  # copies, also when denom is 1
         grad_norm, coef = clip_coef(grads.values(), cfg.grad_clip)  # torch.nn.utils.clip_grad_norm_
         if not (math.isfinite(total) and math.isfinite(float(grad_norm))):
             return StepResult(total, True, float(grad_norm), lr, n_tok)

@@ -22,10 +22,13 @@ the capture are forced to skip, so capturing never moves the adapter.
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import repeat
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from pocketpeft.errors import ConfigError
 
 from ..protocol import TrainConfig
 
@@ -40,29 +43,44 @@ def backward_loss(
     labels: torch.Tensor,
     grad_accum: int,
     n_tok: int | torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The loss every torch-module backend trains on: summed next-token cross-entropy (float32,
     -100 ignored) divided by ``n_tok``, over ``grad_accum`` chunks, each backpropagated as it goes.
-    Returns the loss as a detached 0-d tensor (no host sync)."""
+    With ``weights`` (float32, shaped like ``labels``; negative values allowed) the loss is instead
+    ``sum(weights * CE)`` over the scored tokens, with no division (``n_tok`` is not used): the
+    caller normalizes. Returns the loss as a detached 0-d tensor (no host sync)."""
     total = None
-    for ids_c, lab_c in zip(ids.chunk(grad_accum), labels.chunk(grad_accum)):
+    w_chunks = repeat(None) if weights is None else weights.chunk(grad_accum)
+    for ids_c, lab_c, w_c in zip(ids.chunk(grad_accum), labels.chunk(grad_accum), w_chunks):
         logits = forward(ids_c)
-        loss = (
-            F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), lab_c.reshape(-1), ignore_index=-100, reduction="sum"
-            )
-            / n_tok
-        )
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        if w_c is None:
+            loss = F.cross_entropy(flat, lab_c.reshape(-1), ignore_index=-100, reduction="sum") / n_tok
+        else:
+            ce = F.cross_entropy(flat, lab_c.reshape(-1), ignore_index=-100, reduction="none")  # 0 where ignored
+            loss = (ce * w_c.reshape(-1).float()).sum()
         loss.backward()
         total = loss.detach() if total is None else total + loss.detach()
     return total
 
 
+def masked_weights(weights, labels: torch.Tensor) -> torch.Tensor:
+    """``weights`` as a float32 tensor on ``labels``' device, zero where ``labels`` is -100 (an
+    ignored token then adds nothing, whatever its weight). Raises :class:`ConfigError` unless
+    ``weights`` has ``labels``' shape."""
+    w = torch.as_tensor(weights, dtype=torch.float32, device=labels.device)
+    if tuple(w.shape) != tuple(labels.shape):
+        raise ConfigError(f"weights have shape {tuple(w.shape)}; expected the labels' shape {tuple(labels.shape)}")
+    return torch.where(labels != -100, w, torch.zeros((), dtype=torch.float32, device=labels.device))
+
+
 class DeviceStep:
     """One AdamW step over ``params`` computed entirely on their device; see the module docstring.
 
-    ``forward(ids) -> logits``. Call with int64 ``ids`` / ``labels`` tensors on the device;
-    returns ``(loss, grad_norm)`` as 0-d device tensors (reading them is the only sync).
+    ``forward(ids) -> logits``. Call with int64 ``ids`` / ``labels`` tensors on the device (and
+    optionally float32 per-token ``weights``, see :func:`backward_loss`); returns
+    ``(loss, grad_norm)`` as 0-d device tensors (reading them is the only sync).
     """
 
     def __init__(
@@ -88,10 +106,13 @@ class DeviceStep:
         self.force_skip = torch.zeros((), dtype=torch.float32, device=dev)
         self.opt.found_inf = self.found_inf  # fused AdamW leaves everything untouched where this is 1
 
-    def __call__(self, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, ids: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         self.opt.zero_grad(set_to_none=True)  # captured: the first backward writes fresh gradients
-        total = backward_loss(self.forward, ids, labels, cfg.grad_accum, (labels != -100).sum().clamp(min=1))
+        n_tok = 1 if weights is not None else (labels != -100).sum().clamp(min=1)
+        total = backward_loss(self.forward, ids, labels, cfg.grad_accum, n_tok, weights)
         norm = torch.nn.utils.clip_grad_norm_(
             self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"), foreach=True
         )
@@ -102,57 +123,65 @@ class DeviceStep:
 
 
 class _Captured(NamedTuple):
-    """A captured step: the graph, its static inputs and its static outputs."""
+    """A captured step: the graph, its static inputs (``weights``: ``None`` for an unweighted
+    step) and its static outputs."""
 
     graph: torch.cuda.CUDAGraph
     ids: torch.Tensor
     labels: torch.Tensor
+    weights: torch.Tensor | None
     loss: torch.Tensor
     norm: torch.Tensor
 
 
 class GraphStep:
-    """A :class:`DeviceStep` captured as a CUDA graph per ``[batch, seq]`` shape and replayed.
+    """A :class:`DeviceStep` captured as a CUDA graph per ``[batch, seq]`` shape (and per kind:
+    with or without per-token weights) and replayed.
 
-    Keeps the ``max_graphs`` most recently used shapes, each in its own memory pool (gradients and
+    Keeps the ``max_graphs`` most recently used graphs, each in its own memory pool (gradients and
     activations of one graph must not share memory with another's, since shapes replay in any
-    order). ``run(ids, labels, lr)`` takes host arrays or tensors and returns python floats.
+    order). ``run(ids, labels, lr, weights=None)`` takes host arrays or tensors and returns python
+    floats.
     """
 
     def __init__(self, step: DeviceStep, device: str | torch.device, max_graphs: int = 2) -> None:
         self.step, self.device, self.max_graphs = step, torch.device(device), max_graphs
         self._graphs: OrderedDict[tuple[int, ...], _Captured] = OrderedDict()
 
-    def run(self, ids, labels, lr: float) -> tuple[float, float]:
+    def run(self, ids, labels, lr: float, weights=None) -> tuple[float, float]:
         ids, labels = torch.as_tensor(ids), torch.as_tensor(labels)
-        shape = tuple(ids.shape)
-        g = self._graphs.get(shape)
+        key = (*ids.shape, weights is not None)
+        g = self._graphs.get(key)
         if g is None:
-            g = self._capture(shape)
-        self._graphs.move_to_end(shape)
+            g = self._capture(key)
+        self._graphs.move_to_end(key)
         g.ids.copy_(ids)
         g.labels.copy_(labels)
+        if g.weights is not None:
+            g.weights.copy_(torch.as_tensor(weights))
         self.step.lr.fill_(lr)
         g.graph.replay()
         return float(g.loss), float(g.norm)
 
-    def _capture(self, shape: tuple[int, ...]) -> _Captured:
+    def _capture(self, key: tuple) -> _Captured:
         while len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)
+        shape, weighted = key[:-1], key[-1]
         ids = torch.zeros(shape, dtype=torch.int64, device=self.device)
         labels = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        weights = torch.zeros(shape, dtype=torch.float32, device=self.device) if weighted else None
         self.step.force_skip.fill_(1.0)
         try:
             side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_STEPS):
-                    self.step(ids, labels)
+                    self.step(ids, labels, weights)
             main.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                loss, norm = self.step(ids, labels)
+                loss, norm = self.step(ids, labels, weights)
         finally:
             self.step.force_skip.fill_(0.0)
-        g = self._graphs[shape] = _Captured(graph, ids, labels, loss, norm)
+        g = self._graphs[key] = _Captured(graph, ids, labels, weights, loss, norm)
         return g

@@ -29,7 +29,7 @@ from pocketpeft.reference.model import CausalLM, SplitPart, build_quantized
 from pocketpeft.reference.quant import QuantLinear
 
 from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
-from .step_graph import DeviceStep, GraphStep, backward_loss
+from .step_graph import DeviceStep, GraphStep, backward_loss, masked_weights
 
 #: Training-step implementations, see :func:`create`.
 STEP_MODES = ("eager", "device", "graph")
@@ -53,6 +53,8 @@ class TorchBackend:
     """Reference backend; see the module docstring."""
 
     name = "torch"
+    #: ``train_step`` / ``train_step_hidden`` take per-token loss weights (see SupportsWeightedLoss)
+    weighted_loss = True
 
     def __init__(
         self, device: str = "cpu", dtype: str = "float32", step: str | None = None, compile: bool = False
@@ -126,12 +128,16 @@ class TorchBackend:
         dtype = getattr(torch, self.dtype)
         return torch.as_tensor(np.asarray(hidden)).to(device=self.device, dtype=dtype)
 
-    def train_step_hidden(self, hidden: np.ndarray, labels: np.ndarray) -> StepResult:
-        """One step of the suffix from prefix outputs: the reference recipe (:func:`lora_step`)."""
+    def train_step_hidden(
+        self, hidden: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None
+    ) -> StepResult:
+        """One step of the suffix from prefix outputs: the reference recipe (:func:`lora_step`);
+        ``weights`` as in :meth:`train_step`."""
         _, suffix = self._split_parts()
         if self.step_mode != "eager":
             raise ConfigError(f"split training runs the eager step; this backend uses step={self.step_mode!r}")
         lab = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=self.device)
+        w = None if weights is None else masked_weights(weights, lab)
         suffix.train()
         try:
 
@@ -139,7 +145,9 @@ class TorchBackend:
                 with self._autocast():
                     return suffix(x)
 
-            r = lora_step(forward, self._opt, lora_parameters(self._m), self.cfg, self.step, self._hidden(hidden), lab)
+            r = lora_step(
+                forward, self._opt, lora_parameters(self._m), self.cfg, self.step, self._hidden(hidden), lab, w
+            )
         finally:
             suffix.eval()
         self.step += not r.skipped
@@ -187,33 +195,39 @@ class TorchBackend:
         lab = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64), device=self.device)
         return ids, lab
 
-    def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
+    def train_step(self, input_ids: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> StepResult:
+        """One optimizer step (see :func:`lora_step`). ``weights``: optional float32 per-token loss
+        weights shaped like ``labels`` (negative allowed; ignored where the label is -100); the
+        step then minimizes ``sum(weights * CE)`` with no division by the token count.
+        Raises :class:`ConfigError` for weights of another shape."""
         if self._prefix is not None and self.step_mode == "eager":  # backward stops at the split
-            return self.train_step_hidden(self.prefix(input_ids), labels)
+            return self.train_step_hidden(self.prefix(input_ids), labels, weights)
         model = self._m
         model.train()
         try:
             if self.step_mode == "eager":
                 ids, lab = self._tensors(input_ids, labels)
-                r = lora_step(self._forward_train, self._opt, lora_parameters(model), self.cfg, self.step, ids, lab)
+                w = None if weights is None else masked_weights(weights, lab)
+                r = lora_step(self._forward_train, self._opt, lora_parameters(model), self.cfg, self.step, ids, lab, w)
             else:
-                r = self._device_train_step(input_ids, labels)
+                r = self._device_train_step(input_ids, labels, weights)
         finally:
             model.eval()
         self.step += not r.skipped
         return r
 
-    def _device_train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> StepResult:
+    def _device_train_step(self, input_ids: np.ndarray, labels: np.ndarray, weights=None) -> StepResult:
         labels = np.asarray(labels, dtype=np.int64)
         n_tok, lr = int((labels != -100).sum()), self.cfg.lr_at(self.step)
         if self._graph is not None:
-            loss, norm = self._graph.run(
-                torch.from_numpy(np.asarray(input_ids, dtype=np.int64)), torch.from_numpy(labels), lr
-            )
+            lab = torch.from_numpy(labels)
+            w = None if weights is None else masked_weights(weights, lab)
+            loss, norm = self._graph.run(torch.from_numpy(np.asarray(input_ids, dtype=np.int64)), lab, lr, w)
         else:
             ids, lab = self._tensors(input_ids, labels)
+            w = None if weights is None else masked_weights(weights, lab)
             self._device_step.lr.fill_(lr)
-            loss, norm = (float(t) for t in self._device_step(ids, lab))
+            loss, norm = (float(t) for t in self._device_step(ids, lab, w))
         return StepResult(loss, not (np.isfinite(loss) and np.isfinite(norm)), norm, lr, n_tok)
 
     @torch.no_grad()
@@ -284,9 +298,10 @@ class TorchDecoder:
         self._cache = None if n == 0 else [(k[:, :, :n], v[:, :, :n]) for k, v in self._cache]
 
 
-def lora_step(forward, opt, params, cfg: TrainConfig, step: int, ids, lab) -> StepResult:
+def lora_step(forward, opt, params, cfg: TrainConfig, step: int, ids, lab, weights=None) -> StepResult:
     """One AdamW step over ``params``, the recipe every torch-module backend shares: loss =
-    summed CE / scored tokens over ``cfg.grad_accum`` chunks, global-norm clipping, and a
+    summed CE / scored tokens over ``cfg.grad_accum`` chunks (with float32 per-token ``weights``
+    shaped like ``lab``: ``sum(weights * CE)``, no division), global-norm clipping, and a
     non-finite loss or gradient skips the step (weights and optimizer state untouched).
     ``forward(ids) -> logits``; the caller sets train/eval mode and advances ``step`` unless skipped."""
     n_tok = int((lab != -100).sum())
@@ -294,7 +309,7 @@ def lora_step(forward, opt, params, cfg: TrainConfig, step: int, ids, lab) -> St
     for g in opt.param_groups:
         g["lr"] = lr
     opt.zero_grad(set_to_none=True)
-    total = float(backward_loss(forward, ids, lab, cfg.grad_accum, max(n_tok, 1)))
+    total = float(backward_loss(forward, ids, lab, cfg.grad_accum, max(n_tok, 1), weights))
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
     if not (np.isfinite(total) and np.isfinite(grad_norm)):
         opt.zero_grad(set_to_none=True)  # skip: weights and optimizer state stay as they were

@@ -10,7 +10,16 @@ passes the result through a quality gate before committing it to the
 - a general-text check (other people's messages) must not get worse by more than
   ``max_general_increase`` (relative loss, default +2%); it is skipped, and the report's reason
   says so, when there is no general text (a bundle exported without ``general.txt``);
+- where the user gave keyboard feedback (:meth:`Personalizer.feedback`), the held-out acceptance
+  (share of the newest taps whose word the model ranks above every other word on that bar) must
+  not fall by more than ``max_acceptance_drop``;
 - otherwise the previous adapter is put back and nothing is committed.
+
+With ``preference_weight`` > 0 an update also learns from the feedback: each tapped word is
+preferred over the words shown with it but ignored, and where all were ignored, the word the user
+typed over those shown (:mod:`.feedback`), by a DPO loss on the LoRA with the last committed
+adapter as the reference policy, mixed with the language-model loss
+(:meth:`Session.train <..session.Session.train>`).
 
 Suggestions also use the user's own words at once: :class:`~.wordcounts.WordCounts` counts the
 stored messages (trigrams), and :meth:`Personalizer.suggest` ranks the serving model's candidate
@@ -41,8 +50,10 @@ from pocketpeft.text import as_text
 
 from ..keystrokes import keystroke_metrics
 from ..predictor import ScoredSuggestions, Suggestions, check_deadline
-from ..protocol import SupportsSplit
+from ..preference import preference_logps
+from ..protocol import SupportsSplit, weighted_loss_blocker
 from ..session import Session
+from .feedback import preferences_from_feedback
 from .store import NEW, REJECTED, TRAINED, AdapterStore, AdapterVersion, TextStore
 from .wordcounts import WORD_POOL, WordCounts, mix_scored
 
@@ -81,6 +92,16 @@ class UpdateReport:
     general_loss_before: float | None = None
     general_loss_after: float | None = None
     peak_rss_mb: float = 0.0
+    #: keyboard feedback: new entries, the preference pairs trained on (0: text only; see
+    #: ``preference_note``), the DPO loss per step, and the held-out acceptance (share of held-out
+    #: taps whose word the model ranks above every other word shown with it) before and after
+    feedback_new: int = 0
+    preference_pairs: int = 0
+    preference_losses: list[float] = field(default_factory=list)
+    preference_note: str = ""
+    heldout_feedback: int = 0
+    heldout_acceptance_before: float | None = None
+    heldout_acceptance_after: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,6 +145,9 @@ class Personalizer:
     - ``word_weight``: weight of the user's word counts in suggestions (0 = the model alone); the
       counts are built from the text store on construction and grow with every ``observe()``
       (messages the store later drops for space leave them at the next construction).
+    - ``preference_weight``: weight of the DPO loss from keyboard feedback in updates (0: the
+      text alone); ``preference_beta``: its β; ``max_acceptance_drop``: the gate's allowed fall of
+      the held-out acceptance (absolute).
     - ``max_cache_bytes``: cap of ``hidden.sqlite``, the prefix outputs of a split bundle's rows
       (float16; SmolLM2: 72 KiB per 64-token row), kept so later updates, replays and the gate's
       evaluations run only the trained layers; dropped by :meth:`wipe`.
@@ -147,8 +171,14 @@ class Personalizer:
         seed: int = 0,
         word_weight: float = 0.2,
         max_cache_bytes: int = 64 << 20,
+        preference_weight: float = 0.0,
+        preference_beta: float = 0.1,
+        max_acceptance_drop: float = 0.05,
     ) -> None:
         for name, v, lo, hi in (
+            ("preference_weight", preference_weight, 0.0, 100.0),
+            ("preference_beta", preference_beta, 1e-6, 100.0),
+            ("max_acceptance_drop", max_acceptance_drop, 0.0, 1.0),
             ("holdout_fraction", holdout_fraction, 0.0, 0.9),
             ("word_weight", word_weight, 0.0, 1.0),
             ("replay_fraction", replay_fraction, 0.0, 10.0),
@@ -174,6 +204,8 @@ class Personalizer:
         self.replay_fraction = replay_fraction
         self.max_general_increase, self.min_heldout_gain = max_general_increase, min_heldout_gain
         self.word_weight = float(word_weight)
+        self.preference_weight, self.preference_beta = float(preference_weight), float(preference_beta)
+        self.max_acceptance_drop = float(max_acceptance_drop)
         self._rng = np.random.default_rng(seed)
         self._commit_secs = 2.0  # time a commit + serving swap took last (reserved in the time box)
         self._update_lock = threading.Lock()  # one update at a time
@@ -327,15 +359,35 @@ class Personalizer:
     # ------------------------------------------------------------------ updating
     def _split(self) -> tuple[list, list, list]:
         """(held-out rows, new rows to train, replay rows) for the next update."""
-        rows = self.texts.rows()
+        return self._divide(self.texts.rows(), lambda r: r.trained)
+
+    def _feedback_split(self) -> tuple[list, list, list]:
+        """(held-out feedback, new feedback to learn from, replayed feedback), as :meth:`_split`
+        divides the messages."""
+        return self._divide(self.texts.feedback_rows((NEW, TRAINED)), lambda r: r.state)
+
+    def _divide(self, rows: list, state: Callable[[Any], int]) -> tuple[list, list, list]:
+        """The newest ``holdout_fraction`` of ``rows`` (oldest first) held out, the other new
+        ones, and a ``replay_fraction`` sample of the other trained ones."""
         n_hold = min(self.holdout_max, max(1, int(round(len(rows) * self.holdout_fraction)))) if rows else 0
         hold = rows[len(rows) - n_hold :] if self.holdout_fraction > 0 else []
         held = {r.id for r in hold}
-        new = [r for r in rows if r.trained == NEW and r.id not in held]
-        old = [r for r in rows if r.trained == TRAINED and r.id not in held]
+        new = [r for r in rows if state(r) == NEW and r.id not in held]
+        old = [r for r in rows if state(r) == TRAINED and r.id not in held]
         n_replay = min(len(old), int(math.ceil(len(new) * self.replay_fraction)))
         replay = [old[i] for i in sorted(self._rng.choice(len(old), n_replay, replace=False))] if n_replay else []
         return hold, new, replay
+
+    def _acceptance(self, prefs: list, ids: list[int]) -> float | None:
+        """Share of feedback entries (``ids``, one per pair of ``prefs``) whose preferred word the
+        training session's adapter ranks above every other word shown with it."""
+        if not prefs:
+            return None
+        lw, ll = preference_logps(self.session, prefs)
+        won: dict[int, bool] = {}
+        for i, chosen, rejected in zip(ids, lw, ll):
+            won[i] = won.get(i, True) and bool(chosen > rejected)
+        return sum(won.values()) / len(won)
 
     def _eval(self, texts: list[str]) -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -382,6 +434,20 @@ class Personalizer:
         hold_texts = [r.text for r in hold]
         prev = {k: np.array(v) for k, v in self.session.get_adapter_tensors().items()}
         ho_before, ho_secs = self._eval(hold_texts) if hold_texts else (None, 0.0)
+        fb_hold, fb_new, fb_replay = self._feedback_split()
+        messages = [r.text for r in self.texts.rows()]
+        hold_prefs, hold_ids = preferences_from_feedback(fb_hold, messages)
+        t_acc = time.perf_counter()
+        rep.feedback_new, rep.heldout_feedback = len(fb_new), len(set(hold_ids))
+        rep.heldout_acceptance_before = self._acceptance(hold_prefs, hold_ids)
+        ho_secs += time.perf_counter() - t_acc
+        prefs: list = []
+        if self.preference_weight > 0 and fb_new:
+            prefs = preferences_from_feedback(fb_new + fb_replay, messages)[0]
+            why = weighted_loss_blocker(self.session.backend)
+            if why and prefs:
+                rep.preference_note = f"preference loss skipped: backend {self.session.backend.name!r}: {why}"
+                prefs = []
         if not self.general:
             gen_before, gen_secs = None, 0.0
         else:
@@ -400,6 +466,11 @@ class Personalizer:
         # in store order (train() shuffles the packed rows): the rows of the same messages come out
         # the same next time, so a split bundle's prefix outputs are found in the cache
         texts = [r.text for r in new] + [r.text for r in replay]
+        pref_args = (
+            {"preferences": prefs, "preference_weight": self.preference_weight, "beta": self.preference_beta}
+            if prefs
+            else {}
+        )
         tr = self.session.train(
             texts,
             steps=max_steps,
@@ -407,8 +478,10 @@ class Personalizer:
             progress=bars,
             seed=int(self._rng.integers(1 << 31)),
             cache=self.hidden_cache,
+            **pref_args,
         )
         rep.steps, rep.tokens, rep.losses, rep.train_seconds = tr.steps, tr.tokens, tr.losses, tr.seconds
+        rep.preference_pairs, rep.preference_losses = len(prefs), list(tr.preference_losses)
         tell(
             {
                 "stage": "train",
@@ -423,7 +496,16 @@ class Personalizer:
         ho_after = self._eval(hold_texts)[0] if hold_texts else None
         gen_after = self._eval(self.general)[0] if self.general else None
         rep.heldout_loss_after, rep.general_loss_after = ho_after, gen_after
-        tell({"stage": "eval-after", "heldout_loss": ho_after, "general_loss": gen_after})
+        rep.heldout_acceptance_after = acc_after = self._acceptance(hold_prefs, hold_ids)
+        acc_before = rep.heldout_acceptance_before
+        tell(
+            {
+                "stage": "eval-after",
+                "heldout_loss": ho_after,
+                "general_loss": gen_after,
+                "heldout_acceptance": acc_after,
+            }
+        )
         limit = gen_before * (1 + self.max_general_increase) if gen_before is not None else None
         if applied == 0:
             rep.reason = "no training step was applied (time box too short or every step non-finite)"
@@ -435,6 +517,11 @@ class Personalizer:
                 f"({gen_before:.4f} -> {gen_after:.4f}), more than the allowed "
                 f"+{100 * self.max_general_increase:g}%"
             )
+        elif acc_before is not None and not acc_after >= acc_before - self.max_acceptance_drop:
+            rep.reason = (
+                f"held-out acceptance fell {100 * acc_before:.1f}% -> {100 * acc_after:.1f}% "
+                f"(over {rep.heldout_feedback} taps), more than the allowed {100 * self.max_acceptance_drop:g} points"
+            )
         else:
             rep.accepted = True
         if not rep.accepted:
@@ -443,6 +530,8 @@ class Personalizer:
             self.session.set_adapter_tensors(prev)
             if applied:
                 self.texts.mark([r.id for r in new], REJECTED)
+                if prefs:
+                    self.texts.mark_feedback([r.id for r in fb_new], REJECTED)
             return self._finish(rep, t0, tell)
         metrics = {
             k: getattr(rep, k)
@@ -456,6 +545,10 @@ class Personalizer:
                 "new_messages",
                 "replay_messages",
                 "heldout_messages",
+                "preference_pairs",
+                "heldout_feedback",
+                "heldout_acceptance_before",
+                "heldout_acceptance_after",
             )
         }
         metrics["train_seconds"] = round(tr.seconds, 3)
@@ -468,6 +561,8 @@ class Personalizer:
             self.session.set_adapter_tensors(prev)
             raise
         self.texts.mark([r.id for r in new], TRAINED)
+        if prefs:
+            self.texts.mark_feedback([r.id for r in fb_new], TRAINED)
         self._general_cache = (v.version, gen_after, gen_secs) if gen_after is not None else None
         self._serve(v.version)
         self._commit_secs = 1.2 * (time.perf_counter() - t_commit)
@@ -480,6 +575,12 @@ class Personalizer:
             )
         else:
             rep.reason += f", {_NO_GENERAL}"
+        if acc_before is not None:
+            rep.reason += f", held-out acceptance {100 * acc_before:.1f}% -> {100 * acc_after:.1f}%"
+        if prefs:
+            rep.reason += f"; learned from {len(prefs)} preference pairs"
+        elif rep.preference_note:
+            rep.reason += f"; {rep.preference_note}"
         return self._finish(rep, t0, tell)
 
     def _finish(self, rep: UpdateReport, t0: float, tell) -> UpdateReport:

@@ -206,6 +206,7 @@ class Predictor:
         self._memo: OrderedDict[tuple, tuple[np.ndarray, float]] = OrderedDict()
         self._memo_lock = threading.Lock()  # the memo's dict operations (short)
         self._start: tuple | None = None  # (seq, entry) of the message start: never evicted
+        self._pass_ends = 0.0  # perf_counter() time the pass in flight is expected to end
         self._lock = lock if lock is not None else threading.RLock()  # the model, the decoder
         self._decoder = None
         self._dec_ids: list[int] = []
@@ -283,7 +284,9 @@ class Predictor:
         finish = min(_FINISH_S, deadline_ms / 4000)  # kept for ranking and returning
         one = self._cost.predict(1)
         left = end - time.perf_counter()
-        wait = max(0.0, min(left - finish - one, left / 2))  # only if a pass fits after; half the time at most
+        # wait for the model when a pass of ours would still fit after, or when the background's
+        # pass in flight ends in time for its result to be used; half the time at most
+        wait = max(0.0, min(max(left - finish - one, self._pass_ends - time.perf_counter() + 0.001), left / 2))
         got = self._lock.acquire(timeout=wait) if wait > 0 else self._lock.acquire(blocking=False)
         try:
             call = _Call(self.max_forwards, deadline=end - finish, end=end - finish / 3, model=got)
@@ -485,6 +488,7 @@ class Predictor:
         if self._decoder is None:
             self._decoder, self._dec_ids = self._new_decoder(), []
         t0 = time.perf_counter()
+        self._pass_ends = t0 + self._cost.predict(1)  # refined below once the batch is known
         if isinstance(self._decoder, SupportsBranchLogits):
             seqs = [seq]
             if self.batch > 1 and call.ahead is not None:
@@ -502,6 +506,7 @@ class Predictor:
                 limit = left if limit is None else min(limit, left)
             while limit is not None and len(seqs) > 1 and self._cost.predict(len(seqs)) > limit:
                 seqs.pop()
+            self._pass_ends = t0 + self._cost.predict(len(seqs))
             try:
                 rows = self._decoder.branch_logits([list(x) for x in seqs])
             except BaseException:

@@ -57,7 +57,10 @@ def cached_bundle(cache: Path, quant: str, progress: bool, log: Log | None, gguf
     if lora is not None:
         digest = hashlib.sha256(json.dumps(asdict(lora), sort_keys=True, default=str).encode()).hexdigest()[:8]
         name = f"smollm2-{quant}-r{lora.r}-{digest}"
-    name += ("-gguf" if gguf else "") + (f"-onnx-rows{onnx_opts.rows}-{onnx_opts.q4.value}-gslot" if onnx_opts else "")
+    # -gslot: an empty global-adapter slot; -wl: the training graph takes per-token loss weights
+    name += ("-gguf" if gguf else "") + (
+        f"-onnx-rows{onnx_opts.rows}-{onnx_opts.q4.value}-gslot-wl" if onnx_opts else ""
+    )
     path = cache / "bundles" / name
     try:
         b = Bundle(path)

@@ -38,6 +38,10 @@ PREFIX_PATH = f"{DIR}/{PREFIX}"
 
 #: graph input / output names
 INPUT_IDS, LABELS, LOGITS, LOSS = "input_ids", "labels", "logits", "loss_sum"
+#: the training model's per-token loss weights, float32 [rows, seq_len] like ``labels``:
+#: ``loss_sum`` = sum(weights * CE) over scored tokens. Bundles exported before it existed lack
+#: it; io.json's ``training_model.inputs`` lists it when the graph takes it (the reader's test).
+WEIGHTS = "weights"
 #: the residual stream between a split model's prefix and suffix, float32 [batch, seq, hidden]
 HIDDEN = "hidden"
 #: label value that scores nothing (padding)

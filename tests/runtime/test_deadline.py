@@ -17,22 +17,17 @@ import pytest
 import pocketpeft as pp
 from pocketpeft.errors import ConfigError
 from pocketpeft.runtime.predictor import Predictor, ScoredSuggestions, Suggestions
-from tests.helpers import torch_threads
 
 SLOW_S = 0.05
 PREFIXES = ["", "see you at the ", "see you at the g", "i don't know what t", "i don't know what ti"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_hf_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("deadline")
-    return pp.export(tiny_hf_dir, d / "bundle", quant="q4_0", lora=pp.LoraConfig(r=4, lora_alpha=8), seq_len=32)
+def bundle(keyboard_bundle):
+    return keyboard_bundle
 
 
 @pytest.fixture(scope="module")

@@ -23,27 +23,16 @@ from pocketpeft.runtime import TrainConfig
 from pocketpeft.runtime.keyboard.personalizer import Personalizer
 from pocketpeft.runtime.keyboard.store import AdapterStore, TextStore, tensors_sha256
 from pocketpeft.runtime.keyboard.wordcounts import keystrokes_with_words
-from tests.helpers import torch_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_hf_dir, tmp_path_factory):
-    return pp.export(
-        tiny_hf_dir,
-        tmp_path_factory.mktemp("pb") / "bundle",
-        quant="q4_0",
-        lora=pp.LoraConfig(r=4, lora_alpha=8),
-        seq_len=32,
-        batch_size=4,
-    )
+def bundle(keyboard_bundle):
+    return keyboard_bundle
 
 
 @pytest.fixture(scope="module")
