@@ -37,3 +37,10 @@ def eval_sums(logits: np.ndarray, labels: np.ndarray) -> EvalSums:
         top1 += int((above == 0).sum())
         top3 += int((above < 3).sum())
     return EvalSums(loss, int(tg.size), top1, top3)
+
+
+def row_losses(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Summed cross-entropy of each row of ``logits`` [B, T, vocab] against ``labels`` [B, T]
+    (-100 ignored), float64 [B]: what :func:`eval_sums` adds up, row by row."""
+    labels = np.asarray(labels, dtype=np.int64)
+    return np.array([eval_sums(logits[i : i + 1], labels[i : i + 1]).loss_sum for i in range(len(labels))])

@@ -198,24 +198,36 @@ def _is_split(backend) -> bool:
     return isinstance(backend, SupportsSplit) and backend.split_layer is not None
 
 
+#: pair rows per forward pass of :func:`row_logps` (padded to the longest of them)
+LOGP_ROWS = 16
+
+
 def row_logps(backend, rows: PairRows, idx: "Sequence[int] | None" = None, hidden: HiddenRows | None = None):
     """``log π(word | context)`` of pair rows ``idx`` (default all) under the backend's current
-    adapter: minus the summed cross-entropy of each row's word tokens, one evaluation per row over
-    its real tokens (float64 [len(idx)]). ``hidden``: on a split bundle, the rows' prefix
-    outputs (the suffix then runs alone); without it a split backend runs its prefix here."""
+    adapter: minus the summed cross-entropy of each row's word tokens (float64 [len(idx)]).
+    Backends with ``row_losses`` run :data:`LOGP_ROWS` rows per pass, each padded to the longest;
+    others one evaluation per row. ``hidden``: on a split bundle, the rows' prefix outputs (the
+    suffix then runs alone); without it a split backend runs its prefix here."""
     idx = list(range(len(rows.input_ids))) if idx is None else [int(i) for i in idx]
     if hidden is None and _is_split(backend):
         hidden = lambda sel: backend.prefix(rows.input_ids[list(sel)])  # noqa: E731
-    h = hidden(idx) if hidden is not None and idx else None
     out = np.empty(len(idx), dtype=np.float64)
-    for j, i in enumerate(idx):
-        n = int(rows.lengths[i])
-        lab = rows.labels[i : i + 1, :n]
-        if h is not None:
-            e = backend.eval_hidden(h[j : j + 1, :n], lab)
+    batched = hasattr(backend, "row_losses_hidden" if hidden is not None else "row_losses")
+    step = LOGP_ROWS if batched else 1
+    for s in range(0, len(idx), step):
+        sel = idx[s : s + step]
+        n = int(rows.lengths[sel].max())
+        lab = rows.labels[sel, :n]
+        h = hidden(sel)[:, :n] if hidden is not None else None
+        if batched:
+            losses = (
+                backend.row_losses_hidden(h, lab) if h is not None else backend.row_losses(rows.input_ids[sel, :n], lab)
+            )
+        elif h is not None:
+            losses = [backend.eval_hidden(h, lab).loss_sum]
         else:
-            e = backend.eval_batch(rows.input_ids[i : i + 1, :n], lab)
-        out[j] = -float(e.loss_sum)
+            losses = [backend.eval_batch(rows.input_ids[sel, :n], lab).loss_sum]
+        out[s : s + len(sel)] = -np.asarray(losses, dtype=np.float64)
     return out
 
 

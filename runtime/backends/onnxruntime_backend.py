@@ -399,6 +399,17 @@ class OrtBackend:
         above = (lg > target[:, None]).sum(-1)  # rank of the target among the vocabulary
         return EvalSums(float(loss_sum), int(tg.size), int((lg.argmax(-1) == tg).sum()), int((above < 3).sum()))
 
+    def row_losses(self, input_ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Each row's summed cross-entropy over labels != -100, float64 [B] (one eval run)."""
+        return self.row_losses_hidden(self._input(np.asarray(input_ids, dtype=np.int64)), labels)
+
+    def row_losses_hidden(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """:meth:`row_losses` from the eval model's input (prefix outputs on a split bundle)."""
+        from ..evalsums import row_losses
+
+        lab = np.asarray(labels, dtype=np.int64)
+        return row_losses(self._run(False, np.asarray(x), lab)[1], lab)
+
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """float32 logits [B, T, vocab] through the eval model (no label is scored)."""
         ids = np.asarray(input_ids, dtype=np.int64)

@@ -237,6 +237,21 @@ class TorchBackend:
             return eval_sums(self._m(ids), lab)
 
     @torch.no_grad()
+    def row_losses(self, input_ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Each row's summed cross-entropy over labels != -100, float64 [B] (one forward pass)."""
+        ids, lab = self._tensors(input_ids, labels)
+        with self._autocast():
+            return _row_losses(self._m(ids), lab)
+
+    @torch.no_grad()
+    def row_losses_hidden(self, hidden: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """:meth:`row_losses` of the suffix from prefix outputs [B, T, hidden]."""
+        _, suffix = self._split_parts()
+        lab = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=self.device)
+        with self._autocast():
+            return _row_losses(suffix(self._hidden(hidden)), lab)
+
+    @torch.no_grad()
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         ids, _ = self._tensors(input_ids)
         with self._autocast():
@@ -319,6 +334,11 @@ def lora_step(forward, opt, params, cfg: TrainConfig, step: int, ids, lab, weigh
 
 
 @torch.no_grad()
+def _row_losses(logits, labels) -> np.ndarray:
+    ce = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return ce.sum(-1).double().cpu().numpy()
+
+
 def eval_sums(logits, labels) -> EvalSums:
     """Summed CE, scored tokens and top-1/top-3 hits of ``logits`` [.., vocab] against aligned
     ``labels`` (-100 ignored), computed in float32."""

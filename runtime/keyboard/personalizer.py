@@ -63,6 +63,9 @@ Progress = Callable[[dict], None]
 #: (SmolLM2, 64 tokens: 25 MiB a row), so small passes keep the update's peak memory down
 EVAL_ROWS = 2
 
+#: preference pairs one update trains on at most (a sample when the feedback gives more)
+MAX_PREFERENCE_PAIRS = 64
+
 #: the prefix-output cache of a split bundle, in the store directory
 HIDDEN_CACHE = "hidden.sqlite"
 
@@ -444,6 +447,9 @@ class Personalizer:
         prefs: list = []
         if self.preference_weight > 0 and fb_new:
             prefs = preferences_from_feedback(fb_new + fb_replay, messages)[0]
+            if len(prefs) > MAX_PREFERENCE_PAIRS:  # the reference pass costs a row per pair word
+                keep = self._rng.choice(len(prefs), MAX_PREFERENCE_PAIRS, replace=False)
+                prefs = [prefs[i] for i in sorted(keep)]
             why = weighted_loss_blocker(self.session.backend)
             if why and prefs:
                 rep.preference_note = f"preference loss skipped: backend {self.session.backend.name!r}: {why}"
