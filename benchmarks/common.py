@@ -220,6 +220,9 @@ def main(suite: Suite, argv: list[str] | None = None) -> Path | None:
     ap.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
     ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    from pocketpeft.apps.cli import _quiet_third_party
+
+    _quiet_third_party()  # as the pocketpeft command: no third-party warning spam
     if args.worker is not None:
         print(json.dumps(suite.worker(list(args.worker))))
         return None

@@ -7,6 +7,7 @@ that does not exist yet is skipped with a message):
   to the PEFT baseline's held-out loss (benchmarks.time_to_quality)
 - ``suggest``: per-keystroke suggestion latency (benchmarks.suggest_latency)
 - ``quality``: next-word accuracy before/after personalization (benchmarks.personalize)
+- ``taps``: learning from the keyboard's taps (DPO) vs text alone over simulated days (benchmarks.taps)
 - ``export``: export time and bundle size per target (benchmarks.export_bench)
 - ``memory``: peak RSS of update and of serving, read from the train and suggest results
   (those suites are run first when their results are missing)
@@ -42,8 +43,9 @@ SUITES: dict[str, list[str]] = {
     "export": ["benchmarks.export_bench"],
     "memory": ["benchmarks.loop_memory"],
     "fleet": ["benchmarks.fleet"],
+    "taps": ["benchmarks.taps"],
 }
-ALL = ["train", "suggest", "quality", "export", "memory", "fleet"]
+ALL = ["train", "suggest", "quality", "export", "memory", "fleet", "taps"]
 
 
 # ---------------------------------------------------------------------------- running
@@ -244,6 +246,44 @@ def section_suggest(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
         f"keystrokes: {best}): p50 <= 10 ms: {_met(tm.get('p50_le_10ms'))}; "
         f"top-3 agreement >= 95%: {_met(tm.get('top3_agreement_ge_95'))}.\n"
     )
+    kb = obj.get("keyboard") or {}
+    if kb:
+        out.append(
+            "\nThe keyboard, judged by the user's text (a simulated user types in real time and taps a "
+            "suggestion when it is the word; suggestions before every keystroke):\n"
+        )
+        krows = []
+        for n, r in kb.items():
+            u, lat = r.get("user", {}), r["latency_ms"]
+            krows.append(
+                [
+                    n.removeprefix("keyboard "),
+                    _f(lat["p50"]),
+                    _f(lat["p99"]),
+                    _f(100 * u.get("next_word_top1", float("nan"))),
+                    _f(100 * u.get("next_word_top3", float("nan"))),
+                    _f(100 * u.get("keystroke_savings", float("nan"))),
+                    _f(100 * r.get("complete_share", float("nan")), ".0f"),
+                    _f(100 * r["top3_equal_to_torch"], ".0f") if r.get("top3_equal_to_torch") is not None else "-",
+                ]
+            )
+        out += _table(
+            ["configuration", "p50 ms", "p99 ms", "top-1 %", "top-3 %", "KSR %", "complete %", "top-3 = torch %"], krows
+        )
+        kt = obj.get("keyboard_targets") or {}
+        if kt:
+            out.append(
+                f"\nTargets (q4_0 GGUF, 16 ms deadline, 100 ms typing gap): p99 {_f(kt.get('p99_ms'))} ms <= 16: "
+                f"{_met(kt.get('p99_le_16ms'))}; keystroke savings {_f(kt.get('ksr_points_below_unbounded'), '+.2f')} "
+                f"points below the unbounded search (<= 1): {_met(kt.get('ksr_within_1pt_of_unbounded'))}."
+            )
+            ni = kt.get("no_idle")
+            if ni:
+                out.append(
+                    f"With no idle time (a keystroke every 16 ms): p99 {_f(ni.get('p99_ms'))} ms, keystroke savings "
+                    f"{_f(ni.get('ksr_points_below_unbounded'), '+.2f')} points below unbounded, "
+                    f"{_f(100 * ni.get('complete_share', float('nan')), '.0f')}% of answers complete.\n"
+                )
     dists = {n: r["ms_first_rep"] for n, r in res.items() if r.get("ms_first_rep")}
     if dists and _plot_box(
         dists, "per-keystroke latency (first repetition)", "ms (log scale)", plots / "suggest_latency.png"
@@ -627,8 +667,44 @@ def section_fleet(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
     out.append("")
 
 
+def section_taps(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
+    """Learning from taps: per simulated day and arm, acceptance and keystroke savings while typing,
+    then the held-out next-word accuracy after the day's update."""
+    out.append(_title(obj, "Learning from taps (taps)"))
+    out.append(
+        f"{len(obj.get('per_sender', []))} senders, updates on {obj.get('training_backend', '?')}, suggestions from "
+        f"{obj.get('serving_backend', '?')}; arms: text only vs text + taps (DPO, weight {obj.get('preference_weight', '?')}).\n"
+    )
+    rows = []
+    for e in obj.get("per_day", []):
+        for arm in ("text", "taps"):
+            a = e.get(arm, {})
+            rows.append(
+                [
+                    str(e.get("day")),
+                    arm,
+                    _f(100 * a.get("typing_top1_acceptance", float("nan"))),
+                    _f(100 * a.get("typing_keystroke_savings", float("nan"))),
+                    _f(100 * a.get("heldout_top1", float("nan"))),
+                    _f(100 * a.get("heldout_top3", float("nan"))),
+                    str(a.get("accepted", "-")),
+                    _f(a.get("preference_pairs"), ".0f"),
+                ]
+            )
+    out += _table(
+        ["day", "arm", "top-1 acceptance %", "KSR %", "held-out top-1 %", "held-out top-3 %", "accepted", "pairs"], rows
+    )
+    out.append(
+        f"\nHeld-out top-1 gain of taps over text after the last day: {_f(obj.get('heldout_top1_gain_points_last_day'), '+.2f')} points."
+    )
+    for name, ok in obj.get("targets", {}).items():
+        out.append(f"- target {name}: {_met(ok)}")
+    out.append("")
+
+
 SECTIONS = {
     "fleet": section_fleet,
+    "taps": section_taps,
     "train_speed": section_train,
     "suggest_latency": section_suggest,
     "export_bench": section_export,

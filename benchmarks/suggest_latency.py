@@ -533,6 +533,11 @@ class SuggestLatency(Suite):
         )
         ap.add_argument("--base", default="smollm2", help="base model (default the embedded SmolLM2)")
         ap.add_argument(
+            "--configs",
+            default="",
+            help="run only the configurations whose name contains this text (torch, the reference, always runs)",
+        )
+        ap.add_argument(
             "--no-keyboard",
             action="store_true",
             help="skip the keyboard configurations (a user typing in real time with deadlines, judged by the user's text)",
@@ -670,6 +675,8 @@ def _run(suite: Suite, args: argparse.Namespace) -> dict:
     if "llamacpp" in backends and not args.no_keyboard:
         exact = None if args.no_f32_gguf else ensure_bundle(args.base, ["llamacpp"], root, gguf_linear="f32")
         configs += keyboard_configs(bundle, exact, adapter, args.quick)
+    if args.configs:
+        configs = [(n, w) for n, w in configs if args.configs in n or n == "pocketpeft torch"]
     runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
     with tempfile.TemporaryDirectory() as tmp:
         pfile, mfile = Path(tmp) / "prefixes.json", Path(tmp) / "messages.json"
@@ -707,6 +714,7 @@ def _run(suite: Suite, args: argparse.Namespace) -> dict:
             "threads": int(os.environ.get("POCKETPEFT_THREADS", "2")),
             "quick": args.quick,
             "typing_gap_ms_for_prefetch": gap,
+            "configs": args.configs or "all",
             "skipped": skipped,
         },
         "results": results,

@@ -486,3 +486,59 @@ def test_time_to_quality_smoke_on_the_tiny_model(tiny_hf_dir, tmp_path):
     assert cold["prefix_rows_computed"] > 0 and cold["prefix_rows_cached"] == 0
     assert warm["prefix_rows_computed"] == 0 and warm["prefix_rows_cached"] > 0
     assert warm["fill_rows_computed"] == per["data"]["train_rows"] - cold["prefix_rows_computed"]
+
+
+def _typist_run(ms: list[float], ksr: float, complete: bool) -> dict:
+    return {
+        "ms": ms,
+        "complete": [complete] * len(ms),
+        "forwards": [0] * len(ms),
+        "visited": [["see", ["you", "the", "it"]], ["see y", ["you", "your", "yes"]]],
+        "metrics": {"next_word_top1": 0.2, "next_word_top3": 0.4, "keystroke_savings": ksr, "words": 10, "chars": 50},
+        "background_forwards": 30,
+        "typing_gap_ms": 100.0,
+        "deadline_ms": 16.0,
+        "mode": "background",
+        "load_seconds": 1.0,
+        "peak_rss_mib": 300.0,
+    }
+
+
+def test_keyboard_and_taps_results_are_judged_against_their_targets(tmp_path):
+    from benchmarks.report import write_report
+    from benchmarks.suggest_latency import keyboard_targets, summarize_keyboard
+    from benchmarks.taps import summarize
+
+    runs = {
+        "keyboard q4_0 GGUF: unbounded": [_typist_run([50.0] * 100, 0.500, True)],
+        "keyboard q4_0 GGUF: deadline 16 ms, 100 ms gap": [_typist_run([2.0] * 95 + [17.0] * 5, 0.495, False)],
+        "keyboard q4_0 GGUF: deadline 16 ms, no idle": [_typist_run([1.0] * 100, 0.30, False)],
+    }
+    kb = summarize_keyboard(runs, {"see": ["you", "the", "it"], "see y": ["your", "you", "yes"]})
+    assert kb["keyboard q4_0 GGUF: unbounded"]["top3_equal_to_torch"] == 0.5  # the second bar's order differs
+    kt = keyboard_targets(kb)
+    assert not kt["p99_le_16ms"] and kt["ksr_within_1pt_of_unbounded"]  # 17 ms at p99; 0.5 points below
+    assert abs(kt["ksr_points_below_unbounded"] - 0.5) < 1e-9 and abs(kt["no_idle"]["ksr_points_below_unbounded"] - 20) < 1e-9
+    payload = _suggest_payload({"pocketpeft torch": 300.0, "pocketpeft llamacpp": 9.0}, 0.99)
+    _write(tmp_path, "suggest_latency", {**payload, "keyboard": kb, "keyboard_targets": kt}, "2026-02-01T00:00:00+00:00")
+
+    def day(top1, top3):
+        return {
+            "typed": {"next_word_top1": 0.25, "keystroke_savings": 0.45},
+            "heldout": {"next_word_top1": top1, "next_word_top3": top3},
+            "update": {"accepted": True, "seconds": 30.0, "preference_pairs": 40},
+        }
+
+    rows = [{"arms": {"text": [day(0.30, 0.45), day(0.31, 0.46)], "taps": [day(0.31, 0.45), day(0.33, 0.44)]}}]
+    taps = summarize(rows, 2)
+    assert abs(taps["heldout_top1_gain_points_last_day"] - 2.0) < 1e-9
+    assert taps["targets"] == {
+        "heldout_top1_gain_ge_1_point_after_last_day": True,
+        "heldout_top3_never_below_text_only": False,  # day 2: 44% < 46%
+    }
+    _write(tmp_path, "taps", {**taps, "per_sender": rows, "preference_weight": 1.0}, "2026-02-01T00:00:00+00:00")
+    text = write_report(tmp_path).read_text()
+    assert "p99 17.0 ms <= 16: not met" in text and "(<= 1): **met**" in text
+    assert "| q4_0 GGUF: deadline 16 ms, 100 ms gap |" in text
+    assert "Learning from taps (taps)" in text and "+2.00 points" in text
+    assert "target heldout_top3_never_below_text_only: not met" in text

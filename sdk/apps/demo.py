@@ -476,7 +476,8 @@ def run_interactive(
 
     cache = cache or cache_dir()
     bundle, _ = cached_bundle(Path(cache), quant, progress, log)
-    p = runtime.Personalizer(runtime.open(bundle), Path(out_dir) / "interactive-store")
+    # the taps it records are learned from too (DPO, see Personalizer.feedback)
+    p = runtime.Personalizer(runtime.open(bundle), Path(out_dir) / "interactive-store", preference_weight=1.0)
     log(f"serving version {p.version}. Type a message and press enter (:versions, :restore N, :wipe, :quit).")
 
     def read() -> str | None:
