@@ -518,9 +518,14 @@ def test_keyboard_and_taps_results_are_judged_against_their_targets(tmp_path):
     assert kb["keyboard q4_0 GGUF: unbounded"]["top3_equal_to_torch"] == 0.5  # the second bar's order differs
     kt = keyboard_targets(kb)
     assert not kt["p99_le_16ms"] and kt["ksr_within_1pt_of_unbounded"]  # 17 ms at p99; 0.5 points below
-    assert abs(kt["ksr_points_below_unbounded"] - 0.5) < 1e-9 and abs(kt["no_idle"]["ksr_points_below_unbounded"] - 20) < 1e-9
+    assert (
+        abs(kt["ksr_points_below_unbounded"] - 0.5) < 1e-9
+        and abs(kt["no_idle"]["ksr_points_below_unbounded"] - 20) < 1e-9
+    )
     payload = _suggest_payload({"pocketpeft torch": 300.0, "pocketpeft llamacpp": 9.0}, 0.99)
-    _write(tmp_path, "suggest_latency", {**payload, "keyboard": kb, "keyboard_targets": kt}, "2026-02-01T00:00:00+00:00")
+    _write(
+        tmp_path, "suggest_latency", {**payload, "keyboard": kb, "keyboard_targets": kt}, "2026-02-01T00:00:00+00:00"
+    )
 
     def day(top1, top3):
         return {
