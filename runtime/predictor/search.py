@@ -261,11 +261,14 @@ class Predictor:
 
         Without a deadline the search runs to its end (up to ``max_forwards`` passes), waiting
         for the model if another thread uses it. With ``deadline_ms`` the answer comes within it:
-        forward passes run only while they are expected to end in time, the memo alone is used
-        when the model is busy (the background thread's pass), and when fewer than ``k`` words were
-        found, the last answer's words that still fit the typed word fill in. An answer that is not
-        the exact search result has ``complete=False``; the background thread (``background``)
-        then finishes its search and searches the likely next keystrokes until the next request.
+        forward passes run only while they are expected to end in time; when the model is busy
+        (the background thread's pass) the call waits for it only if that pass should end in time
+        to be used, at most half the deadline, and otherwise searches the memo alone; words the
+        search reached but could not finish count by their probability without the boundary (a
+        bound); and when fewer than ``k`` words were found, the last answer's words that still fit
+        the typed word fill in. An answer that is not the exact search result has
+        ``complete=False``; the background thread (``background``) then finishes its search and
+        searches the likely next keystrokes until the next request.
         """
         t0 = time.perf_counter()
         prefix = as_text(prefix, "prefix")
