@@ -159,6 +159,12 @@ def test_suggest_matches_the_session_api(kb_bundle, capsys):
     assert main(["suggest", str(kb_bundle.root), "see you at th", "-k", "2"]) == 0
     human = capsys.readouterr().out
     assert "1. " in human and " ms on " in human
+    # a generous deadline: the search finishes inside it and the answer says so
+    code, out = _main_json(
+        capsys, "suggest", kb_bundle.root, "see you at th", "--backend", "torch", "--deadline-ms", "5000"
+    )
+    assert code == 0 and out["complete"] is True and out["deadline_ms"] == 5000.0
+    assert out["suggestions"] == sess.suggest("see you at th", 3)
 
 
 def test_suggest_bad_input(kb_bundle, capsys, monkeypatch):
@@ -166,6 +172,9 @@ def test_suggest_bad_input(kb_bundle, capsys, monkeypatch):
 
     code, out = _main_json(capsys, "suggest", kb_bundle.root, "x", "-k", "0")
     assert code == 2 and out["type"] == "ConfigError" and "-k" in out["error"]
+    for bad in ("0", "-3", "nan", "inf", "1e9"):
+        code, out = _main_json(capsys, "suggest", kb_bundle.root, "x", "--deadline-ms", bad)
+        assert code == 2 and out["type"] == "ConfigError" and "deadline_ms" in out["error"], bad
     code, out = _main_json(capsys, "suggest", kb_bundle.root, "caf\udce9 au")  # argv bytes b"caf\xe9"
     assert code == 2 and out["type"] == "InputTextError" and "prefix" in out["error"]
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait\n")))
