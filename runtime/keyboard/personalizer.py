@@ -360,9 +360,10 @@ class Personalizer:
             return v
 
     # ------------------------------------------------------------------ updating
-    def _split(self) -> tuple[list, list, list]:
-        """(held-out rows, new rows to train, replay rows) for the next update."""
-        return self._divide(self.texts.rows(), lambda r: r.trained)
+    def _split(self, rows: list | None = None) -> tuple[list, list, list]:
+        """(held-out rows, new rows to train, replay rows) for the next update, of ``rows``
+        (default: every stored message)."""
+        return self._divide(self.texts.rows() if rows is None else rows, lambda r: r.trained)
 
     def _feedback_split(self) -> tuple[list, list, list]:
         """(held-out feedback, new feedback to learn from, replayed feedback), as :meth:`_split`
@@ -426,7 +427,8 @@ class Personalizer:
     def _update(self, max_steps, max_seconds, tell, bars: bool) -> UpdateReport:
         t0 = time.perf_counter()
         version = self.adapters.current_version()
-        hold, new, replay = self._split()
+        rows = self.texts.rows()  # read once: split here, and searched for typed words below
+        hold, new, replay = self._split(rows)
         rep = UpdateReport(
             False, "", version, new_messages=len(new), replay_messages=len(replay), heldout_messages=len(hold)
         )
@@ -438,7 +440,7 @@ class Personalizer:
         prev = {k: np.array(v) for k, v in self.session.get_adapter_tensors().items()}
         ho_before, ho_secs = self._eval(hold_texts) if hold_texts else (None, 0.0)
         fb_hold, fb_new, fb_replay = self._feedback_split()
-        messages = [r.text for r in self.texts.rows()]
+        messages = [r.text for r in rows]
         hold_prefs, hold_ids = preferences_from_feedback(fb_hold, messages)
         t_acc = time.perf_counter()
         rep.feedback_new, rep.heldout_feedback = len(fb_new), len(set(hold_ids))
