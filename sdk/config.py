@@ -250,7 +250,10 @@ def as_lora_config(cfg: "LoraConfig | Mapping[str, Any] | Any | None") -> LoraCo
 
 @dataclass
 class ModelConfig:
-    """Architecture of a Llama-family decoder, in Hugging Face ``LlamaConfig`` terms."""
+    """Architecture of a decoder of one of the supported families (:mod:`pocketpeft.families`),
+    in Hugging Face config terms. ``model_type`` names the family; the Gemma 3 fields
+    (``sliding_window``, ``layer_types``, ``rope_local_base_freq``, ``query_pre_attn_scalar``)
+    stay ``None`` for the others."""
 
     vocab_size: int
     hidden_size: int
@@ -266,8 +269,20 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     model_type: str = "llama"
+    #: attention over the last ``sliding_window`` positions only, in the layers ``layer_types``
+    #: marks ``"sliding_attention"`` (the others are ``"full_attention"``)
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    #: RoPE base of the sliding-window layers (``rope_theta`` is the full layers')
+    rope_local_base_freq: float | None = None
+    #: attention scores are scaled by ``query_pre_attn_scalar ** -0.5`` (default: head_dim's)
+    query_pre_attn_scalar: float | None = None
 
     def __post_init__(self) -> None:
+        from .families import family
+
+        self.family  # noqa: B018 -- raises UnsupportedModelError for an unknown model_type
+        self.model_type = family(self.model_type).model_type
         for name in (
             "vocab_size",
             "hidden_size",
@@ -293,6 +308,35 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            bad = sorted({t for t in self.layer_types if t not in ("full_attention", "sliding_attention")})
+            if len(self.layer_types) != self.num_hidden_layers or bad:
+                raise ConfigError(
+                    f"ModelConfig.layer_types must list 'full_attention' or 'sliding_attention' for each of the "
+                    f"{self.num_hidden_layers} layers, got {len(self.layer_types)} entries (unknown: {bad})"
+                )
+            if "sliding_attention" in self.layer_types and not (
+                isinstance(self.sliding_window, int) and self.sliding_window > 0
+            ):
+                raise ConfigError(f"ModelConfig.sliding_window must be a positive integer, got {self.sliding_window!r}")
+
+    @property
+    def family(self):
+        """The :class:`~pocketpeft.families.Family` of ``model_type``."""
+        from .families import family
+
+        return family(self.model_type)
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` attends over a sliding window."""
+        return self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
+
+    def layer_rope_theta(self, layer: int) -> float:
+        """The RoPE base of decoder layer ``layer``."""
+        if self.is_sliding(layer) and self.rope_local_base_freq is not None:
+            return self.rope_local_base_freq
+        return self.rope_theta
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
@@ -300,21 +344,67 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        """Build from our dict or an HF ``config.json`` dict (unknown keys ignored)."""
+        """Build from our dict or an HF ``config.json`` dict (unknown keys ignored; Gemma 3's
+        per-layer-type ``rope_parameters`` of transformers 5 and its older ``rope_theta`` +
+        ``rope_local_base_freq`` both read)."""
         kw = _known_fields(cls, d)
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = kw["eos_token_id"][0] if kw["eos_token_id"] else None
-        if "rope_theta" not in kw:
-            rp = d.get("rope_parameters") or {}
-            if isinstance(rp, Mapping) and "rope_theta" in rp:
-                kw["rope_theta"] = rp["rope_theta"]
+        rp = d.get("rope_parameters") or {}
+        if isinstance(rp, Mapping) and isinstance(rp.get("full_attention"), Mapping):
+            kw.setdefault("rope_theta", rp["full_attention"].get("rope_theta", 10000.0))
+            if isinstance(rp.get("sliding_attention"), Mapping):
+                kw.setdefault("rope_local_base_freq", rp["sliding_attention"].get("rope_theta"))
+        elif isinstance(rp, Mapping) and "rope_theta" in rp:
+            kw.setdefault("rope_theta", rp["rope_theta"])
+        from .families import family
+
+        if not family(str(kw.get("model_type", "llama"))).sliding_layers:
+            kw.pop("layer_types", None)  # the loader rejects a config that really slides
+            kw.pop("sliding_window", None)
+        elif kw.get("layer_types") is None and isinstance(d.get("sliding_window_pattern"), int):
+            n, every = kw.get("num_hidden_layers"), d["sliding_window_pattern"]
+            if isinstance(n, int) and every > 0:
+                kw["layer_types"] = [
+                    "full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)
+                ]
+        if kw.get("layer_types") is not None and "sliding_attention" not in kw["layer_types"]:
+            kw["layer_types"] = None
+        if kw.get("layer_types") is None:
+            kw["sliding_window"] = None
         return cls(**kw)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """Keyword arguments for ``transformers.LlamaConfig`` describing the same model."""
+        """Keyword arguments for the family's transformers config class (``LlamaConfig``,
+        ``Qwen2Config``, ``Qwen3Config``, ``Gemma3TextConfig``) describing the same model."""
+        fam = self.family
         d = self.to_dict()
-        d.pop("model_type")
-        d.update(attention_bias=False, mlp_bias=False, hidden_act="silu")
+        for k in ("model_type", "sliding_window", "layer_types", "rope_local_base_freq", "query_pre_attn_scalar"):
+            d.pop(k)
+        if fam.model_type == "gemma3_text":
+            d.pop("rope_theta")
+            d.update(
+                hidden_activation="gelu_pytorch_tanh",
+                sliding_window=self.sliding_window or self.max_position_embeddings,
+                layer_types=self.layer_types or ["full_attention"] * self.num_hidden_layers,
+                query_pre_attn_scalar=self.query_pre_attn_scalar or self.head_dim,
+                rope_parameters={
+                    "full_attention": {"rope_type": "default", "rope_theta": self.rope_theta},
+                    "sliding_attention": {
+                        "rope_type": "default",
+                        "rope_theta": self.rope_local_base_freq or self.rope_theta,
+                    },
+                },
+                final_logit_softcapping=None,
+                attn_logit_softcapping=None,
+                attention_bias=False,
+            )
+            return d
+        d.update(hidden_act="silu", attention_bias=False)
+        if fam.model_type in ("llama", "mistral"):
+            d.update(mlp_bias=False)
+        if fam.model_type in ("qwen2", "qwen3", "mistral"):
+            d.update(use_sliding_window=False, sliding_window=None)
         return d
 
 

@@ -1,8 +1,10 @@
 """The base model's tokenizer: a ``tokenizers.Tokenizer`` plus its special token ids.
 
 Built from an HF ``tokenizer.json`` or from the vocabulary a GGUF file carries as metadata.
-For GGUF we rebuild the byte-level BPE that the model's own ``tokenizer.json`` describes, so
-that ids match the original Hugging Face tokenizer (and llama.cpp) token for token.
+For a ``gpt2`` GGUF we rebuild the byte-level BPE that the model's own ``tokenizer.json``
+describes, so that ids match the original Hugging Face tokenizer (and llama.cpp) token for token.
+For a ``llama`` (SentencePiece) GGUF we rebuild llama.cpp's SPM tokenizer as a byte-fallback BPE
+whose merges come from the vocabulary and its scores (see :func:`_spm_merges`).
 """
 
 from __future__ import annotations
@@ -10,16 +12,23 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .errors import CorruptFileError, InputTextError, ModelFileNotFoundError, UnsupportedModelError
 from .fsutil import read_json
 
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4  # llama.cpp token types
+
+#: GGUF ``tokenizer.ggml.model`` values we can build
+SUPPORTED_GGUF_TOKENIZERS = {"gpt2": "byte-level BPE", "llama": "SentencePiece BPE"}
+
+_SPACE = "\u2581"  # SentencePiece's "▁": a space inside a piece
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback piece
 
 # llama.cpp's LLAMA3 pre-tokenizer regex (also in Meta's tokenizer.json).
 _LLAMA3_SPLIT = (
@@ -68,6 +77,37 @@ def _unicode_to_bytes() -> dict[str, int]:
     return {c: b for b, c in _bytes_to_unicode().items()}
 
 
+def _spm_piece_bytes(piece: str) -> bytes:
+    """The bytes a SentencePiece piece stands for: ``<0xE2>`` is the single byte 0xE2, "▁" a space."""
+    m = _BYTE_PIECE.fullmatch(piece)
+    if m is not None:
+        return bytes([int(m.group(1), 16)])
+    return piece.replace(_SPACE, " ").encode("utf-8")
+
+
+def _spm_merges(tokens: list[str], scores: list[float], skip: set[int]) -> list[tuple[str, str]]:
+    """BPE merges that make a byte-fallback BPE tokenize as llama.cpp's SPM tokenizer does.
+
+    SPM repeatedly merges the adjacent pair whose concatenation is the highest-scoring token. So
+    every split ``(left, right)`` of a token into two tokens is a merge, ranked by the token's score
+    (best first; a token's splits by where they cut). Tokens in ``skip`` (added tokens: cut out
+    of the text before the model sees it) are never built by merges.
+    """
+    vocab = set(tokens)
+    found = []
+    for i, t in enumerate(tokens):
+        if i in skip or len(t) < 2:
+            continue
+        for k in range(1, len(t)):
+            left = t[:k]
+            if left in vocab:
+                right = t[k:]
+                if right in vocab:
+                    found.append((-scores[i], i, k, left, right))
+    found.sort()
+    return [(left, right) for _, _, _, left, right in found]
+
+
 def _special_content(v: Any) -> str | None:
     if isinstance(v, dict):
         v = v.get("content")
@@ -96,6 +136,9 @@ class Tokenizer:
             if v is not None and not (isinstance(v, int) and 0 <= v < self.vocab_size):
                 raise CorruptFileError(f"tokenizer {name}={v!r} is outside the vocabulary of {self.vocab_size}")
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
+        model = hf.model
+        #: SentencePiece conventions: pieces spell a space "▁", ``<0xXX>`` pieces are single bytes
+        self.spm = isinstance(model, models.BPE) and bool(model.byte_fallback)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -133,16 +176,20 @@ class Tokenizer:
         """Build the tokenizer a GGUF file describes (a ``gguf.GGUFReader`` or a path).
 
         Supports ``tokenizer.ggml.model == "gpt2"`` (byte-level BPE) with pre-tokenizers
-        ``smollm``, ``starcoder``, ``gpt-2`` and ``llama-bpe``. Raises
-        :class:`UnsupportedModelError` naming any other tokenizer model or pre-tokenizer,
-        :class:`CorruptFileError` when the metadata is missing or inconsistent.
+        ``smollm``, ``starcoder``, ``gpt-2`` and ``llama-bpe``, and ``"llama"`` (SentencePiece
+        BPE with scores and byte fallback, as Gemma and Llama 2 ship it; ids match llama.cpp's
+        SPM tokenizer). Raises :class:`UnsupportedModelError` naming any other tokenizer model or
+        pre-tokenizer, :class:`CorruptFileError` when the metadata is missing or inconsistent.
         """
         from .formats.gguf import gguf_field, open_gguf
 
         reader = open_gguf(reader_or_path) if isinstance(reader_or_path, (str, os.PathLike)) else reader_or_path
         kind = gguf_field(reader, "tokenizer.ggml.model")
+        if kind == "llama":
+            return cls._from_spm_gguf(reader)
         if kind != "gpt2":
-            raise UnsupportedModelError(f"GGUF tokenizer model {kind!r} is not supported; only 'gpt2' (byte-level BPE)")
+            supported = ", ".join(f"{k!r} ({v})" for k, v in SUPPORTED_GGUF_TOKENIZERS.items())
+            raise UnsupportedModelError(f"GGUF tokenizer model {kind!r} is not supported; supported: {supported}")
         pre = gguf_field(reader, "tokenizer.ggml.pre", "gpt-2")
         if pre not in _PRE_TOKENIZERS:
             raise UnsupportedModelError(
@@ -197,6 +244,71 @@ class Tokenizer:
             unk_id=ids["unknown_token_id"],
         )
 
+    @classmethod
+    def _from_spm_gguf(cls, reader: Any) -> "Tokenizer":
+        """The ``tokenizer.ggml.model == "llama"`` tokenizer: llama.cpp's SPM as a ``tokenizers`` BPE.
+
+        llama.cpp first cuts control, unknown and user-defined tokens out of the text (here: added
+        tokens, ``normalized=False``), then, per remaining fragment, writes spaces as "▁" (after a
+        leading space when ``tokenizer.ggml.add_space_prefix``, default true), and merges the
+        adjacent pair whose concatenation is the highest-scoring token, leftmost first, until no
+        pair is a token; a character no token covers becomes its ``<0xXX>`` byte tokens.
+        """
+        from .formats.gguf import gguf_field
+
+        tokens = gguf_field(reader, "tokenizer.ggml.tokens", None)
+        scores = gguf_field(reader, "tokenizer.ggml.scores", None)
+        if not tokens or not scores:
+            raise CorruptFileError(
+                "GGUF has a llama (SentencePiece) tokenizer without tokenizer.ggml.tokens / tokenizer.ggml.scores"
+            )
+        types = gguf_field(reader, "tokenizer.ggml.token_type", None) or [1] * len(tokens)
+        if not (len(tokens) == len(scores) == len(types)):
+            raise CorruptFileError(
+                f"GGUF tokenizer metadata disagrees: {len(tokens)} tokens, {len(scores)} scores, {len(types)} token types"
+            )
+        vocab = {t: i for i, t in enumerate(tokens)}
+        if len(vocab) != len(tokens):
+            raise CorruptFileError("GGUF tokenizer.ggml.tokens has duplicate tokens")
+        added = {i for i, ty in enumerate(types) if ty in (_UNKNOWN, _CONTROL, _USER_DEFINED)}
+        ids = {
+            k: gguf_field(reader, f"tokenizer.ggml.{k}", None)
+            for k in ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id")
+        }
+        unk = ids["unknown_token_id"]
+        unk_token = tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None
+        hf = _HFTokenizer(
+            models.BPE(
+                vocab, _spm_merges(tokens, scores, added), unk_token=unk_token, fuse_unk=True, byte_fallback=True
+            )
+        )
+        replace = normalizers.Replace(" ", _SPACE)
+        decode = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+        if gguf_field(reader, "tokenizer.ggml.add_space_prefix", True):  # llama.cpp's default for SPM
+            # Normalizers run on each fragment between added tokens: a space before each, as llama.cpp does.
+            hf.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE), replace])
+            decode.append(decoders.Strip(" ", 1, 0))
+        else:
+            hf.normalizer = replace
+        hf.decoder = decoders.Sequence(decode)
+        hf.add_special_tokens(
+            [
+                AddedToken(t, special=True, normalized=False)
+                for t, ty in zip(tokens, types)
+                if ty in (_UNKNOWN, _CONTROL)
+            ]
+        )
+        hf.add_tokens(
+            [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
+        )
+        return cls(
+            hf,
+            bos_id=ids["bos_token_id"],
+            eos_id=ids["eos_token_id"],
+            pad_id=ids["padding_token_id"],
+            unk_id=unk,
+        )
+
     # ---- use ------------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of ``text`` (special tokens written in the text, like ``<|im_start|>``, are
@@ -231,6 +343,8 @@ class Tokenizer:
         u2b = _unicode_to_bytes()
         if isinstance(self.hf.decoder, decoders.ByteLevel) and all(c in u2b for c in piece):
             return bytes(u2b[c] for c in piece)
+        if self.spm:
+            return _spm_piece_bytes(piece)
         return self.hf.decode([i], skip_special_tokens=False).encode("utf-8")
 
     def token_to_id(self, piece: str) -> int | None:

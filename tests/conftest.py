@@ -185,6 +185,64 @@ def tiny_hf_dir(tmp_path_factory, tiny_hf_model, smollm2_tokenizer) -> Path:
     return d
 
 
+#: Tiny configs of the other families, beside TINY (Llama): q/k/v biases (Qwen2), q/k norms and
+#: a head_dim apart from hidden/heads (Qwen3), Gemma 3's norms, GeGLU, embedding scale, a query
+#: scale apart from head_dim and sliding-window layers with a window shorter than test sequences.
+FAMILY_CONFIGS = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", {}),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {}),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=32)),
+    "gemma3_text": (
+        "Gemma3ForCausalLM",
+        "Gemma3TextConfig",
+        dict(
+            head_dim=32,
+            num_hidden_layers=3,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            query_pre_attn_scalar=24,
+            pad_token_id=0,
+        ),
+    ),
+}
+FAMILIES = tuple(FAMILY_CONFIGS)
+
+
+def tiny_family_model(model_type: str, seed: int = 0, **overrides):
+    """A tiny random-init transformers model of ``model_type`` (SmolLM2's vocabulary size, tied
+    embeddings) whose every weight, norms and biases included, is perturbed by seeded noise so
+    that no part of the architecture is an identity and a mistake in any of them shows."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cls, conf_cls, extra = FAMILY_CONFIGS[model_type]
+    kw = {**TINY, **extra, **overrides}
+    torch.manual_seed(seed)
+    conf = getattr(transformers, conf_cls)(**kw)
+    conf._attn_implementation = "eager"
+    model = getattr(transformers, cls)(conf).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * (0.05 if p.dim() > 1 else 0.2))
+    return model
+
+
+@pytest.fixture(scope="session")
+def family_hf_dir(tmp_path_factory, smollm2_tokenizer) -> Callable[[str], Path]:
+    """``family_hf_dir(model_type)``: :func:`tiny_family_model` saved as an HF folder with
+    SmolLM2's tokenizer.json (one folder per family per session)."""
+    made: dict[str, Path] = {}
+
+    def make(model_type: str) -> Path:
+        if model_type not in made:
+            d = tmp_path_factory.mktemp(f"tiny_{model_type}")
+            tiny_family_model(model_type).save_pretrained(d, safe_serialization=True)
+            smollm2_tokenizer.save(d / "tokenizer.json")
+            made[model_type] = d
+        return made[model_type]
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf_path(tmp_path_factory, tiny_hf_model, write_gguf) -> Path:
     """``tiny_hf_model`` written as an F32 llama GGUF with SmolLM2's tokenizer."""

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import torch
-import transformers
 
 from pocketpeft.reference.model import dequantized_state_dict
 
@@ -23,14 +22,12 @@ CHAT = [
 ] * 6
 
 
-def hf_model_from_backend(backend) -> transformers.LlamaForCausalLM:
-    """A transformers LlamaForCausalLM holding the (dequantized) base weights of a torch backend."""
-    cfg = backend.model.config
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf_dict())).eval()
-    sd = dequantized_state_dict(backend.model)
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    return hf.to(torch.float32)
+def hf_model_from_backend(backend):
+    """A transformers ``*ForCausalLM`` of the backend model's family holding the (dequantized)
+    base weights of a torch backend."""
+    from pocketpeft.reference.hf import hf_model
+
+    return hf_model(backend.model.config, dequantized_state_dict(backend.model))
 
 
 def run_without_torch(code: str, *args: str, timeout: float = 600) -> dict:

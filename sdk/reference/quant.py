@@ -293,25 +293,39 @@ def from_bnb(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int])
 
 
 class QuantLinear(torch.nn.Module):
-    """Frozen bias-free linear layer over quantized buffers: ``forward(x) = F.linear(x, W)`` with
-    ``W`` dequantized on the fly (in ``x``'s dtype). Holds buffers only, never parameters;
+    """Frozen linear layer over quantized buffers: ``forward(x) = F.linear(x, W, bias)`` with
+    ``W`` dequantized on the fly (in ``x``'s dtype) and an optional float32 ``bias`` buffer (kept
+    unquantized, as llama.cpp keeps Qwen2's q/k/v biases). Holds buffers only, never parameters;
     gradients flow to ``x``. ``QuantLinear(in, out, fmt)`` makes zero buffers for state_dict loading."""
 
-    def __init__(self, in_features: int, out_features: int, fmt: QuantFormat | str) -> None:
+    def __init__(self, in_features: int, out_features: int, fmt: QuantFormat | str, bias: bool = False) -> None:
         super().__init__()
         self.fmt = _fmt(fmt)
         self.out_features, self.in_features = _check_shape((out_features, in_features), self.fmt)
         for key, (shape, dt) in _buffer_specs(self.fmt, self.out_features, self.in_features).items():
             self.register_buffer(key, torch.zeros(shape, dtype=dt), persistent=True)
+        self.register_buffer("bias", torch.zeros(self.out_features) if bias else None, persistent=True)
         self._dequant_cache: torch.Tensor | None = None  # not state: see cache_dequantized()
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, fmt: QuantFormat | str, *, name: str = "weight") -> "QuantLinear":
-        """Quantize a float ``[out, in]`` weight into a new layer; raises QuantizationError."""
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        fmt: QuantFormat | str,
+        *,
+        name: str = "weight",
+        bias: torch.Tensor | None = None,
+    ) -> "QuantLinear":
+        """Quantize a float ``[out, in]`` weight (and keep ``bias`` [out] as float32) into a new
+        layer; raises QuantizationError."""
         bufs = quantize(weight, fmt, name=name)
-        mod = cls(weight.shape[1], weight.shape[0], fmt)
+        mod = cls(weight.shape[1], weight.shape[0], fmt, bias=bias is not None)
         for key, t in bufs.items():
             setattr(mod, key, t.to(weight.device))
+        if bias is not None:
+            if tuple(bias.shape) != (weight.shape[0],):
+                raise QuantizationError(f"{name}: bias shape {tuple(bias.shape)} != ({weight.shape[0]},)")
+            mod.bias = bias.detach().to(torch.float32, copy=True).to(weight.device)
         return mod
 
     def _buffers_dict(self) -> dict[str, torch.Tensor]:
@@ -346,9 +360,11 @@ class QuantLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._dequant_cache
+        b = None if self.bias is None else self.bias.to(x.dtype)
         if w is not None and w.dtype == x.dtype and w.device == x.device and not torch.compiler.is_compiling():
-            return F.linear(x, w)
-        return F.linear(x, self.dequantized_weight(x.dtype))
+            return F.linear(x, w, b)
+        return F.linear(x, self.dequantized_weight(x.dtype), b)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt.value}"
+        bias = "" if self.bias is None else ", bias=True"
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt.value}{bias}"
