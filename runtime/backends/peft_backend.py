@@ -1,4 +1,4 @@
-"""Backend ``peft``: the server side. Real ``transformers.LlamaForCausalLM`` + ``peft`` +
+"""Backend ``peft``: the server side. Real transformers (the ``*ForCausalLM`` of the bundle's family) + ``peft`` +
 ``bitsandbytes`` built from the same bundle the devices run; CUDA when present, CPU otherwise.
 
 * Architecture from the manifest; base weights from the bundle's ``torch`` target.
@@ -112,8 +112,9 @@ def nf4_linear(qweight, absmax, in_features: int, out_features: int, compute_dty
 
 
 def build_hf_model(bundle: Bundle, dtype: str = "float32"):
-    """A ``transformers.LlamaForCausalLM`` (no LoRA) with the bundle's base: nf4 linears as
-    bitsandbytes Linear4bit over the same bytes, other formats dequantized to ``dtype``.
+    """The transformers ``*ForCausalLM`` of the bundle's family (no LoRA) with the bundle's base:
+    nf4 linears as bitsandbytes Linear4bit over the same bytes, other formats dequantized to
+    ``dtype``; q/k/v biases (Qwen2) as they are.
 
     Raises the bundle's file errors, :class:`UnsupportedModelError` if the weights don't fit the
     architecture, :class:`ConfigError` for an unsupported ``dtype``.
@@ -121,18 +122,20 @@ def build_hf_model(bundle: Bundle, dtype: str = "float32"):
     import torch
     from safetensors.torch import load_file
 
-    transformers = require("transformers", extra="peft")
+    require("transformers", extra="peft")
     from pocketpeft.config import QuantFormat
+    from pocketpeft.reference.hf import hf_class, hf_config, restore_meta_buffers
     from pocketpeft.reference.model import build_quantized
     from pocketpeft.reference.quant import QuantLinear
 
     tdt = _torch_dtype(dtype)
     m = bundle.manifest
     ours = build_quantized(m.arch, m.quant, load_file(str(bundle.path_of(WEIGHTS))))
-    cfg = transformers.LlamaConfig(**m.arch.to_hf_dict())
+    cfg = hf_config(m.arch)
     cfg._attn_implementation = "sdpa"
+    cls = hf_class(m.arch)
     with torch.device("meta"):
-        hf = transformers.LlamaForCausalLM(cfg)
+        hf = cls(cfg)
     linears = {}
     for name, mod in ours.named_modules():
         if not isinstance(mod, QuantLinear):
@@ -142,6 +145,8 @@ def build_hf_model(bundle: Bundle, dtype: str = "float32"):
         else:
             new = torch.nn.Linear(mod.in_features, mod.out_features, bias=False, dtype=tdt)
             new.weight = torch.nn.Parameter(mod.dequantized_weight(torch.float32).to(tdt), requires_grad=False)
+        if mod.bias is not None:
+            new.bias = torch.nn.Parameter(mod.bias.to(tdt), requires_grad=False)
         hf.set_submodule(name, new)
         linears[name] = new
     rest = {k: v.to(tdt) for k, v in ours.state_dict().items() if k.rsplit(".", 1)[0] not in linears}
@@ -149,15 +154,12 @@ def build_hf_model(bundle: Bundle, dtype: str = "float32"):
     missing = [k for k in missing if k != "lm_head.weight" and k.rsplit(".", 1)[0] not in linears]
     if unexpected or missing:
         raise UnsupportedModelError(
-            f"bundle base weights don't fit transformers' LlamaForCausalLM: missing "
+            f"bundle base weights don't fit transformers' {cls.__name__}: missing "
             f"{missing[:5]}, unexpected {unexpected[:5]}"
         )
     if m.arch.tie_word_embeddings:
         hf.lm_head.weight = hf.model.embed_tokens.weight
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(cfg)  # its buffers were made on the meta device
-    left = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
-    if left:
-        raise UnsupportedModelError(f"bundle base weights leave {left[:5]} unset in transformers' LlamaForCausalLM")
+    restore_meta_buffers(hf, m.arch)  # RoPE tables, Gemma's embedding scale: made on the meta device
     if m.quant is QuantFormat.NF4:
         hf.is_loaded_in_4bit = True  # peft then wraps the Linear4bit layers with its bitsandbytes LoRA layer
     return hf.requires_grad_(False).eval()
