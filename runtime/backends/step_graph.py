@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pocketpeft.errors import ConfigError
+from pocketpeft.reference.model import HeadInput, head_loss
 
 from ..protocol import TrainConfig
 
@@ -54,6 +55,12 @@ def backward_loss(
     w_chunks = repeat(None) if weights is None else weights.chunk(grad_accum)
     for ids_c, lab_c, w_c in zip(ids.chunk(grad_accum), labels.chunk(grad_accum), w_chunks):
         logits = forward(ids_c)
+        if isinstance(logits, HeadInput):  # a large vocabulary: the loss runs the output projection in slices
+            coeff = torch.ones(lab_c.shape, device=lab_c.device) / n_tok if w_c is None else w_c.float()
+            loss = head_loss(logits, lab_c, coeff)
+            loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+            continue
         flat = logits.reshape(-1, logits.shape[-1]).float()
         if w_c is None:
             loss = F.cross_entropy(flat, lab_c.reshape(-1), ignore_index=-100, reduction="sum") / n_tok

@@ -25,7 +25,7 @@ from pocketpeft.reference.lora import (
     lora_state_dict,
     set_global_lora,
 )
-from pocketpeft.reference.model import CausalLM, SplitPart, build_quantized
+from pocketpeft.reference.model import FUSED_HEAD_VOCAB, CausalLM, SplitPart, build_quantized
 from pocketpeft.reference.quant import QuantLinear
 
 from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
@@ -103,6 +103,9 @@ class TorchBackend:
         if m.split is not None:  # the whole model is here: split it at run time, sharing the weights
             k, n = m.split.layer, m.arch.num_hidden_layers
             self._prefix, self._suffix = SplitPart(model, 0, k).eval(), SplitPart(model, k, n)
+        # a large vocabulary trains without ever holding [batch, seq, vocab] logits (eager only:
+        # torch.compile fuses on its own)
+        model.fused_head = not self.compile and m.arch.vocab_size >= FUSED_HEAD_VOCAB
         self._train_forward = torch.compile(model, dynamic=False) if self.compile else model
         self.configure(self.cfg)
 

@@ -13,7 +13,7 @@ LoRA is injected on top by :mod:`pocketpeft.reference.lora`.
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -228,6 +228,8 @@ class CausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
             self.lm_head.weight.requires_grad_(False)
+        #: in training mode, return :class:`HeadInput` instead of logits (see :func:`head_loss`)
+        self.fused_head = False
 
     def output_weight(self) -> torch.Tensor:
         """The [vocab, hidden] output projection (the embedding matrix when tied)."""
@@ -262,9 +264,12 @@ class CausalLM(nn.Module):
         layers ``>= layer``, the final norm and the output projection (a split model's suffix)."""
         return SplitPart(self, layer, self.config.num_hidden_layers)(hidden)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, vocab] for ``input_ids`` [B, T] (int64), positions starting at 0."""
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor | HeadInput:
+        """Logits [B, T, vocab] for ``input_ids`` [B, T] (int64), positions starting at 0 (in
+        training with ``fused_head`` set: the :class:`HeadInput` the loss takes instead)."""
         h, _ = self.hidden_states(input_ids)
+        if self.fused_head and self.training:
+            return HeadInput(h, self.output_weight())
         return F.linear(h, self.output_weight())
 
     def forward_cached(self, input_ids: torch.Tensor, start_pos: int, past: KVCache | None):
@@ -293,6 +298,7 @@ class SplitPart(nn.Module):
         self.config, self.start, self.stop = cfg, start, stop
         self.head = stop == n
         self.embed_scale = lm.model.embed_scale
+        self.lm = [lm]  # a list: not a submodule (its fused_head flag is read at call time)
         self.model = nn.Module()
         self.model.layers = nn.ModuleDict({str(i): lm.model.layers[i] for i in range(start, stop)})
         if start == 0 or (self.head and cfg.tie_word_embeddings):
@@ -313,7 +319,66 @@ class SplitPart(nn.Module):
         if not self.head:
             return x
         w = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        if self.lm[0].fused_head and self.training:
+            return HeadInput(self.model.norm(x), w)
         return F.linear(self.model.norm(x), w)
+
+
+class HeadInput(NamedTuple):
+    """What the output projection would take: final-norm hidden states [B, T, H] and the frozen
+    [vocab, H] matrix. A model with ``fused_head`` returns this in training so the loss never
+    holds the [B, T, vocab] logits (:func:`head_loss`)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+
+#: vocabularies at least this large train with the fused head in the torch backend (Gemma 3's
+#: 262k: [8, 64, 262144] float32 logits and their gradient would be 1 GiB)
+FUSED_HEAD_VOCAB = 100_000
+#: tokens per slice of the fused head: 64 x 262144 float32 = 64 MiB of logits at a time
+HEAD_ROWS = 64
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """``sum(coeff * CE(hidden @ weight.T, labels))`` and its gradient for ``hidden``, computed
+    ``rows`` tokens at a time: each slice's logits are made, reduced and turned into that slice's
+    gradient (softmax - one-hot) @ weight at once, so the peak is one slice of logits instead of
+    all of them, and the compute is the same two matmuls as the unfused loss. ``weight`` is
+    frozen (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, coeff, rows: int):
+        valid = labels != -100
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        c = torch.where(valid, coeff.float(), torch.zeros_like(coeff, dtype=torch.float32))
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for s in range(0, hidden.shape[0], rows):
+            lg = F.linear(hidden[s : s + rows], weight).float()
+            lse = torch.logsumexp(lg, -1)
+            tgt = lg.gather(1, safe[s : s + rows, None]).squeeze(1)
+            total = total + ((lse - tgt) * c[s : s + rows]).sum()
+            if grad is not None:
+                p = lg.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                p[torch.arange(p.shape[0], device=p.device), safe[s : s + rows]] -= 1.0
+                p.mul_(c[s : s + rows, None])
+                grad[s : s + rows] = (p.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad * g.to(grad.dtype), None, None, None, None
+
+
+def head_loss(head: HeadInput, labels: torch.Tensor, coeff: torch.Tensor, rows: int = HEAD_ROWS) -> torch.Tensor:
+    """``sum(coeff * CE)`` over every token of ``head`` (labels -100 add nothing): the same value
+    and hidden-state gradient as cross-entropy over ``F.linear(hidden, weight)``, with at most
+    ``rows`` tokens' logits alive at once. ``labels`` / ``coeff`` are shaped like the tokens."""
+    h = head.hidden.reshape(-1, head.hidden.shape[-1])
+    return _FusedHeadLoss.apply(h, head.weight, labels.reshape(-1), coeff.reshape(-1), rows)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -180,3 +180,46 @@ def test_server_side_peft_backend_matches_device(model_type, bundles):
     assert type(server.backend.model.base_model.model).__name__ == pp.families.FAMILIES[model_type].hf_class
     ids = np.array(dev.tokenizer.encode(TEXT))
     np.testing.assert_allclose(server.logits(ids), dev.logits(ids), atol=1e-4, rtol=0)
+
+
+# ---- the big vocabulary -------------------------------------------------------------------
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_head_loss_equals_full_logits(weighted, family_hf_dir, smollm2_tokenizer):
+    """The sliced output projection + loss gives the same loss and LoRA gradients as
+    cross-entropy over the full logits, with ignored labels and per-token weights; a 1% error
+    in one token's coefficient shows."""
+    from pocketpeft.reference.lora import inject_lora, lora_parameters
+    from pocketpeft.reference.model import HeadInput, head_loss
+    from pocketpeft.runtime.backends.step_graph import backward_loss
+
+    base = load_base(family_hf_dir("gemma3_text"))
+    model = build_from_float(base.config, base.state_dict, "f32")
+    inject_lora(model, pp.LoraConfig(r=4, target_modules=ALL_LINEARS, init_lora_weights=False), seed=0)
+    ids = torch.tensor([smollm2_tokenizer.encode(TEXT)[:16], smollm2_tokenizer.encode(CHAT[1] + " " + CHAT[2])[:16]])
+    labels = torch.roll(ids, -1, 1)
+    labels[:, -1] = -100
+    labels[1, :3] = -100
+    weights = torch.randn(labels.shape) if weighted else None
+    n_tok = int((labels != -100).sum())
+    results = []
+    for fused in (False, True):
+        model.fused_head = fused
+        model.train()
+        for p in lora_parameters(model):
+            p.grad = None
+        loss = backward_loss(model, ids, labels, 2, n_tok, weights)
+        results.append((float(loss), [p.grad.clone() for p in lora_parameters(model)]))
+    (l0, g0), (l1, g1) = results
+    assert l0 == pytest.approx(l1, rel=1e-5)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    model.fused_head = True
+    with torch.no_grad():
+        head = model(ids)
+        assert isinstance(head, HeadInput)
+        coeff = torch.ones(labels.shape) / n_tok
+        exact = float(head_loss(head, labels, coeff, rows=5))
+        coeff[0, 4] *= 1.01
+        assert float(head_loss(head, labels, coeff, rows=5)) != pytest.approx(exact, rel=1e-6)
+        model.eval()
+        assert not isinstance(model(ids), HeadInput), "eval returns logits"
