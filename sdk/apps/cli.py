@@ -334,7 +334,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
         from .demo import run_interactive
 
         reports = run_interactive(
-            quant=args.quant, out_dir=args.out, cache=cache_dir(), update_seconds=args.update_seconds
+            quant=args.quant,
+            base=args.base,
+            out_dir=args.out,
+            cache=cache_dir(),
+            update_seconds=args.update_seconds,
         )
         if args.json:
             print(json.dumps({"updates": reports}, default=str))
@@ -344,6 +348,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         seconds=args.seconds,
         global_seconds=args.global_seconds,
         quant=args.quant,
+        base=args.base,
         out_dir=args.out,
         cache=cache_dir(),
         progress=_progress(args),
@@ -413,7 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     e = common(sub.add_parser("export", help="quantize a base model and write a bundle"))
-    e.add_argument("base", help="'smollm2' (embedded default), an HF model folder, or a .gguf file")
+    e.add_argument(
+        "base",
+        help="'smollm2' (embedded default), 'gemma3-270m' (embedded), an HF model folder "
+        "(Llama, Qwen2, Qwen3, Gemma 3) or a .gguf file",
+    )
     e.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
     e.add_argument("--quant", default="q4_0", choices=["q4_0", "q8_0", "nf4", "f16", "f32"])
     e.add_argument("--targets", default="torch", help="comma-separated export targets (default: torch)")
@@ -539,7 +548,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.set_defaults(fn=cmd_backends)
 
-    d = common(sub.add_parser("demo", help="the main job: personalize SmolLM2 on one chitchat sender"))
+    d = common(sub.add_parser("demo", help="the main job: personalize an embedded model on one chitchat sender"))
+    d.add_argument(
+        "--base",
+        default="smollm2",
+        choices=["smollm2", "gemma3-270m"],
+        help="embedded base model: SmolLM2-135M (default) or Gemma 3 270M",
+    )
     d.add_argument("--sender", help="chitchat sender id (default: a sender with >= 5k words, see demo.default_sender)")
     d.add_argument("--seconds", type=float, default=60.0, help="update time budget")
     d.add_argument(

@@ -1,4 +1,5 @@
-"""``pocketpeft demo``: personalize the embedded SmolLM2 on one chitchat sender with the
+"""``pocketpeft demo``: personalize an embedded model (SmolLM2 by default, ``--base gemma3-270m``
+for Gemma 3 270M) on one chitchat sender with the
 :class:`~pocketpeft.runtime.Personalizer` and compare base vs personalized on the sender's later,
 held-out messages (loss, next-word top-3 accuracy, keystroke savings, example suggestions).
 ``pocketpeft demo --interactive`` is a terminal keyboard that learns from what you type."""
@@ -18,14 +19,28 @@ from pocketpeft.fsutil import cache_dir, write_bytes_atomic
 Log = Callable[[str], None]
 
 
-def demo_lora():
+#: the embedded bases the demo runs: name -> (display name, decoder layers)
+DEMO_BASES = {"smollm2": ("SmolLM2-135M", 30), "gemma3-270m": ("Gemma 3 270M", 18)}
+
+
+def demo_base(base: str) -> tuple[str, int]:
+    """(display name, layer count) of a demo base; :class:`ConfigError` naming the choices."""
+    from pocketpeft.errors import ConfigError
+
+    if base not in DEMO_BASES:
+        raise ConfigError(f"demo base {base!r} is not embedded; choose one of: {', '.join(DEMO_BASES)}")
+    return DEMO_BASES[base]
+
+
+def demo_lora(base: str = "smollm2"):
     """The demo's LoRA config, the personalization preset (:func:`pocketpeft.config.personal_lora`:
-    r=16 on all seven linears of SmolLM2's top 8 of 30 layers). The layers below stay frozen, so
-    the bundle is split: the device trains only the top layers and caches the frozen prefix's
-    outputs. The one place to change it; the cached bundle's name follows it."""
+    r=16 on all seven linears of the top 8 layers: of SmolLM2's 30, of Gemma 3 270M's 18). The
+    layers below stay frozen, so the bundle is split: the device trains only the top layers and
+    caches the frozen prefix's outputs. The one place to change it; the cached bundle's name
+    follows it."""
     from pocketpeft.config import personal_lora
 
-    return personal_lora(30)
+    return personal_lora(demo_base(base)[1])
 
 
 def serve_backend() -> str | None:
@@ -38,8 +53,16 @@ def serve_backend() -> str | None:
     return "llamacpp" if probe("llamacpp").available else None
 
 
-def cached_bundle(cache: Path, quant: str, progress: bool, log: Log | None, gguf: bool = False, onnx: bool = False):
-    """The demo bundle (SmolLM2, ``quant``, :func:`demo_lora`), exported once and cached: the torch
+def cached_bundle(
+    cache: Path,
+    quant: str,
+    progress: bool,
+    log: Log | None,
+    gguf: bool = False,
+    onnx: bool = False,
+    base: str = "smollm2",
+):
+    """The demo bundle (``base``, ``quant``, :func:`demo_lora`), exported once and cached: the torch
     target (the reference) always, llama.cpp's with ``gguf``, ONNX Runtime's with ``onnx`` (2-row
     micro-batches and int8 4-bit storage: ORT training then needs ~0.7 GB). The cache path names
     the targets and options."""
@@ -50,13 +73,12 @@ def cached_bundle(cache: Path, quant: str, progress: bool, log: Log | None, gguf
     from pocketpeft.export import OnnxOptions, export
     from pocketpeft.manifest import Bundle
 
-    lora = demo_lora()
+    lora = demo_lora(base)
+    title = demo_base(base)[0]
     targets = ["torch"] + (["gguf"] if gguf else []) + (["onnx"] if onnx else [])
     onnx_opts = OnnxOptions(rows=2, q4="int8") if onnx else None
-    name = f"smollm2-{quant}-r8"
-    if lora is not None:
-        digest = hashlib.sha256(json.dumps(asdict(lora), sort_keys=True, default=str).encode()).hexdigest()[:8]
-        name = f"smollm2-{quant}-r{lora.r}-{digest}"
+    digest = hashlib.sha256(json.dumps(asdict(lora), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    name = f"{base}-{quant}-r{lora.r}-{digest}"
     # -gslot: an empty global-adapter slot; -wl: the training graph takes per-token loss weights
     name += ("-gguf" if gguf else "") + (
         f"-onnx-rows{onnx_opts.rows}-{onnx_opts.q4.value}-gslot-wl" if onnx_opts else ""
@@ -69,13 +91,11 @@ def cached_bundle(cache: Path, quant: str, progress: bool, log: Log | None, gguf
     except PocketPeftError:
         pass
     if log:
-        log(f"exporting SmolLM2 ({quant}; targets {', '.join(targets)}) to {path} (once; cached for the next run)…")
+        log(f"exporting {title} ({quant}; targets {', '.join(targets)}) to {path} (once; cached for the next run)…")
     t0 = time.perf_counter()
     # onnx graphs with an empty global slot: the chat-adapted global adapter is installed next,
     # as a device installs a newer one (no re-export)
-    b = export(
-        "smollm2", path, quant=quant, lora=lora, targets=targets, progress=progress, onnx=onnx_opts, global_slot=onnx
-    )
+    b = export(base, path, quant=quant, lora=lora, targets=targets, progress=progress, onnx=onnx_opts, global_slot=onnx)
     return b, time.perf_counter() - t0
 
 
@@ -211,6 +231,7 @@ def run_demo(
     sender: str | None = None,
     seconds: float = 60.0,
     quant: str = "q4_0",
+    base: str = "smollm2",
     out_dir: str | Path = "pocketpeft-demo",
     cache: Path | None = None,
     progress: bool = False,
@@ -245,7 +266,7 @@ def run_demo(
 
     # the device path where it is installed: updates on ONNX Runtime, suggestions from llama.cpp
     gguf, onnx = serve_backend() is not None, probe("onnxruntime").available
-    bundle, export_s = cached_bundle(Path(cache), quant, progress, log, gguf=gguf, onnx=onnx)
+    bundle, export_s = cached_bundle(Path(cache), quant, progress, log, gguf=gguf, onnx=onnx, base=base)
     ginfo, global_s = demo_global(bundle, global_seconds, progress, log) if global_seconds else (None, 0.0)
     sender = sender or default_sender()
     train, test = sender_split(sender)
@@ -288,6 +309,7 @@ def run_demo(
     after = {**ev["heldout"], **both}
     pers_sugg = [p.suggest(x, 3) for x in prefixes]
     report = {
+        "base_model": {"name": base, "model": demo_base(base)[0], "quant": quant},
         "sender": sender,
         "quant": quant,
         "backend": f"{sess.backend.name}:{sess.backend.device}",
@@ -464,6 +486,7 @@ def interactive_loop(
 
 def run_interactive(
     quant: str = "q4_0",
+    base: str = "smollm2",
     out_dir: str | Path = "pocketpeft-demo",
     cache: Path | None = None,
     update_seconds: float = 15.0,
@@ -475,7 +498,7 @@ def run_interactive(
     from pocketpeft import runtime
 
     cache = cache or cache_dir()
-    bundle, _ = cached_bundle(Path(cache), quant, progress, log)
+    bundle, _ = cached_bundle(Path(cache), quant, progress, log, base=base)
     # the taps it records are learned from too (DPO, see Personalizer.feedback)
     p = runtime.Personalizer(runtime.open(bundle), Path(out_dir) / "interactive-store", preference_weight=1.0)
     log(f"serving version {p.version}. Type a message and press enter (:versions, :restore N, :wipe, :quit).")
