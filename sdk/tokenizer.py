@@ -91,21 +91,23 @@ def _spm_merges(tokens: list[str], scores: list[float], skip: set[int]) -> list[
     SPM repeatedly merges the adjacent pair whose concatenation is the highest-scoring token. So
     every split ``(left, right)`` of a token into two tokens is a merge, ranked by the token's score
     (best first; a token's splits by where they cut). Tokens in ``skip`` (added tokens: cut out
-    of the text before the model sees it) are never built by merges.
+    of the text before the model sees it) are never built by merges. Two corners a rank can't
+    reproduce: SPM breaks a tie between equal scores by position, and it can merge a character
+    that is no token (here: byte tokens, which don't merge). Neither occurs in Gemma's vocabulary
+    (distinct scores for normal tokens; the one character that is no token is " ", written "▁").
     """
     vocab = set(tokens)
-    found = []
-    for i, t in enumerate(tokens):
-        if i in skip or len(t) < 2:
-            continue
+    order = sorted((i for i, t in enumerate(tokens) if len(t) > 1 and i not in skip), key=lambda i: (-scores[i], i))
+    merges = []
+    for i in order:
+        t = tokens[i]
         for k in range(1, len(t)):
             left = t[:k]
             if left in vocab:
                 right = t[k:]
                 if right in vocab:
-                    found.append((-scores[i], i, k, left, right))
-    found.sort()
-    return [(left, right) for _, _, _, left, right in found]
+                    merges.append((left, right))
+    return merges
 
 
 def _special_content(v: Any) -> str | None:
@@ -118,7 +120,8 @@ class Tokenizer:
     """A ``tokenizers.Tokenizer`` with the model's special ids.
 
     Attributes: ``vocab_size`` (including added tokens), ``bos_id``, ``eos_id``, ``pad_id``,
-    ``unk_id`` (ints or ``None``) and ``hf`` (the wrapped ``tokenizers.Tokenizer``).
+    ``unk_id`` (ints or ``None``), ``hf`` (the wrapped ``tokenizers.Tokenizer``) and ``spm``
+    (a byte-fallback BPE with SentencePiece spelling: "▁" for a space, ``<0xXX>`` byte pieces).
     """
 
     def __init__(
@@ -267,12 +270,15 @@ class Tokenizer:
             raise CorruptFileError(
                 f"GGUF tokenizer metadata disagrees: {len(tokens)} tokens, {len(scores)} scores, {len(types)} token types"
             )
+        if any(x != x for x in scores):
+            raise CorruptFileError("GGUF tokenizer.ggml.scores has NaN scores")
         vocab = {t: i for i, t in enumerate(tokens)}
         if len(vocab) != len(tokens):
             raise CorruptFileError("GGUF tokenizer.ggml.tokens has duplicate tokens")
         added = {i for i, ty in enumerate(types) if ty in (_UNKNOWN, _CONTROL, _USER_DEFINED)}
+        missing = {"bos_token_id": 1, "eos_token_id": 2, "unknown_token_id": 0}  # llama.cpp's SPM defaults
         ids = {
-            k: gguf_field(reader, f"tokenizer.ggml.{k}", None)
+            k: gguf_field(reader, f"tokenizer.ggml.{k}", missing.get(k))
             for k in ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id")
         }
         unk = ids["unknown_token_id"]

@@ -40,6 +40,8 @@ CONTRACT = {
     "_deps",
     "text",
     "procinfo",
+    "families",
+    "modelpkg",
 }
 #: Engine backends that run the torch reference model (host and server, or ExecuTorch's torch-fed API).
 TORCH_BACKENDS = {"torch_backend", "peft_backend", "executorch_backend", "step_graph"}

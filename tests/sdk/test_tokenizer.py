@@ -175,8 +175,8 @@ def test_from_file_errors(tmp_path):
 
 def test_from_gguf_rejects_other_tokenizer_models(tmp_path, tiny_hf_model, write_gguf):
     sd = {k: v for k, v in tiny_hf_model.state_dict().items() if k != "lm_head.weight"}
-    path = write_gguf(tmp_path / "spm.gguf", sd, tokenizer_model="llama", n_tokens=300)
-    with pytest.raises(UnsupportedModelError, match="'llama'"):
+    path = write_gguf(tmp_path / "bert.gguf", sd, tokenizer_model="bert", n_tokens=300)
+    with pytest.raises(UnsupportedModelError, match="'bert'"):
         Tokenizer.from_gguf(path)
     with pytest.raises(ModelFileNotFoundError):
         Tokenizer.from_gguf(tmp_path / "missing.gguf")
