@@ -40,6 +40,7 @@ def run(
     others_messages: int = 200,
     word_weight: float = 0.2,
     log=print,
+    base: str = "smollm2",
 ) -> dict:
     from pocketpeft import runtime
     from pocketpeft.apps.demo import cached_bundle, demo_personalizer, evaluate_personalization
@@ -50,7 +51,7 @@ def run(
     from pocketpeft.runtime.keystrokes import keystroke_metrics
 
     serve_backend = demo_serve_backend() or "torch"  # as the demo: llama.cpp serves when it runs here
-    bundle, export_s = cached_bundle(cache_dir(), quant, False, log, gguf=serve_backend == "llamacpp")
+    bundle, export_s = cached_bundle(cache_dir(), quant, False, log, gguf=serve_backend == "llamacpp", base=base)
     senders = top_senders()[:n_senders]
     train_sess = runtime.open(bundle, backend="torch")
     serve = runtime.open(bundle, backend=serve_backend, need_train=False)
@@ -136,6 +137,7 @@ def run(
         for key in ("next_word_top3", "keystroke_savings"):
             mean[f"ngram_{model}_{key}"] = statistics.fmean(r["ngram"][model][key] for r in rows)
     return {
+        "base": base,
         "export_seconds": export_s,
         "serving_backend": serve_backend,
         "senders": len(rows),
