@@ -372,7 +372,7 @@ class Tokenizer:
     # ---- persistence ----------------------------------------------------------------------
     def to_json_str(self) -> str:
         """The ``tokenizer.json`` text (special ids are not part of it; see :meth:`save`)."""
-        return self.hf.to_str(pretty=True)
+        return self.hf.to_str(pretty=False)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` at ``path`` (or inside folder ``path``) and the special tokens

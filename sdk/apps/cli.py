@@ -73,6 +73,13 @@ def cmd_fleet(args: argparse.Namespace) -> None:
     run(args)
 
 
+def default_bundle_dir(base: str, quant: str) -> Path:
+    """Where ``pocketpeft export`` writes without ``--out``: ``bundles/<base>-<quant>`` in the
+    current directory (``<base>`` a named base, or the model folder's / GGUF file's name)."""
+    stem = Path(base).stem if Path(base).suffix.lower() == ".gguf" else Path(base.rstrip("/\\")).name
+    return Path("bundles") / f"{stem or 'model'}-{quant}"
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from pocketpeft.config import LINEAR_MODULES, LoraConfig
     from pocketpeft.errors import ConfigError
@@ -93,7 +100,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     gguf = GgufOptions(linear=args.gguf_linear or "native")
     b = export(
         args.base,
-        args.out,
+        args.out or default_bundle_dir(args.base, args.quant),
         quant=args.quant,
         lora=lora,
         targets=args.targets,
@@ -423,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="'smollm2' (embedded default), 'gemma3-270m' (embedded), an HF model folder "
         "(Llama, Qwen2, Qwen3, Gemma 3) or a .gguf file",
     )
-    e.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
+    e.add_argument("--out", help="bundle directory to write (replaced atomically; default bundles/<base>-<quant> here)")
     e.add_argument("--quant", default="q4_0", choices=["q4_0", "q8_0", "nf4", "f16", "f32"])
     e.add_argument("--targets", default="torch", help="comma-separated export targets (default: torch)")
     e.add_argument("--r", type=int, help="LoRA rank (default 8; 16 with --preset personal)")
