@@ -1,7 +1,8 @@
 """Model families side by side: Gemma 3 270M next to SmolLM2-135M, measured in the same run.
 
-Both embedded bases are exported the way the demo exports them (q4_0, the personalization
-preset: LoRA r=16 on every linear of the top 8 layers, split; ONNX Runtime training graphs and
+Both embedded bases are exported the way the demo exports them (each in its demo format: q4_0
+for SmolLM2, q8_0 for Gemma, whose k-quants don't survive q4_0; ``--quant`` sets both; the
+personalization preset: LoRA r=16 on every linear of the top 8 layers, split; ONNX Runtime training graphs and
 a llama.cpp GGUF where those run here) and run on the device path:
 
 - **update step**: one training step of the bundle's batch on the session's update backend (ONNX
@@ -58,12 +59,18 @@ def _step(sess, ids, labels) -> float:
     return time.perf_counter() - t0
 
 
-def speed(bases, quant: str, reps: int, messages: int, log=print) -> dict:
+def _quant(base: str, quant: str | None) -> str:
+    from pocketpeft.apps.demo import demo_quant
+
+    return quant or demo_quant(base)
+
+
+def speed(bases, quant: str | None, reps: int, messages: int, log=print) -> dict:
     from pocketpeft import runtime
     from pocketpeft.corpus import sender_split, top_senders
     from pocketpeft.runtime.keystrokes import simulate_typing
 
-    bundles = {b: _bundle(b, quant, log) for b in bases}
+    bundles = {b: _bundle(b, _quant(b, quant), log) for b in bases}
     train = {b: runtime.open(bundles[b]) for b in bases}
     serve = {b: runtime.open(bundles[b], need_train=False) for b in bases}
     batches = {b: _batch(train[b]) for b in bases}
@@ -102,6 +109,7 @@ def speed(bases, quant: str, reps: int, messages: int, log=print) -> dict:
         saved = sum(q["keystroke_savings"] * q["chars"] for q in quality[b])
         top3 = sum(q["next_word_top3"] * q["words"] for q in quality[b])
         out[b] = {
+            "quant": _quant(b, quant),
             "train_backend": train[b].backend.name,
             "serve_backend": serve[b].backend.name,
             "vocab_size": train[b].manifest.arch.vocab_size,
@@ -137,7 +145,7 @@ class Families(Suite):
     quick_help = "3 step reps, 3 messages, 1 sender with 30 s updates"
 
     def add_arguments(self, ap: argparse.ArgumentParser) -> None:
-        ap.add_argument("--quant", default="q4_0")
+        ap.add_argument("--quant", help="frozen weights' format of both bases (default: each base's demo format)")
         ap.add_argument("--reps", type=int, help="update-step reps per base (default 8; quick 3)")
         ap.add_argument("--messages", type=int, help="held-out messages typed per base (default 12; quick 3)")
         ap.add_argument("--senders", type=int, help="personalization senders per base (default 3; quick 1; 0: skip)")
@@ -155,10 +163,10 @@ class Families(Suite):
         senders = args.senders if args.senders is not None else (1 if args.quick else 3)
         secs = args.seconds or (30.0 if args.quick else 60.0)
         for b in BASES:  # export (cached) before anything is timed
-            _bundle(b, args.quant)
+            _bundle(b, _quant(b, args.quant))
         res = speed(BASES, args.quant, reps, msgs)
         for b in BASES:
-            res[b]["memory"] = self.run_worker([b, args.quant])
+            res[b]["memory"] = self.run_worker([b, _quant(b, args.quant)])
         small, big = (res[b] for b in BASES)
         ratios = {
             "update_step": big["update_step_s"]["median"] / small["update_step_s"]["median"],
@@ -173,7 +181,7 @@ class Families(Suite):
                     secs,
                     ks_messages=10 if args.quick else 15,
                     loss_messages=40 if args.quick else 60,
-                    quant=args.quant,
+                    quant=_quant(b, args.quant),
                     others_messages=40 if args.quick else 60,
                     base=b,
                 )

@@ -335,13 +335,13 @@ def cmd_backends(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .demo import demo_quant, run_demo
 
     if args.interactive:
         from .demo import run_interactive
 
         reports = run_interactive(
-            quant=args.quant,
+            quant=args.quant or demo_quant(args.base),
             base=args.base,
             out_dir=args.out,
             cache=cache_dir(),
@@ -354,7 +354,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         sender=args.sender,
         seconds=args.seconds,
         global_seconds=args.global_seconds,
-        quant=args.quant,
+        quant=args.quant or demo_quant(args.base),
         base=args.base,
         out_dir=args.out,
         cache=cache_dir(),
@@ -571,7 +571,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="host training of the bundle's chat-adapted global adapter on other people's messages "
         "(once; cached with the bundle); 0: no global adapter",
     )
-    d.add_argument("--quant", default="q4_0", choices=["q4_0", "q8_0", "nf4", "f16", "f32"])
+    d.add_argument(
+        "--quant",
+        choices=["q4_0", "q8_0", "nf4", "f16", "f32"],
+        help="frozen weights' format (default: q4_0 for SmolLM2, q8_0 for Gemma 3 270M, whose k-quants lose "
+        "~60%% perplexity requantized to q4_0; see benchmarks/results/quant_quality_gemma3-270m*.json)",
+    )
     d.add_argument("--out", default="pocketpeft-demo", help="where the report and adapter go")
     d.add_argument("--interactive", action="store_true", help="type messages, see suggestions, learn when you pause")
     d.add_argument(

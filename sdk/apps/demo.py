@@ -19,12 +19,19 @@ from pocketpeft.fsutil import cache_dir, write_bytes_atomic
 Log = Callable[[str], None]
 
 
-#: the embedded bases the demo runs: name -> (display name, decoder layers)
-DEMO_BASES = {"smollm2": ("SmolLM2-135M", 30), "gemma3-270m": ("Gemma 3 270M", 18)}
+#: the embedded bases the demo runs: name -> (display name, decoder layers, default quant).
+#: Gemma 3 270M ships as k-quants (Q4_K / Q5_0 / Q6_K / Q8_0): requantized to q4_0 it loses ~60%
+#: perplexity on chat text, to q8_0 0.4% (benchmarks/quant_quality.py --base gemma3-270m)
+DEMO_BASES = {"smollm2": ("SmolLM2-135M", 30, "q4_0"), "gemma3-270m": ("Gemma 3 270M", 18, "q8_0")}
 
 
-def demo_base(base: str) -> tuple[str, int]:
-    """(display name, layer count) of a demo base; :class:`ConfigError` naming the choices."""
+def demo_quant(base: str) -> str:
+    """The demo's default frozen-weight format for ``base``."""
+    return DEMO_BASES[base][2] if base in DEMO_BASES else "q4_0"
+
+
+def demo_base(base: str) -> tuple[str, int, str]:
+    """(display name, layer count, default quant) of a demo base; :class:`ConfigError` naming the choices."""
     from pocketpeft.errors import ConfigError
 
     if base not in DEMO_BASES:
