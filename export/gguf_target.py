@@ -2,16 +2,32 @@
 
 What the file holds (``gguf/info.json`` records it per bundle):
 
-- architecture ``llama`` with every hyperparameter llama.cpp reads, and the tokenizer: a GGUF
+- architecture ``Family.gguf_arch`` (``llama``, ``qwen2``, ``qwen3``, ``gemma3``) with every
+  hyperparameter llama.cpp reads under that prefix (``<arch>.block_count``, ``context_length``,
+  ``embedding_length``, ``feed_forward_length``, ``attention.head_count`` / ``head_count_kv``,
+  ``rope.freq_base``, ``attention.layer_norm_rms_epsilon``, ``rope.dimension_count``,
+  ``vocab_size``; ``attention.key_length`` / ``value_length`` when head_dim isn't
+  hidden / heads, and always for Gemma 3, whose sliding layers add ``attention.sliding_window``,
+  ``attention.sliding_window_pattern`` (the period of the full layers, or one bool per layer)
+  and ``rope.freq_base_swa``), and the tokenizer: a GGUF
   source's ``tokenizer.*`` metadata copied verbatim, otherwise rebuilt from ``tokenizer.json``
   (gpt2 byte-level BPE: tokens, merges, token types, pre-tokenizer, special ids).
+- the family's tensors under llama.cpp's names (:func:`pocketpeft.formats.gguf.block_stems`):
+  Qwen2's q/k/v biases (``blk.N.attn_q.bias``, f32), the q/k norms (``attn_q_norm`` /
+  ``attn_k_norm``) of Qwen3 and Gemma 3, Gemma's four norms (``attn_norm``,
+  ``post_attention_norm``, ``ffn_norm``, ``post_ffw_norm``) written as ``1 + w`` as llama.cpp's
+  converter does (we keep Gemma's ``w``).
+- a model llama.cpp would run differently whatever the file says is refused with
+  :class:`UnsupportedModelError` (:func:`check_llamacpp_support`: a Gemma 3 attention scale
+  other than llama.cpp's fixed one).
 - frozen linears in the bundle's own quantization where GGUF has it: ``q4_0`` / ``q8_0`` are
   *our* buffers laid out by :func:`pocketpeft.reference.quant.to_gguf_blocks` (byte-identical blocks, so
   llama.cpp and the torch backend run the same frozen bytes); ``f16`` / ``f32`` as such.
   ``nf4`` has no GGUF type: its dequantized weights are written as ``f16`` (default, closest to
   the torch backend's values) or ``q8_0`` (``GgufOptions(nf4="q8_0")``: half the size).
-- Q and K rows permuted back into llama.cpp's interleaved-pair RoPE order (the inverse of what
-  :mod:`pocketpeft.reference.loading` undoes on load), also on quantized rows: blocks run along a row.
+- for Llama only, Q and K rows permuted back into llama.cpp's interleaved-pair RoPE order (the
+  inverse of what :mod:`pocketpeft.reference.loading` undoes on load), also on quantized rows:
+  blocks run along a row. llama.cpp runs the other families' RoPE in HF's rotate-half order.
 - ``token_embd`` (and ``output`` when untied; tied models have no ``output.weight``):
   ``q8_0`` when that reproduces our float32 embedding exactly (a base that came from a q8_0
   GGUF, like SmolLM2), else ``f32`` for f32 bundles and ``f16`` otherwise. Norms are ``f32``.
@@ -42,11 +58,14 @@ from pocketpeft.formats.gguf import (  # noqa: F401 (re-exported)
     HF_TO_GGUF,
     INFO,
     INFO_BASE,
+    NO_PERMUTATION,
     PERMUTATION,
     GgufOptions,
     base_path,
+    block_stems,
     gguf_name,
     permute_rows,
+    permuted_heads,
     writing_gguf,
 )
 from pocketpeft.reference.model import CausalLM, linear_names
@@ -56,14 +75,6 @@ from .protocol import ExportContext
 
 _FILE_TYPE = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5
-
-
-def _heads_for(name: str, arch: ModelConfig) -> int | None:
-    if name.endswith("attn_q.weight"):
-        return arch.num_attention_heads
-    if name.endswith("attn_k.weight"):
-        return arch.num_key_value_heads
-    return None
 
 
 # ---- tensors --------------------------------------------------------------------------------
@@ -95,8 +106,18 @@ def _embedding_tensor(w: torch.Tensor, linear_type: str, choice: str) -> tuple[n
     return w.to(torch.float16).numpy(), "f16"
 
 
+def _norm(module: Any, offset: float) -> np.ndarray:
+    """A norm's weight as llama.cpp applies it: ``w``, or ``offset + w`` for Gemma (whose norms we
+    store as ``w`` and apply as ``1 + w``; llama.cpp's converter stores ``1 + w``)."""
+    w = module.weight.detach().float()
+    return (w + offset if offset else w).numpy()
+
+
 def _model_tensors(model: CausalLM, arch: ModelConfig, nf4_as: str, embedding: str, linear_as: str = "native"):
-    """Yield (gguf name, array, type name) for every base tensor, Q/K rows permuted."""
+    """Yield (gguf name, array, type name) for every base tensor of ``arch``'s family: the
+    linears (Q/K rows permuted for Llama) and their biases (Qwen2: f32), the norms (Gemma's
+    ``1 + w``), the embedding and the untied output."""
+    fam = arch.family
     lin_type = None
     for hf in linear_names(arch):
         mod = model.get_submodule(hf)
@@ -105,13 +126,17 @@ def _model_tensors(model: CausalLM, arch: ModelConfig, nf4_as: str, embedding: s
             raise UnsupportedModelError(f"{hf} is a {type(layer).__name__}, expected a frozen QuantLinear")
         arr, typ = _linear_tensor(layer, nf4_as, linear_as)
         lin_type = lin_type or typ
-        name = gguf_name(hf)
-        heads = _heads_for(name, arch)
+        name = gguf_name(hf, fam)
+        heads = permuted_heads(name, arch)
         yield name, (permute_rows(arr, heads) if heads else arr), typ
+        if layer.bias is not None:
+            b = layer.bias.detach().float().cpu().numpy()
+            yield gguf_name(hf, fam, "bias"), (permute_rows(b, heads) if heads else b), "f32"
+    norms = [*fam.norm_names(), *(("self_attn.q_norm", "self_attn.k_norm") if fam.qk_norm else ())]
     for i, layer in enumerate(model.model.layers):
-        for hf in ("input_layernorm", "post_attention_layernorm"):
-            yield f"blk.{i}.{HF_TO_GGUF[hf]}.weight", getattr(layer, hf).weight.detach().float().numpy(), "f32"
-    yield "output_norm.weight", model.model.norm.weight.detach().float().numpy(), "f32"
+        for hf in norms:
+            yield gguf_name(f"model.layers.{i}.{hf}", fam), _norm(layer.get_submodule(hf), fam.norm_offset), "f32"
+    yield "output_norm.weight", _norm(model.model.norm, fam.norm_offset), "f32"
     arr, typ = _embedding_tensor(model.model.embed_tokens.weight, lin_type, embedding)
     yield "token_embd.weight", arr, typ
     if not arch.tie_word_embeddings:
@@ -129,7 +154,7 @@ def _passthrough_tensors(reader: Any, arch: ModelConfig) -> dict[str, Any]:
     ours = {}
     for k, shape in expected_shapes(arch).items():
         if len(shape) == 2:
-            ours[gguf_name(k[: -len(".weight")])] = shape
+            ours[gguf_name(k[: -len(".weight")], arch.family)] = shape
     out = {}
     for t in reader.tensors:
         if (
@@ -146,7 +171,7 @@ class _Packed(bytes):
     """A metadata value already in GGUF's encoding (type tag included), copied from a reader."""
 
 
-def _writer(path: Path) -> Any:
+def _writer(path: Path, arch: str = ARCH) -> Any:
     """A ``gguf.GGUFWriter`` that packs string / int32 arrays in one go (gguf-py packs the ~100k
     vocabulary entries one struct.pack at a time: seconds per export). Same bytes."""
     import struct
@@ -169,11 +194,53 @@ def _writer(path: Path) -> Any:
                     return head + struct.pack("<IQ", V.INT32, len(val)) + np.asarray(val, dtype="<i4").tobytes()
             return super()._pack_val(val, vtype, add_vtype, sub_type)
 
-    return _Writer(str(path), ARCH)
+    return _Writer(str(path), arch)
+
+
+def _sliding(arch: ModelConfig) -> bool:
+    """Whether ``arch`` has sliding-window layers (Gemma 3)."""
+    return arch.family.sliding_layers and any(arch.is_sliding(i) for i in range(arch.num_hidden_layers))
+
+
+def _swa_pattern(arch: ModelConfig) -> int | list[bool]:
+    """``attention.sliding_window_pattern`` for ``arch``: the period ``p`` when every ``p``-th
+    layer is full and the others slide (Gemma 3: 6; all sliding: one more than the layers), as
+    llama.cpp's ``set_swa_pattern(p)`` lays it out and converters write it; otherwise one bool
+    per layer (True: sliding), which llama.cpp reads too."""
+    sliding = [arch.is_sliding(i) for i in range(arch.num_hidden_layers)]
+    for p in range(2, len(sliding) + 2):
+        if sliding == [(i + 1) % p != 0 for i in range(len(sliding))]:
+            return p
+    return sliding
+
+
+def check_llamacpp_support(arch: ModelConfig) -> None:
+    """Raise :class:`UnsupportedModelError` when llama.cpp would run ``arch`` differently from
+    the reference model whatever the file says.
+
+    Gemma 3: llama.cpp scales queries by ``head_dim ** -0.5`` (``(hidden / heads) ** -0.5`` for a
+    62-layer model, Gemma 3 27B) and reads no key that says otherwise, so
+    ``query_pre_attn_scalar`` must be that number. (The window, which layers slide and their
+    RoPE base are written as ``gemma3.attention.sliding_window`` / ``sliding_window_pattern`` /
+    ``rope.freq_base_swa``, which llama.cpp reads.)"""
+    if not arch.family.sliding_layers:
+        return
+    n = arch.num_hidden_layers
+    assumed = arch.hidden_size // arch.num_attention_heads if n == 62 else arch.head_dim
+    scalar = arch.query_pre_attn_scalar or arch.head_dim
+    if scalar != assumed:
+        why = "hidden_size / num_attention_heads for its 62-layer model" if n == 62 else "head_dim"
+        raise UnsupportedModelError(
+            f"the gguf target cannot carry this {arch.model_type} model: its query_pre_attn_scalar is {scalar:g}, "
+            f"but llama.cpp's {arch.family.gguf_arch} scales attention by {assumed}**-0.5 ({why}) and reads no "
+            "setting for it, so llama.cpp would compute different logits"
+        )
 
 
 def _add_hparams(w: Any, arch: ModelConfig, linear_type: str) -> None:
     import gguf
+
+    fam = arch.family
 
     w.add_type(gguf.GGUFType.MODEL)
     w.add_block_count(arch.num_hidden_layers)
@@ -185,9 +252,15 @@ def _add_hparams(w: Any, arch: ModelConfig, linear_type: str) -> None:
     w.add_rope_freq_base(float(arch.rope_theta))
     w.add_layer_norm_rms_eps(float(arch.rms_norm_eps))
     w.add_rope_dimension_count(arch.head_dim)
-    if arch.head_dim * arch.num_attention_heads != arch.hidden_size:
+    if arch.head_dim * arch.num_attention_heads != arch.hidden_size or fam.sliding_layers:
         w.add_key_length(arch.head_dim)
         w.add_value_length(arch.head_dim)
+    if _sliding(arch):
+        # the window, which layers slide and their RoPE base, all written out: llama.cpp's gemma3
+        # defaults (every 6th layer full, local base 10000) are only what Gemma 3 happens to use
+        w.add_sliding_window(arch.sliding_window)
+        w.add_sliding_window_pattern(_swa_pattern(arch))
+        w.add_rope_freq_base_swa(float(arch.rope_local_base_freq or arch.rope_theta))
     w.add_vocab_size(arch.vocab_size)
     if linear_type in _FILE_TYPE:
         w.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPE[linear_type]))
@@ -368,11 +441,13 @@ def write_base_gguf(
     if tokenizer is None and source_gguf is None:
         raise ConfigError("write_base_gguf needs a tokenizer or the source_gguf to copy one from")
     arch = model.config
+    check_llamacpp_support(arch)
     extra = _passthrough_tensors(open_gguf(source_gguf), arch) if passthrough else {}
     out_path = Path(out_path)
     counts: dict[str, int] = {}
     types: dict[str, str] = {}
-    with writing_gguf(out_path, make=_writer) as w:
+    fam = arch.family
+    with writing_gguf(out_path, make=_writer, arch=fam.gguf_arch) as w:
         w.add_name(name)
         tensors = list(_model_tensors(model, arch, nf4_as, embedding, linear_as))
         lin_type = tensors[0][2]
@@ -395,17 +470,35 @@ def write_base_gguf(
             counts[typ] = counts.get(typ, 0) + 1
     embd = types["token_embd.weight"]
     return {
-        "architecture": ARCH,
+        "architecture": fam.gguf_arch,
         "linear_type": lin_type if not extra else "passthrough",
         "embedding_type": embd,
         "output": "tied" if arch.tie_word_embeddings else types["output.weight"],
         "norm_type": "f32",
         "tensor_types": counts,
-        "qk_permutation": PERMUTATION,
+        "qk_permutation": PERMUTATION if fam.gguf_permuted_qk else NO_PERMUTATION,
         "passthrough": bool(extra),
         "passthrough_tensors": len(extra),
         **tok_info,
     }
+
+
+def _named_base_path(name: str) -> Path | None:
+    """The GGUF file behind a named base (``"smollm2"``, ``"gemma3-270m"``), or None when it
+    can't be had (the load that preceded the export found it, so this is the same file)."""
+    from pocketpeft.errors import PocketPeftError
+    from pocketpeft.reference.loading import default_model_path
+
+    try:
+        if name.lower() == "smollm2":
+            return default_model_path()
+        if name.lower() == "gemma3-270m":
+            from pocketpeft.modelpkg import gemma3_270m_path
+
+            return Path(gemma3_270m_path())
+    except (ImportError, PocketPeftError):
+        return None
+    return None
 
 
 def _source_gguf(ctx: ExportContext) -> Path | None:
@@ -415,7 +508,7 @@ def _source_gguf(ctx: ExportContext) -> Path | None:
     initial adapter records the source and its sha256."""
     from safetensors import safe_open
 
-    from pocketpeft.reference.loading import default_model_path, sha256_files
+    from pocketpeft.reference.loading import NAMED_BASES, sha256_files
 
     src = getattr(ctx, "source", None)
     want = None
@@ -429,8 +522,8 @@ def _source_gguf(ctx: ExportContext) -> Path | None:
             want = (f.metadata() or {}).get("pocketpeft.base_sha256")
     if not src:
         return None
-    path = default_model_path() if src.lower() == "smollm2" else Path(src)
-    if not path.is_file():
+    path = _named_base_path(src) if src.lower() in NAMED_BASES else Path(src)
+    if path is None or not path.is_file():
         return None
     with open(path, "rb") as fh:
         if fh.read(4) != b"GGUF":

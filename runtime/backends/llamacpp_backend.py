@@ -1,5 +1,10 @@
 """Backend ``llamacpp``: llama.cpp (llama-cpp-python) over the bundle's ``gguf/`` base, CPU, inference only.
 
+Every family the gguf target writes runs here (architectures ``llama``, ``qwen2``, ``qwen3``,
+``gemma3``); adapters are converted for the base's architecture. Gemma 3's sliding-window layers
+get llama.cpp's sliding-window cache, kept full-size (``swa_full``), so a sequence can still be
+cut at any position and branches share prefixes as with the others.
+
 The base GGUF (see :mod:`pocketpeft.export.gguf_target`: for q4_0 / q8_0 bundles its linears are
 the bundle's own quantized bytes) is loaded once per backend. ``set_adapter`` converts the PEFT
 tensors to a GGUF LoRA file in a private temp dir and hot-swaps it into the live context with

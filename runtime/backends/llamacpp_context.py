@@ -33,6 +33,9 @@ class LlamaContext:
         cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, N_BATCH, N_BATCH
         cp.n_threads = cp.n_threads_batch = threads
         cp.n_seq_max, cp.kv_unified = N_SEQ, True
+        # sliding-window layers (Gemma 3) keep every position, not just the window: the backend
+        # cuts sequences at any position and copies prefixes into branches
+        cp.swa_full = True
         cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         if exact:
             cp.type_k = cp.type_v = 0  # GGML_TYPE_F32

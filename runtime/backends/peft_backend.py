@@ -126,7 +126,7 @@ def build_hf_model(bundle: Bundle, dtype: str = "float32"):
     from pocketpeft.config import QuantFormat
     from pocketpeft.reference.hf import hf_class, hf_config, restore_meta_buffers
     from pocketpeft.reference.model import build_quantized
-    from pocketpeft.reference.quant import QuantLinear
+    from pocketpeft.reference.quant import QuantEmbedding, QuantLinear
 
     tdt = _torch_dtype(dtype)
     m = bundle.manifest
@@ -150,6 +150,9 @@ def build_hf_model(bundle: Bundle, dtype: str = "float32"):
         hf.set_submodule(name, new)
         linears[name] = new
     rest = {k: v.to(tdt) for k, v in ours.state_dict().items() if k.rsplit(".", 1)[0] not in linears}
+    if isinstance(ours.model.embed_tokens, QuantEmbedding):  # a q8_0 embedding: transformers takes its values
+        rest = {k: v for k, v in rest.items() if not k.startswith("model.embed_tokens.")}
+        rest["model.embed_tokens.weight"] = ours.model.embed_tokens.weight.to(tdt)
     missing, unexpected = hf.load_state_dict(rest, strict=False, assign=True)
     missing = [k for k in missing if k != "lm_head.weight" and k.rsplit(".", 1)[0] not in linears]
     if unexpected or missing:

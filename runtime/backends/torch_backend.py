@@ -26,7 +26,7 @@ from pocketpeft.reference.lora import (
     set_global_lora,
 )
 from pocketpeft.reference.model import FUSED_HEAD_VOCAB, CausalLM, SplitPart, build_quantized
-from pocketpeft.reference.quant import QuantLinear
+from pocketpeft.reference.quant import QuantEmbedding, QuantLinear
 
 from ..protocol import Capabilities, EvalSums, Probe, StepResult, TrainConfig
 from .step_graph import DeviceStep, GraphStep, backward_loss, masked_weights
@@ -282,7 +282,7 @@ class TorchBackend:
         4 bytes per weight) so no step re-dequantizes them; the quantized bytes stay the source.
         """
         for m in self._m.modules():
-            if isinstance(m, QuantLinear) and m._dequant_cache is None:
+            if isinstance(m, (QuantLinear, QuantEmbedding)) and m._dequant_cache is None:
                 m.cache_dequantized(True, getattr(torch, self.dtype))
         return TorchDecoder(self._m, self.device, self._autocast)
 

@@ -1,5 +1,6 @@
-"""The GGUF contract: llama.cpp's names and layout for a llama model's tensors (shared by the GGUF
-base writer and the GGUF LoRA converter), the bundle's GGUF file names, and a checked reader.
+"""The GGUF contract: llama.cpp's names and layout for the tensors of each model family's
+architecture (``llama``, ``qwen2``, ``qwen3``, ``gemma3``; shared by the GGUF base writer and the
+GGUF LoRA converter), the bundle's GGUF file names, and a checked reader.
 No torch here: the llamacpp backend reads and converts on the device.
 """
 
@@ -16,6 +17,7 @@ import gguf
 import numpy as np
 
 from pocketpeft.errors import ConfigError, CorruptFileError, ModelFileNotFoundError, UnsupportedModelError
+from pocketpeft.families import FAMILIES, Family
 
 _MISSING = object()
 
@@ -77,14 +79,16 @@ class GgufOptions:
         return {"linear": self.linear.value, "nf4": self.nf4.value, "passthrough": self.passthrough}
 
 
-ARCH = "llama"
+ARCH = "llama"  # the default architecture (Llama's); other families write ``Family.gguf_arch``
 PERMUTATION = (
     "convert_hf_to_gguf LlamaModel.permute on attn_q (n_head) and attn_k (n_head_kv) rows: "
     "HF rotate-half order -> llama.cpp interleaved pairs"
 )
+#: what ``info.json`` records for the families whose RoPE llama.cpp runs in HF's order
+NO_PERMUTATION = "none: llama.cpp runs this architecture's RoPE in HF's rotate-half (NEOX) order"
 
-#: HF module suffix -> GGUF tensor stem, as llama.cpp names a llama block.
-HF_TO_GGUF = {
+#: HF module suffix -> GGUF tensor stem of the linear layers, the same in every family
+LINEAR_STEMS = {
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
@@ -92,20 +96,62 @@ HF_TO_GGUF = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
 }
+
+
+def block_stems(fam: Family | None = None) -> dict[str, str]:
+    """HF module suffix -> GGUF tensor stem of one block of family ``fam`` (default Llama), as
+    llama.cpp names them: the linears, the norms (Llama's pre-MLP norm is ``ffn_norm``; Gemma's
+    four are ``attn_norm``, ``post_attention_norm``, ``ffn_norm`` before the MLP and
+    ``post_ffw_norm``) and the q/k norms (``attn_q_norm`` / ``attn_k_norm``)."""
+    fam = fam or FAMILIES["llama"]
+    out = {**LINEAR_STEMS, "input_layernorm": "attn_norm"}
+    if fam.sandwich_norms:
+        out.update(
+            {
+                "post_attention_layernorm": "post_attention_norm",
+                "pre_feedforward_layernorm": "ffn_norm",
+                "post_feedforward_layernorm": "post_ffw_norm",
+            }
+        )
+    else:
+        out["post_attention_layernorm"] = "ffn_norm"
+    if fam.qk_norm:
+        out.update({"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
+    return out
+
+
+#: HF module suffix -> GGUF tensor stem, as llama.cpp names a llama block (:func:`block_stems`).
+HF_TO_GGUF = block_stems()
 _GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
-def gguf_name(hf_module: str) -> str:
-    """GGUF tensor name of an HF module (``model.layers.3.self_attn.q_proj`` -> ``blk.3.attn_q.weight``)."""
+def gguf_name(hf_module: str, fam: Family | None = None, kind: str = "weight") -> str:
+    """GGUF tensor name of an HF module of family ``fam`` (default Llama):
+    ``model.layers.3.self_attn.q_proj`` -> ``blk.3.attn_q.weight`` (``kind="bias"``: ``.bias``)."""
+    stems = HF_TO_GGUF if fam is None else block_stems(fam)
     if hf_module in _GLOBAL:
-        return _GLOBAL[hf_module] + ".weight"
+        return f"{_GLOBAL[hf_module]}.{kind}"
     parts = hf_module.split(".", 3)
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in HF_TO_GGUF:
-        return f"blk.{int(parts[2])}.{HF_TO_GGUF[parts[3]]}.weight"
-    raise UnsupportedModelError(f"{hf_module!r} has no GGUF tensor name in a llama model")
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in stems:
+        return f"blk.{int(parts[2])}.{stems[parts[3]]}.{kind}"
+    arch = (fam or FAMILIES["llama"]).gguf_arch
+    raise UnsupportedModelError(f"{hf_module!r} has no GGUF tensor name in a {arch} model")
+
+
+def permuted_heads(gguf_tensor: str, arch: Any) -> int | None:
+    """The head count whose rows llama.cpp's converter reorders in GGUF tensor ``gguf_tensor``
+    (``blk.N.attn_q.*``: n_head, ``attn_k``: n_head_kv) for a model of config ``arch`` (a
+    :class:`~pocketpeft.config.ModelConfig`); ``None`` for other tensors and for families whose
+    RoPE llama.cpp runs in HF's order (every family but Llama)."""
+    if not arch.family.gguf_permuted_qk:
+        return None
+    stem = gguf_tensor.split(".")[2] if gguf_tensor.startswith("blk.") and gguf_tensor.count(".") >= 3 else ""
+    if stem == "attn_q":
+        return arch.num_attention_heads
+    if stem == "attn_k":
+        return arch.num_key_value_heads
+    return None
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -161,14 +207,15 @@ def gguf_field(reader: Any, key: str, default: Any = _MISSING) -> Any:
 
 
 @contextlib.contextmanager
-def writing_gguf(out_path: Path, make: Any = None) -> Iterator[Any]:
-    """A ``gguf.GGUFWriter`` (or ``make(path)``'s writer) over ``out_path``'s ``.partial`` sibling:
+def writing_gguf(out_path: Path, make: Any = None, arch: str = ARCH) -> Iterator[Any]:
+    """A ``gguf.GGUFWriter`` of architecture ``arch`` (or ``make(path, arch)``'s writer) over
+    ``out_path``'s ``.partial`` sibling:
     the ``with`` body adds metadata and tensors; on leaving it the file is written and renamed over
     ``out_path``. If the body or the write fails, the partial file is deleted and ``out_path`` is
     left as it was."""
     out_path = Path(out_path)
     tmp = out_path.with_name(out_path.name + ".partial")
-    w = make(tmp) if make is not None else gguf.GGUFWriter(str(tmp), ARCH)
+    w = make(tmp, arch) if make is not None else gguf.GGUFWriter(str(tmp), arch)
     try:
         yield w
         w.write_header_to_file()

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from pocketpeft.config import ModelConfig
 from pocketpeft.errors import CorruptFileError, ModelFileNotFoundError, UnsupportedModelError
 from pocketpeft.families import FAMILIES, GGUF_ARCHS, Family
-from pocketpeft.formats.gguf import _MISSING, gguf_field, open_gguf
+from pocketpeft.formats.gguf import _MISSING, block_stems, gguf_field, open_gguf
 from pocketpeft.fsutil import read_json
 from pocketpeft.tokenizer import Tokenizer
 
@@ -120,11 +120,19 @@ def _gguf_config(reader: Any, arch: str, tokenizer: Tokenizer) -> ModelConfig:
     if FAMILIES[model_type].sliding_layers:
         # llama.cpp's Gemma 3 defaults when the file doesn't say: every 6th layer global, local
         # RoPE base 10000, attention scaled by head_dim (hidden / heads for the 27B model)
-        n, every = get("block_count"), int(get("attention.sliding_window_pattern", 6) or 6)
+        n, pattern = get("block_count"), get("attention.sliding_window_pattern", 6) or 6
         heads = get("attention.head_count")
+        if isinstance(pattern, (list, tuple)):  # one flag per layer, True = sliding
+            if len(pattern) != n:
+                raise CorruptFileError(
+                    f"GGUF {arch}.attention.sliding_window_pattern has {len(pattern)} entries for {n} layers"
+                )
+            types = ["sliding_attention" if bool(f) else "full_attention" for f in pattern]
+        else:  # a period: every pattern-th layer is global
+            types = ["full_attention" if (i + 1) % int(pattern) == 0 else "sliding_attention" for i in range(n)]
         extra = {
             "sliding_window": get("attention.sliding_window", None),
-            "layer_types": ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)],
+            "layer_types": types,
             "rope_local_base_freq": float(get("rope.freq_base_swa", 10000.0)),
             "query_pre_attn_scalar": (get("embedding_length") // heads) if n == 62 else (key_len or None),
         }
@@ -153,34 +161,14 @@ def _gguf_config(reader: Any, arch: str, tokenizer: Tokenizer) -> ModelConfig:
 
 
 _GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_GGUF_BLOCK = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-#: the norms whose GGUF names differ by family: Llama's pre-MLP norm is "ffn_norm"; Gemma's
-#: four norms are attn_norm, post_attention_norm, ffn_norm (pre-MLP) and post_ffw_norm
-_GGUF_NORMS = {
-    False: {"ffn_norm": "post_attention_layernorm"},
-    True: {
-        "post_attention_norm": "post_attention_layernorm",
-        "ffn_norm": "pre_feedforward_layernorm",
-        "post_ffw_norm": "post_feedforward_layernorm",
-    },
-}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 def gguf_block_names(fam: Family) -> dict[str, str]:
-    """GGUF block tensor stem (``attn_q``) -> HF module suffix (``self_attn.q_proj``) for ``fam``."""
-    return {**_GGUF_BLOCK, **_GGUF_NORMS[fam.sandwich_norms]}
+    """GGUF block tensor stem (``attn_q``) -> HF module suffix (``self_attn.q_proj``) for ``fam``:
+    the writer's table (:func:`pocketpeft.formats.gguf.block_stems`) inverted. Tensors a
+    family doesn't have (Llama's q/k norms) are kept so that they are refused by shape checks."""
+    return {stem: hf for hf, stem in {**block_stems(FAMILIES["qwen3"]), **block_stems(fam)}.items()}
 
 
 def _hf_name(gguf_name: str, fam: Family) -> str | None:

@@ -23,7 +23,7 @@ from torch import nn
 from pocketpeft.config import LINEAR_MODULES, ModelConfig, QuantFormat
 from pocketpeft.errors import SequenceTooLongError, UnsupportedModelError
 
-from .quant import QuantLinear
+from .quant import QuantEmbedding, QuantLinear
 
 #: A factory for the frozen linear layers: (in_features, out_features, hf_name, bias) -> module.
 LinearFactory = Callable[[int, int, str, bool], nn.Module]
@@ -196,11 +196,14 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     """The ``model.`` part of HF's ``*ForCausalLM``: embeddings, layers, final norm."""
 
-    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory) -> None:
+    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, quant_embedding: bool = False) -> None:
         super().__init__()
         fam = cfg.family
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        if quant_embedding:
+            self.embed_tokens = QuantEmbedding(cfg.vocab_size, cfg.hidden_size)
+        else:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, make_linear, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fam.norm_offset)
         # Gemma scales the embeddings by sqrt(hidden) (transformers rounds the factor to the
@@ -220,11 +223,13 @@ class CausalLM(nn.Module):
     Every base parameter is frozen; only injected LoRA tensors are trainable.
     """
 
-    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory | None = None) -> None:
+    def __init__(
+        self, cfg: ModelConfig, make_linear: LinearFactory | None = None, quant_embedding: bool = False
+    ) -> None:
         super().__init__()
         self.config = cfg
         make_linear = make_linear or (lambda i, o, name, bias: QuantLinear(i, o, QuantFormat.F32, bias))
-        self.model = Decoder(cfg, make_linear)
+        self.model = Decoder(cfg, make_linear, quant_embedding)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
             self.lm_head.weight.requires_grad_(False)
@@ -336,6 +341,8 @@ class HeadInput(NamedTuple):
 #: vocabularies at least this large train with the fused head in the torch backend (Gemma 3's
 #: 262k: [8, 64, 262144] float32 logits and their gradient would be 1 GiB)
 FUSED_HEAD_VOCAB = 100_000
+#: vocabularies at least this large keep their embedding as q8_0 where that is exact
+QUANT_EMBED_VOCAB = 100_000
 #: tokens per slice of the fused head: 64 x 262144 float32 = 64 MiB of logits at a time
 HEAD_ROWS = 64
 
@@ -401,10 +408,20 @@ def build_from_float(
     state_dict: Mapping[str, torch.Tensor],
     quant: QuantFormat | str = QuantFormat.F32,
     progress: bool = False,
+    quant_embedding: bool | None = None,
 ) -> CausalLM:
     """Build a :class:`CausalLM` from an HF-named float state dict, quantizing every frozen
-    linear layer to ``quant``. Raises :class:`UnsupportedModelError` for missing/misshapen tensors."""
+    linear layer to ``quant``. The embedding is kept as q8_0 (:class:`QuantEmbedding`) when
+    ``quant_embedding`` is True, or by default (``None``) when the vocabulary has at least
+    :data:`QUANT_EMBED_VOCAB` entries and q8_0 holds the matrix exactly (it came from Q8_0
+    blocks, as Gemma 3's GGUF stores it). Raises :class:`UnsupportedModelError` for
+    missing/misshapen tensors."""
     quant = QuantFormat.parse(quant)
+    emb = state_dict.get("model.embed_tokens.weight")
+    if quant_embedding is None:
+        quant_embedding = (
+            emb is not None and cfg.vocab_size >= QUANT_EMBED_VOCAB and QuantEmbedding.holds_exactly(emb.float())
+        )
     names = set(linear_names(cfg))
     todo = None
     if progress:
@@ -426,10 +443,15 @@ def build_from_float(
         return QuantLinear.from_float(w.to(torch.float32), quant, name=name, bias=b if bias else None)
 
     with torch.device("cpu"):
-        model = CausalLM(cfg, make)
+        model = CausalLM(cfg, make, quant_embedding)
     if todo is not None:
         todo.close()
     rest = {k: v for k, v in state_dict.items() if k.rsplit(".", 1)[0] not in names}
+    if quant_embedding:
+        if emb is None:
+            raise UnsupportedModelError("base weights: model.embed_tokens.weight is missing")
+        model.model.embed_tokens = QuantEmbedding.from_float(rest.pop("model.embed_tokens.weight").float())
+    quantized = {"model.embed_tokens"} if quant_embedding else set()
     biased = {n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.bias is not None}
     stray = sorted(k for k in state_dict if k.endswith(".bias") and k[:-5] in names and k[:-5] not in biased)
     if stray:
@@ -437,7 +459,7 @@ def build_from_float(
     if cfg.tie_word_embeddings:
         rest.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if k.rsplit(".", 1)[0] not in names]
+    missing = [k for k in missing if k.rsplit(".", 1)[0] not in names and k.rsplit(".", 1)[0] not in quantized]
     if missing or unexpected:
         raise UnsupportedModelError(
             f"base weights don't match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}"
@@ -450,7 +472,9 @@ def build_quantized(cfg: ModelConfig, quant: QuantFormat | str, state_dict: Mapp
     (what :func:`build_from_float` produced and a bundle stores)."""
     quant = QuantFormat.parse(quant)
     with torch.device("meta"):
-        model = CausalLM(cfg, lambda i, o, name, bias: QuantLinear(i, o, quant, bias))
+        model = CausalLM(
+            cfg, lambda i, o, name, bias: QuantLinear(i, o, quant, bias), "model.embed_tokens.qweight" in state_dict
+        )
     model.load_state_dict(dict(state_dict), strict=True, assign=True)
     return model.requires_grad_(False).eval()
 
@@ -465,6 +489,8 @@ def dequantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
             out[f"{name.replace('.base_layer', '')}.weight"] = mod.dequantized_weight(torch.float32).cpu()
+        elif isinstance(mod, QuantEmbedding):
+            out[f"{name}.weight"] = mod.weight.float().cpu()
     for k, v in model.state_dict().items():
         k = k.replace(".base_layer.", ".")
         if (k.rsplit(".", 1)[0] + ".weight" in out and not k.endswith(".bias")) or ".lora_" in k:

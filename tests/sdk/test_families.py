@@ -223,3 +223,32 @@ def test_fused_head_loss_equals_full_logits(weighted, family_hf_dir, smollm2_tok
         assert float(head_loss(head, labels, coeff, rows=5)) != pytest.approx(exact, rel=1e-6)
         model.eval()
         assert not isinstance(model(ids), HeadInput), "eval returns logits"
+
+
+def test_q8_0_embedding_keeps_the_values(family_hf_dir, smollm2_tokenizer):
+    """An embedding that came from Q8_0 blocks is kept as q8_0 (a quarter of the bytes) with the
+    same logits; the built model's state dict rebuilds it (a bundle's weights), and transformers
+    gets the same matrix back."""
+    from pocketpeft.reference.model import build_quantized, dequantized_state_dict
+    from pocketpeft.reference.quant import QuantEmbedding, dequantize, quantize
+
+    base = load_base(family_hf_dir("gemma3_text"))
+    sd = dict(base.state_dict)
+    emb = sd["model.embed_tokens.weight"]
+    assert not QuantEmbedding.holds_exactly(emb)
+    sd["model.embed_tokens.weight"] = dequantize(quantize(emb, "q8_0"), "q8_0", tuple(emb.shape))
+    assert QuantEmbedding.holds_exactly(sd["model.embed_tokens.weight"])
+    plain = build_from_float(base.config, sd, "q8_0", quant_embedding=False)
+    kept = build_from_float(base.config, sd, "q8_0", quant_embedding=True)
+    assert isinstance(kept.model.embed_tokens, QuantEmbedding)
+    state = kept.state_dict()
+    assert state["model.embed_tokens.qweight"].dtype == torch.int8 and "model.embed_tokens.weight" not in state
+    again = build_quantized(base.config, "q8_0", state)
+    ids = torch.tensor([smollm2_tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        want = plain(ids)
+        torch.testing.assert_close(kept(ids), want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(again(ids), want, atol=1e-5, rtol=0)
+    back = dequantized_state_dict(again)
+    assert torch.equal(back["model.embed_tokens.weight"], sd["model.embed_tokens.weight"])
+    assert not any(k.startswith("model.embed_tokens.q") for k in back)

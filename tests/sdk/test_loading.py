@@ -231,8 +231,12 @@ def test_mistral_without_sliding_window_loads(tmp_path, tiny_hf_dir):
 
 
 def test_other_gguf_architecture(tmp_path, tiny_hf_model, write_gguf):
-    path = write_gguf(tmp_path / "q.gguf", tiny_hf_model.state_dict(), arch="qwen2", n_tokens=300)
-    with pytest.raises(UnsupportedModelError, match=r"'qwen2'.*llama"):
+    path = write_gguf(tmp_path / "q.gguf", tiny_hf_model.state_dict(), arch="phi3", n_tokens=300)
+    with pytest.raises(UnsupportedModelError, match=r"'phi3'.*llama.*qwen2.*qwen3.*gemma3"):
+        load_base(path)
+    # a supported family whose tensors don't fit it: qwen2 needs q/k/v biases
+    path = write_gguf(tmp_path / "q2.gguf", tiny_hf_model.state_dict(), arch="qwen2", n_tokens=300)
+    with pytest.raises(CorruptFileError, match=r"q_proj.bias"):
         load_base(path)
 
 
