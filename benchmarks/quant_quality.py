@@ -43,10 +43,9 @@ def evaluate(model, inputs, labels, batch: int = 8) -> dict:
 def llamacpp_source(path: str, inputs, labels) -> dict:
     """The same metrics from llama.cpp running the GGUF at ``path`` on each row (a fresh context
     per row, every position's logits)."""
+    import llama_cpp
     import numpy as np
     import torch
-
-    import llama_cpp
 
     from pocketpeft.runtime.backends.llamacpp_log import llama_log
 
