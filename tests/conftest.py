@@ -97,8 +97,9 @@ _HF_TO_GGUF = {
 @pytest.fixture(scope="session")
 def write_gguf(smollm2_reader) -> Callable[..., Path]:
     """``write_gguf(path, state_dict, cfg=TINY, arch="llama", tokenizer_model="gpt2", dtype=F32,
-    n_tokens=None, pre="smollm")`` writes an HF-named float state dict as a GGUF, permuting Q/K like
-    convert_hf_to_gguf, with SmolLM2's tokenizer metadata (cut to ``n_tokens`` if given).
+    n_tokens=None, pre="smollm", raw=None)`` writes an HF-named float state dict as a GGUF, permuting
+    Q/K like convert_hf_to_gguf, with SmolLM2's tokenizer metadata (cut to ``n_tokens`` if given);
+    ``raw`` maps GGUF tensor names to a ``GGMLQuantizationType`` stored as zero bytes of its size.
     ``cfg`` holds HF LlamaConfig fields (see ``tiny_config``)."""
     import gguf
 
@@ -107,7 +108,15 @@ def write_gguf(smollm2_reader) -> Callable[..., Path]:
     tok = {k: gguf_field(smollm2_reader, f"tokenizer.ggml.{k}") for k in ("tokens", "merges", "token_type")}
 
     def write(
-        path, state_dict, cfg=None, arch="llama", tokenizer_model="gpt2", dtype=np.float32, n_tokens=None, pre="smollm"
+        path,
+        state_dict,
+        cfg=None,
+        arch="llama",
+        tokenizer_model="gpt2",
+        dtype=np.float32,
+        n_tokens=None,
+        pre="smollm",
+        raw=None,
     ) -> Path:
         cfg = cfg or TINY
         tokens, types, merges = tok["tokens"], tok["token_type"], tok["merges"]
@@ -151,6 +160,11 @@ def write_gguf(smollm2_reader) -> Callable[..., Path]:
                     a = llamacpp_permute(a, cfg["num_attention_heads"], cfg["num_attention_heads"])
                 elif gname.endswith("attn_k.weight"):
                     a = llamacpp_permute(a, cfg["num_attention_heads"], cfg["num_key_value_heads"])
+            if raw and gname in raw:
+                block, size = gguf.GGML_QUANT_SIZES[raw[gname]]
+                data = np.zeros((a.shape[0], a.shape[1] // block * size), dtype=np.uint8)
+                w.add_tensor(gname, data, raw_dtype=raw[gname])
+                continue
             w.add_tensor(gname, np.ascontiguousarray(a.astype(dtype if a.ndim == 2 else np.float32)))
         w.write_header_to_file()
         w.write_kv_data_to_file()

@@ -240,6 +240,17 @@ def test_other_gguf_architecture(tmp_path, tiny_hf_model, write_gguf):
         load_base(path)
 
 
+def test_unreadable_quant_type_names_tensor_and_type(tmp_path, tiny_hf_model, write_gguf):
+    import gguf
+
+    sd = {k: v for k, v in tiny_hf_model.state_dict().items() if k != "lm_head.weight"}
+    path = write_gguf(
+        tmp_path / "q81.gguf", sd, n_tokens=300, raw={"blk.1.ffn_up.weight": gguf.GGMLQuantizationType.Q8_1}
+    )
+    with pytest.raises(UnsupportedModelError, match=r"blk\.1\.ffn_up\.weight.*Q8_1"):
+        load_base(path)
+
+
 def test_truncated_gguf(tmp_path, smollm2_path, tiny_hf_model, write_gguf):
     head = tmp_path / "head.gguf"
     with open(smollm2_path, "rb") as fh:
