@@ -44,8 +44,9 @@ SUITES: dict[str, list[str]] = {
     "memory": ["benchmarks.loop_memory"],
     "fleet": ["benchmarks.fleet"],
     "taps": ["benchmarks.taps"],
+    "families": ["benchmarks.families", "benchmarks.quant_quality"],
 }
-ALL = ["train", "suggest", "quality", "export", "memory", "fleet", "taps"]
+ALL = ["train", "suggest", "quality", "export", "memory", "fleet", "taps", "families"]
 
 
 # ---------------------------------------------------------------------------- running
@@ -702,7 +703,51 @@ def section_taps(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
     out.append("")
 
 
+def section_families(obj: dict[str, Any], plots: Path, out: list[str]) -> None:
+    """Model families side by side: each base's update step, keystroke latency and quality, peak
+    memory and personalization, with Gemma's ratios to SmolLM2 and the targets."""
+    out.append(_title(obj, "Model families: Gemma 3 270M next to SmolLM2 (families)"))
+    rows = []
+    for name, r in obj.get("bases", {}).items():
+        pers = obj.get("personalization", {}).get(name, {}).get("mean", {})
+        rows.append(
+            [
+                name,
+                r.get("quant", "?"),
+                str(r.get("vocab_size")),
+                f"{r.get('train_backend')} / {r.get('serve_backend')}",
+                _f(r.get("update_step_s", {}).get("median"), ".2f"),
+                _f(r.get("keystroke_ms", {}).get("median")),
+                _f(r.get("keystroke_ms", {}).get("p99")),
+                _f(100 * r.get("keystroke_savings", float("nan"))),
+                _f(r.get("memory", {}).get("peak_rss_mib"), ".0f"),
+                _f(pers.get("top3_gain_points"), "+.2f"),
+            ]
+        )
+    out += _table(
+        [
+            "base",
+            "quant",
+            "vocab",
+            "update / serve",
+            "step s (p50)",
+            "keystroke ms p50",
+            "p99",
+            "KSR %",
+            "update peak MiB",
+            "top-3 gain (pers.)",
+        ],
+        rows,
+    )
+    ratios = obj.get("ratios_gemma_over_smollm2", {})
+    out.append("\nGemma / SmolLM2: " + ", ".join(f"{k} {_f(v, '.2f')}x" for k, v in ratios.items()) + ".")
+    for name, ok in obj.get("targets", {}).items():
+        out.append(f"- target {name}: {_met(ok)}")
+    out.append("")
+
+
 SECTIONS = {
+    "families": section_families,
     "fleet": section_fleet,
     "taps": section_taps,
     "train_speed": section_train,

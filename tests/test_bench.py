@@ -547,3 +547,32 @@ def test_keyboard_and_taps_results_are_judged_against_their_targets(tmp_path):
     assert "| q4_0 GGUF: deadline 16 ms, 100 ms gap |" in text
     assert "Learning from taps (taps)" in text and "+2.00 points" in text
     assert "target heldout_top3_never_below_text_only: not met" in text
+
+
+def test_families_section_states_ratios_and_targets(tmp_path):
+    from benchmarks.report import write_report
+
+    def base(step, key, quant, vocab):
+        return {
+            "quant": quant,
+            "vocab_size": vocab,
+            "train_backend": "onnxruntime",
+            "serve_backend": "llamacpp",
+            "update_step_s": {"median": step},
+            "keystroke_ms": {"median": key, "p99": 3 * key},
+            "keystroke_savings": 0.5,
+            "memory": {"peak_rss_mib": 700.0},
+        }
+
+    payload = {
+        "bases": {"smollm2": base(2.0, 10.0, "q4_0", 49152), "gemma3-270m": base(7.0, 15.0, "q8_0", 262144)},
+        "ratios_gemma_over_smollm2": {"update_step": 3.5, "keystroke_p50": 1.5},
+        "targets": {"keystroke_p50_within_2x": True, "update_step_within_3x": False},
+        "personalization": {"smollm2": {"mean": {"top3_gain_points": 1.25}}},
+    }
+    _write(tmp_path, "families", payload, "2026-02-01T00:00:00+00:00")
+    text = write_report(tmp_path).read_text()
+    assert "Model families: Gemma 3 270M next to SmolLM2 (families)" in text
+    assert "| gemma3-270m | q8_0 | 262144 | onnxruntime / llamacpp | 7.00 | 15.0 | 45.0 | 50.0 | 700 | - |" in text
+    assert "update_step 3.50x, keystroke_p50 1.50x" in text and "+1.25" in text
+    assert "target update_step_within_3x: not met" in text and "target keystroke_p50_within_2x: **met**" in text

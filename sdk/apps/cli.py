@@ -605,7 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("bench", help="the benchmark suite (source checkout): runs suites, writes JSON + a report")
     )
     bn.add_argument(
-        "--suite", default="all", choices=["train", "suggest", "quality", "export", "memory", "fleet", "taps", "all"]
+        "--suite",
+        default="all",
+        choices=["train", "suggest", "quality", "export", "memory", "fleet", "taps", "families", "all"],
     )
     bn.add_argument("--quick", action="store_true", help="sizes that finish in minutes (full sizes otherwise)")
     bn.add_argument("--out", help="results directory (default benchmarks/results; the report goes to OUT/report)")
