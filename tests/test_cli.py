@@ -241,3 +241,31 @@ def test_fleet_host_then_install_global(tiny_hf_dir, tmp_path):
     p = run("install-global", b, tmp_path / "g2" / "global", "--json", check=False)
     assert p.returncode == 2 and json.loads(p.stdout)["type"] == "CorruptFileError"
     assert not (b / "global").exists()
+
+
+@pytest.mark.slow
+def test_export_gemma3_270m_as_the_issue_writes_it(tmp_path):
+    """`pocketpeft export gemma3-270m --quant q4_0 --targets torch,onnx,gguf`, no --out: the
+    bundle lands in bundles/gemma3-270m-q4_0 of the working directory, trains on ONNX Runtime
+    and suggests from llama.cpp."""
+    cmd = [sys.executable, "-m", "pocketpeft.apps.cli"]
+    p = subprocess.run(
+        [*cmd, "export", "gemma3-270m", "--quant", "q4_0", "--targets", "torch,onnx,gguf", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout)
+    bundle = tmp_path / "bundles" / "gemma3-270m-q4_0"
+    assert out["bundle"] == str(bundle.resolve()) and sorted(out["targets"]) == ["gguf", "onnx", "torch"]
+    assert out["base"] == "gemma3-270m" and out["quant"] == "q4_0"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["arch"]["model_type"] == "gemma3_text" and manifest["arch"]["vocab_size"] == 262144
+    text = tmp_path / "me.txt"
+    text.write_text("\n".join(CHAT) + "\n")
+    tr = json.loads(run("train", bundle, "--text", text, "--steps", "1", "--backend", "onnxruntime", "--json").stdout)
+    assert tr["steps"] == 1 and tr["backend"] == "onnxruntime"
+    sg = json.loads(run("suggest", bundle, "see you at the", "--backend", "llamacpp", "--json").stdout)
+    assert len(sg["suggestions"]) == 3 and all(isinstance(w, str) and w for w in sg["suggestions"])

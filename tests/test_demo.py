@@ -61,3 +61,32 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path):
         )["export_seconds"]
         == 0.0
     )  # cached bundle reused, its global adapter too
+
+
+@pytest.mark.slow
+def test_demo_on_gemma3_270m(tmp_path):
+    """``pocketpeft demo --base gemma3-270m`` at a small size: the Gemma bundle (q8_0, the top 8 of
+    its 18 layers split off) learns on the device path and serves from llama.cpp."""
+    from pocketpeft.apps.demo import demo_quant
+
+    rep = run_demo(
+        base="gemma3-270m",
+        quant=demo_quant("gemma3-270m"),
+        seconds=20,
+        out_dir=tmp_path / "out",
+        cache=tmp_path / "cache",
+        max_test_messages=12,
+        keystroke_messages=1,
+        examples=1,
+        log=None,
+        global_seconds=0,
+    )
+    assert rep["base_model"] == {"name": "gemma3-270m", "model": "Gemma 3 270M", "quant": "q8_0"}
+    assert rep["split"]["layer"] == 10 and rep["split"]["hidden_size"] == 640
+    for side in ("before", "after"):
+        assert 0 <= rep[side]["next_word_top3"] <= 1 and rep[side]["loss"] > 0
+    assert rep["update"]["steps"] >= 1 or "too short" in rep["update"]["reason"]
+    if probe("onnxruntime").available:
+        assert rep["backend"].startswith("onnxruntime")
+    if probe("llamacpp").available:
+        assert rep["serving_backend"].startswith("llamacpp")
