@@ -71,11 +71,12 @@ _STORAGE = {
 def _dense_frozen(model: torch.nn.Module):
     """While tracing, every QuantLinear of ``model`` multiplies by its dequantized float32 weight,
     held as a plain tensor attribute so the trace carries it as one constant per layer (the
-    quantized storage is put back in MIL, see :func:`_compress_weights`)."""
+    quantized storage is put back in MIL, see :func:`_compress_weights`); a float32 ``bias``
+    buffer (Qwen2's q/k/v biases) is added as ``QuantLinear.forward`` adds it."""
     original = QuantLinear.forward
 
     def forward(self, x):
-        return F.linear(x, self._coreml_dense.to(x.dtype))
+        return F.linear(x, self._coreml_dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
@@ -112,6 +113,42 @@ def _quiet_coremltools(progress: bool):
         ops._tqdm, pass_pipeline.tqdm = saved
 
 
+def _logical_and(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.logical_and(a, b) if a.dtype == torch.bool and b.dtype == torch.bool else torch.bitwise_and(a, b)
+
+
+@contextlib.contextmanager
+def _gelu_reads_approximate():
+    """While converting, ``aten.gelu``'s ``approximate`` is read from its keyword arguments too.
+    torch.export passes it as a keyword and coremltools 9.0's gelu converter reads positional
+    arguments only: Gemma's tanh-GELU would silently become the exact (erf) GELU. A gelu without
+    the keyword converts as before."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch import ops
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
+
+    table = _TORCH_OPS_REGISTRY.name_to_func_mapping
+    original = table["gelu"]
+
+    def gelu(context, node):
+        approximate = ops._get_kwinputs(context, node, "approximate", default=[None])[0]
+        approximate = getattr(approximate, "val", approximate)
+        if approximate is None:
+            return original(context, node)
+        if approximate not in ("none", "tanh"):
+            raise UnsupportedModelError(f"coreml export: gelu with approximate={approximate!r}")
+        x = ops._get_inputs(context, node, expected=1)[0]
+        mode = "TANH_APPROXIMATION" if approximate == "tanh" else "EXACT"
+        context.add(mb.gelu(x=x, mode=mode, name=node.name))
+
+    gelu.__name__ = original.__name__
+    table["gelu"] = gelu
+    try:
+        yield
+    finally:
+        table["gelu"] = original
+
+
 def _export_program(ctx: ExportContext):
     """(ExportedProgram of ``logits = net(input_ids, *lora)`` at ``[1, seq_len]``, the LoRA HF
     names in input order, the traced copy of the model)."""
@@ -125,7 +162,9 @@ def _export_program(ctx: ExportContext):
     ids = torch.zeros(1, ctx.seq_len, dtype=torch.int64)
     with torch.no_grad(), _dense_frozen(model):
         ep = torch.export.export(net, (ids, *lora), strict=False)
-        ep = ep.run_decompositions({})  # coremltools converts ATen-dialect programs
+        # coremltools converts ATen-dialect programs; it has no converter for aten.__and__ (the
+        # sliding-window mask's `&` of two comparisons), so that one becomes logical_and
+        ep = ep.run_decompositions({torch.ops.aten.__and__.Tensor: _logical_and})
     return ep, names, model
 
 
@@ -204,7 +243,7 @@ def convert(ctx: ExportContext):
     import coremltools as ct
 
     ep, names, model = _export_program(ctx)
-    with _quiet_coremltools(ctx.progress):
+    with _quiet_coremltools(ctx.progress), _gelu_reads_approximate():
         prog = ct.convert(
             ep,
             convert_to="milinternal",

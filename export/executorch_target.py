@@ -268,14 +268,30 @@ def export_infer(ctx: ExportContext, delegate: bool = False, part: str = "model"
     return _to_pte(ep, delegate), names
 
 
+def _prefix_configs() -> list:
+    """XNNPACK's partitioner configs for the prefix: all of them, except that GELU is taken only
+    in its exact (erf) form. executorch 1.5.1's XNNPACK GELU ignores ``approximate="tanh"`` and
+    computes the erf form (Gemma's GeGLU would be off by ~1e-3); a tanh-GELU stays on the
+    portable kernels, which compute it as torch does."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import GeluConfig
+
+    class ExactGeluConfig(GeluConfig):
+        def check_constraints(self, node: torch.fx.Node, ep) -> bool:
+            approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+            return approximate == "none" and super().check_constraints(node, ep)
+
+    return [ExactGeluConfig if c is GeluConfig else c for c in ALL_PARTITIONER_CONFIGS]
+
+
 def export_prefix(ctx: ExportContext, xnnpack: bool = True) -> tuple[bytes, str, str | None]:
     """A split context's prefix (embedding + layers below ``ctx.split_layer``, no LoRA) as an
     inference program ``forward(input_ids) -> hidden``, and the kernels it runs on:
     ``(program, "xnnpack" | "portable", why XNNPACK wasn't used or None)``.
 
     Lowered with :class:`XnnpackPartitioner` (f32 linears with in-graph dequantized weights taken
-    as non-static inputs), so every op XNNPACK supports runs there; the weight unpacking ops stay
-    portable. A lowering failure falls back to the portable kernels."""
+    as non-static inputs), so every op XNNPACK supports runs there; the weight unpacking ops (and
+    a tanh-GELU, see :func:`_prefix_configs`) stay portable. A lowering failure falls back to the portable kernels."""
     from pocketpeft.reference.model import SplitPart
 
     model, _ = trainable_copy(ctx.model)
@@ -291,7 +307,7 @@ def export_prefix(ctx: ExportContext, xnnpack: bool = True) -> tuple[bytes, str,
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
             from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
-            part = XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)
+            part = XnnpackPartitioner(configs=_prefix_configs(), force_non_static_weights_for_f32_linear=True)
             edge = to_edge_transform_and_lower(copy.deepcopy(ep), partitioner=[part])
             return edge.to_executorch(ExecutorchBackendConfig()).buffer, fmt.KERNELS_XNNPACK, None
         except Exception as e:  # noqa: BLE001 - any lowering failure: the portable kernels still run it

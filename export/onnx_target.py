@@ -105,7 +105,10 @@ def _export_dequant(tie: bool = False):
     before its layer runs. Without it ORT computes every layer's float32 weights up front and keeps
     them all alive through the run (SmolLM2's 22-layer prefix: +530 MiB at the peak of a run,
     instead of one layer's worth). For inference graphs only: a training graph's backward reads
-    weights that :func:`_rematerialize_frozen` recomputes, which needs them input-independent."""
+    weights that :func:`_rematerialize_frozen` recomputes, which needs them input-independent.
+
+    A layer's float32 ``bias`` buffer (Qwen2's q/k/v biases) is added on every path, as
+    ``QuantLinear.forward`` adds it."""
     import torch.nn.functional as F
 
     from pocketpeft.config import QuantFormat
@@ -115,22 +118,23 @@ def _export_dequant(tie: bool = False):
 
     def forward(self, x):
         take = (lambda t: t) if not tie else _tied_rows(x, self.out_features)
+        b = None if self.bias is None else self.bias.to(x.dtype)
         if getattr(self, UNPACKED, None) is not None:  # q4_0 stored one int8 (nibble - 8) per weight
             nb = self.in_features // 32
             w = take(getattr(self, UNPACKED)).reshape(-1, nb, 32).to(torch.float32) * self.scales.reshape(-1, nb, 1).to(
                 torch.float32
             )
-            return F.linear(x, w.reshape(self.out_features, self.in_features).to(x.dtype))
+            return F.linear(x, w.reshape(self.out_features, self.in_features).to(x.dtype), b)
         if self.fmt is QuantFormat.NF4:
             codes = F.embedding(take(self.qweight).reshape(-1, 32).to(torch.int32), table).reshape(-1, 64)
             w = (codes * self.absmax.reshape(-1, 1).to(torch.float32)).reshape(self.out_features, self.in_features)
-            return F.linear(x, w.to(x.dtype))
+            return F.linear(x, w.to(x.dtype), b)
         if not tie:
             return original(self, x)
         buffers = self._buffers_dict()
         buffers["qweight" if "qweight" in buffers else "weight"] = take(buffers.get("qweight", buffers.get("weight")))
         w = dequantize(buffers, self.fmt, (self.out_features, self.in_features), x.dtype)
-        return F.linear(x, w)
+        return F.linear(x, w, b)
 
     QuantLinear.forward = forward
     try:
@@ -396,6 +400,27 @@ def _quiet_ort():
         tgu.SessionOptions = saved
 
 
+def _tanh_gelu_grads(mp) -> int:
+    """Give each tanh-approximated ``Gelu`` (Gemma's GeGLU) the gradient of that form. ORT
+    1.19's gradient builder gives ONNX's ``Gelu`` the erf form's gradient (com.microsoft
+    ``GeluGrad``) whatever its ``approximate`` attribute; ``FastGeluGrad`` (same inputs ``dY, X``)
+    is the tanh form's. Off by ~1e-3 relative otherwise. Returns how many were replaced; graphs
+    without a tanh-GELU are left as they are."""
+    tanh = {
+        n.input[0]
+        for n in mp.graph.node
+        if n.op_type == "Gelu"
+        and n.domain in ("", "ai.onnx")
+        and any(a.name == "approximate" and a.s == b"tanh" for a in n.attribute)
+    }
+    count = 0
+    for n in mp.graph.node:
+        if n.op_type == "GeluGrad" and n.domain == "com.microsoft" and n.input[1] in tanh:
+            n.op_type = "FastGeluGrad"
+            count += 1
+    return count
+
+
 def _rematerialize_frozen(mp, frozen: set[str]) -> int:
     """Make the backward pass recompute what it reads from frozen weights (dequantized and
     transposed base weights, the transposed tied embedding) instead of keeping the forward's copy
@@ -556,6 +581,7 @@ def _write_training(fwd, ctx: ExportContext, lora: dict[str, str], out, rows: in
     for name in (fmt.TRAIN, fmt.OPTIMIZER, fmt.EVAL):
         mp = onnx.load(str(out / name))
         if name == fmt.TRAIN:
+            _tanh_gelu_grads(mp)
             _rematerialize_frozen(mp, set(frozen))
             # Static shapes let ORT plan all activation memory ahead: SmolLM2 at 8x64 peaks 0.6 GB
             # lower than with dynamic dims (same speed). The runtime pads short batches.
