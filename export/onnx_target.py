@@ -421,25 +421,37 @@ def _tanh_gelu_grads(mp) -> int:
     return count
 
 
-def _rematerialize_frozen(mp, frozen: set[str]) -> int:
+#: frozen weights of the output projection (the tied embedding, or an untied lm_head)
+_HEAD_WEIGHTS = ("model.embed_tokens.", "lm_head.")
+
+
+def _rematerialize_frozen(mp, frozen: set[str], keep: set[str] = frozenset()) -> int:
     """Make the backward pass recompute what it reads from frozen weights (dequantized and
-    transposed base weights, the transposed tied embedding) instead of keeping the forward's copy
-    alive: each such chain is cloned right before its first backward consumer. ORT then frees
-    every dequantized weight after its forward matmul. SmolLM2, batch 8x64: 0.5 GB fewer stashed
-    bytes, 0.25 GB lower peak RSS, ~7% more CPU for the second dequantization. Sessions must
-    disable CommonSubexpressionElimination, which would merge the clones back (still correct,
-    just without the saving); io.json says so.
+    transposed base weights) instead of keeping the forward's copy alive: each such chain is
+    cloned right before its first backward consumer. ORT then frees every dequantized weight
+    after its forward matmul. SmolLM2, batch 8x64: 0.5 GB fewer stashed bytes, 0.25 GB lower peak
+    RSS, ~7% more CPU for the second dequantization. Sessions must disable
+    CommonSubexpressionElimination, which would merge the clones back (still correct, just
+    without the saving); io.json says so.
+
+    Chains that read ``keep`` (the output projection's weights) are left alone: the projection
+    is the forward's last matmul and the backward's first, so its copy lives no longer than the
+    logits around it and recomputing it would only cost time (Gemma 3's 262k x 640 q8_0 matrix:
+    168M values dequantized again per micro-batch).
     Returns how many backward inputs were redirected."""
     import onnx
 
     nodes = list(mp.graph.node)
     loss_at = next(i for i, n in enumerate(nodes) if LOSS in n.output)
     producer, derived, constant = {}, set(frozen), {t.name for t in mp.graph.initializer}
+    head = set(keep)
     for n in nodes[: loss_at + 1]:  # forward: which tensors depend on frozen weights (and constants) only
         ins = [x for x in n.input if x]
         producer.update((o, n) for o in n.output)
         if all(x in derived or x in constant for x in ins):
             (derived if any(x in derived for x in ins) else constant).update(n.output)
+        if any(x in head for x in ins):
+            head.update(n.output)
     clones: dict[str, str] = {}
     pending: list = []
 
@@ -460,7 +472,7 @@ def _rematerialize_frozen(mp, frozen: set[str]) -> int:
     out, count = nodes[: loss_at + 1], 0
     for n in nodes[loss_at + 1 :]:
         for k, x in enumerate(n.input):
-            if x in derived and x in producer:
+            if x in derived and x in producer and x not in head:
                 n.input[k] = clone(x)
                 count += 1
         out += pending + [n]  # clones land right before their first consumer (topological order kept)
@@ -582,7 +594,7 @@ def _write_training(fwd, ctx: ExportContext, lora: dict[str, str], out, rows: in
         mp = onnx.load(str(out / name))
         if name == fmt.TRAIN:
             _tanh_gelu_grads(mp)
-            _rematerialize_frozen(mp, set(frozen))
+            _rematerialize_frozen(mp, set(frozen), {f for f in frozen if f.startswith(_HEAD_WEIGHTS)})
             # Static shapes let ORT plan all activation memory ahead: SmolLM2 at 8x64 peaks 0.6 GB
             # lower than with dynamic dims (same speed). The runtime pads short batches.
             for v in mp.graph.input:
