@@ -103,6 +103,16 @@ TARGETS: dict[str, Entry] = {
 }
 
 
+#: Model families every backend and target runs (pocketpeft.families), and where one holds less.
+FAMILY_SUPPORT = "llama (and mistral), qwen2, qwen3, gemma3_text: every backend and target"
+FAMILY_LIMITS: dict[str, str] = {
+    "llamacpp": "Gemma 3 only with llama.cpp's attention scale (query_pre_attn_scalar = head_dim, as Gemma 3 "
+    "270M-12B; 27B: hidden/heads); other values are refused at export",
+    "coreml": "Gemma 3's tanh GELU relies on coremltools 9.0 internals to keep its mode; checked on Linux by "
+    "reading the program back, not yet run on macOS",
+}
+
+
 def backend_entry(name: str) -> Entry:
     """The registered backend ``name``; raise :class:`BackendNotFoundError` listing the known ones."""
     if name not in BACKENDS:

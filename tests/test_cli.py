@@ -51,8 +51,9 @@ def test_export_train_eval_backends_json(tiny_hf_dir, tmp_path):
     assert ev["keyboard"]["messages"] == 1 and 0 <= ev["keyboard"]["keystroke_savings"] < 1
     be = json.loads(run("backends", "--json").stdout)
     assert sum(r["picked"] for r in be["backends"]) == 1
+    assert "gemma3_text" in be["families"]["supported"] and "llamacpp" in be["families"]["limits"]
     human = run("backends").stdout
-    assert "torch" in human and "*" in human
+    assert "torch" in human and "*" in human and "model families:" in human
 
 
 def test_export_gguf_linear_f32(tiny_hf_dir, tmp_path):

@@ -288,7 +288,7 @@ def cmd_backends(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     from pocketpeft.manifest import Bundle
-    from pocketpeft.registry import BACKENDS
+    from pocketpeft.registry import BACKENDS, FAMILY_LIMITS, FAMILY_SUPPORT
     from pocketpeft.runtime.selection import SERVE_ORDER, TRAIN_ORDER, explain, plan
 
     bundle = Bundle(args.bundle) if args.bundle else None
@@ -303,6 +303,7 @@ def cmd_backends(args: argparse.Namespace) -> None:
         "bundle": str(bundle.root) if bundle else None,
         "backends": [asdict(r) | {"extra": BACKENDS[r.backend].extra} for r in rows],
         "plan": plan(bundle),
+        "families": {"supported": FAMILY_SUPPORT, "limits": FAMILY_LIMITS},
     }
 
     def at(part):
@@ -328,7 +329,9 @@ def cmd_backends(args: argparse.Namespace) -> None:
             f"    suffix (trained layers) on {at(suf)}: {suf['why']}",
             f"  serving on {at(srv)}: {srv['why']}",
             f"  forward-only fallback when nothing can backpropagate: {at(fb)}",
+            f"model families: {o['families']['supported']}",
         ]
+        lines += [f"  {name}: {why}" for name, why in o["families"]["limits"].items()]
         return "\n".join(lines)
 
     _emit(args, obj, text)
