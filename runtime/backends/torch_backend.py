@@ -102,7 +102,7 @@ class TorchBackend:
         self._prefix = self._suffix = None
         if m.split is not None:  # the whole model is here: split it at run time, sharing the weights
             k, n = m.split.layer, m.arch.num_hidden_layers
-            self._prefix, self._suffix = SplitPart(model, 0, k).eval(), SplitPart(model, k, n)
+            self._prefix, self._suffix = SplitPart(model, 0, k).eval(), SplitPart(model, k, n).eval()
         # a large vocabulary trains without ever holding [batch, seq, vocab] logits (eager only:
         # torch.compile fuses on its own)
         model.fused_head = not self.compile and m.arch.vocab_size >= FUSED_HEAD_VOCAB

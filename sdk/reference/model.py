@@ -233,7 +233,8 @@ class CausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
             self.lm_head.weight.requires_grad_(False)
-        #: in training mode, return :class:`HeadInput` instead of logits (see :func:`head_loss`)
+        #: in training mode with gradients on, return :class:`HeadInput` instead of logits (see
+        #: :func:`head_loss`)
         self.fused_head = False
 
     def output_weight(self) -> torch.Tensor:
@@ -273,7 +274,7 @@ class CausalLM(nn.Module):
         """Logits [B, T, vocab] for ``input_ids`` [B, T] (int64), positions starting at 0 (in
         training with ``fused_head`` set: the :class:`HeadInput` the loss takes instead)."""
         h, _ = self.hidden_states(input_ids)
-        if self.fused_head and self.training:
+        if self.fused_head and self.training and torch.is_grad_enabled():
             return HeadInput(h, self.output_weight())
         return F.linear(h, self.output_weight())
 
@@ -324,7 +325,7 @@ class SplitPart(nn.Module):
         if not self.head:
             return x
         w = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        if self.lm[0].fused_head and self.training:
+        if self.lm[0].fused_head and self.training and torch.is_grad_enabled():
             return HeadInput(self.model.norm(x), w)
         return F.linear(self.model.norm(x), w)
 
