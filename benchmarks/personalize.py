@@ -165,9 +165,16 @@ class Personalize(Suite):
     def add_arguments(self, ap: argparse.ArgumentParser) -> None:
         ap.add_argument("--senders", type=int, help="how many senders (default 10; quick 2)")
         ap.add_argument("--seconds", type=float, help="update time box per sender (default 60; quick 30)")
-        ap.add_argument("--quant", default="q4_0")
+        ap.add_argument("--quant", help="frozen weights' format (default: the base's demo format)")
+        ap.add_argument("--base", default="smollm2", help="embedded base: smollm2 (default) or gemma3-270m")
+
+    def result_name(self, args: argparse.Namespace, payload: dict) -> str:
+        name = self.name if args.base == "smollm2" else f"{self.name}_{args.base}"
+        return f"{name}_quick" if args.quick else name
 
     def run(self, args: argparse.Namespace) -> dict:
+        from pocketpeft.apps.demo import demo_quant
+
         n = args.senders or (2 if args.quick else 10)
         secs = args.seconds or (30.0 if args.quick else 60.0)
         t0 = time.perf_counter()
@@ -176,8 +183,9 @@ class Personalize(Suite):
             secs,
             ks_messages=15 if args.quick else 20,
             loss_messages=60 if args.quick else 100,
-            quant=args.quant,
+            quant=args.quant or demo_quant(args.base),
             others_messages=60 if args.quick else 80,
+            base=args.base,
         )
         res["wall_seconds"] = time.perf_counter() - t0
         return {"quick": args.quick, **res}

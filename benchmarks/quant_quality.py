@@ -69,11 +69,15 @@ class QuantQuality(Suite):
     quick_help = "150 messages instead of 600"
 
     def add_arguments(self, ap: argparse.ArgumentParser) -> None:
-        ap.add_argument("--base", default="smollm2", choices=["smollm2", "gemma3-270m"], help="embedded base")
+        ap.add_argument(
+            "--base", default="smollm2", help="smollm2 (default), gemma3-270m, a .gguf file or an HF model folder"
+        )
         ap.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp row")
 
     def result_name(self, args: argparse.Namespace, payload: dict) -> str:
-        name = self.name if args.base == "smollm2" else f"{self.name}_{args.base}"
+        from pathlib import Path
+
+        name = self.name if args.base == "smollm2" else f"{self.name}_{Path(args.base).stem}"
         return f"{name}_quick" if args.quick else name
 
     def run(self, args: argparse.Namespace) -> dict:
@@ -101,13 +105,14 @@ class QuantQuality(Suite):
             results[fmt] = r
             print(f"{fmt}: done in {r['seconds']:.0f} s", flush=True)
             del model
-        if not args.no_llamacpp:
+        if not args.no_llamacpp and (args.base in ("smollm2", "gemma3-270m") or args.base.endswith(".gguf")):
             import gguf
 
             from pocketpeft.modelpkg import gemma3_270m_path
             from pocketpeft.reference.loading import default_model_path
 
-            path = str(default_model_path() if args.base == "smollm2" else gemma3_270m_path())
+            named = {"smollm2": default_model_path, "gemma3-270m": gemma3_270m_path}
+            path = str(named[args.base]() if args.base in named else args.base)
             t0 = time.perf_counter()
             r = llamacpp_source(path, inputs, labels)
             linears = ("attn_q.", "attn_k.", "attn_v.", "attn_output.", "ffn_gate.", "ffn_up.", "ffn_down.")

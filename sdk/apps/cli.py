@@ -51,7 +51,7 @@ def cmd_install_global(args: argparse.Namespace) -> None:
     before = b.global_info()
     info = install_global(b, args.adapter)
     obj = {
-        "bundle": str(b.root),
+        "bundle": str(b.root.resolve()),
         "installed": _global_summary(Bundle(b.root)),
         "previous_version": before.version if before else None,
     }
@@ -117,7 +117,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     )
     m = b.manifest
     obj = {
-        "bundle": str(b.root),
+        "bundle": str(b.root.resolve()),
         "base": m.base_source,
         "base_sha256": m.base_sha256,
         "quant": m.quant.value,
