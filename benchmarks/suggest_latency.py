@@ -526,7 +526,10 @@ class SuggestLatency(Suite):
         )
         ap.add_argument("--typing-gap-ms", type=float, default=150.0, help="idle time between keystrokes for prefetch")
         ap.add_argument(
-            "--baselines", default="hf,llama_raw", help="hf (transformers eager + peft), llama_raw; '' for none"
+            "--baselines",
+            default=None,
+            help="hf (transformers eager + peft), llama_raw; '' for none "
+            "(default: both for smollm2, llama_raw for another base)",
         )
         ap.add_argument(
             "--adapter", type=Path, default=None, help="a PEFT adapter for the bundle (default: random nonzero lora_B)"
@@ -636,7 +639,10 @@ def _run(suite: Suite, args: argparse.Namespace) -> dict:
         raise ConfigError(f"--backends: unknown backend {unknown[0]!r}; expected some of {', '.join(SERVING)}")
     skipped = {b: probe(b).reason for b in backends if not probe(b).available}
     backends = [b for b in backends if b not in skipped]
-    baselines = [x for x in args.baselines.split(",") if x]
+    chosen = (
+        args.baselines if args.baselines is not None else ("hf,llama_raw" if args.base == "smollm2" else "llama_raw")
+    )
+    baselines = [x for x in chosen.split(",") if x]
     if "llama_raw" in baselines and not probe("llamacpp").available:
         skipped["llama_raw"] = probe("llamacpp").reason
         baselines.remove("llama_raw")
