@@ -79,6 +79,21 @@ Q_TOL, Q_MEAN_TOL, Q_TOP1, Q_TOP3 = 0.1, 0.03, 0.85, 0.95
 Q = gguf.GGMLQuantizationType
 
 
+def _f32_llama(path):
+    """llama.cpp over ``path`` with every position's logits and a float32 K/V cache."""
+    import llama_cpp
+
+    return llama_cpp.Llama(
+        str(path),
+        n_ctx=64,
+        n_threads=int(_threads()),
+        logits_all=True,
+        verbose=False,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+    )
+
+
 def _threads():
     return os.environ.get("POCKETPEFT_THREADS", "1")
 
@@ -311,22 +326,13 @@ def test_quantized_weights_as_f32_match_torch(mt, quant, bundle, tmp_path):
     """The bundle's quantized weights, written as the float32 they dequantize to: llama.cpp
     matches torch to the f32 tolerance, so what the quantized comparison leaves is ggml's
     activation quantization, not the layout."""
-    import llama_cpp
 
     b = bundle(mt, quant)
     t = _open(b, "torch")
     t.set_adapter_tensors({k: np.zeros(s, np.float32) for k, s in b.manifest.trainable.items()})  # base only
     info = write_base_gguf(t.backend.model, tmp_path / "x.f32.gguf", tokenizer=b.tokenizer(), linear_as="f32")
     assert set(info["tensor_types"]) == {"f32"}
-    llm = llama_cpp.Llama(
-        str(tmp_path / "x.f32.gguf"),
-        n_ctx=64,
-        n_threads=int(_threads()),
-        logits_all=True,
-        verbose=False,
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-    )
+    llm = _f32_llama(tmp_path / "x.f32.gguf")
     try:
         ids = _ids(b)[0].tolist()
         llm.eval(ids)
@@ -399,7 +405,6 @@ def test_gemma3_layer_layouts(layers, pattern, tmp_path, smollm2_tokenizer):
     """Other Gemma 3 layer layouts llama.cpp must run as written: no period (the pattern as one
     bool per layer), every layer sliding (period 4 for 3 layers) and none (no window keys at
     all: llama.cpp's plain-attention Gemma 3 graph). f32, straight from the reference model."""
-    import llama_cpp
 
     from pocketpeft.reference.model import build_from_float
 
@@ -414,15 +419,7 @@ def test_gemma3_layer_layouts(layers, pattern, tmp_path, smollm2_tokenizer):
     assert gguf_field(r, "gemma3.attention.sliding_window_pattern", None) == pattern
     assert (gguf_field(r, "gemma3.attention.sliding_window", None) is None) == (pattern is None)
     del r
-    llm = llama_cpp.Llama(
-        str(tmp_path / "g.f32.gguf"),
-        n_ctx=64,
-        n_threads=int(_threads()),
-        logits_all=True,
-        verbose=False,
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-    )
+    llm = _f32_llama(tmp_path / "g.f32.gguf")
     try:
         ids = list(range(1000, 1020))
         llm.eval(ids)

@@ -240,19 +240,11 @@ def test_executorch_split_matches_torch(bundles, model_type):
 
 # --------------------------------------------------------------------------------------- coreml
 def _stored_program(bundle):
-    """The package's MIL program as coremltools reads it back from the spec and weight blobs."""
-    import coremltools as ct
-    from coremltools.converters.mil.frontend.milproto.load import load
+    """The package's MIL program as coremltools reads it back (test_coreml_target's reader; imported
+    here, not at module import: it needs coremltools)."""
+    from tests.export.test_coreml_target import _stored_program as read
 
-    from pocketpeft.export.coreml_target import PACKAGE
-
-    path = bundle.root / PACKAGE
-    spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
-    return load(
-        spec,
-        specification_version=spec.specificationVersion,
-        file_weights_dir=str(path / "Data" / "com.apple.CoreML" / "weights"),
-    )
+    return read(bundle)
 
 
 _BINARY = {
